@@ -1,0 +1,215 @@
+"""The life of one file: offered, opened (new or resumed), checkpointed, finished.
+
+These are the session's slow steps, each a Deferred: store look-ups, spool
+file opening, ``fdatasync`` and digests run off the reactor thread, and
+everything touching one spool file is serialised on ``Transfer.busy``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import uuid
+from typing import TYPE_CHECKING, Any, Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from camgateway.metadata import capture_time
+from camgateway.resume_store import Partial
+from camgateway.sinks import ReceivedFile
+from camgateway.transfer import Transfer, digest_file
+
+if TYPE_CHECKING:
+    from camgateway.services import Services
+    from camgateway.session import Session
+
+__all__ = ["FileOffer", "Refused", "open_transfer", "checkpoint", "release_transfer", "finish_transfer"]
+
+log = Logger(namespace="camgateway.files")
+
+
+class Refused(Exception):
+    """The gateway will not take a new file now (the reason is the message)."""
+
+
+def _path_kind(lower: str) -> tuple[str, str]:
+    """(camera, source) read from a device path (PROTOCOL.md section 4)."""
+    for marker, camera in (("dualcam_front", "dualcam"), ("dualcam_rear", "dualcam"),
+                           ("dashcam", "dashcam"), ("mdas9", "adas"), ("adas", "adas"), ("dsm", "dsm")):
+        if marker in lower:
+            return camera, marker
+    return "unknown", "file"
+
+
+@dataclasses.dataclass
+class FileOffer:
+    """A file the camera offers: how to ask for it and what it is."""
+
+    imei: str
+    protocol_id: int
+    flow: str  # "dualcam" | "path"
+    identifier: bytes  # what FILE REQUEST carries
+    source: str
+    camera: str
+    media: str
+    metadata_id: bytes  # what METADATA REQUEST carries
+    metadata_layout: str  # the camera argument of decode_metadata
+    printable: str
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    total: int = 0
+    start_crc: int = 0
+
+    @property
+    def key(self) -> tuple[str, str, bytes]:
+        """The file's identity in the resume store."""
+        return (self.imei, self.flow, self.identifier)
+
+    @classmethod
+    def dualcam(cls, session: "Session", source: str) -> "FileOffer":
+        """A DualCam source (``photof``...), asked for by its 7-byte id."""
+        ident = ("%" + source).encode()
+        return cls(session.imei, session.protocol_id, "dualcam", ident, source, "dualcam",
+                   "photo" if source.startswith("photo") else "video", ident, "dualcam", "%" + source)
+
+    @classmethod
+    def path(cls, session: "Session", payload: bytes) -> "FileOffer":
+        """A file named by the device's path (never used as a filesystem path)."""
+        text = payload.rstrip(b"\0").decode("utf-8", "backslashreplace")
+        lower = text.lower()
+        camera, source = _path_kind(lower)
+        if "picture" in lower or lower.endswith((".jpg", ".jpeg")):
+            media = "photo"
+        elif lower.endswith((".mp4", ".h265", ".h264", ".avi")) or "video" in lower:
+            media = "video"
+        else:
+            media = "unknown"
+        if session.protocol_id >= 6:
+            layout = "json"
+        else:
+            layout = {"dsm": "dsm", "adas": "adas", "dualcam": "dualcam", "dashcam": "dualcam"}.get(camera, "unknown")
+        printable = text if len(text) <= 200 else text[:200] + "..."
+        return cls(session.imei, session.protocol_id, "path", bytes(payload), source, camera, media,
+                   b"", layout, repr(printable)[1:-1])
+
+
+def open_transfer(s: "Services", session: "Session", offer: FileOffer) -> defer.Deferred:
+    """A :class:`Transfer` for ``offer``: its stored partial if it matches, else a new one."""
+    d: defer.Deferred = defer.Deferred()
+    waiting = s.finishing.get(offer.key)
+    if waiting is None:  # else wait until the same file's delivery is over
+        d.callback(None)
+    else:
+        waiting.addBoth(lambda r: (d.callback(None), r)[1])
+    d.addCallback(lambda _: s.store.find(*offer.key))
+    d.addCallback(_open_or_create, s, offer)
+    return d
+
+
+def _meta_timestamp(offer: FileOffer) -> Optional[str]:
+    value = offer.metadata.get("timestamp")
+    return value if isinstance(value, str) else None
+
+
+@defer.inlineCallbacks
+def _open_or_create(partial: Optional[Partial], s: "Services", offer: FileOffer) -> Any:
+    stamp = _meta_timestamp(offer)
+    if partial is not None and not partial.matches(offer.total, offer.start_crc, stamp):
+        log.info("camera {imei}: {id} changed (START {total}/{crc:#06x}, was {old_total}/{old_crc:#06x});"
+                 " discarding the old partial of {held} bytes", imei=offer.imei, id=offer.printable,
+                 total=offer.total, crc=offer.start_crc, old_total=partial.total, old_crc=partial.start_crc,
+                 held=partial.held)
+        yield s.store.remove(partial.id)
+        yield s.run_in_thread(s.spool.unlink, partial.spool_name)
+        partial = None
+    if partial is None:
+        free = yield s.run_in_thread(s.spool.free_bytes)
+        if free < s.config.min_free_bytes:
+            raise Refused(f"spool has {free} bytes free, under limits.min_free_bytes"
+                          f" ({s.config.min_free_bytes}): not accepting new files")
+        now = s.clock.seconds()
+        partial = Partial(uuid.uuid4().hex, offer.imei, offer.flow, offer.identifier, offer.total,
+                          offer.start_crc, stamp, 0, s.boot_id, s.spool.new_name(), now, now)
+        yield s.store.add(partial)
+    fd = yield s.run_in_thread(s.spool.open, partial.spool_name, partial.held)
+    return Transfer(partial, fd)
+
+
+def checkpoint(s: "Services", transfer: Transfer) -> defer.Deferred:
+    """Make the flushed bytes durable, then record them in the store."""
+    held = transfer.flushed
+    transfer.checkpointed = held
+    partial_id, fd = transfer.partial.id, transfer.fd
+
+    def run(_: object) -> defer.Deferred:
+        d = s.run_in_thread(os.fdatasync, fd)
+        d.addCallback(lambda _: s.store.checkpoint(partial_id, held, s.boot_id, s.clock.seconds()))
+        return d
+
+    transfer.busy.addCallback(run)
+    transfer.busy.addErrback(lambda f: log.failure("checkpoint of {id} failed", f, id=partial_id))
+    return transfer.busy
+
+
+def release_transfer(s: "Services", transfer: Transfer) -> defer.Deferred:
+    """The connection ended mid-file: persist what is held and close the spool file."""
+    try:
+        s.stats.bytes_received += transfer.flush()
+    except OSError:
+        log.failure("writing the last frames of {id} failed", id=transfer.partial.id)
+    d = checkpoint(s, transfer)
+    d.addBoth(lambda _: os.close(transfer.fd))
+    return d
+
+
+def finish_transfer(s: "Services", session: "Session", offer: FileOffer, transfer: Transfer) -> defer.Deferred:
+    """Make a complete file durable, hand it to every sink, then forget the partial.
+
+    Fires with the :class:`ReceivedFile`. On failure the spool file and its
+    record stay, marked complete, so the camera's next offer finds it.
+    """
+    d = transfer.busy.addCallback(lambda _: s.run_in_thread(digest_file, transfer.fd, transfer.file_crc()))
+    d.addErrback(lambda f: (os.close(transfer.fd), f)[1])
+    d.addCallback(_deliver, s, session, offer, transfer)
+    s.finishing[offer.key] = d
+
+    def done(result: object) -> object:
+        if s.finishing.get(offer.key) is d:
+            del s.finishing[offer.key]
+        return result
+
+    result: defer.Deferred = defer.Deferred()
+    d.addBoth(done).chainDeferred(result)
+    return result
+
+
+@defer.inlineCallbacks
+def _deliver(digest: Any, s: "Services", session: "Session", offer: FileOffer, transfer: Transfer) -> Any:
+    partial = transfer.partial
+    try:
+        os.close(transfer.fd)
+        now = datetime.datetime.fromtimestamp(s.clock.seconds(), datetime.timezone.utc)
+        received = ReceivedFile(
+            path=s.spool.path(partial.spool_name), imei=offer.imei, peer=session.link.peer,
+            protocol_id=offer.protocol_id, camera=offer.camera, flow=offer.flow, source=offer.source,
+            identifier=offer.identifier, media=offer.media, metadata=offer.metadata, size=digest.size,
+            sha256=digest.sha256, start_total=offer.total, start_crc=offer.start_crc,
+            computed_crc=digest.crc, received_at=now, capture_time=capture_time(offer.metadata),
+            resumed_from=transfer.resumed_from, crc_errors=transfer.crc_errors)
+        places = []
+        for sink in s.sinks:
+            place = yield sink.deliver(received)
+            places.append(place)
+    except BaseException:
+        yield s.store.checkpoint(partial.id, transfer.held, s.boot_id, s.clock.seconds())
+        raise
+    yield s.store.remove(partial.id)
+    yield s.run_in_thread(s.spool.unlink, partial.spool_name)
+    if offer.flow == "path" and offer.start_crc != digest.crc:
+        log.warn("camera {imei}: {id} CRC {crc:#06x} differs from START's {start:#06x} (file kept)",
+                 imei=offer.imei, id=offer.printable, crc=digest.crc, start=offer.start_crc)
+    log.info("file stored: camera {imei} {id} {size} bytes sha256 {sha256} -> {places}",
+             imei=offer.imei, id=offer.printable, size=digest.size, sha256=digest.sha256,
+             places=", ".join(str(p) for p in places), resumed_from=transfer.resumed_from)
+    return received

@@ -1,0 +1,110 @@
+"""The Protocol/Factory pair: one thin Protocol per camera connection.
+
+The Protocol only moves bytes: it feeds the :class:`~camgateway.codec.FrameDecoder`,
+which calls the :class:`~camgateway.session.Session`, and it carries the
+session's replies back. It also owns the idle timeout and turns any error into
+a logged, closed connection, never an exception out of the reactor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from camgateway.codec import FrameDecoder, ProtocolError
+from camgateway.services import Services
+from camgateway.session import Session
+
+__all__ = ["CameraProtocol", "CameraFactory"]
+
+log = Logger(namespace="camgateway.protocol")
+
+
+class CameraProtocol(Protocol, TimeoutMixin):
+    """One camera connection."""
+
+    session: Optional[Session] = None
+    decoder: Optional[FrameDecoder] = None
+    peer = "?"
+
+    def __init__(self, services: Services, factory: Optional["CameraFactory"] = None) -> None:
+        self.services = services
+        self.owner = factory
+
+    def connectionMade(self) -> None:
+        if self.owner is not None:
+            self.owner.protocols.add(self)
+        address = self.transport.getPeer()  # type: ignore[union-attr]
+        self.peer = f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}"
+        self.services.stats.connections += 1
+        self.setTimeout(self.services.config.idle_timeout)
+        self.session = Session(self.services, self)
+        self.decoder = self.session.decoder = FrameDecoder(self.session)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        try:
+            self.decoder.feed(data)  # type: ignore[union-attr]
+        except ProtocolError as e:
+            self.session.protocol_error(e)  # type: ignore[union-attr]
+        except Exception:
+            self.session.internal_error(Failure())  # type: ignore[union-attr]
+
+    def timeoutConnection(self) -> None:
+        self.session.idle_timeout()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.setTimeout(None)
+        if self.owner is not None:
+            self.owner.protocols.discard(self)
+        if self.session is not None:
+            self.session.connection_lost()
+
+    # -- the Link the session talks to
+
+    def send(self, data: bytes) -> None:
+        """Write to the camera."""
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        """Close after what was written is sent."""
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def abort(self) -> None:
+        """Drop the connection now."""
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+
+class CameraFactory(Factory):
+    """Builds a :class:`CameraProtocol` per connection, sharing :class:`Services`."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.protocols: set[CameraProtocol] = set()
+
+    def buildProtocol(self, addr: Any) -> Optional[CameraProtocol]:
+        s = self.services
+        if not s.accepting:
+            return None
+        if len(self.protocols) >= s.config.max_connections:
+            s.stats.connections_refused += 1
+            log.warn("refusing connection from {peer}: limits.max_connections ({n}) reached",
+                     peer=getattr(addr, "host", addr), n=s.config.max_connections)
+            return None
+        return CameraProtocol(s, self)
+
+    def shutdown(self) -> defer.Deferred:
+        """Stop every session, persist every partial, wait for files being stored."""
+        self.services.accepting = False
+        waits = []
+        for protocol in list(self.protocols):
+            if protocol.session is not None:
+                waits.append(protocol.session.stop("the gateway is shutting down"))
+        waits.extend(self.services.pending)
+        return defer.DeferredList(waits, consumeErrors=True)
+

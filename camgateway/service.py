@@ -1,0 +1,152 @@
+"""The gateway as a Twisted service: start-up reconcile, listening, sweeps, shutdown."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from camgateway import __version__
+from camgateway.config import Config
+from camgateway.protocol import CameraFactory
+from camgateway.resume_store import SQLiteResumeStore
+from camgateway.services import Services
+from camgateway.sinks import make_sinks
+from camgateway.spool import Spool, boot_id, reconcile_partial
+
+__all__ = ["GatewayService", "make_gateway", "reconcile", "sweep_expired"]
+
+log = Logger(namespace="camgateway.service")
+
+SHUTDOWN_GRACE = 8.0  # seconds to persist partials and finish stores on SIGTERM
+
+
+@defer.inlineCallbacks
+def reconcile(s: Services) -> Any:
+    """Make the store and the spool agree (start-up; see camgateway.resume_store)."""
+    partials = yield s.store.all()
+    known = set()
+    for partial in partials:
+        held = yield s.run_in_thread(reconcile_partial, s.spool, partial, s.boot_id)
+        if held is None:
+            log.warn("partial {id} of camera {imei} lost its spool file; dropped", id=partial.id, imei=partial.imei)
+            yield s.store.remove(partial.id)
+            continue
+        known.add(partial.spool_name)
+        if held != partial.held or partial.boot_id != s.boot_id:
+            yield s.store.checkpoint(partial.id, held, s.boot_id, partial.last_seen)
+    orphans = s.spool.names() - known
+    for name in orphans:
+        yield s.run_in_thread(s.spool.unlink, name)
+    if partials or orphans:
+        log.info("spool reconciled: {n} partial transfers kept, {o} orphan spool files removed",
+                 n=len(known), o=len(orphans))
+
+
+@defer.inlineCallbacks
+def sweep_expired(s: Services) -> Any:
+    """Remove partials not seen for ``storage.partial_ttl``."""
+    before = s.clock.seconds() - s.config.partial_ttl
+    expired = yield s.store.expired(before)
+    busy = {session.transfer.partial.id for session in s.sessions.values() if session.transfer}
+    for partial in expired:
+        if partial.id in busy:
+            continue
+        yield s.store.remove(partial.id)
+        yield s.run_in_thread(s.spool.unlink, partial.spool_name)
+        log.info("expired partial of camera {imei} ({held} bytes, last seen {age:.0f} s ago) removed",
+                 imei=partial.imei, held=partial.held, age=s.clock.seconds() - partial.last_seen)
+
+
+class GatewayService(Service):
+    """Reconciles the spool, then listens on every configured endpoint."""
+
+    def __init__(self, config: Config, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.config = config
+        self.ports: list[Any] = []
+        self.factory: Optional[CameraFactory] = None
+        self.services: Optional[Services] = None
+        self.ready: defer.Deferred = defer.Deferred()
+
+    def _run_in_thread(self, f: Any, *args: Any, **kwargs: Any) -> defer.Deferred:
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args, **kwargs)
+
+    def startService(self) -> None:
+        super().startService()
+        config = self.config
+        spool = Spool(config.spool)
+        spool.ensure()
+        store = SQLiteResumeStore(spool.store_path, self.reactor)
+        sinks = make_sinks(config.sinks, self._run_in_thread)
+        self.services = Services(config, store, spool, sinks, self.reactor, self._run_in_thread, boot_id())
+        self.factory = CameraFactory(self.services)
+        log.info("camgateway {version}: configuration from {source}; spool {spool}; sinks: {sinks}",
+                 version=__version__, source=config.source, spool=spool.root.resolve(),
+                 sinks=", ".join(sink.name for sink in sinks))
+        d = reconcile(self.services)
+        d.addCallback(lambda _: self._listen())
+        d.addCallbacks(self.ready.callback, self._failed)
+
+    @defer.inlineCallbacks
+    def _listen(self) -> Any:
+        for description in self.config.listen:
+            port = yield serverFromString(self.reactor, description).listen(self.factory)
+            self.ports.append(port)
+            log.info("listening for cameras on {description} ({address})",
+                     description=description, address=port.getHost())
+        return self.ports
+
+    def _failed(self, failure: Any) -> None:
+        log.failure("camgateway could not start", failure)
+        self.ready.errback(failure)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        super().stopService()
+        for port in self.ports:
+            yield port.stopListening()
+        if self.factory is not None:
+            shutdown = self.factory.shutdown()
+            timeout = self.reactor.callLater(SHUTDOWN_GRACE, shutdown.cancel)
+            try:
+                yield shutdown
+            except defer.CancelledError:
+                log.warn("shutdown: some files were still being stored after {t} s", t=SHUTDOWN_GRACE)
+            if timeout.active():
+                timeout.cancel()
+        if self.services is not None:
+            yield self.services.store.close()
+        log.info("camgateway stopped")
+
+
+def make_gateway(config: Config, reactor: Any = None) -> MultiService:
+    """The whole gateway: the listening service and the periodic sweep."""
+    top = MultiService()
+    gateway = GatewayService(config, reactor)
+    gateway.setServiceParent(top)
+
+    def sweep() -> Any:
+        if gateway.services is None:
+            return None
+        d = sweep_expired(gateway.services)
+        d.addErrback(lambda f: log.failure("partial sweep failed", f))
+        return d
+
+    timer = TimerService(min(3600.0, config.partial_ttl / 4), sweep)
+    if reactor is not None:
+        timer.clock = reactor
+    timer.setServiceParent(top)
+    top.gateway = gateway  # type: ignore[attr-defined]
+    return top

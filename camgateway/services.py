@@ -1,0 +1,63 @@
+"""The shared things every camera session uses, handed down by the factory."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.internet.defer import Deferred
+
+from camgateway.config import Config
+from camgateway.spool import Spool
+
+if TYPE_CHECKING:
+    from camgateway.session import Session
+
+__all__ = ["Services", "Stats"]
+
+
+@dataclasses.dataclass
+class Stats:
+    """Counters for logs and metrics (incremented per event, never per frame)."""
+
+    connections: int = 0
+    connections_refused: int = 0
+    files_received: int = 0
+    bytes_received: int = 0
+    crc_errors: int = 0
+    resumes: int = 0
+    protocol_errors: int = 0
+    delivery_failures: int = 0
+
+
+@dataclasses.dataclass
+class Services:
+    """Configuration, stores, sinks and clock, shared by every session."""
+
+    config: Config
+    store: Any  # IResumeStore
+    spool: Spool
+    sinks: list[Any]  # IFileSink
+    clock: Any  # IReactorTime
+    run_in_thread: Callable[..., Deferred]
+    boot_id: str = ""
+    stats: Stats = dataclasses.field(default_factory=Stats)
+    #: The live session of each IMEI (one per camera).
+    sessions: dict[str, "Session"] = dataclasses.field(default_factory=dict)
+    #: Work that must finish before shutdown (finalising and delivering files).
+    pending: set[Deferred] = dataclasses.field(default_factory=set)
+    #: Files being finished (digest, sinks), by identity: a new offer of the
+    #: same file waits for them.
+    finishing: dict[tuple[str, str, bytes], Deferred] = dataclasses.field(default_factory=dict)
+    accepting: bool = True
+
+    def track(self, d: Deferred) -> Deferred:
+        """Keep ``d`` in :attr:`pending` until it fires."""
+        self.pending.add(d)
+
+        def done(result: object) -> object:
+            self.pending.discard(d)
+            return result
+
+        d.addBoth(done)
+        return d

@@ -1,0 +1,572 @@
+"""The camera session: the protocol's state machine, one per connection.
+
+Every transition is listed in :data:`TRANSITIONS`, read as a table: in this
+state, on this input, run this handler, which returns one of these states.
+Anything else is a protocol error. The DATA frame skips the table lookup (it
+is the hot path) but follows the rows written for it.
+
+The session never blocks: opening a transfer (store look-up), checkpoints and
+finishing a file (fsync, digest, sinks) are Deferreds whose results come back
+as inputs of the table (``prepared``, ``stored``...).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Callable, Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from camgateway import codec
+from camgateway.codec import ProtocolError
+from camgateway.files import FileOffer, Refused, checkpoint, finish_transfer, open_transfer, release_transfer
+from camgateway.metadata import decode_metadata
+from camgateway.services import Services
+from camgateway.status_codes import status_meaning
+from camgateway.transfer import Transfer
+
+__all__ = ["State", "Session", "TRANSITIONS", "Link"]
+
+log = Logger(namespace="camgateway.session")
+
+PATH_BIT = 0x02000000
+DUALCAM_BITS = {"photof": 0x04000000, "photor": 0x08000000, "videof": 0x10000000, "videor": 0x20000000}
+ANY_DUALCAM = 0x3C000000
+
+
+class State(enum.Enum):
+    """Where a session is in the protocol."""
+
+    AWAIT_INIT = "awaiting init"
+    AWAIT_PATH = "awaiting file path"
+    AWAIT_METADATA = "awaiting metadata"
+    AWAIT_START = "awaiting START"
+    PREPARING = "opening transfer"
+    AWAIT_SYNC = "awaiting SYNC"
+    RECEIVING = "receiving"
+    DISCARDING = "discarding until SYNC"
+    STORING = "storing file"
+    CLOSED = "closed"
+
+
+S = State
+_FILE_STATES = {S.AWAIT_METADATA, S.AWAIT_START, S.PREPARING, S.AWAIT_SYNC, S.RECEIVING, S.DISCARDING}
+
+#: (state, input) -> (handler, states the handler may return)
+TRANSITIONS: dict[tuple[State, str], tuple[str, frozenset[State]]] = {}
+
+
+def _row(states: set[State] | State, inp: str, handler: str, *targets: State) -> None:
+    for state in states if isinstance(states, set) else {states}:
+        TRANSITIONS[(state, inp)] = (handler, frozenset(targets))
+
+
+_NEXT_FILE = (S.AWAIT_PATH, S.AWAIT_METADATA, S.AWAIT_START, S.AWAIT_INIT, S.CLOSED)
+_row(S.AWAIT_INIT, "init", "_on_init", *_NEXT_FILE)
+_row(S.AWAIT_PATH, "path", "_on_path", S.AWAIT_METADATA, S.AWAIT_START, S.AWAIT_INIT, S.CLOSED)
+_row(S.AWAIT_METADATA, "metadata", "_on_metadata", S.AWAIT_START)
+_row(S.AWAIT_METADATA, "metadata_timeout", "_on_metadata_timeout", S.AWAIT_START)
+_row(S.AWAIT_START, "metadata", "_on_late_metadata", S.AWAIT_START)
+_row(S.AWAIT_START, "start", "_on_start", S.PREPARING, *_NEXT_FILE)
+_row(S.PREPARING, "prepared", "_on_prepared", S.AWAIT_SYNC)
+_row(S.PREPARING, "prepare_failed", "_on_prepare_failed", *_NEXT_FILE)
+_row({S.AWAIT_SYNC, S.RECEIVING, S.DISCARDING}, "sync", "_on_sync", S.RECEIVING, S.DISCARDING, S.CLOSED)
+_row(S.RECEIVING, "data", "(hot path in data())", S.RECEIVING, S.DISCARDING, S.STORING)
+_row(S.RECEIVING, "enhanced", "_on_enhanced", S.RECEIVING, S.DISCARDING, S.STORING, S.CLOSED)
+_row(S.RECEIVING, "bad_crc", "_on_bad_crc", S.DISCARDING, S.CLOSED)
+_row(S.RECEIVING, "complete", "_on_complete", S.STORING)
+_row({S.AWAIT_SYNC, S.DISCARDING}, "resume_timer", "_on_resume_timer", S.AWAIT_SYNC, S.DISCARDING, S.CLOSED)
+_row(_FILE_STATES, "status", "_on_file_status", *_NEXT_FILE)
+_row({S.AWAIT_INIT, S.AWAIT_PATH}, "status", "_on_idle_status", S.CLOSED)
+_row(S.STORING, "stored", "_on_stored", S.AWAIT_INIT)
+_row(S.STORING, "store_failed", "_on_store_failed", S.CLOSED)
+_row({S.AWAIT_INIT, S.AWAIT_PATH, S.AWAIT_START, S.AWAIT_SYNC}, "step_timeout", "_on_step_timeout", S.CLOSED)
+
+
+class Link:
+    """What a session needs of its connection (the Protocol provides it)."""
+
+    peer: str = "?"
+
+    def send(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class Session:
+    """The protocol state machine of one camera connection.
+
+    Its frame methods (``init``, ``start``, ``data``...) are called by the
+    :class:`~camgateway.codec.FrameDecoder`; ``connection_lost``,
+    ``idle_timeout`` and ``replaced`` by the Protocol and the factory.
+    """
+
+    def __init__(self, services: Services, link: Link) -> None:
+        self.s = services
+        self.config = services.config
+        self.link = link
+        self.decoder: Optional[codec.FrameDecoder] = None
+        self.state = S.AWAIT_INIT
+        self.imei = ""
+        self.protocol_id = 0
+        self.settings = 0
+        self.inits = 0
+        self.files_done = 0
+        self.transfer: Optional[Transfer] = None
+        self.offer: Optional[FileOffer] = None
+        self._wanted: list[str] = []  # DualCam sources still to ask for in this init
+        self._skip: set[bytes] = set()  # identifiers that were empty or failed
+        self._metadata_answers = self.config.metadata
+        self._timer: Any = None  # step, metadata or resume timer (one at a time)
+        self._resume_tries = 0
+        self._predecessor: defer.Deferred = defer.succeed(None)
+        self._opening: defer.Deferred = defer.succeed(None)
+        self._after: Optional[Callable[[], None]] = None
+        #: Fires when the connection is gone and every byte held is persisted.
+        self.finished: defer.Deferred = defer.Deferred()
+        self._arm(self.config.step_timeout, "step_timeout")
+
+    # -- the table
+
+    def _input(self, name: str, *args: Any) -> None:
+        row = TRANSITIONS.get((self.state, name))
+        if row is None:
+            raise ProtocolError(f"unexpected {name} while {self.state.value}")
+        handler, targets = row
+        new = getattr(self, handler)(*args)
+        if new not in targets:  # a bug, not the device's fault
+            raise AssertionError(f"{handler} went {self.state} -> {new}")
+        self.state = new
+        after, self._after = self._after, None
+        if after is not None:
+            after()
+
+    def _then(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the current transition is done (it may re-enter the table)."""
+        self._after = fn
+
+    def _arm(self, seconds: float, inp: str) -> None:
+        self._disarm()
+        self._timer = self.s.clock.callLater(seconds, self._fire, inp)
+
+    def _disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _fire(self, inp: str) -> None:
+        self._timer = None
+        self._guard(self._input, inp)
+
+    def _guard(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run an input that did not come from the decoder, handling its errors."""
+        try:
+            fn(*args)
+        except ProtocolError as e:
+            self.protocol_error(e)
+        except Exception:
+            self.internal_error(Failure())
+
+    # -- frames from the decoder
+
+    def init(self, protocol_id: int, imei: int, settings: int) -> None:
+        self._input("init", protocol_id, imei, settings)
+
+    def path(self, payload: bytes) -> None:
+        self._input("path", payload)
+
+    def metadata(self, payload: bytes) -> None:
+        self._input("metadata", payload)
+
+    def start(self, total: int, crc: int) -> None:
+        self._input("start", total, crc)
+
+    def sync(self, position: int) -> None:
+        self._input("sync", position)
+
+    def status(self, code: int) -> None:
+        self._input("status", code)
+
+    def enhanced(self, offset: int, payload: memoryview, rpayload: memoryview, crc: int) -> None:
+        self._input("enhanced", offset, payload, rpayload, crc)
+
+    def data(self, payload: memoryview, rpayload: memoryview, crc: int) -> None:
+        """DATA: the hot path (rows ``(RECEIVING, data)`` of the table)."""
+        if self.state is not S.RECEIVING:
+            raise ProtocolError(f"unexpected data while {self.state.value}")
+        transfer = self.transfer
+        if not transfer.append(payload, rpayload, crc):  # type: ignore[union-attr]
+            self._input("bad_crc")
+        elif transfer.held >= transfer.done_at:  # type: ignore[union-attr]
+            self._input("complete")
+
+    def batch_end(self) -> None:
+        """Once per read: write what was received, checkpoint now and then."""
+        transfer = self.transfer
+        if transfer is not None and transfer.pending:
+            self.s.stats.bytes_received += transfer.flush()
+            if transfer.flushed - transfer.checkpointed >= self.config.checkpoint_bytes:
+                self._checkpoint(transfer)
+
+    # -- init and choosing the next file
+
+    def _on_init(self, protocol_id: int, imei: int, settings: int) -> State:
+        self._disarm()
+        imei_text = str(imei)
+        if self.inits and imei_text != self.imei:
+            raise ProtocolError(f"repeated init from IMEI {imei_text}, session is {self.imei}")
+        self.inits += 1
+        self.protocol_id, self.settings = protocol_id, settings
+        if self.inits == 1:
+            self.imei = imei_text
+            if not self.config.allowed(imei_text):
+                log.warn("IMEI {imei} from {peer} is not in devices.allow: closing, nothing stored",
+                         imei=imei_text, peer=self.link.peer)
+                return self._close()
+            previous = self.s.sessions.get(imei_text)
+            if previous is not None and previous is not self:
+                self._predecessor = previous.replaced(self.link.peer)
+            self.s.sessions[imei_text] = self
+            log.info("camera {imei} connected from {peer}: protocol {protocol_id}, settings 0x{settings:08x}",
+                     imei=imei_text, peer=self.link.peer, protocol_id=protocol_id, settings=settings)
+        return self._next_file(new_init=True)
+
+    def _next_file(self, new_init: bool = False) -> State:
+        """Ask for the next file the current init offers, or end the cycle."""
+        settings, mode = self.settings, self.config.mode
+        if new_init:
+            self._wanted = []
+            path_flow = bool(settings & PATH_BIT) or (self.protocol_id >= 6 and settings & ANY_DUALCAM)
+            if mode == "dualcam":
+                path_flow = False
+            if path_flow:
+                self.send(codec.path_request())
+                return self._await(S.AWAIT_PATH)
+            if mode in ("auto", "dualcam"):
+                self._wanted = [src for src in self.config.dualcam_sources
+                                if settings & DUALCAM_BITS[src] and ("%" + src).encode() not in self._skip]
+        if self._wanted:
+            source = self._wanted.pop(0)
+            offer = FileOffer.dualcam(self, source)
+            return self._request(offer)
+        if new_init:
+            log.info("camera {imei}: nothing (more) to fetch (settings 0x{settings:08x}); closing",
+                     imei=self.imei, settings=settings)
+            return self._close()
+        self.send(codec.repeat_init())
+        return self._await(S.AWAIT_INIT)
+
+    def _request(self, offer: FileOffer) -> State:
+        self.offer = offer
+        if self._metadata_answers:
+            self.send(codec.metadata_request(offer.metadata_id))
+            self._arm(self.config.metadata_timeout, "metadata_timeout")
+            return S.AWAIT_METADATA
+        self.send(codec.file_request(offer.identifier))
+        return self._await(S.AWAIT_START)
+
+    def _await(self, state: State) -> State:
+        self._arm(self.config.step_timeout, "step_timeout")
+        return state
+
+    def _on_path(self, payload: bytes) -> State:
+        self._disarm()
+        if not payload.rstrip(b"\0"):
+            log.info("camera {imei}: no file to send (empty path); closing", imei=self.imei)
+            return self._close()
+        offer = FileOffer.path(self, payload)
+        if payload in self._skip:
+            log.warn("camera {imei} offers {path} again, which it could not send; closing",
+                     imei=self.imei, path=offer.printable)
+            return self._close()
+        if self.config.mode in ("dsm", "adas") and offer.camera not in (self.config.mode, "unknown"):
+            log.info("camera {imei}: {path} is a {camera} file, download.mode is {mode}; closing",
+                     imei=self.imei, path=offer.printable, camera=offer.camera, mode=self.config.mode)
+            return self._close()
+        return self._request(offer)
+
+    # -- metadata
+
+    def _on_metadata(self, payload: bytes) -> State:
+        self._disarm()
+        self._attach_metadata(payload)
+        self.send(codec.file_request(self.offer.identifier))  # type: ignore[union-attr]
+        return self._await(S.AWAIT_START)
+
+    def _on_late_metadata(self, payload: bytes) -> State:
+        self._attach_metadata(payload)
+        return S.AWAIT_START
+
+    def _attach_metadata(self, payload: bytes) -> None:
+        offer = self.offer
+        assert offer is not None
+        offer.metadata = decode_metadata(payload, offer.metadata_layout)
+        if offer.metadata.get("layout") == "raw":
+            log.warn("camera {imei}: metadata for {id} not understood, kept raw: {error}",
+                     imei=self.imei, id=offer.printable, error=offer.metadata.get("error"))
+
+    def _on_metadata_timeout(self) -> State:
+        log.warn("camera {imei}: no metadata answer in {t:g} s (firmware before 03.27.04?);"
+                 " going on without, and not asking again this session",
+                 imei=self.imei, t=self.config.metadata_timeout)
+        self._metadata_answers = False
+        self.send(codec.file_request(self.offer.identifier))  # type: ignore[union-attr]
+        return self._await(S.AWAIT_START)
+
+    # -- START, opening the transfer
+
+    def _on_start(self, total: int, crc: int) -> State:
+        self._disarm()
+        offer = self.offer
+        assert offer is not None
+        if total == 0:
+            log.info("camera {imei}: {id} has nothing to send (START total 0)", imei=self.imei, id=offer.printable)
+            return self._file_ended(offer)
+        size = total * 1024 if offer.flow == "dualcam" else total
+        if size > self.config.max_file_bytes:
+            log.error("camera {imei}: {id} is {size} bytes, over limits.max_file_bytes ({limit}); not fetched",
+                      imei=self.imei, id=offer.printable, size=size, limit=self.config.max_file_bytes)
+            return self._file_ended(offer)
+        offer.total, offer.start_crc = total, crc
+
+        def open_it() -> None:
+            d = self._predecessor.addBoth(lambda _: open_transfer(self.s, self, offer))
+            d.addCallbacks(self._prepared, self._prepare_failed)
+            self._opening = d
+
+        self._then(open_it)
+        return S.PREPARING
+
+    def _prepared(self, transfer: Transfer) -> Optional[defer.Deferred]:
+        if self.state is not S.PREPARING:  # the connection went away meanwhile
+            return release_transfer(self.s, transfer)
+        self._guard(self._input, "prepared", transfer)
+        return None
+
+    def _prepare_failed(self, failure: Failure) -> None:
+        if self.state is S.PREPARING:
+            self._guard(self._input, "prepare_failed", failure)
+        elif not failure.check(Refused):
+            log.failure("camera {imei}: opening a transfer failed", failure, imei=self.imei)
+
+    def _on_prepared(self, transfer: Transfer) -> State:
+        self.transfer = transfer
+        if transfer.complete:  # held everything before: fetch the last unit again
+            transfer.rewind(transfer.offset_of(transfer.position() - 1) if transfer.dualcam
+                            else max(0, (transfer.held - 1) // 1024 * 1024))
+        if transfer.held:
+            self.s.stats.resumes += 1
+            log.info("camera {imei}: resuming {id} at {pos} ({held} of {total} bytes held)",
+                     imei=self.imei, id=self.offer.printable, pos=transfer.position(),  # type: ignore[union-attr]
+                     held=transfer.held, total=transfer.limit)
+        return self._send_resume(S.AWAIT_SYNC)
+
+    def _on_prepare_failed(self, failure: Failure) -> State:
+        if failure.check(Refused):  # a refusal with a reason (disk low...)
+            log.warn("camera {imei}: {why}; closing", imei=self.imei, why=failure.value)
+            return self._close()
+        log.failure("camera {imei}: cannot open a transfer; closing", failure, imei=self.imei)
+        return self._close()
+
+    # -- SYNC, DATA, errors
+
+    def _send_resume(self, state: State) -> State:
+        self.send(codec.resume(self.transfer.position()))  # type: ignore[union-attr]
+        self._arm(2.0 if self._resume_tries < 10 else 4.0, "resume_timer")
+        return state
+
+    def _on_sync(self, position: int) -> State:
+        transfer = self.transfer
+        assert transfer is not None
+        offset = transfer.offset_of(position)
+        if offset > transfer.held:
+            log.warn("camera {imei}: SYNC {pos} is beyond the {held} bytes held; asking again",
+                     imei=self.imei, pos=position, held=transfer.held)
+            self.decoder.discard_until_sync()  # type: ignore[union-attr]
+            return self._retry_resume(S.DISCARDING)
+        self._disarm()
+        self._resume_tries = 0
+        transfer.sync(offset)
+        return S.RECEIVING
+
+    def _on_enhanced(self, offset: int, payload: memoryview, rpayload: memoryview, crc: int) -> State:
+        transfer = self.transfer
+        assert transfer is not None
+        if offset != transfer.held:
+            log.warn("camera {imei}: ENHANCED DATA at offset {offset}, expected {held}",
+                     imei=self.imei, offset=offset, held=transfer.held)
+            return self._on_bad_crc()
+        if not transfer.append(payload, rpayload, crc):
+            return self._on_bad_crc()
+        return self._on_complete() if transfer.complete else S.RECEIVING
+
+    def _on_bad_crc(self) -> State:
+        self.s.stats.crc_errors += 1
+        log.warn("camera {imei}: bad CRC in {id} after {held} bytes; RESUME and discard until SYNC",
+                 imei=self.imei, id=self.offer.printable, held=self.transfer.held)  # type: ignore[union-attr]
+        self.decoder.discard_until_sync()  # type: ignore[union-attr]
+        return self._retry_resume(S.DISCARDING)
+
+    def _retry_resume(self, state: State) -> State:
+        self._resume_tries += 1
+        if self._resume_tries > self.config.resume_retries:
+            log.error("camera {imei}: no usable SYNC after {n} RESUMEs; closing, partial kept",
+                      imei=self.imei, n=self.config.resume_retries)
+            return self._close()
+        return self._send_resume(state)
+
+    def _on_resume_timer(self) -> State:
+        return self._retry_resume(self.state)
+
+    # -- the end of a file
+
+    def _on_complete(self) -> State:
+        transfer, offer = self.transfer, self.offer
+        assert transfer is not None and offer is not None
+        self.transfer = None
+        self.s.stats.bytes_received += transfer.flush()
+
+        def finish() -> None:
+            d = self.s.track(finish_transfer(self.s, self, offer, transfer))
+            d.addCallbacks(lambda received: self._guard(self._stored, received),
+                           lambda f: self._guard(self._store_failed, f))
+
+        self._then(finish)
+        return S.STORING
+
+    def _stored(self, received: Any) -> None:
+        self.files_done += 1
+        self.s.stats.files_received += 1
+        if self.state is S.STORING:
+            self._input("stored", received)
+
+    def _on_stored(self, received: Any) -> State:
+        self.offer = None
+        self.send(codec.repeat_init())
+        return self._await(S.AWAIT_INIT)
+
+    def _store_failed(self, failure: Failure) -> None:
+        self.s.stats.delivery_failures += 1
+        log.failure("camera {imei}: could not store {id}; the partial is kept and the camera will offer it again",
+                    failure, imei=self.imei, id=self.offer.printable if self.offer else "?")
+        if self.state is S.STORING:
+            self._input("store_failed", failure)
+
+    def _on_store_failed(self, failure: Failure) -> State:
+        return self._close()
+
+    def _file_ended(self, offer: FileOffer) -> State:
+        """The file was empty or the camera could not send it: go on with the next."""
+        self._skip.add(offer.identifier)
+        self.offer = None
+        if offer.flow == "dualcam":
+            return self._next_file()
+        self.send(codec.repeat_init())
+        return self._await(S.AWAIT_INIT)
+
+    def _on_file_status(self, code: int) -> State:
+        offer = self.offer
+        log.warn("camera {imei}: status {code} ({meaning}) for {id}",
+                 imei=self.imei, code=code, meaning=status_meaning(code), id=offer.printable if offer else "?")
+        self._disarm()
+        if self.transfer is not None:
+            release_transfer(self.s, self.transfer)
+            self.transfer = None
+        if self.decoder is not None:
+            self.decoder.discarding = False
+        return self._file_ended(offer) if offer else self._close()
+
+    def _on_idle_status(self, code: int) -> State:
+        log.warn("camera {imei}: status {code} ({meaning}); closing",
+                 imei=self.imei or "?", code=code, meaning=status_meaning(code))
+        return self._close()
+
+    def _on_step_timeout(self) -> State:
+        log.warn("camera {imei} ({peer}): no answer in {t:g} s while {state}; closing",
+                 imei=self.imei or "?", peer=self.link.peer, t=self.config.step_timeout, state=self.state.value)
+        return self._close()
+
+    # -- closing
+
+    def send(self, data: bytes) -> None:
+        """Write a frame to the camera."""
+        self.link.send(data)
+
+    def _close(self) -> State:
+        self._disarm()
+        self.send(codec.close())
+        self.link.close()
+        return S.CLOSED
+
+    def protocol_error(self, error: ProtocolError) -> None:
+        """The camera broke the protocol: log what it sent, close, keep what is held."""
+        self.s.stats.protocol_errors += 1
+        log.error("protocol error from camera {imei} ({peer}) while {state}: {error}",
+                  imei=self.imei or "?", peer=self.link.peer, state=self.state.value, error=error)
+        self._abandon()
+
+    def internal_error(self, failure: Failure) -> None:
+        """A bug: log it with the session's context and drop the connection."""
+        log.failure("internal error in session of camera {imei} ({peer}) while {state}",
+                    failure, imei=self.imei or "?", peer=self.link.peer, state=self.state.value)
+        self._abandon()
+
+    def _abandon(self) -> None:
+        if self.decoder is not None:
+            self.decoder.stop()
+        if self.state is not S.STORING:
+            self.state = S.CLOSED
+        self._disarm()
+        self.link.close()
+
+    def idle_timeout(self) -> None:
+        """No byte for ``timeouts.idle`` seconds."""
+        log.warn("camera {imei} ({peer}): idle for {t:g} s while {state}; closing",
+                 imei=self.imei or "?", peer=self.link.peer, t=self.config.idle_timeout, state=self.state.value)
+        self._abandon()
+        self.link.abort()
+
+    def replaced(self, peer: str) -> defer.Deferred:
+        """The same camera connected again: stop this older session cleanly."""
+        return self.stop(f"the camera reconnected from {peer}")
+
+    def stop(self, why: str) -> defer.Deferred:
+        """Drop the connection now, persist what is held; fires when done."""
+        log.info("camera {imei}: closing its connection from {peer}: {why}",
+                 imei=self.imei or "?", peer=self.link.peer, why=why)
+        if self.decoder is not None:
+            self.decoder.stop()
+        self._disarm()
+        self.link.abort()
+        return self._chain_finished()
+
+    def _chain_finished(self) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.finished.addBoth(lambda r: (d.callback(None), r)[1])
+        return d
+
+    def connection_lost(self) -> defer.Deferred:
+        """The connection is gone: persist any transfer; fire :attr:`finished` when done."""
+        self._disarm()
+        if self.decoder is not None:
+            self.decoder.stop()
+        if self.s.sessions.get(self.imei) is self:
+            del self.s.sessions[self.imei]
+        d = self._opening  # an open in flight releases its transfer itself
+        transfer, self.transfer = self.transfer, None
+        if transfer is not None:
+            log.info("camera {imei}: connection lost during {id} at {held} of {total} bytes; partial kept",
+                     imei=self.imei, id=self.offer.printable if self.offer else "?",
+                     held=transfer.held, total=transfer.limit)
+            d.addBoth(lambda _: release_transfer(self.s, transfer))
+        if self.state is not S.STORING:
+            self.state = S.CLOSED
+        d.addBoth(lambda _: self.finished.callback(None))
+        return self._chain_finished()
+
+    def _checkpoint(self, transfer: Transfer) -> None:
+        checkpoint(self.s, transfer)

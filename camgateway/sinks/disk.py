@@ -1,0 +1,155 @@
+"""The disk sink: files and their JSON sidecars under ``<root>/<imei>/<date>/``.
+
+Names are built by the gateway, never taken from the device::
+
+    <root>/<imei>/<YYYY-MM-DD>/<YYYYmmddTHHMMSSZ>_<source>[_<basename>][-<n>].<ext>
+    ... and the same name + ".json" for the sidecar
+
+The time is the capture time from the metadata, else the arrival time (UTC).
+``basename`` is a sanitised basename of a device path; ``n`` counts up when a
+name is taken, so two files never collide. The extension comes from the
+content (JPEG, PTMF, MP4) or a known extension of the device path.
+
+Delivery is atomic and durable: the sidecar is written to a temporary name and
+fsynced, the media file is hard-linked from the spool (copied and fsynced when
+the spool is on another filesystem) under its final name, the sidecar renamed
+beside it, and the directory fsynced. A reader that sees a file therefore finds
+it complete with its sidecar.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from camgateway.sinks import IFileSink, ReceivedFile
+
+__all__ = ["DiskSink", "sanitise_basename", "build_stem", "extension_for"]
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_KNOWN_EXT = {"jpg", "jpeg", "mp4", "h265", "h264", "hevc", "avi", "mov", "png", "bin", "ptmf"}
+
+
+def sanitise_basename(identifier: bytes, limit: int = 64) -> str:
+    """A harmless name from a device path: last component, safe characters only."""
+    text = identifier.split(b"\0", 1)[0].decode("utf-8", "replace")
+    text = re.split(r"[\\/]", text)[-1]
+    stem = text.rsplit(".", 1)[0] if "." in text.lstrip(".") else text
+    stem = _SAFE.sub("_", stem).strip("._-")
+    return stem[:limit]
+
+
+def extension_for(received: ReceivedFile, head: bytes) -> str:
+    """The file extension, from the content first, then the device path."""
+    if head.startswith(b"\xff\xd8"):
+        return "jpg"
+    if head.startswith(b"PTMF"):
+        return "ptmf"
+    if head[4:8] == b"ftyp":
+        return "mp4"
+    if received.flow == "path":
+        name = received.identifier.split(b"\0", 1)[0].decode("utf-8", "replace")
+        ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+        if ext in _KNOWN_EXT:
+            return ext
+    return "h265" if received.media == "video" else "bin"
+
+
+def build_stem(received: ReceivedFile) -> tuple[str, str]:
+    """``(date folder, file stem)`` for a received file."""
+    when = received.capture_time or received.received_at
+    stem = f"{when:%Y%m%dT%H%M%SZ}_{received.source}"
+    base = sanitise_basename(received.identifier) if received.flow == "path" else ""
+    if base:
+        stem += "_" + base
+    return f"{when:%Y-%m-%d}", stem
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@implementer(IFileSink)
+class DiskSink:
+    """Stores files and sidecars under a root directory."""
+
+    def __init__(self, root: Path, run_in_thread: Callable[..., Deferred]) -> None:
+        self.root = Path(root)
+        self.name = f"disk:{self.root}"
+        self._run = run_in_thread
+
+    def deliver(self, received: ReceivedFile) -> Deferred:
+        """Store the file and its sidecar; fire with the stored path."""
+        return self._run(self.store, received)
+
+    def store(self, received: ReceivedFile) -> str:
+        """The blocking work of :meth:`deliver` (runs in a thread)."""
+        imei = received.imei if received.imei.isdigit() else "unknown"
+        with open(received.path, "rb") as f:
+            head = f.read(16)
+        date, stem = build_stem(received)
+        folder = self.root / imei / date
+        folder.mkdir(parents=True, exist_ok=True)
+        ext = extension_for(received, head)
+        sidecar = json.dumps(received.sidecar(), indent=2, sort_keys=False).encode() + b"\n"
+        tmp = folder / f".{stem}.{os.getpid()}.{id(received)}.json.tmp"
+        with open(tmp, "wb") as f:
+            f.write(sidecar)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            target = self._place(received.path, folder, stem, ext)
+            os.rename(tmp, target.with_name(target.name + ".json"))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(folder)
+        return str(target)
+
+    def _place(self, source: Path, folder: Path, stem: str, ext: str) -> Path:
+        """Link ``source`` under the first free name; never overwrite anything.
+
+        When the spool is on another filesystem the file is first copied (and
+        fsynced) to a hidden temporary name in ``folder`` and linked from there,
+        so the final name never shows a half-copied file.
+        """
+        copy: Path | None = None
+        try:
+            n = 1
+            while True:
+                target = folder / (f"{stem}.{ext}" if n == 1 else f"{stem}-{n}.{ext}")
+                if not os.path.exists(target.with_name(target.name + ".json")):
+                    try:
+                        os.link(copy or source, target)
+                        return target
+                    except FileExistsError:
+                        pass
+                    except OSError as e:
+                        if copy is not None or e.errno not in (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP):
+                            raise
+                        copy = folder / f".{stem}.{os.getpid()}.copy.tmp"
+                        _copy_durably(source, copy)
+                        continue
+                n += 1
+        finally:
+            if copy is not None:
+                copy.unlink(missing_ok=True)
+
+
+def _copy_durably(source: Path, target: Path) -> None:
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+        dst.flush()
+        os.fsync(dst.fileno())

@@ -1,0 +1,66 @@
+"""Shared pieces of the test suite: services on a Clock, captures, a link."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from twisted.internet import defer, task
+from twisted.internet.testing import StringTransport
+
+from camgateway.config import Config
+from camgateway.protocol import CameraProtocol
+from camgateway.resume_store import MemoryResumeStore
+from camgateway.services import Services
+from camgateway.sinks.disk import DiskSink
+from camgateway.spool import Spool
+
+VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
+NO_VECTORS = "../shared/vectors not present (real device captures are not shipped in the repo)"
+
+
+def run_now(f: Any, *args: Any, **kwargs: Any) -> defer.Deferred:
+    """A run_in_thread that runs at once (for StringTransport tests)."""
+    return defer.maybeDeferred(f, *args, **kwargs)
+
+
+def make_services(root: Path, clock: Optional[task.Clock] = None, store: Any = None, **config: Any) -> Services:
+    """Services with a spool and a disk sink under ``root``, running synchronously."""
+    cfg = dataclasses.replace(Config(), spool=root / "spool", min_free_bytes=0, **config)
+    spool = Spool(cfg.spool)
+    spool.ensure()
+    sink = DiskSink(root / "files", run_now)
+    return Services(cfg, store or MemoryResumeStore(), spool, [sink], clock or task.Clock(), run_now, "boot-1")
+
+
+def connect(services: Services, peer: str = "10.0.0.1") -> tuple[CameraProtocol, StringTransport]:
+    """A CameraProtocol on a StringTransport."""
+    from twisted.internet.address import IPv4Address
+
+    protocol = CameraProtocol(services)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def capture_stream(name: str) -> bytes:
+    """The device -> server byte stream of a capture in ../shared/vectors."""
+    doc = json.loads((VECTORS / name).read_text())
+    return b"".join(bytes(int(x, 16) for x in p["data"].split(",")) for p in doc["packets"])
+
+
+def segments(data: bytes, rng: random.Random, low: int = 1, high: int = 7) -> Iterator[bytes]:
+    """``data`` cut in random pieces of ``low``..``high`` bytes."""
+    i = 0
+    while i < len(data):
+        n = rng.randint(low, high)
+        yield data[i : i + n]
+        i += n
+
+
+def stored_files(root: Path) -> list[Path]:
+    """Every media file the disk sink stored under ``root/files``."""
+    return sorted(p for p in (root / "files").rglob("*") if p.is_file() and p.suffix != ".json")
