@@ -237,7 +237,7 @@ class FrameDecoder:
     frame header, and that SYNC is delivered (PROTOCOL.md section 5.6).
     """
 
-    __slots__ = ("_receiver", "_buf", "_rbuf", "discarding", "stopped", "discarded")
+    __slots__ = ("_receiver", "_buf", "_rbuf", "discarding", "stopped", "discarded", "_sync_limit")
 
     def __init__(self, receiver: FrameReceiver) -> None:
         self._receiver = receiver
@@ -249,10 +249,17 @@ class FrameDecoder:
         self.stopped = False
         #: Bytes dropped while discarding (for logs and metrics).
         self.discarded = 0
+        self._sync_limit = 0xFFFFFFFF
 
-    def discard_until_sync(self) -> None:
-        """Drop everything up to the next SYNC frame."""
+    def discard_until_sync(self, limit: int = 0xFFFFFFFF) -> None:
+        """Drop everything up to the next SYNC frame.
+
+        A SYNC mark whose position is beyond ``limit`` (the position the
+        gateway asked for: a device never SYNCs past it) is taken for data
+        that happens to look like a SYNC and is skipped too.
+        """
         self.discarding = True
+        self._sync_limit = limit
 
     def stop(self) -> None:
         """Ignore the rest of this read and everything after it."""
@@ -292,7 +299,8 @@ class FrameDecoder:
                         self.discarded += i - pos
                         pos = i
                         break
-                    if not _plausible_header(buf, i + 8):
+                    if (not _plausible_header(buf, i + 8)
+                            or _u32.unpack_from(buf, i + 4)[0] > self._sync_limit):
                         self.discarded += i + 1 - pos
                         pos = i + 1
                         continue

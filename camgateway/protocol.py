@@ -35,6 +35,7 @@ class CameraProtocol(Protocol, TimeoutMixin):
     def __init__(self, services: Services, factory: Optional["CameraFactory"] = None) -> None:
         self.services = services
         self.owner = factory
+        self.callLater = services.clock.callLater  # TimeoutMixin's clock: the injected one
 
     def connectionMade(self) -> None:
         if self.owner is not None:

@@ -386,7 +386,7 @@ class Session:
         if offset > transfer.held:
             log.warn("camera {imei}: SYNC {pos} is beyond the {held} bytes held; asking again",
                      imei=self.imei, pos=position, held=transfer.held)
-            self.decoder.discard_until_sync()  # type: ignore[union-attr]
+            self.decoder.discard_until_sync(transfer.position())  # type: ignore[union-attr]
             return self._retry_resume(S.DISCARDING)
         self._disarm()
         self._resume_tries = 0
@@ -408,7 +408,7 @@ class Session:
         self.s.stats.crc_errors += 1
         log.warn("camera {imei}: bad CRC in {id} after {held} bytes; RESUME and discard until SYNC",
                  imei=self.imei, id=self.offer.printable, held=self.transfer.held)  # type: ignore[union-attr]
-        self.decoder.discard_until_sync()  # type: ignore[union-attr]
+        self.decoder.discard_until_sync(self.transfer.position())  # type: ignore[union-attr]
         return self._retry_resume(S.DISCARDING)
 
     def _retry_resume(self, state: State) -> State:
