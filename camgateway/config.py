@@ -63,7 +63,6 @@ class Config:
     max_connections: int = 20000
     max_file_bytes: int = 1024**3
     min_free_bytes: int = 256 * 1024 * 1024
-    log_format: str = "auto"
     source: str = "built-in defaults"
 
     def allowed(self, imei: str) -> bool:
@@ -150,7 +149,7 @@ def parse_config(raw: object, source: str = "<config>", base: Path | None = None
     """
     base = base or Path.cwd()
     doc = _mapping(raw, "(top level)")
-    _known(doc, "", ("listen", "storage", "sinks", "devices", "timeouts", "download", "limits", "log"))
+    _known(doc, "", ("listen", "storage", "sinks", "devices", "timeouts", "download", "limits"))
     d = Config()
     values: dict[str, Any] = {"source": source}
 
@@ -214,12 +213,6 @@ def parse_config(raw: object, source: str = "<config>", base: Path | None = None
     values["min_free_bytes"] = _take(limits, "min_free_bytes", "limits", _size_or_zero,
                                      d.min_free_bytes)
 
-    log = _mapping(doc.get("log"), "log")
-    _known(log, "log", ("format",))
-    fmt = log.get("format", d.log_format)
-    if fmt not in ("auto", "text", "json"):
-        raise ConfigError("log.format", f"must be auto, text or json, got {fmt!r}")
-    values["log_format"] = fmt
     return Config(**values)
 
 

@@ -87,6 +87,7 @@ class CameraFactory(Factory):
     def __init__(self, services: Services) -> None:
         self.services = services
         self.protocols: set[CameraProtocol] = set()
+        self.noisy = False
 
     def buildProtocol(self, addr: Any) -> Optional[CameraProtocol]:
         s = self.services

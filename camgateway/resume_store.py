@@ -236,20 +236,14 @@ class SQLiteResumeStore:
             f"SELECT {_COLUMNS} FROM partials WHERE last_seen < ? ORDER BY last_seen", (before,))])
 
     def close(self) -> "Deferred[None]":
-        def q(db: sqlite3.Connection) -> None:
-            return None
-
-        d = self._run(q)
-
-        def shut(_: object) -> None:
+        def shut() -> None:
             if self._db is not None:
                 self._db.close()
                 self._db = None
-            self._pool.stop()
 
-        d.addBoth(lambda r: (shut(r), r)[1])
+        d = deferToThreadPool(self._reactor, self._pool, shut)
+        d.addBoth(lambda r: (self._pool.stop(), r)[1])
         return d
-
 
 
 @implementer(IResumeStore)

@@ -90,7 +90,7 @@ class GatewayService(Service):
         sinks = make_sinks(config.sinks, self._run_in_thread)
         self.services = Services(config, store, spool, sinks, self.reactor, self._run_in_thread, boot_id())
         self.factory = CameraFactory(self.services)
-        log.info("camgateway {version}: configuration from {source}; spool {spool}; sinks: {sinks}",
+        log.info("camgateway {version}: configuration from {source}; spool {spool}; files go to: {sinks}",
                  version=__version__, source=config.source, spool=spool.root.resolve(),
                  sinks=", ".join(sink.name for sink in sinks))
         d = reconcile(self.services)
