@@ -8,6 +8,7 @@ number``). The keys of the public contract are documented in README.md and in
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from pathlib import Path
@@ -88,6 +89,8 @@ def _number_with_unit(value: object, units: Mapping[str, float], key: str, what:
         number = float(match.group(1)) * units[match.group(2).lower()]
     else:
         raise ConfigError(key, f"must be {what}, got {type(value).__name__}")
+    if not math.isfinite(number):
+        raise ConfigError(key, f"must be {what}, got {value!r}")
     if number <= 0:
         raise ConfigError(key, f"must be positive, got {value!r}")
     return number
@@ -95,7 +98,10 @@ def _number_with_unit(value: object, units: Mapping[str, float], key: str, what:
 
 def parse_size(value: object, key: str = "size") -> int:
     """``1048576``, ``"200MB"``, ``"1GiB"`` -> bytes."""
-    return int(_number_with_unit(value, _UNITS, key, "a size such as 200MB"))
+    size = int(_number_with_unit(value, _UNITS, key, "a size such as 200MB"))
+    if size <= 0:
+        raise ConfigError(key, f"must be at least 1 byte, got {value!r}")
+    return size
 
 
 def parse_duration(value: object, key: str = "duration") -> float:
@@ -175,7 +181,7 @@ def parse_config(raw: object, source: str = "<config>", base: Path | None = None
     _known(devices, "devices", ("allow",))
     allow = _take(devices, "allow", "devices", _string_list, ())
     for i, imei in enumerate(allow):
-        if not imei.isdigit() or len(imei) > 20:
+        if not (imei.isascii() and imei.isdigit()) or len(imei) > 20:
             raise ConfigError(f"devices.allow[{i}]", f"must be a decimal IMEI, got {imei!r}")
     values["allow"] = frozenset(imei.lstrip("0") or "0" for imei in allow)
 
@@ -223,7 +229,7 @@ def _positive_int(value: object, key: str) -> int:
 
 
 def _size_or_zero(value: object, key: str) -> int:
-    return 0 if value == 0 else parse_size(value, key)
+    return 0 if value == 0 and not isinstance(value, bool) else parse_size(value, key)
 
 
 def _path(base: Path) -> Callable[[Any, str], Path]:
@@ -255,6 +261,8 @@ def load_config(path: Path | None, *, explicit: bool = True, base: Path | None =
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError("--config", f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("--config", f"{path} is not UTF-8 text: {e}") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -19,10 +19,12 @@ it complete with its sidecar.
 
 from __future__ import annotations
 
+import datetime
 import errno
 import json
 import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -65,7 +67,7 @@ def extension_for(received: ReceivedFile, head: bytes) -> str:
 
 def build_stem(received: ReceivedFile) -> tuple[str, str]:
     """``(date folder, file stem)`` for a received file."""
-    when = received.capture_time or received.received_at
+    when = (received.capture_time or received.received_at).astimezone(datetime.timezone.utc)
     stem = f"{when:%Y%m%dT%H%M%SZ}_{received.source}"
     base = sanitise_basename(received.identifier) if received.flow == "path" else ""
     if base:
@@ -139,7 +141,8 @@ class DiskSink:
                     except OSError as e:
                         if copy is not None or e.errno not in (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP):
                             raise
-                        copy = folder / f".{stem}.{os.getpid()}.copy.tmp"
+                        # A unique name: another delivery may be copying a same-named file.
+                        copy = folder / f".{stem}.{os.getpid()}.{secrets.token_hex(8)}.copy.tmp"
                         _copy_durably(source, copy)
                         continue
                 n += 1

@@ -1,0 +1,125 @@
+"""Builders of METADATA (0x000B) payloads, one per layout of PROTOCOL.md section 6."""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Optional, Union
+
+from camgateway.sim.model import SOURCE_FILE_TYPES
+
+__all__ = [
+    "dualcam_metadata",
+    "dsm_metadata",
+    "adas_metadata",
+    "json_metadata",
+    "DUALCAM_SIZES",
+]
+
+#: Size of the DualCam binary layout by version.
+DUALCAM_SIZES: dict[int, int] = {1: 13, 2: 14, 3: 32, 4: 40}
+
+_dualcam_v1 = struct.Struct(">BBQBH")
+_dsm = struct.Struct(">IBBiiH10s")
+_adas = struct.Struct(">IBBiiB")
+
+
+def _micro_degrees(value: float) -> int:
+    return int(round(value * 1_000_000))
+
+
+def dualcam_metadata(
+    file_type: Union[str, int],
+    *,
+    timestamp_ms: int,
+    trigger: int = 0,
+    length_s: int = 0,
+    framerate: int = 0,
+    timezone_min: int = 0,
+    latitude: float = 0.0,
+    longitude: float = 0.0,
+    version: int = 3,
+    trigger_timestamp_ms: Optional[int] = None,
+) -> bytes:
+    """The DualCam/DashCam binary layout (versions 1-4; real devices send 3).
+
+    ``file_type`` is a DualCam source (``"videof"`` → 16) or the number itself.
+    """
+    if version not in DUALCAM_SIZES:
+        raise ValueError(f"DualCam metadata version must be 1-4, not {version}")
+    kind = SOURCE_FILE_TYPES[file_type] if isinstance(file_type, str) else file_type
+    out = _dualcam_v1.pack(version, kind, timestamp_ms, trigger, length_s)
+    if version >= 2:
+        out += struct.pack(">B", framerate)
+    if version >= 3:
+        out += struct.pack(">hdd", timezone_min, latitude, longitude)
+    if version >= 4:
+        out += struct.pack(">Q", timestamp_ms if trigger_timestamp_ms is None else trigger_timestamp_ms)
+    return out
+
+
+def dsm_metadata(
+    *,
+    timestamp: int,
+    file_type: int,
+    trigger: int = 0,
+    latitude: float = 0.0,
+    longitude: float = 0.0,
+    events: int = 0,
+    driver_name: str = "",
+) -> bytes:
+    """The 26-byte DSM layout.
+
+    ``timestamp`` is in seconds, coordinates in degrees (sent as signed
+    millionths). The driver name is cut to 10 bytes, reversed, then padded
+    with NULs at the end.
+    """
+    name = driver_name.encode("utf-8")[:10][::-1].ljust(10, b"\0")
+    return _dsm.pack(
+        timestamp, file_type, trigger, _micro_degrees(latitude), _micro_degrees(longitude), events, name
+    )
+
+
+def adas_metadata(
+    *,
+    timestamp: int,
+    file_type: int,
+    trigger: int = 0,
+    latitude: float = 0.0,
+    longitude: float = 0.0,
+    length_s: int = 0,
+) -> bytes:
+    """The 15-byte ADAS layout (``timestamp`` in seconds, coordinates in degrees)."""
+    return _adas.pack(
+        timestamp, file_type, trigger, _micro_degrees(latitude), _micro_degrees(longitude), length_s
+    )
+
+
+def json_metadata(
+    *,
+    file_type: Union[str, int],
+    timestamp_ms: int,
+    duration: int = 0,
+    framerate: int = 0,
+    trigger: int = 0,
+    latitude: float = 0.0,
+    longitude: float = 0.0,
+    driver_name: Optional[str] = None,
+    version: int = 1,
+) -> bytes:
+    """The JSON text that firmware with protocol id >= 6 sends."""
+    doc: dict[str, object] = {
+        "version": version,
+        "file": {
+            "file_type": file_type,
+            "file_timestamp": timestamp_ms,
+            "duration": duration,
+            "framerate": framerate,
+        },
+        "fm_trigger": {"type": trigger},
+        "cam_trigger": {"type": trigger},
+        "location": {"latitude": latitude, "longitude": longitude},
+    }
+    if driver_name is not None:
+        doc["driver_name"] = driver_name
+    return json.dumps(doc, separators=(",", ":")).encode("utf-8")
