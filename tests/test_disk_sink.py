@@ -1,0 +1,417 @@
+"""Tests for camgateway.sinks.disk: names, sidecars, no overwrites, hostile paths."""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from camgateway.sinks import IFileSink, ReceivedFile
+from camgateway.sinks import disk as disk_module
+from camgateway.sinks.disk import DiskSink
+from tests.support import run_now
+
+UTC = datetime.timezone.utc
+IMEI = "863719061653375"
+RECEIVED_AT = datetime.datetime(2024, 10, 30, 11, 35, 44, 165000, tzinfo=UTC)
+CAPTURED = datetime.datetime(2024, 10, 29, 23, 59, 58, 250000, tzinfo=UTC)
+JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)) * 4 + b"\xff\xd9"
+PTMF = b"PTMF\x00\x01" + bytes(range(200))
+MP4 = b"\x00\x00\x00\x18ftypmp42" + bytes(100)
+UNKNOWN = b"\x01\x02\x03\x04 not a known format"
+
+NAME = re.compile(r"^\d{8}T\d{6}Z_[a-z_]+(_[A-Za-z0-9._-]{1,64})?(-\d+)?\.[a-z0-9]+$")
+
+
+class SinkTestCase(unittest.TestCase):
+    """A temporary spool and root, and ReceivedFile records built by hand."""
+
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp()).resolve()
+        self.spool = self.base / "spool"
+        self.spool.mkdir(parents=True)
+        self.root = self.base / "files"
+        self.sink = DiskSink(self.root, run_now)
+        self.count = 0
+
+    def spool_file(self, content: bytes) -> Path:
+        self.count += 1
+        path = self.spool / f"partial-{self.count}.part"
+        path.write_bytes(content)
+        return path
+
+    def received(self, content: bytes = JPEG, **fields: Any) -> ReceivedFile:
+        values: dict[str, Any] = dict(
+            path=self.spool_file(content), imei=IMEI, peer="10.0.0.1:40000", protocol_id=5,
+            camera="dualcam", flow="dualcam", source="photof", identifier=b"%photof",
+            media="photo", metadata={"layout": "dualcam", "version": 3, "trigger": "crash"},
+            size=len(content), sha256=hashlib.sha256(content).hexdigest(), start_total=29,
+            start_crc=0, computed_crc=0x1234, received_at=RECEIVED_AT, capture_time=CAPTURED,
+            resumed_from=0, crc_errors=1)
+        values.update(fields)
+        return ReceivedFile(**values)
+
+    def path_file(self, identifier: bytes, content: bytes = JPEG, **fields: Any) -> ReceivedFile:
+        values: dict[str, Any] = dict(flow="path", camera="dsm", source="dsm", identifier=identifier,
+                                      start_total=len(content), start_crc=0x1234)
+        values.update(fields)
+        return self.received(content, **values)
+
+    def store(self, received: ReceivedFile) -> Path:
+        stored = self.sink.store(received)
+        self.assertIsInstance(stored, str)
+        return Path(stored)
+
+    def all_entries(self) -> list[Path]:
+        return sorted(self.root.rglob("*")) if self.root.exists() else []
+
+    def assertNoTemporaries(self) -> None:
+        for entry in self.all_entries():
+            if entry.is_dir():
+                continue
+            self.assertFalse(entry.name.startswith("."), entry)
+            self.assertNotIn(".tmp", entry.name, entry)
+            if entry.suffix == ".json":
+                self.assertTrue(entry.with_suffix("").exists(), f"sidecar without file: {entry}")
+            else:
+                self.assertTrue(entry.with_name(entry.name + ".json").exists(), f"file without sidecar: {entry}")
+
+    def assertStored(self, stored: Path, received: ReceivedFile, content: bytes) -> None:
+        self.assertEqual(stored.read_bytes(), content)
+        self.assertTrue(received.path.exists(), "the spool file must stay in place")
+        self.assertEqual(received.path.read_bytes(), content)
+        sidecar = json.loads(stored.with_name(stored.name + ".json").read_text())
+        self.assertEqual(sidecar, json.loads(json.dumps(received.sidecar())))
+
+
+class LayoutTests(SinkTestCase):
+    """<root>/<imei>/<YYYY-MM-DD>/<YYYYmmddTHHMMSSZ>_<source>[_<basename>].<ext>"""
+
+    def test_dualcam_with_capture_time(self) -> None:
+        received = self.received()
+        stored = self.store(received)
+        self.assertEqual(stored, self.root / IMEI / "2024-10-29" / "20241029T235958Z_photof.jpg")
+        self.assertStored(stored, received, JPEG)
+        self.assertNoTemporaries()
+
+    def test_received_at_without_capture_time(self) -> None:
+        received = self.received(capture_time=None)
+        stored = self.store(received)
+        self.assertEqual(stored, self.root / IMEI / "2024-10-30" / "20241030T113544Z_photof.jpg")
+        self.assertStored(stored, received, JPEG)
+
+    def test_path_flow_basename(self) -> None:
+        received = self.path_file(b"/mnt/sd/dsm/picture/20241030_113505.jpg\x00")
+        stored = self.store(received)
+        self.assertEqual(stored, self.root / IMEI / "2024-10-29" / "20241029T235958Z_dsm_20241030_113505.jpg")
+        self.assertStored(stored, received, JPEG)
+
+    def test_time_in_utc(self) -> None:
+        """A capture time in another zone is named by its UTC time, as the Z says."""
+        plus_two = datetime.timezone(datetime.timedelta(hours=2))
+        received = self.received(capture_time=datetime.datetime(2024, 10, 30, 1, 30, 0, tzinfo=plus_two))
+        stored = self.store(received)
+        self.assertEqual(stored, self.root / IMEI / "2024-10-29" / "20241029T233000Z_photof.jpg")
+        sidecar = json.loads(stored.with_name(stored.name + ".json").read_text())
+        self.assertEqual(sidecar["capture_time"], "2024-10-29T23:30:00.000Z")
+
+    def test_non_numeric_imei(self) -> None:
+        stored = self.store(self.received(imei="../../x"))
+        self.assertEqual(stored.parent.parent, self.root / "unknown")
+
+    def test_deliver_fires_with_path(self) -> None:
+        received = self.received()
+        d = self.sink.deliver(received)
+        result = self.successResultOf(d)
+        self.assertEqual(result, str(self.root / IMEI / "2024-10-29" / "20241029T235958Z_photof.jpg"))
+        self.assertStored(Path(result), received, JPEG)
+
+    def test_deliver_runs_store_through_run_in_thread(self) -> None:
+        calls: list[Any] = []
+
+        def run(f: Any, *args: Any) -> Any:
+            calls.append((f, args))
+            return run_now(f, *args)
+
+        sink = DiskSink(self.root, run)
+        received = self.received()
+        self.successResultOf(sink.deliver(received))
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(calls[0][1], (received,))
+
+    def test_interface(self) -> None:
+        self.assertTrue(verifyObject(IFileSink, self.sink))
+        self.assertEqual(self.sink.name, f"disk:{self.root}")
+
+
+class SidecarTests(SinkTestCase):
+    """The JSON sidecar beside each file holds every field of ReceivedFile.sidecar()."""
+
+    def test_dualcam_sidecar(self) -> None:
+        received = self.received()
+        stored = self.store(received)
+        sidecar = json.loads(stored.with_name(stored.name + ".json").read_text())
+        self.assertEqual(set(sidecar), set(received.sidecar()))
+        self.assertEqual(sidecar, {
+            "imei": IMEI, "protocol_id": 5, "camera": "dualcam", "flow": "dualcam",
+            "source": "photof", "device_path": None, "media": "photo", "size": len(JPEG),
+            "sha256": hashlib.sha256(JPEG).hexdigest(),
+            "start": {"total": 29, "crc": 0, "unit": "packets"}, "computed_crc": 0x1234,
+            "crc_match": None, "capture_time": "2024-10-29T23:59:58.250Z",
+            "received_at": "2024-10-30T11:35:44.165Z", "resumed_from": 0, "crc_errors": 1,
+            "peer": "10.0.0.1:40000",
+            "metadata": {"layout": "dualcam", "version": 3, "trigger": "crash"},
+        })
+
+    def test_path_sidecar(self) -> None:
+        received = self.path_file(b"/mnt/sd/dsm/a.jpg\x00", capture_time=None, resumed_from=2048,
+                                  computed_crc=0x1234)
+        stored = self.store(received)
+        sidecar = json.loads(stored.with_name(stored.name + ".json").read_text())
+        self.assertEqual(sidecar["device_path"], "/mnt/sd/dsm/a.jpg")
+        self.assertEqual(sidecar["start"], {"total": len(JPEG), "crc": 0x1234, "unit": "bytes"})
+        self.assertIs(sidecar["crc_match"], True)
+        self.assertIsNone(sidecar["capture_time"])
+        self.assertEqual(sidecar["resumed_from"], 2048)
+        self.assertEqual(sidecar, json.loads(json.dumps(received.sidecar())))
+
+    def test_sidecar_sits_beside_its_own_file(self) -> None:
+        stored = [self.store(self.received(content)) for content in (JPEG, JPEG[:-1], JPEG[:-2])]
+        for path in stored:
+            sidecar = json.loads(path.with_name(path.name + ".json").read_text())
+            self.assertEqual(sidecar["sha256"], hashlib.sha256(path.read_bytes()).hexdigest())
+            self.assertEqual(sidecar["size"], path.stat().st_size)
+
+
+class CollisionTests(SinkTestCase):
+    """Two files with the same name never overwrite each other."""
+
+    def test_numbered(self) -> None:
+        contents = [JPEG, JPEG + b"2", JPEG + b"33", JPEG + b"444"]
+        records = [self.received(c) for c in contents]
+        stored = [self.store(r) for r in records]
+        folder = self.root / IMEI / "2024-10-29"
+        self.assertEqual(stored, [folder / "20241029T235958Z_photof.jpg",
+                                  folder / "20241029T235958Z_photof-2.jpg",
+                                  folder / "20241029T235958Z_photof-3.jpg",
+                                  folder / "20241029T235958Z_photof-4.jpg"])
+        for path, record, content in zip(stored, records, contents):
+            self.assertStored(path, record, content)
+        self.assertNoTemporaries()
+
+    def test_existing_files_are_left_alone(self) -> None:
+        folder = self.root / IMEI / "2024-10-29"
+        folder.mkdir(parents=True)
+        media = folder / "20241029T235958Z_photof.jpg"
+        media.write_bytes(b"someone else's file")
+        orphan = folder / "20241029T235958Z_photof-2.jpg.json"
+        orphan.write_text('{"not": "ours"}')
+        received = self.received()
+        stored = self.store(received)
+        self.assertEqual(stored, folder / "20241029T235958Z_photof-3.jpg")
+        self.assertEqual(media.read_bytes(), b"someone else's file")
+        self.assertEqual(orphan.read_text(), '{"not": "ours"}')
+        self.assertFalse((folder / "20241029T235958Z_photof-2.jpg").exists())
+        self.assertStored(stored, received, JPEG)
+
+    def test_same_spool_file_twice(self) -> None:
+        """Delivering the same record again makes a second copy, not an overwrite."""
+        received = self.received()
+        first = self.store(received)
+        second = self.store(received)
+        self.assertNotEqual(first, second)
+        self.assertEqual(first.read_bytes(), second.read_bytes())
+        self.assertTrue(received.path.exists())
+
+
+class ExtensionTests(SinkTestCase):
+    """The extension comes from the content first, then from a known path extension."""
+
+    def ext(self, received: ReceivedFile) -> str:
+        return self.store(received).suffix
+
+    def test_from_content(self) -> None:
+        self.assertEqual(self.ext(self.received(JPEG)), ".jpg")
+        self.assertEqual(self.ext(self.received(PTMF, source="videof", media="video")), ".ptmf")
+        self.assertEqual(self.ext(self.received(MP4, source="videor", media="video")), ".mp4")
+
+    def test_content_beats_path(self) -> None:
+        self.assertEqual(self.ext(self.path_file(b"/sd/dsm/x.mp4\x00", JPEG)), ".jpg")
+
+    def test_from_path(self) -> None:
+        self.assertEqual(self.ext(self.path_file(b"/sd/dsm/video/x.H265\x00", UNKNOWN, media="video")), ".h265")
+        self.assertEqual(self.ext(self.path_file(b"/sd/dsm/x.avi\x00", UNKNOWN)), ".avi")
+        self.assertEqual(self.ext(self.path_file(b"/sd/dsm/x.jpeg", UNKNOWN)), ".jpeg")
+
+    def test_unknown_extension_is_not_used(self) -> None:
+        self.assertEqual(self.ext(self.path_file(b"/sd/dsm/x.exe\x00", UNKNOWN)), ".bin")
+        self.assertEqual(self.ext(self.path_file(b"/sd/dsm/x.sh/\x00", UNKNOWN, media="video")), ".h265")
+        self.assertEqual(self.ext(self.path_file(b"/sd/x.jpg\x00.exe", UNKNOWN)), ".jpg")
+
+    def test_fallbacks(self) -> None:
+        self.assertEqual(self.ext(self.received(UNKNOWN)), ".bin")
+        self.assertEqual(self.ext(self.received(UNKNOWN, source="videof", media="video")), ".h265")
+        self.assertEqual(self.ext(self.received(b"", size=0)), ".bin")
+
+
+HOSTILE = [
+    b"../../etc/passwd\x00",
+    b"../../../../../../../../tmp/owned.jpg\x00",
+    b"/etc/shadow\x00",
+    b"/absolute/path/to/file.jpg\x00",
+    b"C:\\Windows\\..\\..\\system32\\evil.jpg\x00",
+    b"..\\..\\..\\boot.ini",
+    b"good.jpg\x00/../../bad.jpg",
+    b"mid\x00dle/../../x.jpg\x00",
+    b"a" * 600 + b".jpg\x00",
+    b"/" + b"b/" * 300 + b"c" * 600,
+    b"\xd1\x84\xd0\xbe\xd1\x82\xd0\xbe/\xd1\x81\xd0\xbd\xd0\xb8\xd0\xbc\xd0\xbe\xd0\xba 1.jpg\x00",
+    "/sd/\u202eexe.jpg\x00".encode(),
+    b"\xff\xfe\xfd/../x\n y.mp4\x00",
+    b".",
+    b"..",
+    b"...\x00",
+    b"....jpg\x00",
+    b"/\x00",
+    b"\x00",
+    b"dir/",
+    b"-rf --no-preserve-root.jpg",
+    b"con:aux|nul*?<>.jpg\x00",
+    b"%2e%2e%2f%2e%2e%2fetc%2fpasswd\x00",
+    b"  \t\r\n.jpg",
+]
+
+
+class HostilePathTests(SinkTestCase):
+    """A device path is data: it never chooses where a file goes (PROTOCOL.md section 8)."""
+
+    def test_hostile_paths(self) -> None:
+        outside_before = sorted(p for p in self.base.rglob("*") if self.root not in p.parents and p != self.root)
+        folder = (self.root / IMEI / "2024-10-29").resolve()
+        names = set()
+        for identifier in HOSTILE:
+            received = self.path_file(identifier, UNKNOWN)
+            stored = self.store(received)
+            self.assertEqual(stored.resolve().parent, folder, identifier)
+            self.assertEqual(stored.parent, self.root / IMEI / "2024-10-29", identifier)
+            self.assertRegex(stored.name, NAME)
+            self.assertLessEqual(len(stored.name.encode()), 120, identifier)
+            self.assertTrue(stored.name.startswith("20241029T235958Z_dsm"), stored.name)
+            self.assertNotIn(stored.name, names)
+            names.add(stored.name)
+            self.assertStored(stored, received, UNKNOWN)
+        outside_after = sorted(p for p in self.base.rglob("*") if self.root not in p.parents and p != self.root)
+        # Only the spool files written by the test appeared outside the root.
+        self.assertEqual([p for p in outside_after if p not in outside_before and p.parent != self.spool], [])
+        self.assertEqual([p.name for p in (self.root / IMEI).iterdir()], ["2024-10-29"])
+        self.assertEqual(list(self.root.iterdir()), [self.root / IMEI])
+        self.assertNoTemporaries()
+
+    def test_basenames(self) -> None:
+        def name_of(identifier: bytes) -> str:
+            return self.store(self.path_file(identifier, UNKNOWN)).name
+
+        self.assertEqual(name_of(b"../../etc/passwd\x00"), "20241029T235958Z_dsm_passwd.bin")
+        self.assertEqual(name_of(b"C:\\x\\..\\evil.jpg\x00"), "20241029T235958Z_dsm_evil.jpg")
+        self.assertEqual(name_of(b"mid\x00dle/../../x.jpg\x00"), "20241029T235958Z_dsm_mid.bin")
+        self.assertEqual(name_of(b"a" * 600 + b".jpg\x00"), "20241029T235958Z_dsm_" + "a" * 64 + ".jpg")
+        self.assertEqual(name_of(b"..\x00"), "20241029T235958Z_dsm.bin")
+        self.assertEqual(name_of(b"\x00"), "20241029T235958Z_dsm-2.bin")
+
+
+class SpoolTests(SinkTestCase):
+    """The sink links or copies the spool file; it never moves or changes it."""
+
+    def test_spool_file_untouched(self) -> None:
+        received = self.received()
+        before = received.path.stat()
+        stored = self.store(received)
+        after = received.path.stat()
+        self.assertEqual(received.path.read_bytes(), JPEG)
+        self.assertEqual((before.st_size, before.st_mtime_ns), (after.st_size, after.st_mtime_ns))
+        self.assertEqual(stored.read_bytes(), JPEG)
+        self.assertEqual(sorted(p.name for p in self.spool.iterdir()), [received.path.name])
+        self.assertNoTemporaries()
+
+    def test_cross_filesystem_copy(self) -> None:
+        real_link = os.link
+        spool_links: list[Any] = []
+
+        def link(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+            if Path(src).parent == self.spool:
+                spool_links.append(src)
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            real_link(src, dst, *args, **kwargs)
+
+        self.patch(os, "link", link)
+        received = self.received()
+        stored = self.store(received)
+        self.assertEqual(len(spool_links), 1)
+        self.assertEqual(stored, self.root / IMEI / "2024-10-29" / "20241029T235958Z_photof.jpg")
+        self.assertStored(stored, received, JPEG)
+        self.assertNotEqual(stored.stat().st_ino, received.path.stat().st_ino)
+        self.assertNoTemporaries()
+        # A second file under the same name takes the next number, still copied.
+        other = self.received(JPEG + b"x")
+        second = self.store(other)
+        self.assertEqual(second.name, "20241029T235958Z_photof-2.jpg")
+        self.assertStored(second, other, JPEG + b"x")
+        self.assertStored(stored, received, JPEG)
+        self.assertNoTemporaries()
+
+    def test_cross_filesystem_interleaved(self) -> None:
+        """Two copies of same-named files in flight at once do not clobber each other."""
+        real_link = os.link
+        real_copy = disk_module._copy_durably
+        first = self.received(JPEG)
+        second = self.received(JPEG + b"second")
+        results: list[Path] = []
+
+        def link(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+            if Path(src).parent == self.spool:
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            real_link(src, dst, *args, **kwargs)
+
+        def copy(source: Path, target: Path) -> None:
+            real_copy(source, target)
+            if source == first.path:  # while the first copy waits to be linked
+                results.append(self.store(second))
+
+        self.patch(os, "link", link)
+        self.patch(disk_module, "_copy_durably", copy)
+        stored_first = self.store(first)
+        self.assertStored(stored_first, first, JPEG)
+        self.assertStored(results[0], second, JPEG + b"second")
+        self.assertNotEqual(stored_first, results[0])
+        self.assertNoTemporaries()
+
+    def test_failed_copy_leaves_nothing(self) -> None:
+        def link(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        self.patch(os, "link", link)
+        received = self.received()
+        err = self.assertRaises(OSError, self.sink.store, received)
+        self.assertEqual(err.errno, errno.EXDEV)
+        self.assertEqual([p for p in self.all_entries() if p.is_file()], [])
+        self.assertEqual(received.path.read_bytes(), JPEG)
+
+    def test_other_link_errors_propagate(self) -> None:
+        def link(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(os, "link", link)
+        received = self.received()
+        d = self.sink.deliver(received)
+        failure = self.failureResultOf(d, OSError)
+        self.assertEqual(failure.value.errno, errno.ENOSPC)
+        self.assertEqual([p for p in self.all_entries() if p.is_file()], [])
+        self.assertTrue(received.path.exists())
