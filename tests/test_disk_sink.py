@@ -92,6 +92,23 @@ class SinkTestCase(unittest.TestCase):
         self.assertEqual(sidecar, json.loads(json.dumps(received.sidecar())))
 
 
+class OrderTests(SinkTestCase):
+    """The sidecar takes its final name before the media file appears."""
+
+    def test_sidecar_first(self) -> None:
+        linked: list[str] = []
+        real_link = os.link
+
+        def link(src: Any, dst: Any) -> None:
+            real_link(src, dst)
+            linked.append(Path(dst).name)
+
+        self.patch(os, "link", link)
+        stored = self.store(self.received())
+        self.assertEqual(linked, [stored.name + ".json", stored.name])
+        self.assertNoTemporaries()
+
+
 class LayoutTests(SinkTestCase):
     """<root>/<imei>/<YYYY-MM-DD>/<YYYYmmddTHHMMSSZ>_<source>[_<basename>].<ext>"""
 

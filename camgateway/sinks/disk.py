@@ -10,11 +10,11 @@ The time is the capture time from the metadata, else the arrival time (UTC).
 name is taken, so two files never collide. The extension comes from the
 content (JPEG, PTMF, MP4) or a known extension of the device path.
 
-Delivery is atomic and durable: the sidecar is written to a temporary name and
-fsynced, the media file is hard-linked from the spool (copied and fsynced when
-the spool is on another filesystem) under its final name, the sidecar renamed
-beside it, and the directory fsynced. A reader that sees a file therefore finds
-it complete with its sidecar.
+Delivery is atomic and durable: the sidecar is written to a temporary name,
+fsynced and linked under its final name; then the media file is hard-linked
+from the spool (copied and fsynced first when the spool is on another
+filesystem) beside it, and the directories fsynced. A reader that sees a media
+file therefore finds it complete, with its sidecar.
 """
 
 from __future__ import annotations
@@ -103,52 +103,74 @@ class DiskSink:
             head = f.read(16)
         date, stem = build_stem(received)
         folder = self.root / imei / date
+        created = not folder.is_dir()
         folder.mkdir(parents=True, exist_ok=True)
         ext = extension_for(received, head)
-        sidecar = json.dumps(received.sidecar(), indent=2, sort_keys=False).encode() + b"\n"
-        tmp = folder / f".{stem}.{os.getpid()}.{id(received)}.json.tmp"
-        with open(tmp, "wb") as f:
-            f.write(sidecar)
-            f.flush()
-            os.fsync(f.fileno())
+        temps: list[Path] = []
         try:
-            target = self._place(received.path, folder, stem, ext)
-            os.rename(tmp, target.with_name(target.name + ".json"))
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+            sidecar = self._temp(folder, stem, temps)
+            with open(sidecar, "wb") as f:
+                f.write(json.dumps(received.sidecar(), indent=2).encode() + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            target = self._place(received.path, sidecar, folder, stem, ext, temps)
+        finally:
+            for temp in temps:
+                temp.unlink(missing_ok=True)
         _fsync_dir(folder)
+        if created:
+            _fsync_dir(folder.parent)
+            _fsync_dir(folder.parent.parent)
         return str(target)
 
-    def _place(self, source: Path, folder: Path, stem: str, ext: str) -> Path:
-        """Link ``source`` under the first free name; never overwrite anything.
+    @staticmethod
+    def _temp(folder: Path, stem: str, temps: list[Path]) -> Path:
+        temp = folder / f".{stem}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
+        temps.append(temp)
+        return temp
 
-        When the spool is on another filesystem the file is first copied (and
-        fsynced) to a hidden temporary name in ``folder`` and linked from there,
-        so the final name never shows a half-copied file.
+    def _place(self, media: Path, sidecar: Path, folder: Path, stem: str, ext: str,
+               temps: list[Path]) -> Path:
+        """Put sidecar then media under the first free name; never overwrite.
+
+        The sidecar is in place before the media file appears, so a reader
+        that sees a file finds its sidecar. Names are claimed with ``link``,
+        which fails if the name exists. When the spool is on another
+        filesystem the media is first copied (and fsynced) to a temporary
+        name in ``folder`` and linked from there.
         """
-        copy: Path | None = None
-        try:
-            n = 1
-            while True:
-                target = folder / (f"{stem}.{ext}" if n == 1 else f"{stem}-{n}.{ext}")
-                if not os.path.exists(target.with_name(target.name + ".json")):
-                    try:
-                        os.link(copy or source, target)
-                        return target
-                    except FileExistsError:
-                        pass
-                    except OSError as e:
-                        if copy is not None or e.errno not in (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP):
-                            raise
-                        # A unique name: another delivery may be copying a same-named file.
-                        copy = folder / f".{stem}.{os.getpid()}.{secrets.token_hex(8)}.copy.tmp"
-                        _copy_durably(source, copy)
-                        continue
+        n = 1
+        while True:
+            target = folder / (f"{stem}.{ext}" if n == 1 else f"{stem}-{n}.{ext}")
+            meta = target.with_name(target.name + ".json")
+            if not _claim(sidecar, meta):
                 n += 1
-        finally:
-            if copy is not None:
-                copy.unlink(missing_ok=True)
+                continue
+            placed = False
+            try:
+                placed = _claim(media, target)
+            except OSError as e:
+                if e.errno != errno.EXDEV or media in temps:
+                    raise
+                copy = self._temp(folder, stem, temps)
+                _copy_durably(media, copy)
+                media = copy
+                n -= 1  # try this name again with the copy
+            finally:
+                if not placed:
+                    os.unlink(meta)
+            if placed:
+                return target
+            n += 1
+
+
+def _claim(source: Path, target: Path) -> bool:
+    """Hard-link ``source`` as ``target``; False if ``target`` exists."""
+    try:
+        os.link(source, target)
+        return True
+    except FileExistsError:
+        return False
 
 
 def _copy_durably(source: Path, target: Path) -> None:
