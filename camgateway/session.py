@@ -110,6 +110,8 @@ class Session:
         self.config = services.config
         self.link = link
         self.decoder: Optional[codec.FrameDecoder] = None
+        #: False once the connection is closing or gone: nothing more is sent.
+        self.connected = True
         self.state = S.AWAIT_INIT
         self.imei = ""
         self.protocol_id = 0
@@ -151,6 +153,8 @@ class Session:
 
     def _arm(self, seconds: float, inp: str) -> None:
         self._disarm()
+        if not self.connected:
+            return
         self._timer = self.s.clock.callLater(seconds, self._fire, inp)
 
     def _disarm(self) -> None:
@@ -442,7 +446,10 @@ class Session:
         self.files_done += 1
         self.s.stats.files_received += 1
         if self.state is S.STORING:
-            self._input("stored", received)
+            if self.connected:
+                self._input("stored", received)
+            else:  # stored, but the camera is gone: it will offer the file again
+                self.state = S.CLOSED
 
     def _on_stored(self, received: Any) -> State:
         self.offer = None
@@ -454,7 +461,10 @@ class Session:
         log.failure("camera {imei}: could not store {id}; the partial is kept and the camera will offer it again",
                     failure, imei=self.imei, id=self.offer.printable if self.offer else "?")
         if self.state is S.STORING:
-            self._input("store_failed", failure)
+            if self.connected:
+                self._input("store_failed", failure)
+            else:
+                self.state = S.CLOSED
 
     def _on_store_failed(self, failure: Failure) -> State:
         return self._close()
@@ -499,6 +509,7 @@ class Session:
     def _close(self) -> State:
         self._disarm()
         self.send(codec.close())
+        self.connected = False
         self.link.close()
         return S.CLOSED
 
@@ -516,6 +527,7 @@ class Session:
         self._abandon()
 
     def _abandon(self) -> None:
+        self.connected = False
         if self.decoder is not None:
             self.decoder.stop()
         if self.state is not S.STORING:
@@ -538,6 +550,7 @@ class Session:
         """Drop the connection now, persist what is held; fires when done."""
         log.info("camera {imei}: closing its connection from {peer}: {why}",
                  imei=self.imei or "?", peer=self.link.peer, why=why)
+        self.connected = False
         if self.decoder is not None:
             self.decoder.stop()
         self._disarm()
@@ -551,6 +564,7 @@ class Session:
 
     def connection_lost(self) -> defer.Deferred:
         """The connection is gone: persist any transfer; fire :attr:`finished` when done."""
+        self.connected = False
         self._disarm()
         if self.decoder is not None:
             self.decoder.stop()
