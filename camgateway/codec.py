@@ -78,11 +78,17 @@ _frame_u32 = struct.Struct(">HHI")
 
 
 class ProtocolError(Exception):
-    """The peer broke the protocol. ``offending`` holds the bytes at fault."""
+    """The peer broke the protocol. ``offending`` holds the bytes at fault.
 
-    def __init__(self, message: str, offending: bytes = b"") -> None:
+    ``kind`` is a short label for metrics: ``length``, ``unknown_command``,
+    ``unexpected`` (a frame the state does not allow), ``size`` (data beyond
+    the announced file) or ``identity`` (a changed IMEI).
+    """
+
+    def __init__(self, message: str, offending: bytes = b"", kind: str = "length") -> None:
         super().__init__(message)
         self.message = message
+        self.kind = kind
         self.offending = bytes(offending[:48])
 
     def __str__(self) -> str:
@@ -336,7 +342,7 @@ class FrameDecoder:
                 limits = _LENGTHS.get(cmd)
                 length = (buf[pos + 2] << 8) | buf[pos + 3]
                 if limits is None:
-                    raise ProtocolError(f"unknown command 0x{cmd:04x}", buf[pos : pos + 16])
+                    raise ProtocolError(f"unknown command 0x{cmd:04x}", buf[pos : pos + 16], "unknown_command")
                 if not limits[0] <= length <= limits[1]:
                     name = Cmd(cmd).name
                     raise ProtocolError(

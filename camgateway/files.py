@@ -209,6 +209,7 @@ def _deliver(digest: Any, s: "Services", session: "Session", offer: FileOffer, t
     if offer.flow == "path" and offer.start_crc != digest.crc:
         log.warn("camera {imei}: {id} CRC {crc:#06x} differs from START's {start:#06x} (file kept)",
                  imei=offer.imei, id=offer.printable, crc=digest.crc, start=offer.start_crc)
+    s.recent.append((received, places))
     log.info("file stored: camera {imei} {id} {size} bytes sha256 {sha256} -> {places}",
              imei=offer.imei, id=offer.printable, size=digest.size, sha256=digest.sha256,
              places=", ".join(str(p) for p in places), resumed_from=transfer.resumed_from)

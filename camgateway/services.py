@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Deque
 
 from twisted.internet.defer import Deferred
 
@@ -28,6 +29,12 @@ class Stats:
     resumes: int = 0
     protocol_errors: int = 0
     delivery_failures: int = 0
+    #: Protocol errors by ProtocolError.kind.
+    protocol_errors_by_kind: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+
+#: How many recent files and failures are kept for the status service.
+RECENT = 200
 
 
 @dataclasses.dataclass
@@ -50,6 +57,15 @@ class Services:
     #: same file waits for them.
     finishing: dict[tuple[str, str, bytes], Deferred] = dataclasses.field(default_factory=dict)
     accepting: bool = True
+    #: The latest stored files (ReceivedFile, where each sink put it), newest last.
+    recent: Deque[tuple[Any, list[Any]]] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=RECENT))
+    #: The latest failures: dicts with time, imei, peer, what and why, newest last.
+    failures: Deque[dict[str, Any]] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=RECENT))
+
+    def failed(self, imei: str, peer: str, what: str, why: str) -> None:
+        """Remember a failure for operators (it is logged separately)."""
+        self.failures.append({"time": self.clock.seconds(), "imei": imei, "peer": peer, "what": what, "why": why})
 
     def track(self, d: Deferred) -> Deferred:
         """Keep ``d`` in :attr:`pending` until it fires."""

@@ -118,6 +118,9 @@ class Session:
         self.settings = 0
         self.inits = 0
         self.files_done = 0
+        #: When the connection was made, and when the current file's transfer began.
+        self.connected_at = services.clock.seconds()
+        self.file_started_at: Optional[float] = None
         self.transfer: Optional[Transfer] = None
         self.offer: Optional[FileOffer] = None
         self._wanted: list[str] = []  # DualCam sources still to ask for in this init
@@ -137,7 +140,7 @@ class Session:
     def _input(self, name: str, *args: Any) -> None:
         row = TRANSITIONS.get((self.state, name))
         if row is None:
-            raise ProtocolError(f"unexpected {name} while {self.state.value}")
+            raise ProtocolError(f"unexpected {name} while {self.state.value}", kind="unexpected")
         handler, targets = row
         new = getattr(self, handler)(*args)
         if new not in targets:  # a bug, not the device's fault
@@ -201,7 +204,7 @@ class Session:
     def data(self, payload: memoryview, rpayload: memoryview, crc: int) -> None:
         """DATA: the hot path (rows ``(RECEIVING, data)`` of the table)."""
         if self.state is not S.RECEIVING:
-            raise ProtocolError(f"unexpected data while {self.state.value}")
+            raise ProtocolError(f"unexpected data while {self.state.value}", kind="unexpected")
         transfer = self.transfer
         if not transfer.append(payload, rpayload, crc):  # type: ignore[union-attr]
             self._input("bad_crc")
@@ -222,7 +225,7 @@ class Session:
         self._disarm()
         imei_text = str(imei)
         if self.inits and imei_text != self.imei:
-            raise ProtocolError(f"repeated init from IMEI {imei_text}, session is {self.imei}")
+            raise ProtocolError(f"repeated init from IMEI {imei_text}, session is {self.imei}", kind="identity")
         self.inits += 1
         self.protocol_id, self.settings = protocol_id, settings
         if self.inits == 1:
@@ -359,6 +362,7 @@ class Session:
 
     def _on_prepared(self, transfer: Transfer) -> State:
         self.transfer = transfer
+        self.file_started_at = self.s.clock.seconds()
         if transfer.complete:  # held everything before: fetch the last unit again
             transfer.rewind(transfer.offset_of(transfer.position() - 1) if transfer.dualcam
                             else max(0, (transfer.held - 1) // 1024 * 1024))
@@ -458,6 +462,8 @@ class Session:
 
     def _store_failed(self, failure: Failure) -> None:
         self.s.stats.delivery_failures += 1
+        self.s.failed(self.imei, self.link.peer, "store " + (self.offer.printable if self.offer else "?"),
+                      failure.getErrorMessage())
         log.failure("camera {imei}: could not store {id}; the partial is kept and the camera will offer it again",
                     failure, imei=self.imei, id=self.offer.printable if self.offer else "?")
         if self.state is S.STORING:
@@ -516,6 +522,8 @@ class Session:
     def protocol_error(self, error: ProtocolError) -> None:
         """The camera broke the protocol: log what it sent, close, keep what is held."""
         self.s.stats.protocol_errors += 1
+        self.s.stats.protocol_errors_by_kind[error.kind] += 1
+        self.s.failed(self.imei, self.link.peer, "protocol error", str(error))
         log.error("protocol error from camera {imei} ({peer}) while {state}: {error}",
                   imei=self.imei or "?", peer=self.link.peer, state=self.state.value, error=error)
         self._abandon()

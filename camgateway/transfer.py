@@ -113,10 +113,10 @@ class Transfer:
     def _size_error(self, n: int) -> None:
         if self.held + n > self.limit:
             raise ProtocolError(
-                f"DATA of {n} bytes at offset {self.held} goes beyond the file's {self.limit} bytes")
+                f"DATA of {n} bytes at offset {self.held} goes beyond the file's {self.limit} bytes", kind="size")
         raise ProtocolError(
             f"DualCam packet {self.held // PACKET + 1} has {n} bytes; only the last of"
-            f" {self.partial.total} packets may be shorter than {PACKET}")
+            f" {self.partial.total} packets may be shorter than {PACKET}", kind="size")
 
     def flush(self) -> int:
         """Write pending bytes to the spool file; return how many."""
