@@ -9,8 +9,7 @@ PROTOCOL.md sections 1-3. Two halves:
   buffers a frame, and hands each frame to a receiver without copying DATA
   payloads (they are passed as :class:`memoryview` slices of its buffer).
 
-The decoder keeps a bit-reversed mirror of its buffer, so a DATA frame's CRC is
-one :func:`binascii.crc_hqx` call over a slice (see :mod:`camgateway.crc`).
+A DATA frame's CRC is then one C call over that slice (:mod:`camgateway.crc`).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import enum
 import struct
 from typing import Protocol
 
-from camgateway.crc import REVERSE_BITS
 
 __all__ = [
     "Cmd",
@@ -193,7 +191,7 @@ def path(payload: bytes) -> bytes:
 class FrameReceiver(Protocol):
     """What :class:`FrameDecoder` calls, once per frame, in stream order.
 
-    ``payload`` and ``reversed_payload`` are views into the decoder's buffer,
+    ``payload`` is a view into the decoder's buffer,
     valid only during the call: a receiver copies what it keeps.
     Any method may raise :class:`ProtocolError`.
     """
@@ -204,11 +202,9 @@ class FrameReceiver(Protocol):
 
     def sync(self, position: int) -> None: ...
 
-    def data(self, payload: memoryview, reversed_payload: memoryview, crc: int) -> None: ...
+    def data(self, payload: memoryview, crc: int) -> None: ...
 
-    def enhanced(
-        self, offset: int, payload: memoryview, reversed_payload: memoryview, crc: int
-    ) -> None: ...
+    def enhanced(self, offset: int, payload: memoryview, crc: int) -> None: ...
 
     def status(self, code: int) -> None: ...
 
@@ -243,12 +239,11 @@ class FrameDecoder:
     frame header, and that SYNC is delivered (PROTOCOL.md section 5.6).
     """
 
-    __slots__ = ("_receiver", "_buf", "_rbuf", "discarding", "stopped", "discarded", "_sync_limit")
+    __slots__ = ("_receiver", "_buf", "discarding", "stopped", "discarded", "_sync_limit")
 
     def __init__(self, receiver: FrameReceiver) -> None:
         self._receiver = receiver
         self._buf = bytearray()
-        self._rbuf = bytearray()
         #: True while dropping bytes until a SYNC.
         self.discarding = False
         #: Set by :meth:`stop`; later input is ignored.
@@ -271,7 +266,6 @@ class FrameDecoder:
         """Ignore the rest of this read and everything after it."""
         self.stopped = True
         self._buf = bytearray()
-        self._rbuf = bytearray()
 
     @property
     def buffered(self) -> int:
@@ -283,14 +277,11 @@ class FrameDecoder:
         if self.stopped:
             return
         buf = self._buf
-        rbuf = self._rbuf
         buf += chunk
-        rbuf += chunk.translate(REVERSE_BITS)
         receiver = self._receiver
         end = len(buf)
         pos = 0
         view = memoryview(buf)
-        rview = memoryview(rbuf)
         ok = False
         try:
             while not self.stopped:
@@ -325,11 +316,7 @@ class FrameDecoder:
                     stop = pos + 4 + length
                     if stop > end:
                         break
-                    receiver.data(
-                        view[pos + 4 : stop - 2],
-                        rview[pos + 4 : stop - 2],
-                        (buf[stop - 2] << 8) | buf[stop - 1],
-                    )
+                    receiver.data(view[pos + 4 : stop - 2], (buf[stop - 2] << 8) | buf[stop - 1])
                     pos = stop
                     continue
                 if cmd == 0x0000:
@@ -360,7 +347,6 @@ class FrameDecoder:
                     receiver.enhanced(
                         _u32.unpack_from(buf, start)[0],
                         view[start + 4 : stop - 2],
-                        rview[start + 4 : stop - 2],
                         (buf[stop - 2] << 8) | buf[stop - 1],
                     )
                 elif cmd == 0x0001:
@@ -374,17 +360,14 @@ class FrameDecoder:
             ok = True
         finally:
             view.release()
-            rview.release()
             if ok and not self.stopped:
                 if pos:
                     del buf[:pos]
-                    del rbuf[:pos]
             else:
                 # After an error the session is over; a view may still be
                 # referenced by the traceback, so drop the buffers instead.
                 self.stopped = True
                 self._buf = bytearray()
-                self._rbuf = bytearray()
         receiver.batch_end()
 
 

@@ -198,15 +198,15 @@ class Session:
     def status(self, code: int) -> None:
         self._input("status", code)
 
-    def enhanced(self, offset: int, payload: memoryview, rpayload: memoryview, crc: int) -> None:
-        self._input("enhanced", offset, payload, rpayload, crc)
+    def enhanced(self, offset: int, payload: memoryview, crc: int) -> None:
+        self._input("enhanced", offset, payload, crc)
 
-    def data(self, payload: memoryview, rpayload: memoryview, crc: int) -> None:
+    def data(self, payload: memoryview, crc: int) -> None:
         """DATA: the hot path (rows ``(RECEIVING, data)`` of the table)."""
         if self.state is not S.RECEIVING:
             raise ProtocolError(f"unexpected data while {self.state.value}", kind="unexpected")
         transfer = self.transfer
-        if not transfer.append(payload, rpayload, crc):  # type: ignore[union-attr]
+        if not transfer.append(payload, crc):  # type: ignore[union-attr]
             self._input("bad_crc")
         elif transfer.held >= transfer.done_at:  # type: ignore[union-attr]
             self._input("complete")
@@ -401,14 +401,14 @@ class Session:
         transfer.sync(offset)
         return S.RECEIVING
 
-    def _on_enhanced(self, offset: int, payload: memoryview, rpayload: memoryview, crc: int) -> State:
+    def _on_enhanced(self, offset: int, payload: memoryview, crc: int) -> State:
         transfer = self.transfer
         assert transfer is not None
         if offset != transfer.held:
             log.warn("camera {imei}: ENHANCED DATA at offset {offset}, expected {held}",
                      imei=self.imei, offset=offset, held=transfer.held)
             return self._on_bad_crc()
-        if not transfer.append(payload, rpayload, crc):
+        if not transfer.append(payload, crc):
             return self._on_bad_crc()
         return self._on_complete() if transfer.complete else S.RECEIVING
 

@@ -1,8 +1,8 @@
 """One file being received: position, CRC chain and spool writes.
 
 This is the DATA hot path. :meth:`Transfer.append` runs once per frame and
-does a bounds check, one C-speed CRC over a view of the decoder's buffer and
-one copy of the payload into a pending :class:`bytearray`; the session calls
+does a bounds check, one C CRC over a view of the decoder's buffer and one
+copy of the payload into a pending :class:`bytearray`; the session calls
 :meth:`Transfer.flush` once per read to hand that to the kernel with one
 ``pwrite``. Nothing is logged and no Deferred is made per frame.
 
@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from binascii import crc_hqx
 from typing import Optional
 
 from twisted.internet import defer
 
 from camgateway.codec import ProtocolError
-from camgateway.crc import REVERSE_BITS as _REV, crc16, crc16_combine, reverse16
+from camgateway.crc import crc16, crc16_combine
 from camgateway.resume_store import Partial
 
 __all__ = ["Transfer", "FileDigest", "digest_file", "PACKET"]
@@ -33,7 +32,7 @@ class Transfer:
 
     __slots__ = (
         "partial", "fd", "dualcam", "held", "flushed", "checkpointed", "pending",
-        "limit", "done_at", "_unit", "_crc_r", "_before_sync_r", "_first_after_sync",
+        "limit", "done_at", "_unit", "_crc", "_before_sync", "_first_after_sync",
         "_file_crc", "_seg_start", "_seg_init", "resumed_from", "crc_errors", "rewinds",
         "busy",
     )
@@ -57,8 +56,8 @@ class Transfer:
         else:
             self.limit = self.done_at = total
             self._unit = 0
-        self._crc_r = 0
-        self._before_sync_r: Optional[int] = None
+        self._crc = 0
+        self._before_sync: Optional[int] = None
         self._first_after_sync = True
         # Whole-file CRC (from 0, unreflected domain) of bytes [0, _seg_start), or
         # None when unknown (resumed or rewound: then computed from the file).
@@ -88,24 +87,21 @@ class Transfer:
 
     # -- the hot path
 
-    def append(self, payload: memoryview, rpayload: memoryview, crc: int) -> bool:
+    def append(self, payload: memoryview, crc: int) -> bool:
         """Accept one DATA frame; False when its CRC is wrong (nothing is kept)."""
         n = len(payload)
         held = self.held
         if held + n > self.limit or (n < self._unit and held + n < self.done_at):
             self._size_error(n)
-        expect = (_REV[crc & 0xFF] << 8) | _REV[crc >> 8]
-        c = crc_hqx(rpayload, self._crc_r)
-        if c != expect:
+        if crc16(payload, self._crc) != crc:
             # The first frame after a SYNC may chain from the frame before it.
-            if not (self._first_after_sync and self._before_sync_r is not None
-                    and crc_hqx(rpayload, self._before_sync_r) == expect):
+            if not (self._first_after_sync and self._before_sync is not None
+                    and crc16(payload, self._before_sync) == crc):
                 self.crc_errors += 1
                 return False
-            c = expect
-            self._seg_init = reverse16(self._before_sync_r)
+            self._seg_init = self._before_sync
         self._first_after_sync = False
-        self._crc_r = c
+        self._crc = crc
         self.pending += payload
         self.held = held + n
         return True
@@ -138,14 +134,13 @@ class Transfer:
         if offset == self.held:
             if self._file_crc is not None:
                 length = offset - self._seg_start
-                self._file_crc = crc16_combine(self._file_crc ^ self._seg_init,
-                                               reverse16(self._crc_r), length)
+                self._file_crc = crc16_combine(self._file_crc ^ self._seg_init, self._crc, length)
         else:
             self.rewind(offset)
         self._seg_start = offset
         self._seg_init = 0
-        self._before_sync_r = self._crc_r if offset == self.held else None
-        self._crc_r = 0
+        self._before_sync = self._crc if offset == self.held else None
+        self._crc = 0
         self._first_after_sync = True
 
     def rewind(self, offset: int) -> None:
@@ -165,8 +160,7 @@ class Transfer:
         """The whole file's CRC-16 from 0, if it could be followed frame by frame."""
         if self._file_crc is None:
             return None
-        return crc16_combine(self._file_crc ^ self._seg_init, reverse16(self._crc_r),
-                             self.held - self._seg_start)
+        return crc16_combine(self._file_crc ^ self._seg_init, self._crc, self.held - self._seg_start)
 
 
 class FileDigest:

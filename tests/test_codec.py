@@ -9,7 +9,7 @@ from twisted.trial import unittest
 
 from camgateway import codec
 from camgateway.codec import Cmd, FrameDecoder, ProtocolError, ServerFrameDecoder
-from camgateway.crc import REVERSE_BITS, crc16, crc16_reversed, reverse16
+from camgateway.crc import crc16
 from tests.support import NO_VECTORS, VECTORS, capture_stream, segments
 
 IMEI = 863719061653375
@@ -25,7 +25,6 @@ class Recorder:
 
     def __init__(self, on_frame: Optional[Callable[["Recorder", tuple], None]] = None) -> None:
         self.frames: list[tuple[Any, ...]] = []
-        self.reversed: list[bytes] = []
         self.batches = 0
         self.on_frame = on_frame
 
@@ -43,12 +42,10 @@ class Recorder:
     def sync(self, position: int) -> None:
         self._add(("sync", position))
 
-    def data(self, payload: memoryview, reversed_payload: memoryview, crc: int) -> None:
-        self.reversed.append(bytes(reversed_payload))
+    def data(self, payload: memoryview, crc: int) -> None:
         self._add(("data", bytes(payload), crc))
 
-    def enhanced(self, offset: int, payload: memoryview, reversed_payload: memoryview, crc: int) -> None:
-        self.reversed.append(bytes(reversed_payload))
+    def enhanced(self, offset: int, payload: memoryview, crc: int) -> None:
         self._add(("enhanced", offset, bytes(payload), crc))
 
     def status(self, code: int) -> None:
@@ -217,26 +214,14 @@ class DecoderRoundTripTests(unittest.TestCase):
         self.assertEqual(recorder.frames, [("data", b"x" * 100, 1)])
         self.assertEqual(decoder.buffered, 2)
 
-    def test_reversed_payload(self) -> None:
+    def test_payload_views_stay_aligned(self) -> None:
+        """Payloads handed out as views match the frames across reads and deletions."""
         rng = random.Random(3)
-        payloads = [rng.randbytes(n) for n in (1, 2, 100, 1024)]
-        chunks = [codec.data(p, crc16(p)) for p in payloads]
-        chunks.append(codec.enhanced_data(7, payloads[2], 0))
-        recorder = decode([b"".join(chunks)])
-        self.assertEqual(len(recorder.reversed), 5)
-        for payload, rev in zip(payloads + [payloads[2]], recorder.reversed):
-            self.assertEqual(rev, payload.translate(REVERSE_BITS))
-            self.assertEqual(reverse16(crc16_reversed(rev, 0)), crc16(payload))
-
-    def test_reversed_payload_after_split_and_consumption(self) -> None:
-        """The mirror stays aligned with the buffer across reads and deletions."""
-        stream, _ = mixed_stream()
-        rng = random.Random(4)
-        recorder = decode(segments(stream, rng, 1, 300))
-        payloads = [f[-2] for f in recorder.frames if f[0] in ("data", "enhanced")]
-        self.assertEqual(len(payloads), len(recorder.reversed))
-        for payload, rev in zip(payloads, recorder.reversed):
-            self.assertEqual(rev, payload.translate(REVERSE_BITS))
+        payloads = [rng.randbytes(n) for n in (1, 2, 100, 1024)] * 5
+        stream = b"".join(codec.data(p, crc16(p)) for p in payloads)
+        recorder = decode(segments(stream, random.Random(4), 1, 300))
+        self.assertEqual([f[1] for f in recorder.frames], payloads)
+        self.assertEqual([f[2] for f in recorder.frames], [crc16(p) for p in payloads])
 
     def test_batch_end_once_per_feed(self) -> None:
         stream, _ = mixed_stream()
