@@ -12,7 +12,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_DATA_DIR",
     "DUALCAM_SOURCES",
     "MODES",
+    "LOG_FORMATS",
     "load_config",
     "parse_config",
     "parse_duration",
@@ -34,6 +35,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/camgateway/camgateway.yaml")
 DEFAULT_DATA_DIR = Path("camgateway-data")
 DUALCAM_SOURCES = ("videor", "videof", "photor", "photof")
 MODES = ("auto", "dualcam", "dsm", "adas")
+LOG_FORMATS = ("auto", "text", "json")
 
 
 class ConfigError(ValueError):
@@ -52,6 +54,12 @@ class Config:
     spool: Path = DEFAULT_DATA_DIR / "spool"
     partial_ttl: float = 7 * 86400.0
     checkpoint_bytes: int = 4 * 1024 * 1024
+    #: "sqlite" (embedded, one instance) or a redis:// URL (several instances, shared spool).
+    resume: str = "sqlite"
+    #: This instance's name among several (default: host, pid and a random part).
+    instance: Optional[str] = None
+    #: How long a camera's session lease lives without renewal (several instances).
+    lease_ttl: float = 30.0
     sinks: tuple[Mapping[str, Any], ...] = ({"type": "disk", "root": str(DEFAULT_DATA_DIR / "files")},)
     allow: frozenset[str] = frozenset()
     idle_timeout: float = 120.0
@@ -64,6 +72,17 @@ class Config:
     max_connections: int = 20000
     max_file_bytes: int = 1024**3
     min_free_bytes: int = 256 * 1024 * 1024
+    outbox_concurrency: int = 8
+    outbox_give_up_after: float = 7 * 86400.0
+    #: Several instances: a delivery claimed by an instance that died is taken over after this.
+    outbox_claim_ttl: float = 300.0
+    #: The status web service (camgateway.web): endpoints (none = off) and its token.
+    http_listen: tuple[str, ...] = ()
+    http_token: Optional[str] = None
+    #: Logs: auto | text | json, an optional file (reopened after logrotate), progress events.
+    log_format: str = "auto"
+    log_file: Optional[Path] = None
+    progress_interval: float = 30.0
     source: str = "built-in defaults"
 
     def allowed(self, imei: str) -> bool:
@@ -155,7 +174,8 @@ def parse_config(raw: object, source: str = "<config>", base: Path | None = None
     """
     base = base or Path.cwd()
     doc = _mapping(raw, "(top level)")
-    _known(doc, "", ("listen", "storage", "sinks", "devices", "timeouts", "download", "limits"))
+    _known(doc, "", ("listen", "storage", "sinks", "devices", "timeouts", "download", "limits", "outbox",
+                   "http", "log"))
     d = Config()
     values: dict[str, Any] = {"source": source}
 
@@ -166,7 +186,18 @@ def parse_config(raw: object, source: str = "<config>", base: Path | None = None
         values["listen"] = listen
 
     storage = _mapping(doc.get("storage"), "storage")
-    _known(storage, "storage", ("spool", "partial_ttl", "checkpoint_bytes"))
+    _known(storage, "storage", ("spool", "partial_ttl", "checkpoint_bytes", "resume", "instance", "lease_ttl"))
+    resume = storage.get("resume", "sqlite")
+    if not isinstance(resume, str) or not (resume == "sqlite" or resume.startswith(("redis://", "rediss://",
+                                                                                      "unix://"))):
+        raise ConfigError("storage.resume", f"must be sqlite or a redis:// URL, got {resume!r}")
+    values["resume"] = resume
+    instance = storage.get("instance")
+    if instance is not None and (not isinstance(instance, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}",
+                                                                                  instance)):
+        raise ConfigError("storage.instance", f"must be a short name (letters, digits, _.:-), got {instance!r}")
+    values["instance"] = instance
+    values["lease_ttl"] = _take(storage, "lease_ttl", "storage", parse_duration, d.lease_ttl)
     values["spool"] = _take(storage, "spool", "storage", _path(base), base / d.spool)
     values["partial_ttl"] = _take(storage, "partial_ttl", "storage", parse_duration, d.partial_ttl)
     values["checkpoint_bytes"] = _take(storage, "checkpoint_bytes", "storage", parse_size,
@@ -219,6 +250,14 @@ def parse_config(raw: object, source: str = "<config>", base: Path | None = None
     values["min_free_bytes"] = _take(limits, "min_free_bytes", "limits", _size_or_zero,
                                      d.min_free_bytes)
 
+    outbox = _mapping(doc.get("outbox"), "outbox")
+    _known(outbox, "outbox", ("concurrency", "give_up_after", "claim_ttl"))
+    values["outbox_claim_ttl"] = _take(outbox, "claim_ttl", "outbox", parse_duration, d.outbox_claim_ttl)
+    values["outbox_concurrency"] = _take(outbox, "concurrency", "outbox", _positive_int, d.outbox_concurrency)
+    values["outbox_give_up_after"] = _take(outbox, "give_up_after", "outbox", parse_duration,
+                                           d.outbox_give_up_after)
+    values.update(_http(_mapping(doc.get("http"), "http"), base))
+    values.update(_log(_mapping(doc.get("log"), "log"), base, d))
     return Config(**values)
 
 
@@ -268,3 +307,49 @@ def load_config(path: Path | None, *, explicit: bool = True, base: Path | None =
     except yaml.YAMLError as e:
         raise ConfigError("--config", f"{path} is not valid YAML: {e}") from None
     return parse_config(raw, str(path), base)
+
+
+def _http(http: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """The ``http`` section: the status web service (off unless ``listen`` is given)."""
+    _known(http, "http", ("listen", "token", "token_file"))
+    out: dict[str, Any] = {"http_listen": _take(http, "listen", "http", _string_list, ())}
+    if "token" in http and "token_file" in http:
+        raise ConfigError("http.token_file", "give either http.token or http.token_file, not both")
+    if "token" in http:
+        out["http_token"] = _token(http["token"], "http.token")
+    elif "token_file" in http:
+        path = _path(base)(http["token_file"], "http.token_file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError("http.token_file", f"cannot read {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError("http.token_file", f"{path} is not UTF-8 text: {e}") from None
+        out["http_token"] = _token(text.strip(), "http.token_file")
+    return out
+
+
+def _token(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value or not value.isprintable() or value != value.strip():
+        raise ConfigError(key, "must be a non-empty printable string without surrounding spaces")
+    if len(value) < 16:
+        raise ConfigError(key, f"is too short ({len(value)} characters): use at least 16, e.g. from"
+                               " python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    return value
+
+
+def _log(section: Mapping[str, Any], base: Path, d: Config) -> dict[str, Any]:
+    """The ``log`` section: format, an optional file, the interval of progress events."""
+    _known(section, "log", ("format", "file", "progress_interval"))
+    fmt = section.get("format", d.log_format)
+    if fmt not in LOG_FORMATS:
+        raise ConfigError("log.format", f"must be one of {', '.join(LOG_FORMATS)}, got {fmt!r}")
+    log_file = None
+    if "file" in section:
+        value = section["file"]
+        if not isinstance(value, str) or not value or value.endswith("/"):
+            raise ConfigError("log.file", f"must be a file path, got {value!r}")
+        log_file = base / os.path.expanduser(value)
+    return {"log_format": fmt, "log_file": log_file,
+            "progress_interval": _take(section, "progress_interval", "log", parse_duration,
+                                       d.progress_interval)}

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from camgateway.metadata import capture_time
 from camgateway.resume_store import Partial
 from camgateway.sinks import ReceivedFile
+from camgateway.spool import reconcile_partial
 from camgateway.transfer import Transfer, digest_file
 
 if TYPE_CHECKING:
@@ -132,6 +133,15 @@ def _open_or_create(partial: Optional[Partial], s: "Services", offer: FileOffer)
         partial = Partial(uuid.uuid4().hex, offer.imei, offer.flow, offer.identifier, offer.total,
                           offer.start_crc, stamp, 0, s.boot_id, s.spool.new_name(), now, now)
         yield s.store.add(partial)
+    else:
+        # What the spool file really holds (another instance or process may have written it).
+        held = yield s.run_in_thread(reconcile_partial, s.spool, partial, s.boot_id)
+        if held is None:
+            log.warn("camera {imei}: the spool file of {id}'s partial is gone; starting afresh",
+                     imei=offer.imei, id=offer.printable)
+            yield s.store.remove(partial.id)
+            return (yield _open_or_create(None, s, offer))
+        partial.held = held
     fd = yield s.run_in_thread(s.spool.open, partial.spool_name, partial.held)
     return Transfer(partial, fd)
 
@@ -164,14 +174,15 @@ def release_transfer(s: "Services", transfer: Transfer) -> defer.Deferred:
 
 
 def finish_transfer(s: "Services", session: "Session", offer: FileOffer, transfer: Transfer) -> defer.Deferred:
-    """Make a complete file durable, hand it to every sink, then forget the partial.
+    """Make a complete file durable and put it in the outbox (forgetting its partial).
 
-    Fires with the :class:`ReceivedFile`. On failure the spool file and its
-    record stay, marked complete, so the camera's next offer finds it.
+    Fires with the :class:`ReceivedFile` once the file is safe: the sinks get
+    it from the outbox. On failure the spool file and its partial record stay,
+    marked complete, so the camera's next offer finds it.
     """
     d = transfer.busy.addCallback(lambda _: s.run_in_thread(digest_file, transfer.fd, transfer.file_crc()))
     d.addErrback(lambda f: (os.close(transfer.fd), f)[1])
-    d.addCallback(_deliver, s, session, offer, transfer)
+    d.addCallback(_to_outbox, s, session, offer, transfer)
     s.finishing[offer.key] = d
 
     def done(result: object) -> object:
@@ -185,7 +196,7 @@ def finish_transfer(s: "Services", session: "Session", offer: FileOffer, transfe
 
 
 @defer.inlineCallbacks
-def _deliver(digest: Any, s: "Services", session: "Session", offer: FileOffer, transfer: Transfer) -> Any:
+def _to_outbox(digest: Any, s: "Services", session: "Session", offer: FileOffer, transfer: Transfer) -> Any:
     partial = transfer.partial
     try:
         os.close(transfer.fd)
@@ -197,20 +208,18 @@ def _deliver(digest: Any, s: "Services", session: "Session", offer: FileOffer, t
             sha256=digest.sha256, start_total=offer.total, start_crc=offer.start_crc,
             computed_crc=digest.crc, received_at=now, capture_time=capture_time(offer.metadata),
             resumed_from=transfer.resumed_from, crc_errors=transfer.crc_errors)
-        places = []
-        for sink in s.sinks:
-            place = yield sink.deliver(received)
-            places.append(place)
+        s.recent.append((received, []))
+        yield s.outbox.add(received, partial.id)  # durable from here: the partial is gone
     except BaseException:
         yield s.store.checkpoint(partial.id, transfer.held, s.boot_id, s.clock.seconds())
         raise
-    yield s.store.remove(partial.id)
-    yield s.run_in_thread(s.spool.unlink, partial.spool_name)
     if offer.flow == "path" and offer.start_crc != digest.crc:
         log.warn("camera {imei}: {id} CRC {crc:#06x} differs from START's {start:#06x} (file kept)",
                  imei=offer.imei, id=offer.printable, crc=digest.crc, start=offer.start_crc)
-    s.recent.append((received, places))
-    log.info("file stored: camera {imei} {id} {size} bytes sha256 {sha256} -> {places}",
-             imei=offer.imei, id=offer.printable, size=digest.size, sha256=digest.sha256,
-             places=", ".join(str(p) for p in places), resumed_from=transfer.resumed_from)
+    elapsed = s.clock.seconds() - (session.file_started_at or s.clock.seconds())
+    log.info("file received: camera {imei} {id} {size} bytes sha256 {sha256} in {seconds:.1f} s",
+             imei=offer.imei, id=offer.printable, size=digest.size, sha256=digest.sha256, seconds=elapsed,
+             peer=session.link.peer, camera=offer.camera, source=offer.source, media=offer.media,
+             resumed_from=transfer.resumed_from, crc_errors=transfer.crc_errors, computed_crc=digest.crc,
+             start_total=offer.total, start_crc=offer.start_crc, event="file_received")
     return received

@@ -30,7 +30,7 @@ class CameraProtocol(Protocol, TimeoutMixin):
 
     session: Optional[Session] = None
     decoder: Optional[FrameDecoder] = None
-    peer = "?"
+    _peer: Optional[str] = None
 
     def __init__(self, services: Services, factory: Optional["CameraFactory"] = None) -> None:
         self.services = services
@@ -40,12 +40,21 @@ class CameraProtocol(Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         if self.owner is not None:
             self.owner.protocols.add(self)
-        address = self.transport.getPeer()  # type: ignore[union-attr]
-        self.peer = f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}"
         self.services.stats.connections += 1
         self.setTimeout(self.services.config.idle_timeout)
         self.session = Session(self.services, self)
         self.decoder = self.session.decoder = FrameDecoder(self.session)
+
+    @property
+    def peer(self) -> str:
+        """The camera's address, "host:port" (behind HAProxy, the one its PROXY header gives)."""
+        if self._peer is None and self.transport is not None:
+            address = self.transport.getPeer()
+            text = f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}"
+            if self.decoder is None or self.session is None or not self.session.inits:
+                return text  # a PROXY header may still change it: do not keep it yet
+            self._peer = text
+        return self._peer or "?"
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()

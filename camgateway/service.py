@@ -13,8 +13,11 @@ from twisted.logger import Logger
 
 from camgateway import __version__
 from camgateway.config import Config
+from camgateway.leases import LeaseKeeper
+from camgateway.outbox import Outbox
+from camgateway.progress import ProgressReporter
 from camgateway.protocol import CameraFactory
-from camgateway.resume_store import SQLiteResumeStore
+from camgateway.sqlite_store import SQLiteStore
 from camgateway.services import Services
 from camgateway.sinks import make_sinks
 from camgateway.spool import Spool, boot_id, reconcile_partial
@@ -30,7 +33,8 @@ SHUTDOWN_GRACE = 8.0  # seconds to persist partials and finish stores on SIGTERM
 def reconcile(s: Services) -> Any:
     """Make the store and the spool agree (start-up; see camgateway.resume_store)."""
     partials = yield s.store.all()
-    known = set()
+    outbox = yield s.store.pending()
+    known = {entry.spool_name for entry in outbox}
     for partial in partials:
         held = yield s.run_in_thread(reconcile_partial, s.spool, partial, s.boot_id)
         if held is None:
@@ -43,9 +47,9 @@ def reconcile(s: Services) -> Any:
     orphans = s.spool.names() - known
     for name in orphans:
         yield s.run_in_thread(s.spool.unlink, name)
-    if partials or orphans:
-        log.info("spool reconciled: {n} partial transfers kept, {o} orphan spool files removed",
-                 n=len(known), o=len(orphans))
+    if partials or orphans or outbox:
+        log.info("spool reconciled: {n} partial transfers kept, {q} files in the outbox, {o} orphan spool files"
+                 " removed", n=len(partials), q=len(outbox), o=len(orphans))
 
 
 @defer.inlineCallbacks
@@ -75,6 +79,7 @@ class GatewayService(Service):
         self.config = config
         self.ports: list[Any] = []
         self.factory: Optional[CameraFactory] = None
+        self.keeper: Optional[LeaseKeeper] = None
         self.services: Optional[Services] = None
         self.ready: defer.Deferred = defer.Deferred()
 
@@ -86,14 +91,34 @@ class GatewayService(Service):
         config = self.config
         spool = Spool(config.spool)
         spool.ensure()
-        store = SQLiteResumeStore(spool.store_path, self.reactor)
-        sinks = make_sinks(config.sinks, self._run_in_thread)
-        self.services = Services(config, store, spool, sinks, self.reactor, self._run_in_thread, boot_id())
+        leases = None
+        if config.resume == "sqlite":
+            store: Any = SQLiteStore(spool.store_path, self.reactor)
+        else:  # several instances: a shared store, leases, a shared spool
+            from camgateway.redis_store import RedisLeases, RedisStore
+
+            store = RedisStore(config.resume, self.reactor, instance=config.instance,
+                               claim_ttl=config.outbox_claim_ttl)
+            leases = RedisLeases(store)
+        self.services = Services(config, store, spool, [], self.reactor, self._run_in_thread, boot_id())
+        self.services.leases = leases
+        self.services.instance = getattr(store, "instance", "local")
+        self.keeper = LeaseKeeper(self.services) if leases is not None else None
+        sinks = self.services.sinks = make_sinks(config.sinks, self.services)
+        self.services.outbox = Outbox(self.services, config.outbox_concurrency,
+                                      give_up_after=config.outbox_give_up_after)
         self.factory = CameraFactory(self.services)
         log.info("camgateway {version}: configuration from {source}; spool {spool}; files go to: {sinks}",
                  version=__version__, source=config.source, spool=spool.root.resolve(),
                  sinks=", ".join(sink.name for sink in sinks))
-        d = reconcile(self.services)
+        if leases is None:
+            d = reconcile(self.services)
+        else:
+            log.info("shared store {url} as instance {instance}: spool files are checked when resumed",
+                     url=config.resume.split("@")[-1], instance=self.services.instance)
+            d = defer.succeed(None)
+            d.addCallback(lambda _: self.keeper.start())  # type: ignore[union-attr]
+        d.addCallback(lambda _: self.services.outbox.start())  # type: ignore[union-attr]
         d.addCallback(lambda _: self._listen())
         d.addCallbacks(self.ready.callback, self._failed)
 
@@ -126,13 +151,19 @@ class GatewayService(Service):
                 log.warn("shutdown: some files were still being stored after {t} s", t=SHUTDOWN_GRACE)
             if timeout.active():
                 timeout.cancel()
+        if self.keeper is not None:
+            self.keeper.stop()
         if self.services is not None:
+            yield self.services.outbox.stop()
+            for sink in self.services.sinks:
+                if hasattr(sink, "close"):
+                    yield defer.maybeDeferred(sink.close)
             yield self.services.store.close()
         log.info("camgateway stopped")
 
 
 def make_gateway(config: Config, reactor: Any = None) -> MultiService:
-    """The whole gateway: the listening service and the periodic sweep."""
+    """The whole gateway: the listening service, the periodic sweep, progress logs and status web service."""
     top = MultiService()
     gateway = GatewayService(config, reactor)
     gateway.setServiceParent(top)
@@ -148,5 +179,15 @@ def make_gateway(config: Config, reactor: Any = None) -> MultiService:
     if reactor is not None:
         timer.clock = reactor
     timer.setServiceParent(top)
+    progress = TimerService(config.progress_interval, ProgressReporter(lambda: gateway.services))
+    if reactor is not None:
+        progress.clock = reactor
+    progress.setServiceParent(top)
+    top.status = None  # type: ignore[attr-defined]
+    if config.http_listen:
+        from camgateway.web.service import StatusService  # twisted.web only when asked for
+
+        top.status = StatusService(gateway, config, reactor)  # type: ignore[attr-defined]
+        top.status.setServiceParent(top)  # type: ignore[attr-defined]
     top.gateway = gateway  # type: ignore[attr-defined]
     return top

@@ -31,6 +31,9 @@ class Stats:
     delivery_failures: int = 0
     #: Protocol errors by ProtocolError.kind.
     protocol_errors_by_kind: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    #: Deliveries and failed delivery attempts, by sink name.
+    sink_deliveries: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    sink_failures: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
 #: How many recent files and failures are kept for the status service.
@@ -57,6 +60,12 @@ class Services:
     #: same file waits for them.
     finishing: dict[tuple[str, str, bytes], Deferred] = dataclasses.field(default_factory=dict)
     accepting: bool = True
+    #: The outbox delivering finished files to the sinks (camgateway.outbox.Outbox).
+    outbox: Any = None
+    #: Camera leases when several instances share a store (RedisLeases), else None.
+    leases: Any = None
+    #: This instance's name (in lease tokens and outbox claims).
+    instance: str = "local"
     #: The latest stored files (ReceivedFile, where each sink put it), newest last.
     recent: Deque[tuple[Any, list[Any]]] = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=RECENT))

@@ -13,15 +13,17 @@ as inputs of the table (``prepared``, ``stored``...).
 from __future__ import annotations
 
 import enum
+import uuid
 from typing import Any, Callable, Optional
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from camgateway import codec
 from camgateway.codec import ProtocolError
 from camgateway.files import FileOffer, Refused, checkpoint, finish_transfer, open_transfer, release_transfer
+from camgateway.leases import instance_of
 from camgateway.metadata import decode_metadata
 from camgateway.services import Services
 from camgateway.status_codes import status_meaning
@@ -40,6 +42,7 @@ class State(enum.Enum):
     """Where a session is in the protocol."""
 
     AWAIT_INIT = "awaiting init"
+    LEASING = "taking the camera's lease"
     AWAIT_PATH = "awaiting file path"
     AWAIT_METADATA = "awaiting metadata"
     AWAIT_START = "awaiting START"
@@ -64,7 +67,9 @@ def _row(states: set[State] | State, inp: str, handler: str, *targets: State) ->
 
 
 _NEXT_FILE = (S.AWAIT_PATH, S.AWAIT_METADATA, S.AWAIT_START, S.AWAIT_INIT, S.CLOSED)
-_row(S.AWAIT_INIT, "init", "_on_init", *_NEXT_FILE)
+_row(S.AWAIT_INIT, "init", "_on_init", S.LEASING, *_NEXT_FILE)
+_row(S.LEASING, "leased", "_on_leased", *_NEXT_FILE)
+_row(S.LEASING, "lease_refused", "_on_lease_refused", S.CLOSED)
 _row(S.AWAIT_PATH, "path", "_on_path", S.AWAIT_METADATA, S.AWAIT_START, S.AWAIT_INIT, S.CLOSED)
 _row(S.AWAIT_METADATA, "metadata", "_on_metadata", S.AWAIT_START)
 _row(S.AWAIT_METADATA, "metadata_timeout", "_on_metadata_timeout", S.AWAIT_START)
@@ -129,6 +134,9 @@ class Session:
         self._timer: Any = None  # step, metadata or resume timer (one at a time)
         self._resume_tries = 0
         self._predecessor: defer.Deferred = defer.succeed(None)
+        #: The camera's lease, when instances share a store: "instance|session".
+        self.lease_token: Optional[str] = None
+        self.leased = False
         self._opening: defer.Deferred = defer.succeed(None)
         self._after: Optional[Callable[[], None]] = None
         #: Fires when the connection is gone and every byte held is persisted.
@@ -240,7 +248,47 @@ class Session:
             self.s.sessions[imei_text] = self
             log.info("camera {imei} connected from {peer}: protocol {protocol_id}, settings 0x{settings:08x}",
                      imei=imei_text, peer=self.link.peer, protocol_id=protocol_id, settings=settings)
+            if self.s.leases is not None:
+                self.lease_token = f"{self.s.instance}|{uuid.uuid4().hex[:12]}"
+                self._then(lambda: self._lease_loop().addErrback(
+                    lambda f: self._guard(self._input, "lease_refused", f.getErrorMessage())))
+                return S.LEASING
         return self._next_file(new_init=True)
+
+    @defer.inlineCallbacks
+    def _lease_loop(self) -> Any:
+        """Take the camera's lease, asking another instance to let go if it holds it."""
+        leases, clock, ttl = self.s.leases, self.s.clock, self.config.lease_ttl
+        yield self._predecessor  # a local older session releases its lease as it ends
+        deadline = clock.seconds() + ttl + 5.0
+        asked = None
+        while self.state is S.LEASING:
+            if (yield leases.acquire(self.imei, self.lease_token, ttl)):
+                self.leased = True
+                if self.state is S.LEASING:
+                    self._guard(self._input, "leased")
+                else:  # the connection went away meanwhile
+                    yield leases.release(self.imei, self.lease_token)
+                return
+            holder = yield leases.holder(self.imei)
+            owner = instance_of(holder)
+            if holder and owner != asked and owner != self.s.instance:
+                log.info("camera {imei} is held by instance {owner}: asking it to let go",
+                         imei=self.imei, owner=owner)
+                yield leases.request_takeover(self.imei, owner)
+                asked = owner
+            if clock.seconds() > deadline:
+                self._guard(self._input, "lease_refused", f"instance {owner or '?'} still holds it")
+                return
+            yield task.deferLater(clock, 0.2, lambda: None)
+
+    def _on_leased(self) -> State:
+        return self._next_file(new_init=True)
+
+    def _on_lease_refused(self, why: str) -> State:
+        log.warn("camera {imei} ({peer}): could not take its lease ({why}); closing, it will retry",
+                 imei=self.imei, peer=self.link.peer, why=why)
+        return self._close()
 
     def _next_file(self, new_init: bool = False) -> State:
         """Ask for the next file the current init offers, or end the cycle."""
@@ -587,6 +635,11 @@ class Session:
             d.addBoth(lambda _: release_transfer(self.s, transfer))
         if self.state is not S.STORING:
             self.state = S.CLOSED
+        if self.leased:
+            self.leased = False
+            d.addBoth(lambda _: self.s.leases.release(self.imei, self.lease_token))
+            d.addErrback(lambda f: log.warn("releasing the lease of camera {imei} failed: {e}",
+                                            imei=self.imei, e=f.getErrorMessage()))
         d.addBoth(lambda _: self.finished.callback(None))
         return self._chain_finished()
 

@@ -2,8 +2,9 @@
 
 Layout under ``storage.spool``::
 
-    resume.sqlite        the resume-offset store (camgateway.resume_store)
-    partials/<id>.part   the bytes received so far of each partial transfer
+    resume.sqlite        the resume store and the outbox (camgateway.sqlite_store)
+    partials/<id>.part   files being received, and finished ones in the outbox
+    dead/<entry>/        files a sink refused: the file, dead-letter.json
 
 Names inside the spool are built by the gateway (random ids); nothing a
 device sends ever becomes part of a path.
@@ -37,6 +38,7 @@ class Spool:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.partials = self.root / "partials"
+        self.dead = self.root / "dead"
 
     @property
     def store_path(self) -> Path:

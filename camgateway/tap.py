@@ -6,13 +6,39 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService
+from twisted.logger import ILogObserver
 from twisted.python import usage
+from twisted.python.components import Componentized
 
-from camgateway.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from camgateway.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from camgateway.logs import observer_for
 from camgateway.service import make_gateway
 
-__all__ = ["Options", "makeService"]
+__all__ = ["Options", "makeService", "check_endpoints", "config_report"]
+
+
+def check_endpoints(config: Config) -> None:
+    """Parse every endpoint string (and load TLS keys) without listening; ConfigError names the key."""
+    from twisted.internet.endpoints import serverFromString
+
+    for key, descriptions in (("listen", config.listen), ("http.listen", config.http_listen)):
+        for i, description in enumerate(descriptions):
+            try:
+                serverFromString(None, description)  # the reactor is needed only to listen
+            except Exception as e:
+                raise ConfigError(f"{key}[{i}]", f"{description!r} is not a usable endpoint: {e}") from None
+
+
+def config_report(config: Config) -> list[str]:
+    """What ``--check`` and ``camgateway check-config`` print (after :func:`check_endpoints`)."""
+    check_endpoints(config)
+    lines = [f"configuration OK ({config.source})"]
+    for field in ("listen", "spool", "sinks", "allow", "mode", "metadata", "dualcam_sources", "http_listen",
+                  "log_format", "log_file", "progress_interval"):
+        lines.append(f"  {field}: {getattr(config, field)}")
+    lines.append(f"  http_token: {'set' if config.http_token else 'none'}")
+    return lines
 
 
 class Options(usage.Options):
@@ -51,15 +77,46 @@ class Options(usage.Options):
             from dataclasses import replace
 
             config = replace(config, listen=tuple(self["listen"]))
+        try:
+            check_endpoints(config)
+        except ConfigError as e:
+            raise usage.UsageError(f"configuration error: {e}") from None
         self["parsed"] = config
         if self["check"]:
-            print(f"configuration OK ({config.source})")
-            for field in ("listen", "spool", "sinks", "allow", "mode", "metadata", "dualcam_sources"):
-                print(f"  {field}: {getattr(config, field)}")
+            try:
+                print("\n".join(config_report(config)))
+            except ConfigError as e:
+                raise usage.UsageError(f"configuration error: {e}") from None
             sys.exit(0)
 
 
+class _LoggedGateway(MultiService):
+    """The gateway, handing twistd the log observer that ``log.format``/``log.file`` ask for.
+
+    twistd asks its application for an ILogObserver before it starts logging
+    (a ``--logger`` on the command line still wins); the application is the
+    parent this service is added to.
+    """
+
+    def __init__(self, gateway: MultiService, observer: Any) -> None:
+        super().__init__()
+        self.observer = observer
+        gateway.setServiceParent(self)
+        self.gateway = gateway
+
+    def setServiceParent(self, parent: Any) -> None:
+        if isinstance(parent, Componentized) and parent.getComponent(ILogObserver, None) is None:
+            parent.setComponent(ILogObserver, self.observer)
+        super().setServiceParent(parent)
+
+
 def makeService(options: Options) -> IService:
-    """The gateway service for ``options``."""
+    """The gateway service for ``options``, with the log output its configuration asks for."""
     config: Any = options["parsed"]
-    return make_gateway(config)
+    gateway = make_gateway(config)
+    twistd = getattr(options, "parent", None) or {}
+    if twistd.get("syslog"):
+        return gateway  # --syslog: twistd's own observer
+    logfile = twistd.get("logfile") or (None if twistd.get("nodaemon", True) else "twistd.log")
+    observer = observer_for(config.log_format, config.log_file, logfile, sys.stdout)
+    return gateway if observer is None else _LoggedGateway(gateway, observer)

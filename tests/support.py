@@ -12,8 +12,9 @@ from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 
 from camgateway.config import Config
+from camgateway.outbox import Outbox
 from camgateway.protocol import CameraProtocol
-from camgateway.resume_store import MemoryResumeStore
+from camgateway.memory_store import MemoryStore
 from camgateway.services import Services
 from camgateway.sinks.disk import DiskSink
 from camgateway.spool import Spool
@@ -33,7 +34,10 @@ def make_services(root: Path, clock: Optional[task.Clock] = None, store: Any = N
     spool = Spool(cfg.spool)
     spool.ensure()
     sink = DiskSink(root / "files", run_now)
-    return Services(cfg, store or MemoryResumeStore(), spool, [sink], clock or task.Clock(), run_now, "boot-1")
+    services = Services(cfg, store or MemoryStore(), spool, [sink], clock or task.Clock(), run_now, "boot-1")
+    services.outbox = Outbox(services, poll=5.0)
+    services.outbox.start()
+    return services
 
 
 def connect(services: Services, peer: str = "10.0.0.1") -> tuple[CameraProtocol, StringTransport]:

@@ -206,9 +206,10 @@ class ErrorTests(unittest.TestCase):
             self.assertKeyError(f"limits: {{min_free_bytes: {bad}}}", "limits.min_free_bytes")
         self.assertKeyError("limits: {max_files: 5}", "limits.max_files")
 
-    def test_no_log_section(self) -> None:
-        """Logging is configured by twistd's own options, not in the YAML."""
-        self.assertKeyError("log: {format: json}", "log")
+    def test_log_section_knows_its_keys(self) -> None:
+        """The log section has format, file and progress_interval; levels and the rest stay twistd's."""
+        self.assertKeyError("log: {level: debug}", "log.level")
+        self.assertKeyError("log: {format: xml}", "log.format")
 
     def test_config_error_is_a_value_error(self) -> None:
         err = ConfigError("a.b", "broken")

@@ -183,7 +183,7 @@ class SidecarTests(SinkTestCase):
             "sha256": hashlib.sha256(JPEG).hexdigest(),
             "start": {"total": 29, "crc": 0, "unit": "packets"}, "computed_crc": 0x1234,
             "crc_match": None, "capture_time": "2024-10-29T23:59:58.250Z",
-            "received_at": "2024-10-30T11:35:44.165Z", "resumed_from": 0, "crc_errors": 1,
+            "received_at": "2024-10-30T11:35:44.165Z", "resumed_from": 0, "crc_errors": 1, "derived": None,
             "peer": "10.0.0.1:40000",
             "metadata": {"layout": "dualcam", "version": 3, "trigger": "crash"},
         })

@@ -141,6 +141,7 @@ class HardeningTests(GatewayTestCase):
         self.assertEqual(new.received[-1], (codec.Cmd.REPEAT_INIT, b""))
         new.transport.write(codec.init_packet(5, BAD_IMEI, 0x40000400))
         yield new.closed
+        yield self.drained()
         [(sha, size)] = self.stored()[str(BAD_IMEI)]
         import hashlib
 
@@ -184,6 +185,7 @@ class HardeningTests(GatewayTestCase):
         yield until(got(again, codec.Cmd.REPEAT_INIT))
         again.transport.write(codec.init_packet(5, BAD_IMEI, 0))
         yield again.closed
+        yield self.drained()
         self.assertIn(str(BAD_IMEI), self.stored())
 
     @defer.inlineCallbacks
@@ -202,6 +204,7 @@ class HardeningTests(GatewayTestCase):
         yield self.good_camera_delivers()
         yield oversized.closed
         yield until(got(evil, codec.Cmd.REPEAT_INIT))
+        yield self.drained()
         stored = sorted(p for p in (self.root / "files" / str(BAD_IMEI)).rglob("*") if p.is_file())
         self.assertEqual(len(stored), 2)
         self.assertTrue(stored[0].name.endswith("_file_evil.bin"), stored[0].name)

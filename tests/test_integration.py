@@ -29,9 +29,10 @@ class GatewayTestCase(TestCase):
     timeout = 120
 
     @defer.inlineCallbacks
-    def start_gateway(self, **config: Any) -> Any:
-        self.root = Path(self.mktemp()).resolve()
-        self.root.mkdir(parents=True)
+    def start_gateway(self, root: Path | None = None, **config: Any) -> Any:
+        """Start a gateway under a new directory, or ``root`` (a restart)."""
+        self.root = root or Path(self.mktemp()).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
         values = dict(listen=("tcp:0:interface=127.0.0.1",), spool=self.root / "spool",
                       sinks=({"type": "disk", "root": str(self.root / "files")},), min_free_bytes=0)
         values.update(config)
@@ -68,8 +69,14 @@ class GatewayTestCase(TestCase):
 
     @defer.inlineCallbacks
     def cameras(self, specs: list[CameraSpec], **kw: Any) -> Any:
+        """Run the cameras, then wait until the outbox has delivered what they sent."""
         results = yield run_cameras(reactor, self.endpoint, specs, **kw)
+        yield self.drained()
         return results
+
+    def drained(self) -> defer.Deferred:
+        """Fires when the outbox has nothing in flight and nothing due."""
+        return self.gateway.services.outbox.idle()
 
 
 def camera(n: int, kind: str, rng: random.Random, pool: ContentPool, **kw: Any) -> CameraSpec:

@@ -10,7 +10,9 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from camgateway.resume_store import SCHEMA_VERSION, IResumeStore, MemoryResumeStore, Partial, SQLiteResumeStore
+from camgateway.memory_store import MemoryStore
+from camgateway.resume_store import IResumeStore, Partial
+from camgateway.sqlite_store import SCHEMA_VERSION, SQLiteStore
 from camgateway.service import reconcile, sweep_expired
 from camgateway.spool import DUALCAM_PACKET, Spool, reconcile_partial
 from tests.support import make_services
@@ -78,32 +80,32 @@ class StoreContract:
 
 
 class MemoryStoreTests(StoreContract, TestCase):
-    """MemoryResumeStore keeps the contract."""
+    """MemoryStore keeps the contract."""
 
     def make_store(self) -> object:
-        return MemoryResumeStore()
+        return MemoryStore()
 
 
 class SQLiteMemoryStoreTests(StoreContract, TestCase):
-    """SQLiteResumeStore on :memory: keeps the contract."""
+    """SQLiteStore on :memory: keeps the contract."""
 
     def make_store(self) -> object:
-        return SQLiteResumeStore(":memory:")
+        return SQLiteStore(":memory:")
 
 
 class SQLiteFileStoreTests(StoreContract, TestCase):
-    """SQLiteResumeStore on disk keeps the contract, persists and is versioned."""
+    """SQLiteStore on disk keeps the contract, persists and is versioned."""
 
     def make_store(self) -> object:
         self.path = Path(self.mktemp())
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        return SQLiteResumeStore(self.path)
+        return SQLiteStore(self.path)
 
     @defer.inlineCallbacks
     def test_persists_across_instances(self) -> object:
         yield self.store.add(partial())
         yield self.store.close()
-        self.store = SQLiteResumeStore(self.path)
+        self.store = SQLiteStore(self.path)
         self.assertEqual([p.id for p in (yield self.store.all())], ["p1"])
         db = sqlite3.connect(self.path)
         self.assertEqual(db.execute("SELECT version FROM version").fetchone(), (SCHEMA_VERSION,))
@@ -118,7 +120,7 @@ class SQLiteFileStoreTests(StoreContract, TestCase):
         db.execute("UPDATE version SET version = ?", (SCHEMA_VERSION + 1,))
         db.commit()
         db.close()
-        self.store = SQLiteResumeStore(self.path)
+        self.store = SQLiteStore(self.path)
         error = yield self.assertFailure(self.store.all(), RuntimeError)
         self.assertIn("newer", str(error))
 

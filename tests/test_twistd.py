@@ -126,8 +126,15 @@ class TwistdTests(TestCase):
             "timeouts": {"idle": 30, "metadata": 5},
         }))
 
-    def stored(self) -> list[Path]:
-        return sorted(p for p in (self.work / "files").rglob("*") if p.is_file() and p.suffix != ".json")
+    def stored(self, count: int = 1, timeout: float = 20.0) -> list[Path]:
+        """The stored media files, once there are ``count`` (the outbox delivers asynchronously)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            files = sorted(p for p in (self.work / "files").rglob("*")
+                           if p.is_file() and p.suffix != ".json" and not p.name.startswith("."))
+            if len(files) >= count or time.monotonic() > deadline:
+                return files
+            time.sleep(0.02)
 
     def test_receives_a_photo_and_stops_on_sigterm(self) -> None:
         gateway = Gateway(self.work, "--config", str(self.config))
@@ -163,6 +170,9 @@ class TwistdTests(TestCase):
             self.assertEqual(stored.read_bytes(), content)
             sidecar = json.loads(stored.with_name(stored.name + ".json").read_text())
             self.assertEqual(sidecar["resumed_from"], 12 * 1024)
+            deadline = time.monotonic() + 20
+            while list(spool.iterdir()) and time.monotonic() < deadline:  # the outbox's last step
+                time.sleep(0.02)
             self.assertEqual(list(spool.iterdir()), [])
             self.assertTrue(gateway.stopped_cleanly())
 

@@ -2,10 +2,14 @@
 
 A sink receives a :class:`ReceivedFile` (a complete, durable spool file plus
 everything known about it) and returns a Deferred that fires once the file is
-durably delivered. The gateway tells the camera the file is done (REPEAT
-INIT) only after every configured sink has fired, and removes the spool file
-only then. Sinks must not modify or move the spool file: they link, copy or
-read it.
+durably delivered, or fails: with :class:`PermanentFailure` when retrying
+cannot help. Sinks form a chain (see :mod:`camgateway.outbox`): a sink passes
+the file on, or returns :class:`Transformed` files that the following sinks
+get instead. Sinks must not modify or move the file they are given.
+
+Sink types are found by name in ``sinks:`` (:mod:`camgateway.sinks.registry`):
+the shipped ``disk``, ``http``, ``command`` and ``mp4``, and third-party ones
+registered under the entry point group ``camgateway.sinks``.
 """
 
 from __future__ import annotations
@@ -13,14 +17,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-from camgateway.config import ConfigError
 
-__all__ = ["IFileSink", "ReceivedFile", "validate_sink_config", "make_sinks", "SINK_TYPES"]
+__all__ = ["IFileSink", "ReceivedFile", "PermanentFailure", "Transformed", "validate_sink_config", "make_sinks"]
 
 
 def _iso(t: datetime.datetime) -> str:
@@ -50,6 +53,7 @@ class ReceivedFile:
     capture_time: Optional[datetime.datetime]
     resumed_from: int  # bytes already held when this connection's transfer began
     crc_errors: int
+    derived: Optional[str] = None  # made by a sink from the camera's file: "mp4", "poster"...
 
     @property
     def device_path(self) -> Optional[str]:
@@ -78,9 +82,43 @@ class ReceivedFile:
             "received_at": _iso(self.received_at),
             "resumed_from": self.resumed_from,
             "crc_errors": self.crc_errors,
+            "derived": self.derived,
             "peer": self.peer,
             "metadata": dict(self.metadata),
         }
+
+
+    def to_record(self) -> dict[str, Any]:
+        """Everything but the path, as JSON-safe values (for the outbox)."""
+        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "path"}
+        record["identifier"] = self.identifier.hex()
+        record["received_at"] = self.received_at.timestamp()
+        record["capture_time"] = self.capture_time.timestamp() if self.capture_time else None
+        record["metadata"] = dict(self.metadata)
+        return record
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], path: Path) -> "ReceivedFile":
+        """The inverse of :meth:`to_record`."""
+        utc = datetime.timezone.utc
+        values = dict(record)
+        values["identifier"] = bytes.fromhex(record["identifier"])
+        values["received_at"] = datetime.datetime.fromtimestamp(record["received_at"], utc)
+        stamp = record.get("capture_time")
+        values["capture_time"] = datetime.datetime.fromtimestamp(stamp, utc) if stamp is not None else None
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(path=path, **{k: v for k, v in values.items() if k in known})
+
+
+class PermanentFailure(Exception):
+    """A delivery that retrying cannot fix (the file goes to the dead-letter folder)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Transformed:
+    """A sink's result: the files the following sinks get instead of the one it was given."""
+
+    files: list[ReceivedFile]
 
 
 class IFileSink(Interface):
@@ -89,42 +127,21 @@ class IFileSink(Interface):
     name = Attribute("A short name for logs, e.g. 'disk:/var/lib/camgateway/files'.")
 
     def deliver(received: ReceivedFile) -> Deferred:
-        """Deliver ``received``; fire (with a description of where it went) once durable."""
+        """Deliver ``received``; fire (with a description of where it went) once durable.
 
-
-def _disk(config: Mapping[str, Any], key: str, base: Path) -> Mapping[str, Any]:
-    allowed = {"type", "root"}
-    for name in config:
-        if name not in allowed:
-            raise ConfigError(f"{key}.{name}", f"unknown key for a disk sink (known: {', '.join(sorted(allowed))})")
-    root = config.get("root")
-    if not isinstance(root, str) or not root:
-        raise ConfigError(f"{key}.root", "a disk sink needs root: the directory files are stored under")
-    return {"type": "disk", "root": str(base / Path(root).expanduser())}
-
-
-#: Sink type -> validator of its configuration.
-SINK_TYPES: dict[str, Callable[[Mapping[str, Any], str, Path], Mapping[str, Any]]] = {
-    "disk": _disk,
-}
+        A sink may also have ``close()`` (returning a Deferred or None), called
+        when the gateway stops, to release connections or processes."""
 
 
 def validate_sink_config(item: object, key: str, base: Path) -> Mapping[str, Any]:
     """Check one entry of ``sinks:``; relative paths resolve against ``base``."""
-    if not isinstance(item, Mapping):
-        raise ConfigError(key, "must be a mapping such as {type: disk, root: /var/lib/camgateway/files}")
-    kind = item.get("type")
-    if kind not in SINK_TYPES:
-        raise ConfigError(f"{key}.type", f"must be one of {', '.join(SINK_TYPES)}, got {kind!r}")
-    return SINK_TYPES[kind](item, key, base)
+    from camgateway.sinks.registry import validate
+
+    return validate(item, key, base)
 
 
-def make_sinks(configs: tuple[Mapping[str, Any], ...], run_in_thread: Callable[..., Deferred]) -> list[Any]:
+def make_sinks(configs: tuple[Mapping[str, Any], ...], services: Any) -> list[Any]:
     """Build the configured sinks, in order."""
-    from camgateway.sinks.disk import DiskSink
+    from camgateway.sinks.registry import make
 
-    sinks: list[Any] = []
-    for config in configs:
-        if config["type"] == "disk":
-            sinks.append(DiskSink(Path(config["root"]), run_in_thread))
-    return sinks
+    return [make(config, services) for config in configs]

@@ -27,14 +27,30 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
+from camgateway.config import ConfigError
 from camgateway.sinks import IFileSink, ReceivedFile
+from camgateway.sinks.registry import check_keys
 
-__all__ = ["DiskSink", "sanitise_basename", "build_stem", "extension_for"]
+__all__ = ["DiskSink", "sanitise_basename", "build_stem", "extension_for", "validate", "make"]
+
+
+def validate(config: Mapping[str, Any], key: str, base: Path) -> Mapping[str, Any]:
+    """``{type: disk, root: DIR}``."""
+    check_keys(config, key, {"root"}, {"root"})
+    root = config["root"]
+    if not isinstance(root, str) or not root:
+        raise ConfigError(f"{key}.root", "a disk sink needs root: the directory files are stored under")
+    return {"type": "disk", "root": str(base / Path(root).expanduser())}
+
+
+def make(config: Mapping[str, Any], services: Any) -> "DiskSink":
+    """A DiskSink from a validated entry."""
+    return DiskSink(Path(config["root"]), services.run_in_thread)
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _KNOWN_EXT = {"jpg", "jpeg", "mp4", "h265", "h264", "hevc", "avi", "mov", "png", "bin", "ptmf"}
@@ -72,6 +88,8 @@ def build_stem(received: ReceivedFile) -> tuple[str, str]:
     base = sanitise_basename(received.identifier) if received.flow == "path" else ""
     if base:
         stem += "_" + base
+    if received.derived and received.derived != "mp4":
+        stem += "_" + sanitise_basename(received.derived.encode())
     return f"{when:%Y-%m-%d}", stem
 
 

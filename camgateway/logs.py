@@ -1,0 +1,174 @@
+"""Log output: JSON lines for production, readable text on a terminal.
+
+Every camgateway event is a structured ``twisted.logger`` event; this module
+only decides how events are written:
+
+- :func:`json_observer` is a log observer factory for
+  ``twistd --logger=camgateway.logs.json_observer``: one JSON object per line
+  on standard output;
+- :func:`observer_for` picks the observer that ``log.format`` and
+  ``log.file`` ask for (``twistd camgateway`` installs it on the application,
+  so no ``--logger`` flag is needed);
+- :class:`WatchedFile` is a log file that notices when logrotate moved it
+  away and reopens its path, so rotation needs no signal and loses no line.
+
+The JSON record: ``time`` (ISO 8601 UTC, milliseconds), ``level``,
+``namespace``, ``message`` (the formatted text), then every field the event
+was logged with (a field named like one of those four gets a ``field_``
+prefix); a logged failure adds ``error`` and ``traceback``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import IO, Any, Optional
+
+from twisted.logger import ILogObserver, formatEvent, textFileLogObserver
+from zope.interface import implementer
+
+__all__ = ["JSONLineObserver", "WatchedFile", "event_record", "json_observer", "observer_for"]
+
+_TOP = ("time", "level", "namespace", "message", "error", "traceback")
+#: Keys of legacy (twisted.python.log) events that are not fields.
+_LEGACY = {"message", "isError", "system", "time", "format", "why", "failure", "printed", "logLevel"}
+
+
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if depth < 4:
+        if isinstance(value, dict):
+            return {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, (list, tuple, set, frozenset)):
+            return [_jsonable(v, depth + 1) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return str(value)
+
+
+def event_record(event: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-ready record of a ``twisted.logger`` event."""
+    when = datetime.datetime.fromtimestamp(event.get("log_time") or 0.0, datetime.timezone.utc)
+    level = event.get("log_level")
+    record: dict[str, Any] = {
+        "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "level": getattr(level, "name", "info"),
+        "namespace": event.get("log_namespace", "?"),
+        "message": formatEvent(event),
+    }
+    legacy = "isError" in event and "message" in event  # from twisted.python.log
+    for key, value in event.items():
+        if key.startswith("log_") or (legacy and key in _LEGACY):
+            continue
+        record[f"field_{key}" if key in _TOP else key] = _jsonable(value)
+    failure = event.get("log_failure")
+    if failure is not None:
+        record["error"] = f"{getattr(failure.type, '__name__', failure.type)}: {failure.getErrorMessage()}"
+        record["traceback"] = failure.getTraceback()
+    return record
+
+
+@implementer(ILogObserver)
+class JSONLineObserver:
+    """Writes one JSON object per event and line to a text stream, flushed each time."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        try:
+            line = json.dumps(event_record(event), ensure_ascii=False, separators=(",", ":"))
+        except Exception as e:  # a log line must never take the gateway down
+            line = json.dumps({"time": None, "level": "error", "namespace": "camgateway.logs",
+                               "message": f"unloggable event: {e!r}"})
+        try:
+            self.out.write(line + "\n")
+            self.out.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def json_observer() -> JSONLineObserver:
+    """The observer factory of ``twistd --logger=camgateway.logs.json_observer`` (standard output)."""
+    return JSONLineObserver(sys.stdout)
+
+
+class WatchedFile:
+    """An append-only log file that reopens its path after logrotate moved it.
+
+    Before each write it compares the path's inode with the open file's (one
+    ``stat``, per event, never per frame); when they differ, or the path is
+    gone, it opens the path again. So logrotate's default ``create`` mode
+    works without ``copytruncate`` and without signalling the gateway.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._file = self._open()
+
+    def _open(self) -> IO[str]:
+        f = open(self.path, "a", encoding="utf-8")
+        st = os.fstat(f.fileno())
+        self._identity = (st.st_dev, st.st_ino)
+        return f
+
+    def _check(self) -> None:
+        try:
+            st = os.stat(self.path)
+            current = (st.st_dev, st.st_ino)
+        except OSError:
+            current = None
+        if current != self._identity:
+            try:
+                fresh = self._open()
+            except OSError:
+                return  # keep writing where we can
+            old, self._file = self._file, fresh
+            old.close()
+
+    def write(self, text: str) -> None:
+        """Append ``text`` (to a fresh file if the old one was rotated away)."""
+        self._check()
+        self._file.write(text)
+
+    def flush(self) -> None:
+        """Flush to the kernel."""
+        self._file.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+
+def observer_for(fmt: str, log_file: Optional[Path], twistd_logfile: Optional[str],
+                 stdout: IO[str]) -> Optional[ILogObserver]:
+    """The observer ``log.format``/``log.file`` ask for; None means twistd's own text log.
+
+    ``twistd_logfile`` is where twistd itself would log (its ``--logfile``, or
+    ``twistd.log`` when daemonised; None or ``"-"`` for standard output).
+    ``auto`` writes text to a terminal and to twistd's ``--logfile``, and JSON
+    lines to anything else (journald, a pipe, ``log.file``).
+    """
+    to_stdout = twistd_logfile in (None, "", "-")
+    if log_file is not None:
+        out: IO[str] = WatchedFile(log_file)  # type: ignore[assignment]
+        return textFileLogObserver(out) if fmt == "text" else JSONLineObserver(out)
+    if fmt == "text":
+        return None
+    if fmt == "auto" and (not to_stdout or _isatty(stdout)):
+        return None
+    return JSONLineObserver(stdout if to_stdout else WatchedFile(Path(twistd_logfile)))  # type: ignore[arg-type]
+
+
+def _isatty(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

@@ -1,0 +1,251 @@
+"""The durable outbox: every finished file reaches every sink, exactly as recorded.
+
+When a file is complete and fsynced, one *entry* is recorded (in the same
+transaction that forgets its partial) before the camera is told the file is
+done. The entry names the spool file, the file's record and the next sink of
+the chain to deliver to. The sinks form a chain: a sink either passes the file
+on unchanged, or returns :class:`~camgateway.sinks.Transformed` files (an MP4
+and its poster instead of the camera's video) that the following sinks get
+instead. An entry moves along the chain one sink at a time and is removed,
+with its spool file, after the last one; a crash or restart resumes it at the
+sink it had reached, so nothing is lost and nothing half-made is delivered.
+
+A failed delivery is retried with exponential backoff and jitter. A permanent
+failure (:class:`~camgateway.sinks.PermanentFailure`, e.g. an HTTP 400), or a
+transient one that lasts longer than ``outbox.give_up_after``, goes to the
+dead-letter folder with its reason (``camgateway dead-letters`` lists and
+retries them) and the file goes on to the next sink.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import uuid
+from typing import TYPE_CHECKING, Any, Optional
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface
+
+from camgateway.sinks import PermanentFailure, ReceivedFile, Transformed
+
+if TYPE_CHECKING:
+    from camgateway.services import Services
+
+__all__ = ["OutboxEntry", "IOutboxStore", "Outbox", "backoff", "write_dead_letter"]
+
+log = Logger(namespace="camgateway.outbox")
+
+
+@dataclasses.dataclass
+class OutboxEntry:
+    """A file on its way along the sink chain."""
+
+    id: str
+    spool_name: str
+    sink: int  # index of the next sink to deliver to
+    attempts: int  # failed attempts at this sink
+    next_attempt: float
+    last_error: Optional[str]
+    record: dict[str, Any]  # ReceivedFile.to_record()
+    created: float
+
+
+class IOutboxStore(Interface):
+    """Where outbox entries are kept. Every method returns a Deferred."""
+
+    def enqueue(entry: OutboxEntry, partial_id: Optional[str]) -> defer.Deferred:
+        """Record ``entry`` and forget the partial it came from, atomically."""
+
+    def due(now: float, limit: int, exclude: frozenset) -> defer.Deferred:
+        """Up to ``limit`` entries whose next attempt is due, oldest first."""
+
+    def update(entry: OutboxEntry) -> defer.Deferred:
+        """Save an entry's sink, attempts, next attempt and last error."""
+
+    def replace(entry_id: str, entries: list) -> defer.Deferred:
+        """Remove an entry and record others in its place, atomically."""
+
+    def pending() -> defer.Deferred:
+        """Every entry."""
+
+
+def backoff(attempts: int, rng: random.Random, base: float = 1.0, cap: float = 300.0) -> float:
+    """Seconds before the next try: exponential, capped, with ±50 % jitter."""
+    return min(cap, base * 2 ** max(0, attempts - 1)) * rng.uniform(0.5, 1.5)
+
+
+def write_dead_letter(dead_dir: str, entry: OutboxEntry, source_path: str, sink_name: str, reason: str,
+                      when: float) -> str:
+    """Keep a file a sink refused, with its record and the reason (runs in a thread)."""
+    folder = os.path.join(dead_dir, entry.id)
+    os.makedirs(folder, exist_ok=True)
+    target = os.path.join(folder, "file")
+    if not os.path.exists(target):
+        os.link(source_path, target)
+    info = {"entry": dataclasses.asdict(entry), "sink": entry.sink, "sink_name": sink_name,
+            "reason": reason, "time": when}
+    tmp = os.path.join(folder, "dead-letter.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, os.path.join(folder, "dead-letter.json"))
+    return folder
+
+
+class Outbox:
+    """Delivers outbox entries along the sink chain, a bounded number at a time."""
+
+    def __init__(self, services: "Services", concurrency: int = 8, poll: float = 5.0,
+                 give_up_after: float = 7 * 86400.0, rng: Optional[random.Random] = None) -> None:
+        self.s = services
+        self.concurrency = concurrency
+        self.poll = poll
+        self.give_up_after = give_up_after
+        self.rng = rng or random.Random()
+        self.in_flight: dict[str, defer.Deferred] = {}
+        self.delivered = 0
+        self.failures = 0
+        self.dead_letters = 0
+        self._scanning = False
+        self._again = False
+        self._loop: Optional[task.LoopingCall] = None
+        self._idle_waiters: list[defer.Deferred] = []
+
+    # -- running
+
+    def start(self) -> None:
+        """Deliver what is due now and every ``poll`` seconds."""
+        self._loop = task.LoopingCall(self.kick)
+        self._loop.clock = self.s.clock
+        self._loop.start(self.poll, now=True)
+
+    def stop(self) -> defer.Deferred:
+        """Stop polling; fires when the deliveries in flight are over."""
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return defer.DeferredList(list(self.in_flight.values()), consumeErrors=True)
+
+    def add(self, received: ReceivedFile, partial_id: Optional[str]) -> defer.Deferred:
+        """Record a finished file (its partial forgotten in the same step) and deliver it."""
+        now = self.s.clock.seconds()
+        entry = OutboxEntry(uuid.uuid4().hex, received.path.name, 0, 0, now, None, received.to_record(), now)
+        d = self.s.store.enqueue(entry, partial_id)
+        d.addCallback(lambda _: self.kick())
+        return d
+
+    def kick(self) -> None:
+        """Look for due entries now (coalesced: one scan at a time)."""
+        if self._scanning:
+            self._again = True
+            return
+        self._scanning = True
+        d = self._scan()
+        d.addErrback(lambda f: log.failure("outbox scan failed", f))
+        d.addBoth(self._scanned)
+
+    def _scanned(self, _: object) -> None:
+        self._scanning = False
+        if self._again:
+            self._again = False
+            self.kick()
+        elif not self.in_flight:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    @defer.inlineCallbacks
+    def _scan(self) -> Any:
+        free = self.concurrency - len(self.in_flight)
+        if free <= 0:
+            return
+        entries = yield self.s.store.due(self.s.clock.seconds(), free, frozenset(self.in_flight))
+        for entry in entries:
+            if entry.id not in self.in_flight and len(self.in_flight) < self.concurrency:
+                d = self._deliver(entry)
+                self.in_flight[entry.id] = d
+                d.addErrback(lambda f: log.failure("outbox delivery crashed", f))
+                d.addBoth(self._finished, entry.id)
+
+    def _finished(self, _: object, entry_id: str) -> None:
+        del self.in_flight[entry_id]
+        self.kick()
+
+    def idle(self) -> defer.Deferred:
+        """Fires once nothing is in flight and nothing is due (for tests and benchmarks)."""
+        d: defer.Deferred = defer.Deferred()
+        self._idle_waiters.append(d)
+        self.kick()
+        return d
+
+    # -- one delivery
+
+    @defer.inlineCallbacks
+    def _deliver(self, entry: OutboxEntry) -> Any:
+        s = self.s
+        sink = s.sinks[entry.sink]
+        received = ReceivedFile.from_record(entry.record, s.spool.path(entry.spool_name))
+        try:
+            result = yield defer.maybeDeferred(sink.deliver, received)
+        except Exception:
+            yield self._failed(entry, sink, Failure(), received)
+            return
+        self.delivered += 1
+        s.stats.sink_deliveries[sink.name] += 1
+        for item in s.recent:
+            if item[0].sha256 == received.sha256 and item[0].imei == received.imei:
+                item[1].append(result)
+        if isinstance(result, Transformed):
+            yield self._advance(entry, [dataclasses.replace(entry, id=uuid.uuid4().hex, spool_name=f.path.name,
+                                                            record=f.to_record(), attempts=0, last_error=None)
+                                        for f in result.files])
+        else:
+            yield self._advance(entry, [entry])
+
+    @defer.inlineCallbacks
+    def _advance(self, entry: OutboxEntry, carried: list[OutboxEntry]) -> Any:
+        """``entry`` is done at its sink: ``carried`` go on to the next one."""
+        s = self.s
+        nxt = entry.sink + 1
+        following = [] if nxt >= len(s.sinks) else [
+            dataclasses.replace(e, sink=nxt, attempts=0, next_attempt=s.clock.seconds(), last_error=None)
+            for e in carried]
+        yield s.store.replace(entry.id, following)
+        keep = {e.spool_name for e in following}
+        for name in ({entry.spool_name} | {e.spool_name for e in carried}) - keep:
+            yield s.run_in_thread(s.spool.unlink, name)
+        if not following:
+            log.info("file delivered to every sink: camera {imei} {source} {size} bytes",
+                     imei=entry.record.get("imei"), source=entry.record.get("source"),
+                     size=entry.record.get("size"))
+
+    @defer.inlineCallbacks
+    def _failed(self, entry: OutboxEntry, sink: Any, failure: Failure, received: ReceivedFile) -> Any:
+        s = self.s
+        self.failures += 1
+        s.stats.sink_failures[sink.name] += 1
+        s.stats.delivery_failures += 1
+        reason = failure.getErrorMessage() or failure.type.__name__
+        now = s.clock.seconds()
+        permanent = failure.check(PermanentFailure) is not None
+        if permanent or now - entry.created > self.give_up_after:
+            self.dead_letters += 1
+            why = reason if permanent else f"still failing after {self.give_up_after:.0f} s: {reason}"
+            folder = yield s.run_in_thread(write_dead_letter, str(s.spool.dead), entry,
+                                           str(received.path), sink.name, why, now)
+            log.error("{sink} refused camera {imei} {source}: {why}; kept in {folder}",
+                      sink=sink.name, imei=received.imei, source=received.source, why=why, folder=folder)
+            s.failed(received.imei, received.peer, f"delivery to {sink.name}", why)
+            yield self._advance(entry, [entry])
+            return
+        entry.attempts += 1
+        entry.last_error = reason
+        entry.next_attempt = now + backoff(entry.attempts, self.rng)
+        log.warn("delivery to {sink} failed (attempt {n}), retrying in {delay:.1f} s: {why}",
+                 sink=sink.name, n=entry.attempts, delay=entry.next_attempt - now, why=reason)
+        yield s.store.update(entry)

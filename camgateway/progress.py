@@ -1,0 +1,142 @@
+"""What the running gateway is doing, read at a glance: sessions and transfers in progress.
+
+These are read-only views over :class:`~camgateway.services.Services`, built
+when asked (a status request, a metrics scrape, a progress tick), never per
+frame. :class:`ProgressReporter` logs one ``transfer_progress`` event per
+active transfer per ``log.progress_interval``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import weakref
+from typing import Any, Optional
+
+from twisted.logger import Logger
+
+__all__ = ["camera_kind", "session_view", "transfer_view", "active_transfers", "iso", "ProgressReporter"]
+
+log = Logger(namespace="camgateway.progress")
+
+#: The kind of camera each live session last offered a file of (a session
+#: between two files has no offer).
+_KINDS: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+
+_PATH_BIT = 0x02000000
+_ANY_DUALCAM = 0x3C000000
+
+
+def iso(seconds: Optional[float]) -> Optional[str]:
+    """``seconds`` since the epoch as ISO 8601 UTC with milliseconds (None stays None)."""
+    if seconds is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def camera_kind(session: Any) -> str:
+    """``dualcam``, ``dashcam``, ``dsm``, ``adas`` or ``unknown`` for a live session."""
+    offer = getattr(session, "offer", None)
+    if offer is not None and offer.camera != "unknown":
+        _KINDS[session] = offer.camera
+        return offer.camera
+    known = _KINDS.get(session)
+    if known:
+        return known
+    settings = getattr(session, "settings", 0)
+    if settings & _ANY_DUALCAM and not settings & _PATH_BIT and getattr(session, "protocol_id", 0) < 6:
+        return "dualcam"
+    return "unknown"
+
+
+def session_view(session: Any, now: float) -> dict[str, Any]:
+    """One live camera session, JSON-ready."""
+    offer = session.offer
+    return {
+        "imei": session.imei,
+        "peer": session.link.peer,
+        "camera": camera_kind(session),
+        "protocol_id": session.protocol_id,
+        "state": session.state.value,
+        "connected_at": iso(session.connected_at),
+        "connected_s": round(now - session.connected_at, 3),
+        "files_done": session.files_done,
+        "file": offer.printable if offer is not None else None,
+        "transferring": session.transfer is not None,
+    }
+
+
+def transfer_view(session: Any, now: float) -> Optional[dict[str, Any]]:
+    """The transfer a session is receiving, JSON-ready; None between files."""
+    transfer, offer = session.transfer, session.offer
+    if transfer is None or offer is None:
+        return None
+    started = session.file_started_at if session.file_started_at is not None else now
+    elapsed = max(0.0, now - started)
+    total = max(transfer.limit, 1)
+    fresh = transfer.held - transfer.resumed_from
+    return {
+        "imei": session.imei,
+        "peer": session.link.peer,
+        "file": offer.printable,
+        "camera": offer.camera,
+        "source": offer.source,
+        "media": offer.media,
+        "state": session.state.value,
+        "held": transfer.held,
+        "total": transfer.limit,
+        "percent": round(min(100.0, 100.0 * transfer.held / total), 1),
+        "resumed_from": transfer.resumed_from,
+        "crc_errors": transfer.crc_errors,
+        "started_at": iso(started),
+        "elapsed_s": round(elapsed, 3),
+        "rate_bps": round(fresh / elapsed) if elapsed > 0 else 0,
+    }
+
+
+def active_transfers(services: Any) -> list[dict[str, Any]]:
+    """Every transfer in progress, oldest first."""
+    now = services.clock.seconds()
+    views = [transfer_view(session, now) for session in list(services.sessions.values())]
+    return sorted((v for v in views if v is not None), key=lambda v: v["started_at"] or "")
+
+
+class ProgressReporter:
+    """Logs where each long transfer is: one event per active transfer per call.
+
+    Called by a TimerService every ``log.progress_interval`` seconds; the rate
+    is over the last interval (since the transfer began, the first time).
+    """
+
+    def __init__(self, services_getter: Any) -> None:
+        self._services = services_getter
+        self._last: "weakref.WeakKeyDictionary[Any, tuple[Any, int, float]]" = weakref.WeakKeyDictionary()
+
+    def __call__(self) -> None:
+        try:
+            self._report()
+        except Exception:  # one bad tick must not stop the timer
+            log.failure("progress report failed")
+
+    def _report(self) -> None:
+        services = self._services()
+        if services is None:
+            return
+        now = services.clock.seconds()
+        for session in list(services.sessions.values()):
+            transfer = session.transfer
+            if transfer is None or session.offer is None:
+                continue
+            previous = self._last.get(session)
+            if previous is not None and previous[0] is transfer:
+                _, held_before, since = previous
+            else:
+                held_before = transfer.resumed_from
+                since = session.file_started_at if session.file_started_at is not None else now
+            rate = (transfer.held - held_before) / (now - since) if now > since else 0.0
+            self._last[session] = (transfer, transfer.held, now)
+            total = max(transfer.limit, 1)
+            log.info("transfer progress: camera {imei} {file} {held} of {total} bytes ({percent:.0f} %),"
+                     " {rate:.0f} B/s", event="transfer_progress", imei=session.imei, file=session.offer.printable,
+                     held=transfer.held, total=transfer.limit, percent=min(100.0, 100.0 * transfer.held / total),
+                     rate=round(rate), peer=session.link.peer, camera=session.offer.camera)

@@ -1,0 +1,119 @@
+"""The command sink: run a program for each file.
+
+Configuration::
+
+    - type: command
+      command: [/usr/local/bin/ingest, --fleet, north]   # the file's path is appended
+      timeout: 300                                       # seconds, then the program is killed
+
+The program gets the file's path as its last argument and the sidecar JSON
+on its standard input. Exit status 0 means delivered; 100 means "never
+retry" (the file goes to the dead-letter folder); anything else, a signal or
+the timeout is retried by the outbox. The program runs without blocking the
+gateway (``spawnProcess``); its stderr (the first 2 KB) is kept for the log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+from twisted.internet import defer, protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from camgateway.config import ConfigError, parse_duration
+from camgateway.sinks import IFileSink, PermanentFailure, ReceivedFile
+from camgateway.sinks.registry import check_keys
+
+__all__ = ["CommandSink", "validate", "make", "PERMANENT_EXIT"]
+
+PERMANENT_EXIT = 100
+
+
+def validate(config: Mapping[str, Any], key: str, base: Path) -> Mapping[str, Any]:
+    """``{type: command, command: [program, args...], timeout}``."""
+    check_keys(config, key, {"command", "timeout"}, {"command"})
+    command = config["command"]
+    if isinstance(command, str):
+        command = [command]
+    if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
+        raise ConfigError(f"{key}.command", "must be a program and its arguments, e.g. [/usr/local/bin/ingest, -v]")
+    program = command[0] if os.sep in command[0] else shutil.which(command[0])
+    if program is None or not os.access(base / program, os.X_OK):
+        raise ConfigError(f"{key}.command", f"{command[0]} is not an executable program")
+    return {"type": "command", "command": [str(base / program)] + command[1:],
+            "timeout": parse_duration(config.get("timeout", 300), f"{key}.timeout")}
+
+
+def make(config: Mapping[str, Any], services: Any) -> "CommandSink":
+    """A CommandSink from a validated entry."""
+    from twisted.internet import reactor
+
+    return CommandSink(config["command"], config["timeout"], reactor)
+
+
+class _Run(protocol.ProcessProtocol):
+    def __init__(self, stdin: bytes, done: defer.Deferred) -> None:
+        self.stdin = stdin
+        self.done = done
+        self.stderr = bytearray()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.stdin)  # type: ignore[union-attr]
+        self.transport.closeStdin()  # type: ignore[union-attr]
+
+    def outReceived(self, data: bytes) -> None:
+        pass
+
+    def errReceived(self, data: bytes) -> None:
+        if len(self.stderr) < 2048:
+            self.stderr += data[: 2048 - len(self.stderr)]
+
+    def processEnded(self, reason: Failure) -> None:
+        self.done.callback(reason.value)
+
+
+@implementer(IFileSink)
+class CommandSink:
+    """Runs a program per file."""
+
+    def __init__(self, command: list[str], timeout: float, reactor: Any) -> None:
+        self.command = command
+        self.timeout = timeout
+        self.reactor = reactor
+        self.name = f"command:{os.path.basename(command[0])}"
+
+    @defer.inlineCallbacks
+    def deliver(self, received: ReceivedFile) -> Any:
+        """Run the program; fire when it exits 0."""
+        done: defer.Deferred = defer.Deferred()
+        run = _Run(json.dumps(received.sidecar()).encode() + b"\n", done)
+        process = self.reactor.spawnProcess(run, self.command[0], self.command + [str(received.path)],
+                                            env=dict(os.environ))
+        killer = self.reactor.callLater(self.timeout, _kill, process)
+        ended = yield done
+        if killer.active():
+            killer.cancel()
+            timed_out = False
+        else:
+            timed_out = True
+        code = getattr(ended, "exitCode", None)
+        if code == 0 and not timed_out:
+            return f"{self.name} exit 0"
+        why = (f"killed after {self.timeout:g} s" if timed_out
+               else f"exit {code}" if code is not None else f"signal {getattr(ended, 'signal', '?')}")
+        message = f"{self.name}: {why}: {bytes(run.stderr).decode('utf-8', 'replace').strip()[:500]}"
+        if code == PERMANENT_EXIT and not timed_out:
+            raise PermanentFailure(message)
+        raise RuntimeError(message)
+
+
+def _kill(process: Any) -> None:
+    try:
+        process.signalProcess("KILL")
+    except Exception:
+        pass

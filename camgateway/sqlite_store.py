@@ -1,0 +1,252 @@
+"""The embedded store: partial transfers and the outbox in one SQLite file.
+
+One database under the spool (``resume.sqlite``), one dedicated thread: every
+statement runs there, so the reactor never waits on the disk and statements
+never interleave. The schema is versioned (``version`` table); a new database
+is built in a temporary file and renamed into place, and an older one is
+upgraded in place, one script per version, inside a transaction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from camgateway.outbox import IOutboxStore, OutboxEntry
+from camgateway.resume_store import IResumeStore, Partial
+
+__all__ = ["SQLiteStore", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 2
+T = TypeVar("T")
+
+_SCHEMA_V1 = """
+CREATE TABLE version (version INTEGER NOT NULL);
+CREATE TABLE partials (
+    id TEXT PRIMARY KEY,
+    imei TEXT NOT NULL,
+    flow TEXT NOT NULL,
+    identifier BLOB NOT NULL,
+    total INTEGER NOT NULL,
+    start_crc INTEGER NOT NULL,
+    meta_timestamp TEXT,
+    held INTEGER NOT NULL DEFAULT 0,
+    boot_id TEXT NOT NULL DEFAULT '',
+    spool_name TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    UNIQUE (imei, flow, identifier)
+);
+CREATE INDEX partials_last_seen ON partials (last_seen);
+"""
+
+# Each script takes the schema from the version before it to its own.
+_UPGRADES = {
+    2: """
+CREATE TABLE outbox (
+    id TEXT PRIMARY KEY,
+    spool_name TEXT NOT NULL,
+    sink INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    last_error TEXT,
+    record TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX outbox_due ON outbox (next_attempt);
+""",
+}
+
+
+def _row(row: tuple[Any, ...]) -> Partial:
+    return Partial(*row[:3], bytes(row[3]), *row[4:])  # type: ignore[arg-type]
+
+
+_COLUMNS = ("id, imei, flow, identifier, total, start_crc, meta_timestamp, held, boot_id,"
+            " spool_name, first_seen, last_seen")
+
+
+@implementer(IResumeStore, IOutboxStore)
+class SQLiteStore:
+    """The embedded store (``":memory:"`` is for tests)."""
+
+    def __init__(self, path: str | Path, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self._reactor = reactor
+        self.path = str(path)
+        self._pool = ThreadPool(1, 1, name="camgateway-resume-store")
+        self._pool.start()
+        self._db: sqlite3.Connection | None = None
+
+    # -- running statements on the store's thread
+
+    def _run(self, fn: Callable[[sqlite3.Connection], T]) -> "Deferred[T]":
+        return deferToThreadPool(self._reactor, self._pool, self._in_thread, fn)
+
+    def _in_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._db is None:
+            self._db = self._open()
+        with self._db:
+            return fn(self._db)
+
+    def _open(self) -> sqlite3.Connection:
+        if self.path != ":memory:" and not os.path.exists(self.path):
+            self._create_atomically()
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL" if self.path != ":memory:" else "PRAGMA journal_mode=MEMORY")
+        db.execute("PRAGMA synchronous=FULL")
+        if self.path == ":memory:":
+            db.executescript(_SCHEMA_V1)
+            db.execute("INSERT INTO version VALUES (1)")
+        self._upgrade(db)
+        db.isolation_level = "DEFERRED"  # from here each _run is one transaction
+        return db
+
+    def _create_atomically(self) -> None:
+        tmp = f"{self.path}.new-{os.getpid()}"
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        db = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            db.executescript(_SCHEMA_V1)
+            db.execute("INSERT INTO version VALUES (1)")
+            self._upgrade(db)
+        finally:
+            db.close()
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.path)
+
+    def _upgrade(self, db: sqlite3.Connection) -> None:
+        (version,) = db.execute("SELECT version FROM version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path} has schema version {version}, newer than this camgateway"
+                f" ({SCHEMA_VERSION}); upgrade camgateway or move the file away"
+            )
+        while version < SCHEMA_VERSION:
+            version += 1
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _UPGRADES[version].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute("UPDATE version SET version = ?", (version,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    # -- IResumeStore
+
+    def find(self, imei: str, flow: str, identifier: bytes) -> "Deferred[Optional[Partial]]":
+        def q(db: sqlite3.Connection) -> Optional[Partial]:
+            row = db.execute(
+                f"SELECT {_COLUMNS} FROM partials WHERE imei=? AND flow=? AND identifier=?",
+                (imei, flow, identifier),
+            ).fetchone()
+            return _row(row) if row else None
+
+        return self._run(q)
+
+    def add(self, partial: Partial) -> "Deferred[None]":
+        values = dataclasses.astuple(partial)
+
+        def q(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM partials WHERE imei=? AND flow=? AND identifier=?",
+                       (partial.imei, partial.flow, partial.identifier))
+            db.execute(f"INSERT OR REPLACE INTO partials ({_COLUMNS}) VALUES"
+                       f" ({', '.join('?' * len(values))})", values)
+
+        return self._run(q)
+
+    def checkpoint(self, partial_id: str, held: int, boot_id: str, now: float) -> "Deferred[None]":
+        def q(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE partials SET held=?, boot_id=?, last_seen=? WHERE id=?",
+                       (held, boot_id, now, partial_id))
+
+        return self._run(q)
+
+    def remove(self, partial_id: str) -> "Deferred[None]":
+        return self._run(lambda db: db.execute("DELETE FROM partials WHERE id=?", (partial_id,)) and None)
+
+    def all(self) -> "Deferred[list[Partial]]":
+        return self._run(lambda db: [_row(r) for r in db.execute(
+            f"SELECT {_COLUMNS} FROM partials ORDER BY first_seen")])
+
+    def expired(self, before: float) -> "Deferred[list[Partial]]":
+        return self._run(lambda db: [_row(r) for r in db.execute(
+            f"SELECT {_COLUMNS} FROM partials WHERE last_seen < ? ORDER BY last_seen", (before,))])
+
+    def close(self) -> "Deferred[None]":
+        def shut() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        d = deferToThreadPool(self._reactor, self._pool, shut)
+        d.addBoth(lambda r: (self._pool.stop(), r)[1])
+        return d
+
+    # -- IOutboxStore
+
+    def enqueue(self, entry: OutboxEntry, partial_id: Optional[str]) -> "Deferred[None]":
+        def q(db: sqlite3.Connection) -> None:
+            _insert_entry(db, entry)
+            if partial_id is not None:
+                db.execute("DELETE FROM partials WHERE id=?", (partial_id,))
+
+        return self._run(q)
+
+    def due(self, now: float, limit: int, exclude: frozenset) -> "Deferred[list[OutboxEntry]]":
+        def q(db: sqlite3.Connection) -> list[OutboxEntry]:
+            rows = db.execute(f"SELECT {_OUTBOX} FROM outbox WHERE next_attempt <= ? ORDER BY next_attempt"
+                              " LIMIT ?", (now, limit + len(exclude)))
+            return [e for e in map(_entry, rows) if e.id not in exclude][:limit]
+
+        return self._run(q)
+
+    def update(self, entry: OutboxEntry) -> "Deferred[None]":
+        return self._run(lambda db: db.execute(
+            "UPDATE outbox SET sink=?, attempts=?, next_attempt=?, last_error=? WHERE id=?",
+            (entry.sink, entry.attempts, entry.next_attempt, entry.last_error, entry.id)) and None)
+
+    def replace(self, entry_id: str, entries: list[OutboxEntry]) -> "Deferred[None]":
+        def q(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM outbox WHERE id=?", (entry_id,))
+            for entry in entries:
+                _insert_entry(db, entry)
+
+        return self._run(q)
+
+    def pending(self) -> "Deferred[list[OutboxEntry]]":
+        return self._run(lambda db: [_entry(r) for r in db.execute(
+            f"SELECT {_OUTBOX} FROM outbox ORDER BY created")])
+
+
+_OUTBOX = "id, spool_name, sink, attempts, next_attempt, last_error, record, created"
+
+
+def _insert_entry(db: sqlite3.Connection, entry: OutboxEntry) -> None:
+    values = dataclasses.astuple(entry)
+    db.execute(f"INSERT OR REPLACE INTO outbox ({_OUTBOX}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+               values[:6] + (json.dumps(entry.record),) + values[7:])
+
+
+def _entry(row: tuple[Any, ...]) -> OutboxEntry:
+    return OutboxEntry(*row[:6], json.loads(row[6]), row[7])  # type: ignore[arg-type]

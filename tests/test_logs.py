@@ -1,0 +1,236 @@
+"""Logs: the JSON record, rotation-proof log files, the choice of output, progress events, and real twistd runs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from twisted.internet import defer
+from twisted.logger import FileLogObserver, LogLevel, Logger, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from camgateway.logs import JSONLineObserver, WatchedFile, observer_for
+from camgateway.sim import ContentPool
+from tests.test_integration import GatewayTestCase, camera
+from tests.test_twistd import IMEI, Camera, twistd
+
+#: The documented fields of the per-transfer record (README, Operations, Logs).
+FILE_RECEIVED_FIELDS = {"time", "level", "namespace", "message", "event", "imei", "id", "size", "sha256", "seconds",
+                        "peer", "camera", "source", "media", "resumed_from", "crc_errors", "computed_crc",
+                        "start_total", "start_crc"}
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class RecordTests(TestCase):
+    def capture(self, emit: Any) -> dict[str, Any]:
+        out = io.StringIO()
+        log = Logger(namespace="camgateway.test", observer=JSONLineObserver(out))
+        emit(log)
+        [line] = out.getvalue().splitlines()
+        return json.loads(line)
+
+    def test_fields_message_and_time(self) -> None:
+        record = self.capture(lambda log: log.info("camera {imei} sent {size} bytes", imei="352093080000001",
+                                                   size=1024, path=Path("/x/y"), raw=b"\xff\x01", ratio=float("nan"),
+                                                   nested={"a": [1, 2.5, None]}, time="a field called time"))
+        self.assertEqual(record["message"], "camera 352093080000001 sent 1024 bytes")
+        self.assertEqual((record["level"], record["namespace"]), ("info", "camgateway.test"))
+        self.assertRegex(record["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+        self.assertEqual((record["imei"], record["size"], record["path"]), ("352093080000001", 1024, "/x/y"))
+        self.assertEqual((record["raw"], record["ratio"], record["nested"]), ("\\xff\x01", "nan", {"a": [1, 2.5, None]}))
+        self.assertEqual(record["field_time"], "a field called time")
+        self.assertFalse([key for key in record if key.startswith("log_")])
+
+    def test_failure(self) -> None:
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        record = self.capture(lambda log: log.failure("checkpoint of {id} failed", failure, id="p1",
+                                                      level=LogLevel.error))
+        self.assertEqual(record["level"], "error")
+        self.assertEqual(record["error"], "ZeroDivisionError: division by zero")
+        self.assertIn("Traceback", record["traceback"])
+        self.assertEqual(record["message"], "checkpoint of p1 failed")
+
+    def test_an_unserialisable_event_still_logs_a_line(self) -> None:
+        out = io.StringIO()
+        JSONLineObserver(out)({"log_format": "{x", "log_time": "not a time"})
+        self.assertEqual(json.loads(out.getvalue())["level"], "error")
+
+
+class WatchedFileTests(TestCase):
+    def test_reopens_after_rotation(self) -> None:
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        path = folder / "camgateway.log"
+        out = WatchedFile(path)
+        out.write("one\n")
+        out.flush()
+        path.rename(folder / "camgateway.log.1")  # logrotate's default "create" mode
+        out.write("two\n")
+        out.flush()
+        path.unlink()
+        out.write("three\n")
+        out.flush()
+        out.close()
+        self.assertEqual((folder / "camgateway.log.1").read_text(), "one\n")
+        self.assertEqual(path.read_text(), "three\n")
+
+
+class ChoiceTests(TestCase):
+    """``log.format``: auto is text on a terminal and in twistd's --logfile, JSON anywhere else."""
+
+    def test_choice(self) -> None:
+        pipe, tty = io.StringIO(), Tty()
+        self.assertIsNone(observer_for("text", None, None, pipe))
+        self.assertIsNone(observer_for("auto", None, None, tty))
+        self.assertIsNone(observer_for("auto", None, "twistd.log", pipe))
+        self.assertIsInstance(observer_for("auto", None, None, pipe), JSONLineObserver)
+        self.assertIsInstance(observer_for("auto", None, "-", pipe), JSONLineObserver)
+        self.assertIsInstance(observer_for("json", None, None, tty), JSONLineObserver)
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        to_file = observer_for("json", None, str(folder / "twistd.log"), pipe)
+        self.assertIsInstance(to_file, JSONLineObserver)
+        self.assertIsInstance(to_file.out, WatchedFile)  # type: ignore[union-attr]
+        self.assertIsInstance(observer_for("auto", folder / "gw.log", None, tty), JSONLineObserver)
+        self.assertIsInstance(observer_for("text", folder / "gw.log", None, pipe), FileLogObserver)
+
+
+class ProgressTests(GatewayTestCase):
+    """One ``transfer_progress`` event per active transfer per interval, never per frame."""
+
+    @defer.inlineCallbacks
+    def test_progress_events(self) -> Any:
+        events: list[dict[str, Any]] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("event") == "transfer_progress":
+                events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        yield self.start_gateway(progress_interval=0.25)
+        rng = random.Random(51)
+        pool = ContentPool(rng, variants=1)
+        slow = camera(0, "dsm", rng, pool, photos=0, videos=1, video_size=240_000, slow_bps=120_000)
+        started = time.monotonic()
+        [result] = yield self.cameras([slow])
+        elapsed = time.monotonic() - started
+        self.assertTrue(result.ok)
+        self.assertGreaterEqual(len(events), 2)
+        self.assertLessEqual(len(events), elapsed / 0.25 + 2)  # one per tick, not one per frame (235 frames)
+        first, last = events[0], events[-1]
+        self.assertEqual({e["imei"] for e in events}, {str(slow.imei)})
+        self.assertIn("/sdcard/dsm/", first["file"])
+        self.assertEqual(first["total"], 240_000)
+        self.assertLess(first["held"], last["held"])
+        self.assertLessEqual(last["held"], 240_000)
+        self.assertGreater(last["rate"], 0)
+        self.assertIn("transfer progress: camera", first["log_format"])
+
+
+class TwistdLogTests(TestCase):
+    """``twistd camgateway`` with JSON logs: standard output, --logger, and a log.file that logrotate moves."""
+
+    def setUp(self) -> None:
+        self.work = Path(self.mktemp()).resolve()
+        self.work.mkdir(parents=True)
+        self.processes: list[subprocess.Popen] = []
+
+    def tearDown(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+
+    def start(self, log: Optional[dict[str, Any]], *flags: str) -> tuple[subprocess.Popen, Path]:
+        config = self.work / "camgateway.yaml"
+        doc: dict[str, Any] = {"listen": ["tcp:0:interface=127.0.0.1"], "storage": {"spool": "spool"},
+                               "sinks": [{"type": "disk", "root": "files"}]}
+        if log:
+            doc["log"] = log
+        config.write_text(json.dumps(doc))
+        out = self.work / f"stdout-{len(self.processes)}.txt"
+        with open(out, "w") as f:  # not a terminal
+            process = subprocess.Popen([twistd(), "-n", "--pidfile=", *flags, "camgateway", "--config", str(config)],
+                                       cwd=self.work, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.DEVNULL)
+        self.processes.append(process)
+        return process, out
+
+    def records(self, path: Path, process: subprocess.Popen, wanted: Any, what: str) -> list[dict[str, Any]]:
+        """Every line of ``path`` as JSON, once one satisfies ``wanted``."""
+        deadline = time.monotonic() + 30
+        while True:
+            text = path.read_text() if path.exists() else ""
+            lines = [line for line in text.splitlines() if line.strip()]
+            complete = lines if text.endswith("\n") else lines[:-1]
+            records = [json.loads(line) for line in complete]  # every line is JSON
+            if any(wanted(r) for r in records):
+                return records
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no {what} in {path} (exit {process.poll()}):\n{text[-3000:]}")
+            time.sleep(0.05)
+
+    def port(self, path: Path, process: subprocess.Popen) -> int:
+        records = self.records(path, process, lambda r: "listening for cameras" in r["message"], "listening record")
+        [message] = [r["message"] for r in records if "listening for cameras" in r["message"]]
+        return int(re.search(r"port=(\d+)\)", message).group(1))  # type: ignore[union-attr]
+
+    def send_photo(self, port: int) -> bytes:
+        content = b"\xff\xd8" + os.urandom(5000) + b"\xff\xd9"
+        Camera(port).send_photo(content)
+        return content
+
+    def stop(self, process: subprocess.Popen) -> None:
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(20), -signal.SIGTERM)
+
+    def test_json_on_standard_output(self) -> None:
+        process, out = self.start(None)  # log.format auto, stdout not a terminal: JSON
+        content = self.send_photo(self.port(out, process))
+        records = self.records(out, process, lambda r: r.get("event") == "file_received", "file_received record")
+        [record] = [r for r in records if r.get("event") == "file_received"]
+        self.assertLessEqual(FILE_RECEIVED_FIELDS, set(record))
+        self.assertEqual((record["imei"], record["size"], record["camera"], record["source"], record["media"]),
+                         (str(IMEI), len(content), "dualcam", "photof", "photo"))
+        self.assertEqual((record["level"], record["namespace"], record["resumed_from"]), ("info", "camgateway.files", 0))
+        self.assertTrue(record["peer"].startswith("127.0.0.1:"))
+        self.assertTrue(record["message"].startswith("file received: camera"))
+        self.assertTrue(any(r["message"].startswith("twistd ") for r in records))  # twistd's own lines too
+        self.stop(process)
+        self.assertIn("camgateway stopped", [r["message"] for r in self.records(
+            out, process, lambda r: r["message"] == "camgateway stopped", "stop record")])
+
+    def test_logger_flag(self) -> None:
+        process, out = self.start({"format": "text"}, "--logger=camgateway.logs.json_observer")
+        self.send_photo(self.port(out, process))
+        self.records(out, process, lambda r: r.get("event") == "file_received", "file_received record")
+        self.stop(process)
+
+    def test_log_file_survives_logrotate(self) -> None:
+        process, out = self.start({"file": "camgateway.log", "format": "json"})
+        log_file = self.work / "camgateway.log"
+        port = self.port(log_file, process)
+        log_file.rename(self.work / "camgateway.log.1")  # what logrotate does, no signal needed
+        self.send_photo(port)
+        self.records(log_file, process, lambda r: r.get("event") == "file_received", "record in the new file")
+        rotated = (self.work / "camgateway.log.1").read_text()
+        self.assertIn("listening for cameras", rotated)
+        self.assertNotIn("file_received", rotated)
+        self.assertEqual(out.read_text(), "")
+        self.stop(process)

@@ -1,0 +1,160 @@
+"""The outbox: a chain of sinks, retries with backoff, dead letters, restarts."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+
+from camgateway.cli import dead_letters, retry_dead_letter
+from camgateway.outbox import Outbox, backoff
+from camgateway.sinks import PermanentFailure, ReceivedFile, Transformed
+from tests.support import make_services
+
+
+class Recorder:
+    """A sink that records what it gets and fails as told."""
+
+    def __init__(self, name: str, failures: list[Exception] | None = None) -> None:
+        self.name = name
+        self.failures = list(failures or [])
+        self.got: list[bytes] = []
+
+    def deliver(self, received: ReceivedFile) -> Any:
+        if self.failures:
+            raise self.failures.pop(0)
+        self.got.append(received.path.read_bytes())
+        return f"{self.name}:ok"
+
+
+class Doubler:
+    """A transforming sink: the following sinks get two files made from one."""
+
+    name = "doubler"
+
+    def __init__(self, services: Any) -> None:
+        self.s = services
+
+    def deliver(self, received: ReceivedFile) -> Any:
+        made = []
+        for tag in (b"a", b"b"):
+            path = self.s.spool.path(self.s.spool.new_name())
+            path.write_bytes(received.path.read_bytes() + tag)
+            made.append(ReceivedFile(**{**received.__dict__, "path": path, "derived": tag.decode()}))
+        return Transformed(made)
+
+
+class OutboxTests(TestCase):
+    """Deliveries on a Clock with the in-memory store."""
+
+    def setUp(self) -> None:
+        self.root = Path(self.mktemp())
+        self.root.mkdir()
+        self.s = make_services(self.root)
+        self.s.outbox.stop()
+        self.s.outbox = Outbox(self.s, poll=5.0, give_up_after=3600.0, rng=random.Random(1))
+
+    def received(self, content: bytes = b"photo") -> ReceivedFile:
+        path = self.s.spool.path(self.s.spool.new_name())
+        path.write_bytes(content)
+        now = datetime.datetime(2024, 10, 30, tzinfo=datetime.timezone.utc)
+        return ReceivedFile(path=path, imei="1", peer="p", protocol_id=5, camera="dualcam", flow="dualcam",
+                            source="photof", identifier=b"%photof", media="photo", metadata={}, size=len(content),
+                            sha256="x", start_total=1, start_crc=0, computed_crc=0, received_at=now,
+                            capture_time=None, resumed_from=0, crc_errors=0)
+
+    def test_chain_in_order_then_spool_file_removed(self) -> None:
+        a, b = Recorder("a"), Recorder("b")
+        self.s.sinks = [a, b]
+        self.s.outbox.start()
+        self.s.outbox.add(self.received(b"one"), None)
+        self.assertEqual((a.got, b.got), ([b"one"], [b"one"]))
+        self.assertEqual(self.s.spool.names(), set())
+        self.assertEqual(self.s.store.outbox, {})
+
+    def test_transformed_files_replace_the_original_downstream(self) -> None:
+        before, after = Recorder("before"), Recorder("after")
+        self.s.sinks = [before, Doubler(self.s), after]
+        self.s.outbox.start()
+        self.s.outbox.add(self.received(b"v"), None)
+        self.assertEqual(before.got, [b"v"])
+        self.assertEqual(sorted(after.got), [b"va", b"vb"])
+        self.assertEqual(self.s.spool.names(), set())
+
+    def test_transient_failures_back_off_then_deliver(self) -> None:
+        flaky = Recorder("flaky", [RuntimeError("503"), RuntimeError("503"), RuntimeError("timeout")])
+        self.s.sinks = [flaky]
+        self.s.outbox.start()
+        self.s.outbox.add(self.received(), None)
+        [entry] = self.s.store.outbox.values()
+        self.assertEqual((entry.attempts, entry.last_error), (1, "503"))
+        for _ in range(200):
+            self.s.clock.advance(1)
+        self.assertEqual(flaky.got, [b"photo"])
+        self.assertEqual(self.s.store.outbox, {})
+        self.assertEqual(self.s.stats.delivery_failures, 3)
+
+    def test_backoff_grows_capped_with_jitter(self) -> None:
+        rng = random.Random(3)
+        delays = [backoff(n, rng) for n in range(1, 15)]
+        self.assertTrue(0.5 <= delays[0] <= 1.5)
+        self.assertTrue(4.0 <= delays[3] <= 12.0)
+        self.assertTrue(all(d <= 450 for d in delays))
+        self.assertGreater(delays[12], 100)
+
+    def test_permanent_failure_goes_to_dead_letters_and_on(self) -> None:
+        refusing, next_one = Recorder("refusing", [PermanentFailure("HTTP 400: bad")]), Recorder("next")
+        self.s.sinks = [refusing, next_one]
+        self.s.outbox.start()
+        self.s.outbox.add(self.received(b"data"), None)
+        self.assertEqual(next_one.got, [b"data"])
+        [letter] = dead_letters(self.s.spool)
+        self.assertEqual((letter["sink_name"], letter["reason"]), ("refusing", "HTTP 400: bad"))
+        self.assertEqual((self.s.spool.dead / letter["id"] / "file").read_bytes(), b"data")
+        retry_dead_letter(self.s.spool, self.s.store, letter["id"], self.s.clock.seconds())
+        self.s.clock.advance(5)
+        self.assertEqual(refusing.got, [b"data"])  # the retry reached the sink that refused it
+        self.assertEqual(next_one.got, [b"data", b"data"])
+        self.assertEqual(dead_letters(self.s.spool), [])
+
+    def test_gives_up_after_the_configured_time(self) -> None:
+        down = Recorder("down", [RuntimeError("refused")] * 1000)
+        self.s.sinks = [down]
+        self.s.outbox.start()
+        self.s.outbox.add(self.received(), None)
+        for _ in range(100):
+            self.s.clock.advance(60)
+        [letter] = dead_letters(self.s.spool)
+        self.assertIn("still failing after 3600 s: refused", letter["reason"])
+        self.assertEqual(self.s.store.outbox, {})
+
+    def test_a_new_outbox_resumes_where_the_old_stopped(self) -> None:
+        a, b = Recorder("a"), Recorder("b", [RuntimeError("down")])
+        self.s.sinks = [a, b]
+        self.s.outbox.start()
+        self.s.outbox.add(self.received(b"x"), None)
+        self.s.outbox.stop()  # "the gateway restarts"
+        [entry] = self.s.store.outbox.values()
+        self.assertEqual(entry.sink, 1)
+        self.s.outbox = Outbox(self.s, poll=5.0)
+        self.s.clock.advance(10)
+        self.s.outbox.start()
+        self.assertEqual((a.got, b.got), ([b"x"], [b"x"]))  # a is not given the file twice
+
+    def test_record_round_trip(self) -> None:
+        received = self.received()
+        again = ReceivedFile.from_record(json.loads(json.dumps(received.to_record())), received.path)
+        self.assertEqual(again, received)
+
+    @defer.inlineCallbacks
+    def test_idle_fires_when_drained(self) -> Any:
+        self.s.sinks = [Recorder("a")]
+        self.s.outbox.start()
+        self.s.outbox.add(self.received(), None)
+        yield self.s.outbox.idle()
+        self.assertEqual(self.s.store.outbox, {})

@@ -1,0 +1,373 @@
+"""The shipped sinks with real components: an HTTP server, a program, ffmpeg; and plugins."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, reactor, task
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web import resource, server
+
+from camgateway.config import ConfigError
+from camgateway.ptmf import demux
+from camgateway.sinks import PermanentFailure, ReceivedFile, Transformed
+from camgateway.sinks import command as command_sink
+from camgateway.sinks import http as http_sink
+from camgateway.sinks import mp4 as mp4_sink
+from camgateway.sinks.registry import known_types, make, validate
+from tests.support import NO_VECTORS, VECTORS, capture_stream, connect, make_services, stored_files
+
+NOW = datetime.datetime(2024, 10, 29, 12, 43, 42, tzinfo=datetime.timezone.utc)
+
+
+def received_file(path: Path, **fields: Any) -> ReceivedFile:
+    values: dict[str, Any] = dict(
+        path=path, imei="863719061653375", peer="10.0.0.1:1", protocol_id=5, camera="dualcam", flow="dualcam",
+        source="photof", identifier=b"%photof", media="photo", metadata={"layout": "dualcam-v3", "framerate": 20},
+        size=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest(), start_total=1,
+        start_crc=0, computed_crc=0, received_at=NOW, capture_time=NOW, resumed_from=0, crc_errors=0)
+    values.update(fields)
+    return ReceivedFile(**values)
+
+
+class Endpoint(resource.Resource):
+    """An HTTP endpoint that answers from a script: codes, or "hang"."""
+
+    isLeaf = True
+
+    def __init__(self, script: list[Any]) -> None:
+        super().__init__()
+        self.script = script
+        self.requests: list[dict[str, Any]] = []
+
+    def render(self, request: Any) -> Any:
+        body = request.content.read()
+        self.requests.append({"method": request.method, "path": request.path, "headers": request.requestHeaders,
+                              "args": dict(request.args), "body": body})
+        action = self.script.pop(0) if self.script else 200
+        if action == "hang":
+            return server.NOT_DONE_YET
+        request.setResponseCode(action)
+        return b"ok" if action < 300 else b"nope"
+
+    def delivered(self) -> list[dict[str, Any]]:
+        return [r for i, r in enumerate(self.requests) if True]
+
+
+class HTTPSinkTests(TestCase):
+    """The http sink against a real twisted.web server."""
+
+    def setUp(self) -> None:
+        self.work = Path(self.mktemp()).resolve()
+        self.work.mkdir(parents=True)
+        self.file = self.work / "x.part"
+        self.file.write_bytes(b"\xff\xd8" + os.urandom(3000) + b"\xff\xd9")
+
+    def serve(self, script: list[Any]) -> Endpoint:
+        endpoint = Endpoint(script)
+        site = server.Site(endpoint)
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.port = port.getHost().port
+        return endpoint
+
+    def sink(self, **config: Any) -> Any:
+        entry = {"type": "http", "url": f"http://127.0.0.1:{self.port}/up/{{imei}}/{{name}}", **config}
+        sink = make(validate(entry, "sinks[0]", self.work), None)
+        self.addCleanup(sink.close)
+        return sink
+
+    @defer.inlineCallbacks
+    def test_post_multipart_with_metadata_and_secret_header(self) -> Any:
+        endpoint = self.serve([200])
+        os.environ["CAMGW_TEST_TOKEN"] = "s3cret"
+        self.addCleanup(os.environ.pop, "CAMGW_TEST_TOKEN")
+        sink = self.sink(headers={"Authorization": {"env": "CAMGW_TEST_TOKEN", "prefix": "Bearer "}})
+        url = yield sink.deliver(received_file(self.file))
+        [request] = endpoint.requests
+        self.assertEqual(request["path"], b"/up/863719061653375/20241029T124342Z_photof.jpg")
+        self.assertTrue(url.endswith("/up/863719061653375/20241029T124342Z_photof.jpg"))
+        self.assertEqual(request["headers"].getRawHeaders("authorization"), ["Bearer s3cret"])
+        self.assertEqual(request["args"][b"file"], [self.file.read_bytes()])
+        metadata = json.loads(request["args"][b"metadata"][0])
+        self.assertEqual(metadata["imei"], "863719061653375")
+        self.assertNotIn("s3cret", sink.name + repr(sink.url))
+
+    @defer.inlineCallbacks
+    def test_put_raw_body(self) -> Any:
+        endpoint = self.serve([201])
+        sink = self.sink(method="PUT")
+        yield sink.deliver(received_file(self.file))
+        [request] = endpoint.requests
+        self.assertEqual((request["method"], request["body"]), (b"PUT", self.file.read_bytes()))
+        self.assertEqual(json.loads(request["headers"].getRawHeaders("x-camgateway-metadata")[0])["size"], 3004)
+
+    @defer.inlineCallbacks
+    def test_status_classes(self) -> Any:
+        self.serve([503, 429, 408, 400, 404])
+        sink = self.sink()
+        for _ in range(3):
+            error = yield self.assertFailure(sink.deliver(received_file(self.file)), RuntimeError)
+            self.assertNotIsInstance(error, PermanentFailure)
+        for code in (400, 404):
+            error = yield self.assertFailure(sink.deliver(received_file(self.file)), PermanentFailure)
+            self.assertIn(f"HTTP {code}", str(error))
+
+    @defer.inlineCallbacks
+    def test_timeout_is_transient(self) -> Any:
+        self.serve(["hang"])
+        sink = self.sink(timeout=0.3)
+        yield self.assertFailure(sink.deliver(received_file(self.file)), Exception)
+
+    def test_config_errors_name_the_key(self) -> None:
+        base = self.work
+        for entry, key in [({"type": "http"}, "sinks[0].url"), ({"type": "http", "url": "ftp://x"}, "sinks[0].url"),
+                           ({"type": "http", "url": "http://x/{nope}"}, "sinks[0].url"),
+                           ({"type": "http", "url": "http://x", "method": "GET"}, "sinks[0].method"),
+                           ({"type": "http", "url": "http://x", "headers": {"A": {"env": "CAMGW_UNSET_VAR"}}},
+                            "sinks[0].headers.A"),
+                           ({"type": "http", "url": "http://x", "bogus": 1}, "sinks[0].bogus"),
+                           ({"type": "nosuch"}, "sinks[0].type")]:
+            with self.assertRaises(ConfigError) as caught:
+                validate(entry, "sinks[0]", base)
+            self.assertEqual(caught.exception.key, key, entry)
+
+
+class CommandSinkTests(TestCase):
+    """The command sink runs a real program."""
+
+    def setUp(self) -> None:
+        self.work = Path(self.mktemp()).resolve()
+        self.work.mkdir(parents=True)
+        self.script = self.work / "ingest"
+        self.script.write_text(textwrap.dedent(f"""\
+            #!{sys.executable}
+            import sys, shutil, os
+            out = {str(self.work)!r}
+            shutil.copy(sys.argv[-1], os.path.join(out, "copied"))
+            open(os.path.join(out, "stdin.json"), "w").write(sys.stdin.read())
+            open(os.path.join(out, "args"), "w").write(" ".join(sys.argv[1:-1]))
+            code = int(open(os.path.join(out, "code")).read()) if os.path.exists(os.path.join(out, "code")) else 0
+            sys.stderr.write("ingest says hi")
+            sys.exit(code)
+            """))
+        self.script.chmod(0o755)
+        self.file = self.work / "f.part"
+        self.file.write_bytes(os.urandom(1000))
+        self.sink = make(validate({"type": "command", "command": [str(self.script), "--fleet", "north"],
+                                   "timeout": 20}, "sinks[0]", self.work), None)
+
+    @defer.inlineCallbacks
+    def test_exit_zero_delivers_with_path_and_metadata(self) -> Any:
+        yield self.sink.deliver(received_file(self.file))
+        self.assertEqual((self.work / "copied").read_bytes(), self.file.read_bytes())
+        self.assertEqual(json.loads((self.work / "stdin.json").read_text())["imei"], "863719061653375")
+        self.assertEqual((self.work / "args").read_text(), "--fleet north")
+
+    @defer.inlineCallbacks
+    def test_exit_codes(self) -> Any:
+        (self.work / "code").write_text("1")
+        error = yield self.assertFailure(self.sink.deliver(received_file(self.file)), RuntimeError)
+        self.assertIn("exit 1: ingest says hi", str(error))
+        (self.work / "code").write_text(str(command_sink.PERMANENT_EXIT))
+        yield self.assertFailure(self.sink.deliver(received_file(self.file)), PermanentFailure)
+
+    def test_missing_program(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            validate({"type": "command", "command": ["/nonexistent/prog"]}, "sinks[2]", self.work)
+        self.assertEqual(caught.exception.key, "sinks[2].command")
+
+
+def ffprobe(path: Path) -> dict[str, Any]:
+    out = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
+                          "stream=codec_name,codec_tag_string,width,height,r_frame_rate,nb_read_frames,duration",
+                          "-of", "json", str(path)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)["streams"][0]
+
+
+def decode_errors(path: Path) -> str:
+    return subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "null", "-"],
+                          capture_output=True, text=True).stderr
+
+
+class MP4SinkTests(TestCase):
+    """PTMF to MP4 with the real ffmpeg (.ci/run installs it)."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
+            raise SkipTest("ffmpeg/ffprobe not installed (.ci/run installs Debian's ffmpeg)")
+        self.root = Path(self.mktemp()).resolve()
+        self.root.mkdir(parents=True)
+        self.s = make_services(self.root)
+        self.s.run_in_thread = deferToThread
+
+    def sink(self, **config: Any) -> Any:
+        return make(validate({"type": "mp4", **config}, "sinks[0]", self.root), self.s)
+
+    def capture_video(self) -> Path:
+        if not VECTORS.is_dir():
+            raise SkipTest(NO_VECTORS)
+        services = make_services(self.root / "replay")
+        protocol, _ = connect(services)
+        protocol.dataReceived(capture_stream("dualcam-video-front-resume.json"))
+        [ptmf] = stored_files(self.root / "replay")
+        target = self.s.spool.path(self.s.spool.new_name())
+        shutil.copy(ptmf, target)
+        return target
+
+    @defer.inlineCallbacks
+    def test_real_capture_to_hevc_mp4_and_poster(self) -> Any:
+        video = self.capture_video()
+        result = yield self.sink(h264=True).deliver(received_file(video, media="video", source="videof",
+                                                                  identifier=b"%videof"))
+        self.assertIsInstance(result, Transformed)
+        mp4, poster, h264 = result.files
+        self.assertEqual((mp4.derived, poster.derived, h264.derived), ("mp4", "poster", "h264"))
+        info = ffprobe(mp4.path)
+        self.assertEqual((info["codec_name"], info["codec_tag_string"], info["width"], info["height"]),
+                         ("hevc", "hvc1", 1280, 720))
+        self.assertEqual((info["r_frame_rate"], info["nb_read_frames"], float(info["duration"])), ("20/1", "60", 3.0))
+        self.assertEqual(decode_errors(mp4.path), "")
+        self.assertEqual(poster.path.read_bytes()[:2], b"\xff\xd8")
+        self.assertEqual(poster.media, "photo")
+        self.assertEqual(ffprobe(h264.path)["codec_name"], "h264")
+        self.assertEqual(mp4.sha256, hashlib.sha256(mp4.path.read_bytes()).hexdigest())
+        self.assertEqual(self.s.spool.names(), {video.name, mp4.path.name, poster.path.name, h264.path.name})
+
+    @defer.inlineCallbacks
+    def test_not_ptmf_passes_through(self) -> Any:
+        photo = self.s.spool.path(self.s.spool.new_name())
+        photo.write_bytes(b"\xff\xd8 a photo \xff\xd9")
+        self.assertIsNone((yield self.sink().deliver(received_file(photo))))
+
+    @defer.inlineCallbacks
+    def test_broken_ptmf_is_permanent(self) -> Any:
+        broken = self.s.spool.path(self.s.spool.new_name())
+        broken.write_bytes(b"PTMF" + os.urandom(500))
+        yield self.assertFailure(self.sink().deliver(received_file(broken, media="video")), PermanentFailure)
+        self.assertEqual(self.s.spool.names(), {broken.name})
+
+    def test_demux_frame_rate_from_timestamps(self) -> None:
+        import struct
+
+        def frame(kind: bytes, ts: int, payload: bytes) -> bytes:
+            header = bytearray(36)
+            header[0:4], header[5] = b"PTMF", kind[0]
+            struct.pack_into("<HH", header, 8, 1280, 720)
+            struct.pack_into("<II", header, 24, len(payload), ts)
+            return bytes(header) + payload
+
+        data = b"".join(frame(b"I" if i == 0 else b"P", 1000 + 50 * i, b"\0\0\0\1" + bytes([i])) for i in range(21))
+        data += frame(b"A", 1020, b"\x00\x01\xa0\x00" + bytes(320))
+        demuxed = demux(data)
+        self.assertEqual((demuxed.video_frames, demuxed.width, demuxed.height, len(demuxed.audio)), (21, 1280, 720, 1))
+        self.assertEqual(demuxed.frame_rate(), 20.0)
+
+
+class PipelineTests(TestCase):
+    """mp4 then disk: the disk sink stores the MP4 and the poster instead of the PTMF."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_mp4_then_disk(self) -> Any:
+        if shutil.which("ffmpeg") is None:
+            raise SkipTest("ffmpeg not installed (.ci/run installs Debian's ffmpeg)")
+        if not VECTORS.is_dir():
+            raise SkipTest(NO_VECTORS)
+        root = Path(self.mktemp()).resolve()
+        root.mkdir(parents=True)
+        services = make_services(root)  # synchronous steps: the capture is fed in one piece
+        services.sinks = [make(validate({"type": "mp4"}, "s", root), services), services.sinks[0]]
+        protocol, transport = connect(services)
+        protocol.dataReceived(capture_stream("dualcam-video-front-resume.json"))
+        yield services.outbox.idle()
+        while services.outbox.in_flight:
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        names = sorted(p.name for p in stored_files(root))
+        self.assertEqual(names, ["20241029T124342Z_videof.mp4", "20241029T124342Z_videof_poster.jpg"])
+        self.assertEqual(services.spool.names(), set())
+
+
+class PluginTests(TestCase):
+    """Third-party sinks register under the entry point group camgateway.sinks."""
+
+    def test_entry_point_sink_is_found_and_built(self) -> None:
+        site = Path(self.mktemp()).resolve()
+        (site / "camgw_fake_sink-1.0.dist-info").mkdir(parents=True)
+        (site / "camgw_fake_sink-1.0.dist-info" / "METADATA").write_text(
+            "Metadata-Version: 2.1\nName: camgw-fake-sink\nVersion: 1.0\n")
+        (site / "camgw_fake_sink-1.0.dist-info" / "entry_points.txt").write_text(
+            "[camgateway.sinks]\nfake = camgw_fake_sink\n")
+        (site / "camgw_fake_sink.py").write_text(textwrap.dedent("""\
+            def validate(config, key, base):
+                return {"type": "fake", "bucket": config.get("bucket", "default")}
+            class Sink:
+                name = "fake"
+                def __init__(self, bucket):
+                    self.bucket = bucket
+                def deliver(self, received):
+                    return None
+            def make(config, services):
+                return Sink(config["bucket"])
+            """))
+        sys.path.insert(0, str(site))
+        self.addCleanup(sys.path.remove, str(site))
+        self.assertIn("fake", known_types())
+        entry = validate({"type": "fake", "bucket": "b1"}, "sinks[1]", site)
+        self.assertEqual(make(entry, None).bucket, "b1")
+
+
+class RestartTests(TestCase):
+    """A gateway restart between a failed and a successful attempt delivers exactly once."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_http_delivery_survives_restart_exactly_once(self) -> Any:
+        import random
+
+        from camgateway.sim import ContentPool
+        from tests.test_integration import GatewayTestCase, camera
+
+        endpoint = Endpoint([503] * 1000)
+        port = reactor.listenTCP(0, server.Site(endpoint), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        gw = GatewayTestCase("cameras")
+        gw.mktemp = self.mktemp  # type: ignore[method-assign]
+        work = Path(self.mktemp()).resolve()
+        sink = validate({"type": "http", "url": f"http://127.0.0.1:{port.getHost().port}/f/{{name}}"}, "s", work)
+        yield gw.start_gateway(root=work, sinks=(sink,))
+        rng = random.Random(5)
+        spec = camera(0, "dualcam", rng, ContentPool(rng, 1), photos=1, videos=0)
+        results = yield gw.cameras([spec])
+        self.assertTrue(results[0].ok)
+        while not endpoint.requests:
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        yield gw.top.stopService()
+        failed = len(endpoint.requests)
+        endpoint.script[:] = []  # the endpoint is back: 200 from now on
+        yield gw.start_gateway(root=work, sinks=(sink,))
+        self.addCleanup(gw.top.stopService)
+        for _ in range(400):
+            if len(endpoint.requests) > failed:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        yield gw.drained()
+        yield task.deferLater(reactor, 0.3, lambda: None)  # nothing else arrives
+        self.assertEqual(len(endpoint.requests), failed + 1)
+        [content] = [f.content for f in spec.files]
+        self.assertEqual(endpoint.requests[-1]["args"][b"file"], [content])
+        self.assertEqual(list((work / "spool" / "partials").iterdir()), [])
