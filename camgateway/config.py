@@ -287,6 +287,16 @@ def _sinks(value: object, base: Path) -> tuple[Mapping[str, Any], ...]:
     return tuple(validate_sink_config(item, f"sinks[{i}]", base) for i, item in enumerate(value))
 
 
+def _read_text(path: Path, key: str) -> str:
+    """A UTF-8 file's text; errors name ``key``."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(key, f"{path} is not UTF-8 text: {e}") from None
+
+
 def load_config(path: Path | None, *, explicit: bool = True, base: Path | None = None) -> Config:
     """Read and validate the YAML file at ``path``.
 
@@ -296,12 +306,7 @@ def load_config(path: Path | None, *, explicit: bool = True, base: Path | None =
     base = base or Path.cwd()
     if path is None or (not explicit and not path.exists()):
         return parse_config({}, "built-in defaults", base)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError("--config", f"cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError("--config", f"{path} is not UTF-8 text: {e}") from None
+    text = _read_text(path, "--config")
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -318,13 +323,7 @@ def _http(http: Mapping[str, Any], base: Path) -> dict[str, Any]:
     if "token" in http:
         out["http_token"] = _token(http["token"], "http.token")
     elif "token_file" in http:
-        path = _path(base)(http["token_file"], "http.token_file")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError("http.token_file", f"cannot read {path}: {e.strerror or e}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError("http.token_file", f"{path} is not UTF-8 text: {e}") from None
+        text = _read_text(_path(base)(http["token_file"], "http.token_file"), "http.token_file")
         out["http_token"] = _token(text.strip(), "http.token_file")
     return out
 
