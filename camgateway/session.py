@@ -12,7 +12,6 @@ as inputs of the table (``prepared``, ``stored``...).
 
 from __future__ import annotations
 
-import enum
 import uuid
 from typing import Any, Callable, Optional
 
@@ -22,10 +21,12 @@ from twisted.python.failure import Failure
 
 from camgateway import codec
 from camgateway.codec import ProtocolError
-from camgateway.files import FileOffer, Refused, checkpoint, finish_transfer, open_transfer, release_transfer
+from camgateway.files import FileOffer, checkpoint, release_transfer
 from camgateway.leases import instance_of
 from camgateway.metadata import decode_metadata
 from camgateway.services import Services
+from camgateway.session_transfer import TransferSteps
+from camgateway.states import S, State
 from camgateway.status_codes import status_meaning
 from camgateway.transfer import Transfer
 
@@ -37,24 +38,6 @@ PATH_BIT = 0x02000000
 DUALCAM_BITS = {"photof": 0x04000000, "photor": 0x08000000, "videof": 0x10000000, "videor": 0x20000000}
 ANY_DUALCAM = 0x3C000000
 
-
-class State(enum.Enum):
-    """Where a session is in the protocol."""
-
-    AWAIT_INIT = "awaiting init"
-    LEASING = "taking the camera's lease"
-    AWAIT_PATH = "awaiting file path"
-    AWAIT_METADATA = "awaiting metadata"
-    AWAIT_START = "awaiting START"
-    PREPARING = "opening transfer"
-    AWAIT_SYNC = "awaiting SYNC"
-    RECEIVING = "receiving"
-    DISCARDING = "discarding until SYNC"
-    STORING = "storing file"
-    CLOSED = "closed"
-
-
-S = State
 _FILE_STATES = {S.AWAIT_METADATA, S.AWAIT_START, S.PREPARING, S.AWAIT_SYNC, S.RECEIVING, S.DISCARDING}
 
 #: (state, input) -> (handler, states the handler may return)
@@ -102,7 +85,7 @@ class Link:
     def abort(self) -> None: ...
 
 
-class Session:
+class Session(TransferSteps):
     """The protocol state machine of one camera connection.
 
     Its frame methods (``init``, ``start``, ``data``...) are called by the
@@ -371,178 +354,6 @@ class Session:
         self._metadata_answers = False
         self.send(codec.file_request(self.offer.identifier))  # type: ignore[union-attr]
         return self._await(S.AWAIT_START)
-
-    # -- START, opening the transfer
-
-    def _on_start(self, total: int, crc: int) -> State:
-        self._disarm()
-        offer = self.offer
-        assert offer is not None
-        if total == 0:
-            log.info("camera {imei}: {id} has nothing to send (START total 0)", imei=self.imei, id=offer.printable)
-            return self._file_ended(offer)
-        size = total * 1024 if offer.flow == "dualcam" else total
-        if size > self.config.max_file_bytes:
-            log.error("camera {imei}: {id} is {size} bytes, over limits.max_file_bytes ({limit}); not fetched",
-                      imei=self.imei, id=offer.printable, size=size, limit=self.config.max_file_bytes)
-            return self._file_ended(offer)
-        offer.total, offer.start_crc = total, crc
-
-        def open_it() -> None:
-            d = self._predecessor.addBoth(lambda _: open_transfer(self.s, self, offer))
-            d.addCallbacks(self._prepared, self._prepare_failed)
-            self._opening = d
-
-        self._then(open_it)
-        return S.PREPARING
-
-    def _prepared(self, transfer: Transfer) -> Optional[defer.Deferred]:
-        if self.state is not S.PREPARING:  # the connection went away meanwhile
-            return release_transfer(self.s, transfer)
-        self._guard(self._input, "prepared", transfer)
-        return None
-
-    def _prepare_failed(self, failure: Failure) -> None:
-        if self.state is S.PREPARING:
-            self._guard(self._input, "prepare_failed", failure)
-        elif not failure.check(Refused):
-            log.failure("camera {imei}: opening a transfer failed", failure, imei=self.imei)
-
-    def _on_prepared(self, transfer: Transfer) -> State:
-        self.transfer = transfer
-        self.file_started_at = self.s.clock.seconds()
-        if transfer.complete:  # held everything before: fetch the last unit again
-            transfer.rewind(transfer.offset_of(transfer.position() - 1) if transfer.dualcam
-                            else max(0, (transfer.held - 1) // 1024 * 1024))
-        if transfer.held:
-            self.s.stats.resumes += 1
-            log.info("camera {imei}: resuming {id} at {pos} ({held} of {total} bytes held)",
-                     imei=self.imei, id=self.offer.printable, pos=transfer.position(),  # type: ignore[union-attr]
-                     held=transfer.held, total=transfer.limit)
-        return self._send_resume(S.AWAIT_SYNC)
-
-    def _on_prepare_failed(self, failure: Failure) -> State:
-        if failure.check(Refused):  # a refusal with a reason (disk low...)
-            log.warn("camera {imei}: {why}; closing", imei=self.imei, why=failure.value)
-            return self._close()
-        log.failure("camera {imei}: cannot open a transfer; closing", failure, imei=self.imei)
-        return self._close()
-
-    # -- SYNC, DATA, errors
-
-    def _send_resume(self, state: State) -> State:
-        self.send(codec.resume(self.transfer.position()))  # type: ignore[union-attr]
-        self._arm(2.0 if self._resume_tries < 10 else 4.0, "resume_timer")
-        return state
-
-    def _on_sync(self, position: int) -> State:
-        transfer = self.transfer
-        assert transfer is not None
-        offset = transfer.offset_of(position)
-        if offset > transfer.held:
-            log.warn("camera {imei}: SYNC {pos} is beyond the {held} bytes held; asking again",
-                     imei=self.imei, pos=position, held=transfer.held)
-            self.decoder.discard_until_sync(transfer.position())  # type: ignore[union-attr]
-            return self._retry_resume(S.DISCARDING)
-        self._disarm()
-        self._resume_tries = 0
-        transfer.sync(offset)
-        return S.RECEIVING
-
-    def _on_enhanced(self, offset: int, payload: memoryview, crc: int) -> State:
-        transfer = self.transfer
-        assert transfer is not None
-        if offset != transfer.held:
-            log.warn("camera {imei}: ENHANCED DATA at offset {offset}, expected {held}",
-                     imei=self.imei, offset=offset, held=transfer.held)
-            return self._on_bad_crc()
-        if not transfer.append(payload, crc):
-            return self._on_bad_crc()
-        return self._on_complete() if transfer.complete else S.RECEIVING
-
-    def _on_bad_crc(self) -> State:
-        self.s.stats.crc_errors += 1
-        log.warn("camera {imei}: bad CRC in {id} after {held} bytes; RESUME and discard until SYNC",
-                 imei=self.imei, id=self.offer.printable, held=self.transfer.held)  # type: ignore[union-attr]
-        self.decoder.discard_until_sync(self.transfer.position())  # type: ignore[union-attr]
-        return self._retry_resume(S.DISCARDING)
-
-    def _retry_resume(self, state: State) -> State:
-        self._resume_tries += 1
-        if self._resume_tries > self.config.resume_retries:
-            log.error("camera {imei}: no usable SYNC after {n} RESUMEs; closing, partial kept",
-                      imei=self.imei, n=self.config.resume_retries)
-            return self._close()
-        return self._send_resume(state)
-
-    def _on_resume_timer(self) -> State:
-        return self._retry_resume(self.state)
-
-    # -- the end of a file
-
-    def _on_complete(self) -> State:
-        transfer, offer = self.transfer, self.offer
-        assert transfer is not None and offer is not None
-        self.transfer = None
-        self.s.stats.bytes_received += transfer.flush()
-
-        def finish() -> None:
-            d = self.s.track(finish_transfer(self.s, self, offer, transfer))
-            d.addCallbacks(lambda received: self._guard(self._stored, received),
-                           lambda f: self._guard(self._store_failed, f))
-
-        self._then(finish)
-        return S.STORING
-
-    def _stored(self, received: Any) -> None:
-        self.files_done += 1
-        self.s.stats.files_received += 1
-        if self.state is S.STORING:
-            if self.connected:
-                self._input("stored", received)
-            else:  # stored, but the camera is gone: it will offer the file again
-                self.state = S.CLOSED
-
-    def _on_stored(self, received: Any) -> State:
-        self.offer = None
-        self.send(codec.repeat_init())
-        return self._await(S.AWAIT_INIT)
-
-    def _store_failed(self, failure: Failure) -> None:
-        self.s.stats.delivery_failures += 1
-        self.s.failed(self.imei, self.link.peer, "store " + (self.offer.printable if self.offer else "?"),
-                      failure.getErrorMessage())
-        log.failure("camera {imei}: could not store {id}; the partial is kept and the camera will offer it again",
-                    failure, imei=self.imei, id=self.offer.printable if self.offer else "?")
-        if self.state is S.STORING:
-            if self.connected:
-                self._input("store_failed", failure)
-            else:
-                self.state = S.CLOSED
-
-    def _on_store_failed(self, failure: Failure) -> State:
-        return self._close()
-
-    def _file_ended(self, offer: FileOffer) -> State:
-        """The file was empty or the camera could not send it: go on with the next."""
-        self._skip.add(offer.identifier)
-        self.offer = None
-        if offer.flow == "dualcam":
-            return self._next_file()
-        self.send(codec.repeat_init())
-        return self._await(S.AWAIT_INIT)
-
-    def _on_file_status(self, code: int) -> State:
-        offer = self.offer
-        log.warn("camera {imei}: status {code} ({meaning}) for {id}",
-                 imei=self.imei, code=code, meaning=status_meaning(code), id=offer.printable if offer else "?")
-        self._disarm()
-        if self.transfer is not None:
-            release_transfer(self.s, self.transfer)
-            self.transfer = None
-        if self.decoder is not None:
-            self.decoder.discarding = False
-        return self._file_ended(offer) if offer else self._close()
 
     def _on_idle_status(self, code: int) -> State:
         log.warn("camera {imei}: status {code} ({meaning}); closing",

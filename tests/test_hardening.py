@@ -80,7 +80,6 @@ class HardeningTests(GatewayTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
     def logged(self, text: str) -> list[str]:
-        from twisted.logger import formatEvent
 
         return [formatEvent(e) for e in self.events if text in formatEvent(e)]
 

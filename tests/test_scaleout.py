@@ -21,9 +21,8 @@ from typing import Any
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from camgateway import codec
 from tests.test_redis_store import SERVER, SKIP_REDIS
-from tests.test_twistd import IMEI, Camera, Gateway
+from tests.test_twistd import Camera, Gateway
 
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
 
@@ -60,8 +59,8 @@ class HAProxy:
             "frontend cameras", f"    bind 127.0.0.1:{self.port}", "    default_backend gateways",
             "backend gateways", "    balance first", "    option httpchk GET /healthz",
         ]
-        for name, (port, http) in servers.items():
-            lines.append(f"    server {name} 127.0.0.1:{port} send-proxy-v2 check port {http} inter 500 fall 2 rise 1")
+        for name, (port, check) in servers.items():
+            lines.append(f"    server {name} 127.0.0.1:{port} send-proxy-v2 check port {check} inter 500 fall 2 rise 1")
         config = work / "haproxy.cfg"
         config.write_text("\n".join(lines) + "\n")
         self.process = subprocess.Popen([HAPROXY, "-f", str(config), "-db"], stdin=subprocess.DEVNULL,

@@ -22,8 +22,6 @@ from camgateway.config import ConfigError
 from camgateway.ptmf import demux
 from camgateway.sinks import PermanentFailure, ReceivedFile, Transformed
 from camgateway.sinks import command as command_sink
-from camgateway.sinks import http as http_sink
-from camgateway.sinks import mp4 as mp4_sink
 from camgateway.sinks.registry import known_types, make, validate
 from tests.support import NO_VECTORS, VECTORS, capture_stream, connect, make_services, stored_files
 
