@@ -70,6 +70,7 @@ _LENGTHS: dict[int, tuple[int, int]] = {
 }
 
 _u16 = struct.Struct(">H")
+_header = struct.Struct(">HH")
 _u32 = struct.Struct(">I")
 _init = struct.Struct(">HHQI")
 _frame_u32 = struct.Struct(">HHI")
@@ -279,12 +280,25 @@ class FrameDecoder:
         buf = self._buf
         buf += chunk
         receiver = self._receiver
+        on_data = receiver.data
+        header = _header.unpack_from
         end = len(buf)
         pos = 0
         view = memoryview(buf)
         ok = False
         try:
             while not self.stopped:
+                if end - pos >= 4 and not self.discarding:
+                    cmd, length = header(buf, pos)
+                    if cmd == 0x0004:  # DATA: the hot path, checked first
+                        if not 3 <= length <= 1026:
+                            raise ProtocolError(f"DATA length {length} out of range", buf[pos : pos + 8])
+                        stop = pos + 4 + length
+                        if stop > end:
+                            break
+                        on_data(view[pos + 4 : stop - 2], (buf[stop - 2] << 8) | buf[stop - 1])
+                        pos = stop
+                        continue
                 if self.discarding:
                     i = buf.find(SYNC_MARK, pos)
                     if i < 0:
@@ -309,16 +323,6 @@ class FrameDecoder:
                 if end - pos < 4:
                     break
                 cmd = (buf[pos] << 8) | buf[pos + 1]
-                if cmd == 0x0004:  # DATA: the hot path, checked first
-                    length = (buf[pos + 2] << 8) | buf[pos + 3]
-                    if not 3 <= length <= 1026:
-                        raise ProtocolError(f"DATA length {length} out of range", buf[pos : pos + 8])
-                    stop = pos + 4 + length
-                    if stop > end:
-                        break
-                    receiver.data(view[pos + 4 : stop - 2], (buf[stop - 2] << 8) | buf[stop - 1])
-                    pos = stop
-                    continue
                 if cmd == 0x0000:
                     if end - pos < INIT_SIZE:
                         break
