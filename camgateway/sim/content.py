@@ -50,16 +50,24 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * scale)
 
 
+def _randbytes(n: int, rng: random.Random) -> bytes:
+    """``rng.randbytes(n)``, in pieces past 256 MiB (one call takes at most 2**31 - 1 bits)."""
+    if n < 1 << 28:
+        return rng.randbytes(n)
+    piece = 1 << 27
+    return b"".join(rng.randbytes(min(piece, n - i)) for i in range(0, n, piece))
+
+
 def random_jpeg(size: int, rng: random.Random) -> bytes:
     """A JPEG-looking blob of ``size`` bytes: ``ffd8 ffe0`` … ``ffd9``."""
     if size < 6:
         return b"\xff\xd8\xff\xd9"[:size]
-    return b"\xff\xd8\xff\xe0" + rng.randbytes(size - 6) + b"\xff\xd9"
+    return b"\xff\xd8\xff\xe0" + _randbytes(size - 6, rng) + b"\xff\xd9"
 
 
 def random_video(size: int, rng: random.Random) -> bytes:
     """A blob of ``size`` bytes that starts like a DualCam ``PTMF`` container."""
-    return (b"PTMF" + rng.randbytes(max(0, size - 4)))[:size]
+    return (b"PTMF" + _randbytes(max(0, size - 4), rng))[:size]
 
 
 class ContentPool:

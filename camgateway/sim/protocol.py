@@ -253,12 +253,16 @@ class CameraProtocol(Protocol):
         self.camera.result.syncs.append(synced)
         self._send(codec.sync(synced))
         index = transfer.index
+        spec = self.camera.spec
+        # Without faults to apply, FileStream sends precomputed blocks (FramePlan.wire).
+        corrupt = (lambda frame: self.camera.take_bad_crc(index, frame)) if spec.bad_crc_frames else None
+        drop = (lambda frame: self.camera.take_drop(index, frame)) if spec.drop_after_frames is not None else None
         transfer.stream = FileStream(
             plan,
             offset,
             enhanced=self.camera.spec.enhanced_data and not transfer.dualcam,
-            corrupt=lambda frame: self.camera.take_bad_crc(index, frame),
-            drop=lambda frame: self.camera.take_drop(index, frame),
+            corrupt=corrupt,
+            drop=drop,
             tainted=transfer.tainted,
         )
         self.sender.stream(transfer.stream)

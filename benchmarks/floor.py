@@ -1,0 +1,224 @@
+"""The floor: the least a Twisted receiver must do for the benchmark's byte exchange.
+
+``python benchmarks/floor.py --port PORT --root DIR`` listens on 127.0.0.1
+with the epoll reactor, as ``twistd camgateway`` does. Per connection it:
+
+* appends **every byte received**, unparsed, to one file
+  (``DIR/<imei>-<n>.bin``, opened when the init arrives), one ``os.write``
+  per read, as the gateway writes one ``pwrite`` per read;
+* answers the camera with the same round trips the gateway makes
+  (PROTOCOL.md 4-5: METADATA REQUEST, FILE REQUEST, RESUME, and REPEAT INIT
+  after each file, CLOSE when nothing is left, in the gateway's default
+  source order), so the emulator sends exactly the same bytes to both;
+* looks only at the few control frames it must answer (init, PATH,
+  METADATA, START, SYNC: a length field each). The DATA stream is never
+  framed, CRC-checked or copied: after SYNC the floor counts
+  ``size + 6 bytes per 1024-byte frame`` (START says how many) and then
+  treats the file as complete. (A DualCam START gives packets, not bytes,
+  so the floor assumes full 1024-byte packets: the benchmark's sizes are
+  multiples of 1024.)
+* makes the file durable before acknowledging it: ``fdatasync`` in a
+  thread, then REPEAT INIT. The gateway also acknowledges only after the
+  file is on stable storage, so completion times compare like with like.
+
+What it does not do is everything the gateway adds on top of moving bytes:
+frame parsing and CRC of every DATA frame, the resume store (SQLite),
+checkpoints every ``storage.checkpoint_bytes``, SHA-256, the sidecar, the
+hard link into the sink and directory fsyncs, timeouts and logging per file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import struct
+import sys
+
+from twisted.internet import epollreactor
+
+epollreactor.install()
+
+from twisted.internet import reactor  # noqa: E402
+from twisted.internet.protocol import Factory, Protocol  # noqa: E402
+from twisted.internet.threads import deferToThread  # noqa: E402
+
+PATH_BIT = 0x02000000
+#: The gateway's default ``download.dualcam_sources`` order, with the settings bits.
+SOURCES = ((b"videor", 0x20000000), (b"videof", 0x10000000), (b"photor", 0x08000000), (b"photof", 0x04000000))
+CLOSE = b"\x00\x00\x00\x00"
+REPEAT_INIT = b"\x00\x09"
+PATH_REQUEST = b"\x00\x0c\x00\x02\x00\x00"
+FRAME = 1024
+
+_u16 = struct.Struct(">H")
+_u32 = struct.Struct(">I")
+
+
+def _frame(cmd: int, payload: bytes) -> bytes:
+    return _u16.pack(cmd) + _u16.pack(len(payload)) + payload
+
+
+class FloorProtocol(Protocol):
+    """One camera connection of the floor server."""
+
+    def __init__(self, factory: "FloorFactory") -> None:
+        self.factory = factory
+        self.fd = -1
+        self.control = bytearray()
+        self.data_left = 0
+        self.identifier = b""
+        self.dualcam = True
+        self.expect = 0
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.fd < 0:
+            self.control += data  # before the init: kept, written once the file is open
+            self._control()
+            return
+        os.write(self.fd, data)
+        self._take(data)
+
+    def _take(self, data: bytes) -> None:
+        """Count DATA bytes while a file streams; anything after it is control."""
+        left = self.data_left
+        if left:
+            if len(data) < left:
+                self.data_left = left - len(data)
+                return
+            self.data_left = 0
+            data = data[left:]
+            self._file_done()
+            if not data:
+                return
+        self.control += data
+        self._control()
+
+    # -- the few control frames
+
+    def _control(self) -> None:
+        buf = self.control
+        while len(buf) >= 4 and not self.data_left:
+            if buf[0] == 0 and buf[1] == 0:  # init packet, 16 bytes
+                if len(buf) < 16:
+                    return
+                frame, rest = bytes(buf[:16]), buf[16:]
+                if self.fd < 0:
+                    imei = struct.unpack_from(">Q", frame, 4)[0]
+                    n = self.factory.files = self.factory.files + 1
+                    path = os.path.join(self.factory.root, f"{imei}-{n}.bin")
+                    self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                    os.write(self.fd, bytes(buf))  # the init and anything after it, as received
+                self._init(_u32.unpack_from(frame, 12)[0])
+            else:
+                cmd, length = _u16.unpack_from(buf, 0)[0], _u16.unpack_from(buf, 2)[0]
+                if len(buf) < 4 + length:
+                    return
+                payload, rest = bytes(buf[4:4 + length]), buf[4 + length:]
+                if cmd == 0x0003:  # SYNC: the DATA stream follows
+                    self.control = bytearray()
+                    self._stream(bytes(rest))
+                    return
+                self._answer(cmd, payload)
+            buf = self.control = bytearray(rest)
+
+    def _init(self, settings: int) -> None:
+        if settings & PATH_BIT:
+            self.dualcam = False
+            self.transport.write(PATH_REQUEST)
+            return
+        for name, bit in SOURCES:
+            if settings & bit:
+                self.dualcam = True
+                self.identifier = b"%" + name
+                self.transport.write(_frame(0x000A, self.identifier))
+                return
+        self._close()
+
+    def _answer(self, cmd: int, payload: bytes) -> None:
+        if cmd == 0x000D:  # PATH
+            if not payload.rstrip(b"\0"):
+                self._close()
+                return
+            self.identifier = payload
+            self.transport.write(_frame(0x000A, b""))
+        elif cmd == 0x000B:  # METADATA
+            self.transport.write(_frame(0x0008, self.identifier))
+        elif cmd == 0x0001:  # START
+            total = _u32.unpack_from(payload, 0)[0]
+            if total == 0:
+                self.transport.write(REPEAT_INIT)
+                return
+            if self.dualcam:
+                self.expect = total * (FRAME + 6)
+                self.transport.write(_frame(0x0002, _u32.pack(1)))
+            else:
+                self.expect = total + 6 * -(-total // FRAME)
+                self.transport.write(_frame(0x0002, _u32.pack(0)))
+        else:  # STATUS or anything unexpected: the file is over
+            self.transport.write(REPEAT_INIT)
+
+    def _stream(self, rest: bytes) -> None:
+        self.data_left = self.expect
+        if rest:
+            self._take(rest)
+
+    def _file_done(self) -> None:
+        fd = self.fd
+        d = deferToThread(os.fdatasync, fd)
+        d.addCallback(lambda _: self._acknowledge())
+        d.addErrback(lambda f: (print(f"floor: fdatasync failed: {f.value}", file=sys.stderr), self._close()))
+
+    def _acknowledge(self) -> None:
+        self.factory.files_done += 1
+        if self.transport is not None and self.connected:
+            self.transport.write(REPEAT_INIT)
+
+    def _close(self) -> None:
+        self.transport.write(CLOSE)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: object = None) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            d = deferToThread(os.fdatasync, fd)
+            d.addBoth(lambda _: os.close(fd))
+
+
+class FloorFactory(Factory):
+    """Shares the output directory and a few counters."""
+
+    noisy = False
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.connections = 0
+        self.files = 0
+        self.files_done = 0
+
+    def buildProtocol(self, addr: object) -> FloorProtocol:
+        return FloorProtocol(self)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--backlog", type=int, default=1024)
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    os.makedirs(args.root, exist_ok=True)
+    factory = FloorFactory(args.root)
+    port = reactor.listenTCP(args.port, factory, backlog=args.backlog, interface="127.0.0.1")
+    reactor.suggestThreadPoolSize(10)  # the gateway's threads: twistd's default pool
+    print(f"floor listening on {port.getHost()} with {type(reactor).__name__}, RLIMIT_NOFILE {hard}", flush=True)
+    reactor.run()
+    print(f"floor stopped: {factory.connections} connections, {factory.files_done} files", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Processes of a benchmark run: starting and stopping them, and reading /proc.
+
+CPU time comes from ``/proc/<pid>/stat`` (utime + stime of every thread of
+the process), memory from ``/proc/<pid>/status`` (``VmRSS`` now, ``VmHWM``
+the peak since the process started).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["Sample", "sample", "free_port", "raise_nofile", "nofile_hard", "Server", "fd_count", "machine_busy",
+           "wait_for_quiet"]
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One look at a process: when, CPU seconds so far (all threads, and its main
+    thread alone: the reactor's), RSS and peak RSS (KiB)."""
+
+    t: float
+    cpu: float
+    rss_kb: int
+    hwm_kb: int
+    main_cpu: float = 0.0
+    #: Seconds the main thread waited for a CPU while runnable (``/proc/<pid>/task/<pid>/schedstat``).
+    main_wait: float = 0.0
+
+
+def sample(pid: int) -> Optional[Sample]:
+    """CPU and memory of ``pid`` now; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/task/{pid}/stat") as f:
+            main = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/status") as f:
+            status = f.read()
+        try:
+            with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+                main_wait = int(f.read().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            main_wait = 0.0
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    t = time.monotonic()
+    cpu = (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14, 15)
+    main_cpu = (int(main[11]) + int(main[12])) / _TICK
+    rss = re.search(r"^VmRSS:\s+(\d+)", status, re.M)
+    hwm = re.search(r"^VmHWM:\s+(\d+)", status, re.M)
+    return Sample(t, cpu, int(rss.group(1)) if rss else 0, int(hwm.group(1)) if hwm else 0, main_cpu,
+                  main_wait)
+
+
+def machine_busy() -> float:
+    """CPU seconds every CPU of the machine spent busy since boot (``/proc/stat``)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal ...: all but idle and iowait
+    return (sum(fields[:8]) - fields[3] - fields[4]) / _TICK
+
+
+def wait_for_quiet(limit: float = 0.25, window: float = 1.0, timeout: float = 60.0) -> float:
+    """Wait (up to ``timeout`` s) for a ``window`` in which the machine's other
+    processes use less than ``limit`` of one CPU; return the last level seen (CPUs busy)."""
+    deadline = time.monotonic() + timeout
+    level = 0.0
+    while True:
+        before = machine_busy()
+        time.sleep(window)
+        level = (machine_busy() - before) / window
+        if level < limit or time.monotonic() >= deadline:
+            return level
+
+
+def fd_count(pid: int) -> int:
+    """Open file descriptors of ``pid``."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nofile_hard() -> int:
+    """The hard RLIMIT_NOFILE: how far a process may raise its own."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+def raise_nofile() -> None:
+    """preexec_fn of the children: soft RLIMIT_NOFILE up to the hard limit.
+
+    Raising the hard limit itself needs CAP_SYS_RESOURCE; where it is
+    missing the hard limit is the ceiling (reported by ``run.py``).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 65536), max(hard, 65536)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Server:
+    """The process under test (gateway or floor), started and stopped within bounds."""
+
+    def __init__(self, name: str, argv: Sequence[str], log: Path, ready: str, cwd: Path) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log = log
+        self.ready_pattern = ready
+        self.cwd = cwd
+        self.proc: Optional[subprocess.Popen] = None
+        self.output = cwd / f"{name}.out"
+        self.starts_failed = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        """Everything logged (twistd rotates its log at 1 MB: every piece, oldest first)."""
+        parts = sorted(glob.glob(f"{self.log}.*"), key=lambda p: -int(p.rsplit(".", 1)[1])
+                       if p.rsplit(".", 1)[1].isdigit() else 0)
+        text = ""
+        for path in dict.fromkeys([*parts, str(self.log), str(self.output)]):
+            try:
+                text += Path(path).read_text(errors="replace")
+            except OSError:
+                pass
+        return text
+
+    def start(self, timeout: float = 30.0, tries: int = 2) -> None:
+        """Start and wait for the ready line in the log (a second try after a failed start)."""
+        for attempt in range(tries):
+            try:
+                return self._start(timeout)
+            except RuntimeError:
+                if attempt == tries - 1:
+                    raise
+                time.sleep(3)
+                self.starts_failed += 1
+
+    def _start(self, timeout: float) -> None:
+        with open(self.output, "wb") as out:
+            self.proc = subprocess.Popen(self.argv, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT,
+                                         preexec_fn=raise_nofile)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready_pattern in self.log_text():
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        lines = [line for line in self.log_text().splitlines() if line.strip()]
+        self.stop()
+        for path in glob.glob(f"{self.log}*"):
+            if path != str(self.output):
+                os.unlink(path)
+        last = lines[-1].split("] ", 1)[-1] if lines else "(no output)"
+        raise RuntimeError(f"{self.name} did not become ready: {last}")
+
+    def stop(self, timeout: float = 60.0) -> Optional[int]:
+        """SIGTERM, wait up to ``timeout`` s, then SIGKILL; return the exit status."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)

@@ -1,0 +1,101 @@
+"""After a run: is every file the cameras were told was stored really there, intact?
+
+Gateway: every media file under the disk sink's root must match its sidecar
+(size, SHA-256 recomputed from the bytes on disk), and the multiset of
+``(imei, size, sha256)`` must equal what the emulator sent and saw
+acknowledged. Floor: each camera's connection files must hold exactly the
+bytes the camera wrote.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["verify_gateway", "verify_floor", "scan_gateway_log"]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                return h.hexdigest()
+            h.update(chunk)
+
+
+def verify_gateway(root: Path, expected: list[list[Any]]) -> dict[str, Any]:
+    """Compare the sink's files with ``expected`` ``[imei, identifier, size, sha256]`` rows."""
+    problems: list[str] = []
+    found: collections.Counter = collections.Counter()
+    temps = 0
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = Path(dirpath) / name
+            if name.endswith(".tmp"):
+                temps += 1
+                continue
+            if not name.endswith(".json"):
+                if not Path(f"{path}.json").exists():
+                    problems.append(f"{path}: no sidecar")
+                continue
+            side = json.loads(path.read_text())
+            media = path.with_name(name[: -len(".json")])
+            if not media.exists():
+                problems.append(f"{media}: sidecar without media file")
+                continue
+            size = media.stat().st_size
+            digest = _sha256(media)
+            if size != side["size"] or digest != side["sha256"]:
+                problems.append(f"{media}: {size} bytes sha256 {digest[:12]}, sidecar says "
+                                f"{side['size']} / {side['sha256'][:12]}")
+            found[(str(side["imei"]), size, digest)] += 1
+    wanted = collections.Counter((str(imei), size, sha) for imei, _, size, sha in expected)
+    missing = wanted - found
+    extra = found - wanted
+    for key, n in list(missing.items())[:5]:
+        problems.append(f"missing {n}x camera {key[0]} file of {key[1]} bytes sha256 {key[2][:12]}")
+    for key, n in list(extra.items())[:5]:
+        problems.append(f"unexpected {n}x camera {key[0]} file of {key[1]} bytes sha256 {key[2][:12]}")
+    return {
+        "ok": not problems and not temps,
+        "files_expected": sum(wanted.values()),
+        "files_found": sum(found.values()),
+        "missing": sum(missing.values()),
+        "unexpected": sum(extra.values()),
+        "temp_files_left": temps,
+        "problems": problems[:10],
+    }
+
+
+def verify_floor(root: Path, bytes_sent: dict[str, int]) -> dict[str, Any]:
+    """Each camera's ``<imei>-<n>.bin`` files must hold every byte it sent."""
+    held: dict[str, int] = collections.defaultdict(int)
+    for path in root.glob("*.bin"):
+        held[path.name.split("-", 1)[0]] += path.stat().st_size
+    problems = [f"camera {imei}: sent {sent} bytes, floor holds {held.get(imei, 0)}"
+                for imei, sent in bytes_sent.items() if held.get(imei, 0) != sent]
+    return {"ok": not problems, "cameras_checked": len(bytes_sent), "problems": problems[:10]}
+
+
+def scan_gateway_log(text: str) -> dict[str, Any]:
+    """What the gateway's log says: reactor, files stored, errors."""
+    reactor = ""
+    for line in text.splitlines():
+        if "reactor class:" in line:
+            reactor = line.split("reactor class:", 1)[1].strip().rstrip(".")
+            break
+    lowered = [line for line in text.splitlines()
+               if "#error]" in line or "#critical]" in line or "Traceback" in line or "Unhandled" in line]
+    return {
+        "reactor": reactor,
+        "files_stored_logged": text.count("file stored:") + text.count("file delivered to every sink"),
+        "files_received_logged": text.count("file received:"),
+        "errors_logged": len(lowered),
+        "first_errors": lowered[:5],
+    }
