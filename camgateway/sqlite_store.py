@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
@@ -89,17 +90,66 @@ class SQLiteStore:
         self._pool = ThreadPool(1, 1, name="camgateway-resume-store")
         self._pool.start()
         self._db: sqlite3.Connection | None = None
+        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], Deferred]] = []
+        self._busy = False
+        self._drained: list[Deferred] = []
 
     # -- running statements on the store's thread
 
     def _run(self, fn: Callable[[sqlite3.Connection], T]) -> "Deferred[T]":
-        return deferToThreadPool(self._reactor, self._pool, self._in_thread, fn)
+        """Queue ``fn`` for the store's thread; statements queued meanwhile share one commit."""
+        d: Deferred = Deferred()
+        self._queue.append((fn, d))
+        if not self._busy:
+            self._next_batch()
+        return d
 
-    def _in_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _next_batch(self) -> None:
+        batch, self._queue = self._queue, []
+        self._busy = bool(batch)
+        if not batch:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+        else:
+            done = deferToThreadPool(self._reactor, self._pool, self._in_thread, [fn for fn, _ in batch])
+            done.addBoth(self._batch_done, [d for _, d in batch])
+
+    def _batch_done(self, outcomes: Any, waiting: list[Deferred]) -> None:
+        if isinstance(outcomes, Failure):  # the batch failed as a whole (opening, commit)
+            outcomes = [outcomes] * len(waiting)
+        for d, outcome in zip(waiting, outcomes):
+            if isinstance(outcome, Failure):
+                d.errback(outcome)
+            else:
+                d.callback(outcome)
+        self._next_batch()
+
+    def _in_thread(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+        """Group commit: every queued statement in one transaction, one fsync.
+
+        Each runs inside its own savepoint, so one failing does not undo the others.
+        """
         if self._db is None:
             self._db = self._open()
-        with self._db:
-            return fn(self._db)
+        db = self._db
+        outcomes: list[Any] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for fn in fns:
+                db.execute("SAVEPOINT op")
+                try:
+                    outcomes.append(fn(db))
+                except Exception:
+                    outcomes.append(Failure())
+                    db.execute("ROLLBACK TO op")
+                db.execute("RELEASE op")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return outcomes
 
     def _open(self) -> sqlite3.Connection:
         if self.path != ":memory:" and not os.path.exists(self.path):
@@ -111,8 +161,7 @@ class SQLiteStore:
             db.executescript(_SCHEMA_V1)
             db.execute("INSERT INTO version VALUES (1)")
         self._upgrade(db)
-        db.isolation_level = "DEFERRED"  # from here each _run is one transaction
-        return db
+        return db  # autocommit mode: _in_thread begins and commits each batch itself
 
     def _create_atomically(self) -> None:
         tmp = f"{self.path}.new-{os.getpid()}"
@@ -199,7 +248,12 @@ class SQLiteStore:
                 self._db.close()
                 self._db = None
 
-        d = deferToThreadPool(self._reactor, self._pool, shut)
+        drained: Deferred = Deferred()
+        if self._busy:
+            self._drained.append(drained)
+        else:
+            drained.callback(None)
+        d = drained.addCallback(lambda _: deferToThreadPool(self._reactor, self._pool, shut))
         d.addBoth(lambda r: (self._pool.stop(), r)[1])
         return d
 

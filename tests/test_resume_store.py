@@ -184,3 +184,30 @@ class ReconcileTests(TestCase):
         yield sweep_expired(services)
         self.assertEqual([p.id for p in (yield services.store.all())], ["p2"])
         self.assertEqual(services.spool.names(), {"b.part"})
+
+
+class GroupCommitTests(TestCase):
+    """Statements queued while the store's thread is busy share one transaction."""
+
+    @defer.inlineCallbacks
+    def test_batched_and_isolated(self) -> object:
+        path = Path(self.mktemp())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store = SQLiteStore(path)
+        self.addCleanup(store.close)
+        batches: list[int] = []
+        real = store._in_thread
+
+        def counting(fns: list) -> list:
+            batches.append(len(fns))
+            return real(fns)
+
+        store._in_thread = counting  # type: ignore[method-assign]
+        adds = [store.add(partial(n, identifier=b"%id" + bytes([n]))) for n in range(50)]
+        bad = store._run(lambda db: db.execute("INSERT INTO no_such_table VALUES (1)"))
+        more = [store.add(partial(n, identifier=b"%id" + bytes([n]))) for n in range(50, 60)]
+        yield defer.gatherResults(adds + more)
+        yield self.assertFailure(bad, sqlite3.OperationalError)
+        self.assertEqual(len((yield store.all())), 60)  # the failure undid nothing else
+        self.assertEqual(sum(batches), 62)
+        self.assertLess(len(batches), 10)  # 62 statements, a handful of commits
