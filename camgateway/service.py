@@ -89,6 +89,11 @@ class GatewayService(Service):
     def startService(self) -> None:
         super().startService()
         config = self.config
+        # Blocking steps (spool opens, fdatasync, digests, sink I/O) share the
+        # reactor's pool: size it so the outbox's deliveries never starve the
+        # sessions' own steps (each waits on the disk, not on the CPU).
+        if hasattr(self.reactor, "suggestThreadPoolSize"):
+            self.reactor.suggestThreadPoolSize(2 * config.outbox_concurrency + 16)
         spool = Spool(config.spool)
         spool.ensure()
         leases = None
