@@ -216,6 +216,10 @@ class FrameReceiver(Protocol):
     def batch_end(self) -> None:
         """Every complete frame of one read has been delivered."""
 
+    # Optional: ``runner()`` returns a callable ``(buf, view, pos, end) ->
+    # (pos, status)`` taking a run of DATA frames at once (or None), and
+    # ``run_ended(status)`` hears why a run stopped (1 bad CRC, 2 complete).
+
 
 def _plausible_header(buf: bytearray, i: int) -> bool:
     """Whether the 4 bytes at ``i`` could start a frame that follows a SYNC."""
@@ -281,6 +285,7 @@ class FrameDecoder:
         buf += chunk
         receiver = self._receiver
         on_data = receiver.data
+        runner = getattr(receiver, "runner", None)
         header = _header.unpack_from
         end = len(buf)
         pos = 0
@@ -288,6 +293,12 @@ class FrameDecoder:
         ok = False
         try:
             while not self.stopped:
+                run = runner() if runner is not None and not self.discarding else None
+                if run is not None:  # a run of DATA frames, taken in one call
+                    pos, status = run(buf, view, pos, end)
+                    if status == 1 or status == 2:  # bad CRC, file complete
+                        receiver.run_ended(status)
+                        continue
                 if end - pos >= 4 and not self.discarding:
                     cmd, length = header(buf, pos)
                     if cmd == 0x0004:  # DATA: the hot path, checked first

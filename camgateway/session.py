@@ -202,6 +202,14 @@ class Session(TransferSteps):
         elif transfer.held >= transfer.done_at:  # type: ignore[union-attr]
             self._input("complete")
 
+    def runner(self) -> Optional[Callable[..., tuple[int, int]]]:
+        """The decoder's fast path for runs of DATA frames, while receiving."""
+        return self.transfer.take_run if self.state is S.RECEIVING else None  # type: ignore[union-attr]
+
+    def run_ended(self, status: int) -> None:
+        """A run of DATA frames ended on a bad CRC (1) or the file's last byte (2)."""
+        self._input("bad_crc" if status == 1 else "complete")
+
     def batch_end(self) -> None:
         """Once per read: write what was received, checkpoint now and then."""
         transfer = self.transfer

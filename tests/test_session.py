@@ -152,6 +152,20 @@ class DualCamFlowTests(SessionTestCase):
         self.assertTrue(self.transport.disconnecting)
         self.assertEqual(len(self.flushLoggedErrors()), 0)
 
+    def test_short_packet_inside_a_run_is_an_error(self) -> None:
+        """The same rule on the decoder's fast path (frames after the first since SYNC)."""
+        self.gateway(metadata=False)
+        content = os.urandom(4096)
+        self.feed(codec.init_packet(5, IMEI, PHOTOF), codec.start(4, 0), codec.sync(1))
+        frames = data_frames(content)
+        short = codec.data(b"y" * 10, crc16(b"y" * 10, crc16(content[:2048])))
+        self.feed(*frames[:2], short)
+        self.assertEqual(self.state, State.CLOSED)
+        self.assertEqual(self.services.stats.protocol_errors, 1)
+        self.protocol.connectionLost(None)
+        [partial] = self.services.store.partials.values()
+        self.assertEqual(partial.held, 2048)  # the two good packets are kept
+
     def test_status_instead_of_start(self) -> None:
         self.gateway(metadata=False)
         self.feed(codec.init_packet(5, IMEI, PHOTOF | PHOTOR))
