@@ -10,12 +10,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
 from camgateway.sim import CameraSpec
 from camgateway.sim.content import name_files
+from tests.support import poll
 from tests.test_integration import IMEI_BASE, GatewayTestCase
 
 
@@ -43,20 +44,6 @@ def get_json(url: str, headers: Optional[dict[str, str]] = None) -> Any:
 def basic(user: str, password: str) -> str:
     """An HTTP basic Authorization header value."""
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
-@defer.inlineCallbacks
-def poll(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
-         what: str = "condition") -> Any:
-    """Call ``condition`` (which may return a Deferred) until it is truthy; return that value."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = yield defer.maybeDeferred(condition)
-        if value:
-            return value
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        yield task.deferLater(reactor, interval, lambda: None)
 
 
 # -- a real JPEG (the emulator's photos are random bytes behind a JPEG header)

@@ -6,9 +6,9 @@ import dataclasses
 import json
 import random
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task
 from twisted.internet.testing import StringTransport
 
 from camgateway.config import Config
@@ -68,3 +68,17 @@ def segments(data: bytes, rng: random.Random, low: int = 1, high: int = 7) -> It
 def stored_files(root: Path) -> list[Path]:
     """Every media file the disk sink stored under ``root/files``."""
     return sorted(p for p in (root / "files").rglob("*") if p.is_file() and p.suffix != ".json")
+
+
+@defer.inlineCallbacks
+def poll(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
+         what: str = "condition") -> Any:
+    """Call ``condition`` (which may return a Deferred) until it is truthy; return that value."""
+    deadline = reactor.seconds() + timeout
+    while True:
+        value = yield defer.maybeDeferred(condition)
+        if value:
+            return value
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        yield task.deferLater(reactor, interval, lambda: None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import formatEvent, globalLogPublisher
@@ -14,6 +14,7 @@ from camgateway import codec
 from camgateway.codec import ServerFrameDecoder
 from camgateway.crc import crc16
 from camgateway.sim import ContentPool
+from tests.support import poll
 from tests.test_integration import GatewayTestCase, camera
 
 BAD_IMEI = 111111111111111
@@ -47,21 +48,6 @@ def frames_of(content: bytes, start: int = 0) -> bytes:
         crc = crc16(content[i : i + 1024], crc)
         out.append(codec.data(content[i : i + 1024], crc))
     return b"".join(out)
-
-
-def sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
-@defer.inlineCallbacks
-def until(condition: Any, timeout: float = 20.0) -> Any:
-    """Wait until ``condition()`` is true (polling; no fixed sleeps that flake on a slow machine)."""
-    waited = 0.0
-    while not condition():
-        if waited > timeout:
-            raise AssertionError(f"condition not met in {timeout} s")
-        yield sleep(0.02)
-        waited += 0.02
 
 
 def got(protocol: "Scripted", cmd: int) -> Any:
@@ -110,7 +96,7 @@ class HardeningTests(GatewayTestCase):
         silent = yield self.hostile()
         stuck = yield self.hostile(codec.init_packet(5, BAD_IMEI, 0x44000400))  # never answers FILE REQUEST
         stalled = yield self.hostile(codec.init_packet(5, BAD_IMEI + 1, 0x10000400) + codec.start(10, 0))
-        yield until(got(stalled, codec.Cmd.RESUME))
+        yield poll(got(stalled, codec.Cmd.RESUME))
         stalled.transport.write(codec.sync(1) + frames_of(bytes(4096)))  # then the link goes quiet
         yield self.good_camera_delivers()
         yield silent.closed
@@ -128,12 +114,12 @@ class HardeningTests(GatewayTestCase):
         content = bytes(self.rng.randrange(256) for _ in range(10 * 1024))
         head = codec.init_packet(5, BAD_IMEI, 0x10000400) + codec.start(10, 0)
         old = yield self.hostile(head)
-        yield until(got(old, codec.Cmd.RESUME))
+        yield poll(got(old, codec.Cmd.RESUME))
         old.transport.write(codec.sync(1) + frames_of(content)[: 4 * 1030])  # 4 packets, then silence
-        yield until(lambda: self.gateway.services.stats.bytes_received >= 4096)
+        yield poll(lambda: self.gateway.services.stats.bytes_received >= 4096)
         new = yield self.hostile(head)  # the camera is back on a new connection
         yield old.closed
-        yield until(got(new, codec.Cmd.RESUME))
+        yield poll(got(new, codec.Cmd.RESUME))
         self.assertEqual(new.received, [(codec.Cmd.FILE_REQUEST, b"%videof"), (codec.Cmd.RESUME, (5).to_bytes(4, "big"))])
         new.transport.write(codec.sync(5) + frames_of(content, 4 * 1024))
         yield self.good_camera_delivers()
@@ -152,7 +138,7 @@ class HardeningTests(GatewayTestCase):
         yield self.start_gateway(max_file_bytes=1_000_000, metadata=False)
         big = yield self.hostile(codec.init_packet(5, BAD_IMEI, 0x10000400), codec.start(5000, 0))
         yield self.good_camera_delivers()
-        yield until(got(big, codec.Cmd.REPEAT_INIT))
+        yield poll(got(big, codec.Cmd.REPEAT_INIT))
         self.assertNotIn(str(BAD_IMEI), self.stored())
         self.assertTrue(self.logged("over limits.max_file_bytes"))
 
@@ -162,12 +148,12 @@ class HardeningTests(GatewayTestCase):
         content = bytes(self.rng.randrange(256) for _ in range(6 * 1024))
         head = codec.init_packet(5, BAD_IMEI, 0x10000400) + codec.start(6, 0)
         first = yield self.hostile(head)
-        yield until(got(first, codec.Cmd.RESUME))
+        yield poll(got(first, codec.Cmd.RESUME))
         first.transport.write(codec.sync(1) + frames_of(content)[: 2 * 1030])
-        yield until(lambda: self.gateway.services.stats.bytes_received >= 2048)
+        yield poll(lambda: self.gateway.services.stats.bytes_received >= 2048)
         first.transport.loseConnection()
         yield first.closed
-        yield until(lambda: not self.gateway.services.sessions)
+        yield poll(lambda: not self.gateway.services.sessions)
         import dataclasses
 
         services = self.gateway.services
@@ -178,10 +164,10 @@ class HardeningTests(GatewayTestCase):
         self.assertTrue(self.logged("under limits.min_free_bytes"))
         # ... while the partial resumes to the end
         again = yield self.hostile(head)
-        yield until(got(again, codec.Cmd.RESUME))
+        yield poll(got(again, codec.Cmd.RESUME))
         self.assertEqual(again.received[-1], (codec.Cmd.RESUME, (3).to_bytes(4, "big")))
         again.transport.write(codec.sync(3) + frames_of(content, 2 * 1024))
-        yield until(got(again, codec.Cmd.REPEAT_INIT))
+        yield poll(got(again, codec.Cmd.REPEAT_INIT))
         again.transport.write(codec.init_packet(5, BAD_IMEI, 0))
         yield again.closed
         yield self.drained()
@@ -193,16 +179,16 @@ class HardeningTests(GatewayTestCase):
         content = b"evil"
         path = b"../../../../../tmp/evil\0"
         evil = yield self.hostile(codec.init_packet(5, BAD_IMEI, 0x02000400))
-        yield until(got(evil, codec.Cmd.PATH_REQUEST))
+        yield poll(got(evil, codec.Cmd.PATH_REQUEST))
         evil.transport.write(codec.path(path))
-        yield until(got(evil, codec.Cmd.FILE_REQUEST))
+        yield poll(got(evil, codec.Cmd.FILE_REQUEST))
         evil.transport.write(codec.start(4, crc16(content)))
-        yield until(got(evil, codec.Cmd.RESUME))
+        yield poll(got(evil, codec.Cmd.RESUME))
         evil.transport.write(codec.sync(0) + codec.data(content, crc16(content)))
         oversized = yield self.hostile(codec.init_packet(5, BAD_IMEI + 1, 0x02000400), b"\x00\x0d\x02\x01" + b"a" * 513)
         yield self.good_camera_delivers()
         yield oversized.closed
-        yield until(got(evil, codec.Cmd.REPEAT_INIT))
+        yield poll(got(evil, codec.Cmd.REPEAT_INIT))
         yield self.drained()
         stored = sorted(p for p in (self.root / "files" / str(BAD_IMEI)).rglob("*") if p.is_file())
         self.assertEqual(len(stored), 2)

@@ -18,7 +18,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
@@ -30,7 +30,7 @@ from camgateway.outbox import IOutboxStore, Outbox, OutboxEntry
 from camgateway.redis_store import RedisLeases, RedisStore
 from camgateway.sinks import ReceivedFile
 from camgateway.sqlite_store import SQLiteStore
-from tests.support import make_services
+from tests.support import make_services, poll
 from tests.test_resume_store import StoreContract, partial
 
 try:
@@ -100,19 +100,6 @@ class _Server:
 
 
 SERVER = _Server()
-
-
-@defer.inlineCallbacks
-def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Poll ``check`` (which may return a Deferred) until its result is true."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = yield defer.maybeDeferred(check)
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still {result!r} after {timeout} s")
-        yield task.deferLater(reactor, 0.02, lambda: None)
 
 
 def entry(n: int = 1, **kw: Any) -> OutboxEntry:
@@ -420,7 +407,7 @@ class RedisInstancesTests(RedisCase, TestCase):
         self.assertEqual(ids((yield a.due(200.0, 10, frozenset()))), ["e1"])
         a._renewal.stop()  # "a" dies: nothing renews its claims any more
         self.assertEqual((yield b.due(200.0, 10, frozenset())), [])
-        got = yield eventually(lambda: b.due(200.0, 10, frozenset()))
+        got = yield poll(lambda: b.due(200.0, 10, frozenset()))
         self.assertEqual(ids(got), ["e1"])
         self.assertEqual(self.sync.get(f"{self.prefix}:claim:e1"), "b")
 
@@ -500,7 +487,7 @@ class RedisInstancesTests(RedisCase, TestCase):
             adds.append(s.outbox.add(received, None))
             gateways[1 - n % 2].outbox.kick()
         yield defer.gatherResults(adds)
-        yield eventually(lambda: gateways[0].store.pending().addCallback(lambda p: not p))
+        yield poll(lambda: gateways[0].store.pending().addCallback(lambda p: not p))
         for s in gateways:
             yield s.outbox.idle()
             yield s.outbox.stop()
@@ -540,7 +527,7 @@ class RedisLeasesTests(RedisCase, TestCase):
     def test_a_lease_expires(self) -> Any:
         leases, imei = self.leases, self.IMEI
         self.assertTrue((yield leases.acquire(imei, "A", 0.2)))
-        yield eventually(lambda: leases.holder(imei).addCallback(lambda h: h is None))
+        yield poll(lambda: leases.holder(imei).addCallback(lambda h: h is None))
         self.assertFalse((yield leases.renew(imei, "A", 30.0)))
         self.assertTrue((yield leases.acquire(imei, "B", 30.0)))
 
