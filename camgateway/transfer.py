@@ -22,11 +22,12 @@ from twisted.internet import defer
 from camgateway.codec import ProtocolError
 from camgateway.crc import crc16, crc16_combine
 from camgateway.resume_store import Partial
+from camgateway.spool import DUALCAM_PACKET
 
 __all__ = ["Transfer", "FileDigest", "digest_file", "PACKET", "RUN_MORE", "RUN_BAD_CRC", "RUN_COMPLETE",
            "RUN_SLOW"]
 
-PACKET = 1024
+PACKET = DUALCAM_PACKET
 RUN_MORE, RUN_BAD_CRC, RUN_COMPLETE, RUN_SLOW = 0, 1, 2, 3
 _HEADER = struct.Struct(">HH").unpack_from
 
