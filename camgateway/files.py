@@ -1,8 +1,8 @@
 """The life of one file: offered, opened (new or resumed), checkpointed, finished.
 
 These are the session's slow steps, each a Deferred: store look-ups, spool
-file opening, ``fdatasync`` and digests run off the reactor thread, and
-everything touching one spool file is serialised on ``Transfer.busy``.
+file opening, writes, ``fdatasync`` and digests run off the reactor thread,
+and everything touching one spool file is serialised on ``Transfer.busy``.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import dataclasses
 import datetime
 import os
 import uuid
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from camgateway.metadata import capture_time
 from camgateway.resume_store import Partial
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
     from camgateway.services import Services
     from camgateway.session import Session
 
-__all__ = ["FileOffer", "Refused", "open_transfer", "checkpoint", "release_transfer", "finish_transfer"]
+__all__ = ["FileOffer", "Refused", "open_transfer", "write_pending", "checkpoint", "release_transfer",
+           "finish_transfer"]
 
 log = Logger(namespace="camgateway.files")
 
@@ -146,41 +148,131 @@ def _open_or_create(partial: Optional[Partial], s: "Services", offer: FileOffer)
     return Transfer(partial, fd)
 
 
-def checkpoint(s: "Services", transfer: Transfer) -> defer.Deferred:
-    """Make the flushed bytes durable, then record them in the store."""
+def write_pending(s: "Services", transfer: Transfer, then: Optional[Callable[[Transfer], None]] = None) -> None:
+    """Hand the transfer's pending bytes to a pool thread, after its earlier steps.
+
+    Writes of one file run one at a time and in order on ``transfer.busy``.
+    Once a write failed, none after it is made (a hole would look like data
+    after a crash), and ``then(transfer)`` finds :attr:`Transfer.write_error`.
+    """
+    buf, offset, truncate = transfer.take_pending()
+    s.stats.bytes_received += len(buf)
+
+    def run(_: object) -> Optional[defer.Deferred]:
+        if transfer.write_error is not None:
+            return None
+        return s.run_in_thread(transfer.write_chunk, buf, offset, truncate)
+
+    def done(result: object) -> None:
+        transfer.written(buf)
+        if isinstance(result, Failure):
+            if transfer.write_error is None:
+                transfer.write_error = result.value
+            log.failure("writing {n} bytes of {id} at offset {offset} failed", result, n=len(buf),
+                        id=transfer.partial.id, offset=offset)
+        if then is not None:
+            then(transfer)
+
+    transfer.busy.addCallback(run)
+    transfer.busy.addBoth(done)
+
+
+def _when_synced(transfer: Transfer) -> Optional[defer.Deferred]:
+    """A Deferred firing when the checkpoint in flight is over (None if there is none)."""
+    syncing = transfer.syncing
+    if syncing is None:
+        return None
+    d: defer.Deferred = defer.Deferred()
+    syncing.addBoth(lambda r: (d.callback(None), r)[1])
+    return d
+
+
+def checkpoint(s: "Services", transfer: Transfer, *, hold: bool = False) -> defer.Deferred:
+    """Make the bytes written so far durable, then record them in the store.
+
+    It starts once the writes before it are done. Unless ``hold``, later
+    writes go on while its ``fdatasync`` runs (they are not part of it), so a
+    fast camera is not stalled every ``checkpoint_bytes``; with ``hold``, the
+    file's next steps (closing it) wait for it. Checkpoints of one file run one
+    after another. Nothing is recorded after a failed write. The returned
+    Deferred fires when this checkpoint is over (it never fails).
+    """
     held = transfer.flushed
     transfer.checkpointed = held
     partial_id, fd = transfer.partial.id, transfer.fd
+    previous = transfer.syncing
+    over: defer.Deferred = defer.Deferred()
+    transfer.syncing = over
 
-    def run(_: object) -> defer.Deferred:
+    def record(_: object) -> Optional[defer.Deferred]:
+        if transfer.write_error is not None:
+            return None
         d = s.run_in_thread(os.fdatasync, fd)
         d.addCallback(lambda _: s.store.checkpoint(partial_id, held, s.boot_id, s.clock.seconds()))
         return d
 
-    transfer.busy.addCallback(run)
-    transfer.busy.addErrback(lambda f: log.failure("checkpoint of {id} failed", f, id=partial_id))
-    return transfer.busy
+    def finished(result: object) -> None:
+        if isinstance(result, Failure):
+            log.failure("checkpoint of {id} failed", result, id=partial_id)
+        if transfer.syncing is over:
+            transfer.syncing = None
+        over.callback(None)
+
+    def start(_: object) -> Optional[defer.Deferred]:
+        d: defer.Deferred = defer.Deferred()
+        if previous is None:
+            d.callback(None)
+        else:
+            previous.addBoth(lambda r: (d.callback(None), r)[1])
+        d.addCallback(record)
+        d.addBoth(finished)
+        return d if hold else None
+
+    transfer.busy.addCallback(start)
+    return over
+
+
+def _has_unwritten(transfer: Transfer) -> bool:
+    return bool(transfer.pending) or transfer.needs_truncate
 
 
 def release_transfer(s: "Services", transfer: Transfer) -> defer.Deferred:
     """The connection ended mid-file: persist what is held and close the spool file."""
-    try:
-        s.stats.bytes_received += transfer.flush()
-    except OSError:
-        log.failure("writing the last frames of {id} failed", id=transfer.partial.id)
-    d = checkpoint(s, transfer)
-    d.addBoth(lambda _: os.close(transfer.fd))
-    return d
+    if _has_unwritten(transfer):
+        write_pending(s, transfer)
+    checkpoint(s, transfer, hold=True)
+    transfer.busy.addBoth(lambda _: os.close(transfer.fd))
+    return transfer.busy
 
 
 def finish_transfer(s: "Services", session: "Session", offer: FileOffer, transfer: Transfer) -> defer.Deferred:
     """Make a complete file durable and put it in the outbox (forgetting its partial).
 
-    Fires with the :class:`ReceivedFile` once the file is safe: the sinks get
-    it from the outbox. On failure the spool file and its partial record stay,
-    marked complete, so the camera's next offer finds it.
+    The last bytes are written, the file is flushed with others finishing at
+    the same time (:meth:`Services.durable`), and its digest comes from the
+    writes (read again only after a rewind). Fires with the
+    :class:`ReceivedFile` once the file is safe: the sinks get it from the
+    outbox. On failure the spool file and its partial record stay, marked
+    complete, so the camera's next offer finds it.
     """
-    d = transfer.busy.addCallback(lambda _: s.run_in_thread(digest_file, transfer.fd, transfer.file_crc()))
+    if _has_unwritten(transfer):
+        write_pending(s, transfer)
+
+    def durable(_: object) -> defer.Deferred:
+        if transfer.write_error is not None:
+            raise transfer.write_error
+        return s.durable(transfer.fd)
+
+    def digest(_: object) -> Any:
+        known = transfer.digest()
+        if known is not None:
+            return known
+        return s.run_in_thread(digest_file, transfer.fd, transfer.file_crc())
+
+    d = transfer.busy
+    d.addCallback(lambda _: _when_synced(transfer))
+    d.addCallback(durable)
+    d.addCallback(digest)
     d.addErrback(lambda f: (os.close(transfer.fd), f)[1])
     d.addCallback(_to_outbox, s, session, offer, transfer)
     s.finishing[offer.key] = d

@@ -89,6 +89,16 @@ class CameraProtocol(Protocol, TimeoutMixin):
         """Drop the connection now."""
         self.transport.abortConnection()  # type: ignore[union-attr]
 
+    def pause(self) -> None:
+        """Stop reading (the spool writes are behind); the idle timeout waits too."""
+        self.setTimeout(None)
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resume(self) -> None:
+        """Read again."""
+        self.setTimeout(self.services.config.idle_timeout)
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
 
 class CameraFactory(Factory):
     """Builds a :class:`CameraProtocol` per connection, sharing :class:`Services`."""

@@ -13,16 +13,18 @@ from twisted.logger import Logger
 
 from camgateway import __version__
 from camgateway.config import Config
+from camgateway.durability import GroupSync
 from camgateway.leases import LeaseKeeper
 from camgateway.outbox import Outbox
 from camgateway.progress import ProgressReporter
 from camgateway.protocol import CameraFactory
-from camgateway.sqlite_store import SQLiteStore
 from camgateway.services import Services
 from camgateway.sinks import make_sinks
 from camgateway.spool import Spool, boot_id, reconcile_partial
+from camgateway.sqlite_store import SQLiteStore
+from camgateway.transfer import FLUSH_AGE
 
-__all__ = ["GatewayService", "make_gateway", "reconcile", "sweep_expired"]
+__all__ = ["GatewayService", "make_gateway", "reconcile", "sweep_expired", "flush_stale"]
 
 log = Logger(namespace="camgateway.service")
 
@@ -50,6 +52,13 @@ def reconcile(s: Services) -> Any:
     if partials or orphans or outbox:
         log.info("spool reconciled: {n} partial transfers kept, {q} files in the outbox, {o} orphan spool files"
                  " removed", n=len(partials), q=len(outbox), o=len(orphans))
+
+
+def flush_stale(s: Services) -> None:
+    """Write the few bytes slow cameras left pending (see :mod:`camgateway.transfer`)."""
+    now = s.clock.seconds()
+    for session in list(s.sessions.values()):
+        session.write_stale(now)
 
 
 @defer.inlineCallbacks
@@ -107,6 +116,7 @@ class GatewayService(Service):
             leases = RedisLeases(store)
         self.services = Services(config, store, spool, [], self.reactor, self._run_in_thread, boot_id())
         self.services.leases = leases
+        self.services.spool_sync = GroupSync(spool.root, self._run_in_thread)
         self.services.instance = getattr(store, "instance", "local")
         self.keeper = LeaseKeeper(self.services) if leases is not None else None
         sinks = self.services.sinks = make_sinks(config.sinks, self.services)
@@ -184,6 +194,14 @@ def make_gateway(config: Config, reactor: Any = None) -> MultiService:
     if reactor is not None:
         timer.clock = reactor
     timer.setServiceParent(top)
+    def write_stale() -> None:
+        if gateway.services is not None:
+            flush_stale(gateway.services)
+
+    writer = TimerService(FLUSH_AGE / 2, write_stale)
+    if reactor is not None:
+        writer.clock = reactor
+    writer.setServiceParent(top)
     progress = TimerService(config.progress_interval, ProgressReporter(lambda: gateway.services))
     if reactor is not None:
         progress.clock = reactor

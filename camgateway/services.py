@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 from typing import TYPE_CHECKING, Any, Callable, Deque
 
 from twisted.internet.defer import Deferred
@@ -71,6 +72,15 @@ class Services:
         default_factory=lambda: collections.deque(maxlen=RECENT))
     #: The latest failures: dicts with time, imei, peer, what and why, newest last.
     failures: Deque[dict[str, Any]] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=RECENT))
+    #: Flushes the spool's filesystem for many finishing files at once
+    #: (camgateway.durability.GroupSync); None: one fdatasync per file.
+    spool_sync: Any = None
+
+    def durable(self, fd: int) -> Deferred:
+        """Fires when what was written to spool file ``fd`` is on disk."""
+        if self.spool_sync is None:
+            return self.run_in_thread(os.fdatasync, fd)
+        return self.spool_sync.sync(fd)
 
     def failed(self, imei: str, peer: str, what: str, why: str) -> None:
         """Remember a failure for operators (it is logged separately)."""

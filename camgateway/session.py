@@ -21,14 +21,14 @@ from twisted.python.failure import Failure
 
 from camgateway import codec
 from camgateway.codec import ProtocolError
-from camgateway.files import FileOffer, checkpoint, release_transfer
+from camgateway.files import FileOffer, checkpoint, release_transfer, write_pending
 from camgateway.leases import instance_of
 from camgateway.metadata import decode_metadata
 from camgateway.services import Services
 from camgateway.session_transfer import TransferSteps
 from camgateway.states import S, State
 from camgateway.status_codes import status_meaning
-from camgateway.transfer import Transfer
+from camgateway.transfer import FLUSH_AGE, PENDING_MAX, WRITE_MIN, Transfer
 
 __all__ = ["State", "Session", "TRANSITIONS", "Link"]
 
@@ -84,6 +84,12 @@ class Link:
 
     def abort(self) -> None: ...
 
+    def pause(self) -> None:
+        """Stop reading from the camera (backpressure)."""
+
+    def resume(self) -> None:
+        """Read from the camera again."""
+
 
 class Session(TransferSteps):
     """The protocol state machine of one camera connection.
@@ -122,6 +128,8 @@ class Session(TransferSteps):
         self.leased = False
         self._opening: defer.Deferred = defer.succeed(None)
         self._after: Optional[Callable[[], None]] = None
+        #: The camera's socket is paused until a write is over.
+        self._paused = False
         #: Fires when the connection is gone and every byte held is persisted.
         self.finished: defer.Deferred = defer.Deferred()
         self._arm(self.config.step_timeout, "step_timeout")
@@ -211,12 +219,59 @@ class Session(TransferSteps):
         self._input("bad_crc" if status == 1 else "complete")
 
     def batch_end(self) -> None:
-        """Once per read: write what was received, checkpoint now and then."""
+        """Once per read: hand what was received to a writer, checkpoint now and then."""
         transfer = self.transfer
         if transfer is not None and transfer.pending:
+            self._write(transfer)
+
+    def _write(self, transfer: Transfer) -> None:
+        """The write policy (see :mod:`camgateway.transfer`): batch, bound, pause."""
+        n = len(transfer.pending)
+        if transfer.writing:  # one write at a time: the bytes wait, up to a bound
+            if n >= PENDING_MAX and not self._paused:
+                self._paused = True
+                self.link.pause()
+            return
+        if n >= WRITE_MIN:
+            write_pending(self.s, transfer, self._written)
+        elif not transfer.pending_since:  # a slow camera: write_stale() writes these later
+            transfer.pending_since = self.s.clock.seconds()
+        if transfer.flushed - transfer.checkpointed >= self.config.checkpoint_bytes and transfer.syncing is None:
+            checkpoint(self.s, transfer)
+
+    def write_stale(self, now: float) -> None:
+        """Write pending bytes that have waited :data:`FLUSH_AGE` seconds (called by a timer)."""
+        transfer = self.transfer
+        if (transfer is None or transfer.writing or not transfer.pending or not transfer.pending_since
+                or now - transfer.pending_since < FLUSH_AGE or not self.connected):
+            return
+        try:
             self.s.stats.bytes_received += transfer.flush()
-            if transfer.flushed - transfer.checkpointed >= self.config.checkpoint_bytes:
-                self._checkpoint(transfer)
+        except OSError as e:
+            self._write_failed(transfer, e)
+            return
+        if transfer.flushed - transfer.checkpointed >= self.config.checkpoint_bytes and transfer.syncing is None:
+            checkpoint(self.s, transfer)
+
+    def _written(self, transfer: Transfer) -> None:
+        """A write is over: go on with what waited behind it, let the camera send again."""
+        if transfer.write_error is not None:
+            if self.transfer is transfer:
+                self._write_failed(transfer, transfer.write_error)
+            return
+        if self.transfer is transfer and transfer.pending:
+            self._write(transfer)
+        if self._paused and len(transfer.pending) < PENDING_MAX:
+            self._paused = False
+            if self.connected:
+                self.link.resume()
+
+    def _write_failed(self, transfer: Transfer, error: BaseException) -> None:
+        self.s.failed(self.imei, self.link.peer, "spool write", str(error))
+        log.error("camera {imei}: writing {id} to the spool failed ({error}); closing, partial kept"
+                  " up to its last checkpoint", imei=self.imei,
+                  id=self.offer.printable if self.offer else "?", error=error)
+        self._abandon()
 
     # -- init and choosing the next file
 

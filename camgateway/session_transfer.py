@@ -150,7 +150,6 @@ class TransferSteps:
         transfer, offer = self.transfer, self.offer
         assert transfer is not None and offer is not None
         self.transfer = None
-        self.s.stats.bytes_received += transfer.flush()
 
         def finish() -> None:
             d = self.s.track(finish_transfer(self.s, self, offer, transfer))

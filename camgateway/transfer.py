@@ -1,10 +1,18 @@
 """One file being received: position, CRC chain and spool writes.
 
-This is the DATA hot path. :meth:`Transfer.append` runs once per frame and
-does a bounds check, one C CRC over a view of the decoder's buffer and one
-copy of the payload into a pending :class:`bytearray`; the session calls
-:meth:`Transfer.flush` once per read to hand that to the kernel with one
-``pwrite``. Nothing is logged and no Deferred is made per frame.
+This is the DATA hot path. :meth:`Transfer.take_run` (a run of frames) and
+:meth:`Transfer.append` (one frame) do a bounds check, one C CRC over a view
+of the decoder's buffer and one copy of the payload into a pending
+:class:`bytearray`. Nothing is logged and no Deferred is made per frame.
+
+Writing is batched and leaves the reactor thread: once :data:`WRITE_MIN`
+bytes are pending, the session swaps the buffer out (:meth:`take_pending`)
+and a pool thread writes it with one ``pwrite`` and feeds it to the file's
+SHA-256 (:meth:`write_chunk`; both release the GIL), so a finished file's
+digest needs no second read. One write per file is in flight at a time;
+behind it at most :data:`PENDING_MAX` bytes wait before the session pauses
+the camera's socket (backpressure). Slow cameras' few pending bytes are
+written inline once they are :data:`FLUSH_AGE` seconds old.
 
 Positions: DualCam counts 1-based packets of 1024 bytes, the path flow counts
 bytes from 0 (PROTOCOL.md section 4). Internally everything is bytes.
@@ -15,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from typing import Optional
+from typing import Any, Optional
 
 from twisted.internet import defer
 
@@ -25,10 +33,30 @@ from camgateway.resume_store import Partial
 from camgateway.spool import DUALCAM_PACKET
 
 __all__ = ["Transfer", "FileDigest", "digest_file", "PACKET", "RUN_MORE", "RUN_BAD_CRC", "RUN_COMPLETE",
-           "RUN_SLOW"]
+           "RUN_SLOW", "WRITE_MIN", "PENDING_MAX", "FLUSH_AGE"]
 
 PACKET = DUALCAM_PACKET
+#: Pending bytes that make a write (to a pool thread).
+WRITE_MIN = 256 * 1024
+#: Pending bytes behind a write in flight at which the camera is paused.
+PENDING_MAX = 1024 * 1024
+#: Seconds after which fewer than WRITE_MIN pending bytes are written anyway.
+FLUSH_AGE = 1.0
 RUN_MORE, RUN_BAD_CRC, RUN_COMPLETE, RUN_SLOW = 0, 1, 2, 3
+_FRAME = 4 + PACKET + 2  # a whole DATA frame: header, 1024 bytes, CRC
+_BLOCK_MIN = 4  # frames worth taking as one block
+_BLOCK_MAX = 128
+#: Where each payload lies in a block of whole frames.
+_PAYLOADS = tuple(slice(j * _FRAME + 4, j * _FRAME + 4 + PACKET) for j in range(_BLOCK_MAX))
+_CRC_FIELDS: dict[int, Any] = {}
+
+
+def _crc_fields(k: int) -> Any:
+    """``unpack_from(buf, pos)`` of the CRC fields of k whole frames at ``pos``."""
+    unpack = _CRC_FIELDS.get(k)
+    if unpack is None:
+        unpack = _CRC_FIELDS[k] = struct.Struct(">" + f"{_FRAME - 2}xH" * k).unpack_from
+    return unpack
 _HEADER = struct.Struct(">HH").unpack_from
 
 
@@ -39,7 +67,8 @@ class Transfer:
         "partial", "fd", "dualcam", "held", "flushed", "checkpointed", "pending",
         "limit", "done_at", "_unit", "_crc", "_before_sync", "_first_after_sync",
         "_file_crc", "_seg_start", "_seg_init", "resumed_from", "crc_errors", "rewinds",
-        "busy",
+        "busy", "writing", "write_error", "pending_since", "syncing", "_spare", "_truncate", "_sha",
+        "_hashed",
     )
 
     def __init__(self, partial: Partial, fd: int) -> None:
@@ -48,7 +77,7 @@ class Transfer:
         self.dualcam = partial.flow == "dualcam"
         #: Bytes accepted (flushed or pending).
         self.held = partial.held
-        #: Bytes handed to the kernel.
+        #: Bytes handed to the kernel, or to a write in flight.
         self.flushed = partial.held
         #: Bytes recorded durable in the store (or scheduled to be).
         self.checkpointed = partial.held
@@ -72,8 +101,22 @@ class Transfer:
         self.resumed_from = partial.held
         self.crc_errors = 0
         self.rewinds = 0
-        #: Serialises checkpoints, finalisation and closing of the spool file.
+        #: Serialises writes, checkpoints, finalisation and closing of the spool file.
         self.busy: defer.Deferred = defer.succeed(None)
+        #: A write is in flight (in a pool thread).
+        self.writing = False
+        #: Why a write failed: nothing written after it counts, the file is not finished.
+        self.write_error: Optional[BaseException] = None
+        #: When bytes started waiting in :attr:`pending` (0: none, or not noted yet).
+        self.pending_since = 0.0
+        #: The checkpoint in flight (its fdatasync runs beside later writes).
+        self.syncing: Optional[defer.Deferred] = None
+        self._spare: Optional[bytearray] = None
+        self._truncate: Optional[int] = None
+        # SHA-256 of bytes [0, _hashed), fed by the writes; None once a rewind
+        # went behind what it covers (then the file is read again at the end).
+        self._sha: Optional[Any] = hashlib.sha256()
+        self._hashed = 0
 
     # -- positions
 
@@ -129,6 +172,29 @@ class Transfer:
         held = self.held
         crc = self._crc
         status = RUN_MORE
+        # Blocks of whole 1024-byte frames that do not end the file: a few C
+        # calls per block, none per frame in Python. The headers are checked
+        # by strided slices, the k CRC fields read by one struct, and each
+        # frame's CRC (chained from the field before it) computed by ``map``;
+        # the block is taken only if all of them match. Any doubt, and the
+        # frame-by-frame loop below decides, with the same result.
+        while True:
+            k = min((end - pos) // _FRAME, (done_at - 1 - held) // PACKET, _BLOCK_MAX)
+            if k < _BLOCK_MIN:
+                break
+            stop = pos + k * _FRAME
+            if not (buf[pos + 3 : stop : _FRAME].count(2) == k and buf[pos + 1 : stop : _FRAME].count(4) == k
+                    and buf[pos + 2 : stop : _FRAME].count(4) == k and buf[pos : stop : _FRAME].count(0) == k):
+                break
+            fields = _crc_fields(k)(buf, pos)
+            block = view[pos:stop]
+            payloads = list(map(block.__getitem__, _PAYLOADS[:k]))
+            if tuple(map(crc16, payloads, (crc,) + fields[:-1])) != fields:
+                break
+            pending += b"".join(payloads)
+            held += k * PACKET
+            crc = fields[-1]
+            pos = stop
         while end - pos >= 4:
             cmd, length = _HEADER(buf, pos)
             if cmd != 0x0004:
@@ -166,18 +232,94 @@ class Transfer:
             f"DualCam packet {self.held // PACKET + 1} has {n} bytes; only the last of"
             f" {self.partial.total} packets may be shorter than {PACKET}", kind="size")
 
+    # -- writing (see the module docstring)
+
+    def take_pending(self) -> tuple[bytearray, int, Optional[int]]:
+        """Swap the pending bytes out for a write: ``(buffer, offset, truncate_to)``.
+
+        The caller runs :meth:`write_chunk` with them (in a thread, one at a
+        time per file, in order) and then :meth:`written`.
+        """
+        buf = self.pending
+        spare = self._spare
+        self.pending = spare if spare is not None else bytearray()
+        self._spare = None
+        offset, truncate = self.flushed, self._truncate
+        self._truncate = None
+        self.flushed = offset + len(buf)
+        self.pending_since = 0.0
+        self.writing = True
+        return buf, offset, truncate
+
+    def write_chunk(self, buf: bytearray, offset: int, truncate: Optional[int]) -> None:
+        """Truncate if asked, write ``buf`` at ``offset`` and hash it (blocking).
+
+        An OSError is kept in :attr:`write_error` (and raised): later steps
+        of this file see it and neither checkpoint nor finish it.
+        """
+        try:
+            fd = self.fd
+            if truncate is not None:
+                os.ftruncate(fd, truncate)
+            n = len(buf)
+            if n:
+                done = os.pwrite(fd, buf, offset)
+                while done < n:  # short writes happen only near a full disk
+                    with memoryview(buf) as view:
+                        done += os.pwrite(fd, view[done:], offset + done)
+            sha = self._sha
+            if sha is not None:
+                if offset < self._hashed:  # rewound behind the hash: digest by reading
+                    self._sha = None
+                    return
+                if offset > self._hashed:  # resumed: hash what the file already holds
+                    at = self._hashed
+                    while at < offset:
+                        chunk = os.pread(fd, min(1 << 20, offset - at), at)
+                        if not chunk:
+                            raise OSError(f"spool file shorter than {offset} bytes")
+                        sha.update(chunk)
+                        at += len(chunk)
+                if n:
+                    sha.update(buf)
+                self._hashed = offset + n
+        except OSError as e:
+            if self.write_error is None:
+                self.write_error = e
+            raise
+
+    def written(self, buf: bytearray) -> None:
+        """The write of ``buf`` is over (either way): recycle the buffer."""
+        buf.clear()
+        self._spare = buf
+        self.writing = False
+
     def flush(self) -> int:
-        """Write pending bytes to the spool file; return how many."""
-        pending = self.pending
-        n = len(pending)
-        if n:
-            done = os.pwrite(self.fd, pending, self.flushed)
-            while done < n:  # short writes happen only near a full disk
-                with memoryview(pending) as view:
-                    done += os.pwrite(self.fd, view[done:], self.flushed + done)
-            self.flushed += n
-            pending.clear()
+        """Write pending bytes now, on this thread; return how many.
+
+        For the few bytes of a slow camera; never while a write is in flight.
+        """
+        if self.writing:
+            raise AssertionError("flush() while a write is in flight")
+        buf, offset, truncate = self.take_pending()
+        n = len(buf)
+        try:
+            self.write_chunk(buf, offset, truncate)
+        finally:
+            self.written(buf)
         return n
+
+    @property
+    def needs_truncate(self) -> bool:
+        """A rewind went behind what was written: the next write truncates first."""
+        return self._truncate is not None
+
+    def digest(self) -> Optional["FileDigest"]:
+        """The finished file's digest from the writes, if they could follow it."""
+        crc = self.file_crc()
+        if self._sha is None or crc is None or self._hashed != self.held or self.flushed != self.held:
+            return None
+        return FileDigest(self.held, self._sha.hexdigest(), crc)
 
     # -- SYNC
 
@@ -200,9 +342,9 @@ class Transfer:
         self.rewinds += 1
         if offset >= self.flushed:
             del self.pending[offset - self.flushed:]
-        else:
+        else:  # the file is truncated by the next write, after any in flight
             self.pending.clear()
-            os.ftruncate(self.fd, offset)
+            self._truncate = offset if self._truncate is None else min(self._truncate, offset)
             self.flushed = offset
         self.held = offset
         self.checkpointed = min(self.checkpointed, offset)
@@ -227,12 +369,12 @@ class FileDigest:
 
 
 def digest_file(fd: int, known_crc: Optional[int]) -> FileDigest:
-    """Make a finished spool file durable and digest it (runs in a thread).
+    """Digest a finished spool file by reading it (runs in a thread).
 
-    ``fdatasync`` first, then one read pass for SHA-256 (and for the CRC too
-    when the frame chain could not give it, after a resume or a rewind).
+    The fallback of :meth:`Transfer.digest`, when the writes could not follow
+    the file (a rewind behind them): one read pass for SHA-256, and for the
+    CRC too when the frame chain could not give it.
     """
-    os.fdatasync(fd)
     sha = hashlib.sha256()
     crc = 0
     size = 0

@@ -66,8 +66,13 @@ class HardeningTests(GatewayTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
     def logged(self, text: str) -> list[str]:
-
         return [formatEvent(e) for e in self.events if text in formatEvent(e)]
+
+    def held(self, imei: int) -> int:
+        """Bytes the live session of ``imei`` holds of its file (0 if none)."""
+        session = self.gateway.services.sessions.get(str(imei))
+        transfer = session.transfer if session is not None else None
+        return transfer.held if transfer is not None else 0
 
     @defer.inlineCallbacks
     def hostile(self, *chunks: bytes, close_after: bool = False) -> Any:
@@ -116,7 +121,7 @@ class HardeningTests(GatewayTestCase):
         old = yield self.hostile(head)
         yield poll(got(old, codec.Cmd.RESUME))
         old.transport.write(codec.sync(1) + frames_of(content)[: 4 * 1030])  # 4 packets, then silence
-        yield poll(lambda: self.gateway.services.stats.bytes_received >= 4096)
+        yield poll(lambda: self.held(BAD_IMEI) >= 4096)
         new = yield self.hostile(head)  # the camera is back on a new connection
         yield old.closed
         yield poll(got(new, codec.Cmd.RESUME))
@@ -150,7 +155,7 @@ class HardeningTests(GatewayTestCase):
         first = yield self.hostile(head)
         yield poll(got(first, codec.Cmd.RESUME))
         first.transport.write(codec.sync(1) + frames_of(content)[: 2 * 1030])
-        yield poll(lambda: self.gateway.services.stats.bytes_received >= 2048)
+        yield poll(lambda: self.held(BAD_IMEI) >= 2048)
         first.transport.loseConnection()
         yield first.closed
         yield poll(lambda: not self.gateway.services.sessions)
