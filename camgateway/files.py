@@ -163,13 +163,19 @@ def write_pending(s: "Services", transfer: Transfer, then: Optional[Callable[[Tr
             return None
         return s.run_in_thread(transfer.write_chunk, buf, offset, truncate)
 
+    n = len(buf)
+
     def done(result: object) -> None:
         transfer.written(buf)
         if isinstance(result, Failure):
             if transfer.write_error is None:
                 transfer.write_error = result.value
-            log.failure("writing {n} bytes of {id} at offset {offset} failed", result, n=len(buf),
-                        id=transfer.partial.id, offset=offset)
+            if result.check(OSError):  # the disk's answer, not a bug: no traceback
+                log.error("writing {n} bytes of spool file {name} at offset {offset} failed: {error}", n=n,
+                          name=transfer.partial.spool_name, offset=offset, error=result.getErrorMessage())
+            else:
+                log.failure("writing {n} bytes of spool file {name} at offset {offset} failed", result, n=n,
+                            name=transfer.partial.spool_name, offset=offset)
         if then is not None:
             then(transfer)
 

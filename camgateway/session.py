@@ -234,7 +234,7 @@ class Session(TransferSteps):
             return
         if n >= WRITE_MIN:
             write_pending(self.s, transfer, self._written)
-        elif not transfer.pending_since:  # a slow camera: write_stale() writes these later
+        elif transfer.pending_since is None:  # a slow camera: write_stale() writes these later
             transfer.pending_since = self.s.clock.seconds()
         if transfer.flushed - transfer.checkpointed >= self.config.checkpoint_bytes and transfer.syncing is None:
             checkpoint(self.s, transfer)
@@ -242,7 +242,7 @@ class Session(TransferSteps):
     def write_stale(self, now: float) -> None:
         """Write pending bytes that have waited :data:`FLUSH_AGE` seconds (called by a timer)."""
         transfer = self.transfer
-        if (transfer is None or transfer.writing or not transfer.pending or not transfer.pending_since
+        if (transfer is None or transfer.writing or not transfer.pending or transfer.pending_since is None
                 or now - transfer.pending_since < FLUSH_AGE or not self.connected):
             return
         try:

@@ -107,15 +107,16 @@ class Transfer:
         self.writing = False
         #: Why a write failed: nothing written after it counts, the file is not finished.
         self.write_error: Optional[BaseException] = None
-        #: When bytes started waiting in :attr:`pending` (0: none, or not noted yet).
-        self.pending_since = 0.0
+        #: When bytes started waiting in :attr:`pending` (None: none, or not noted yet).
+        self.pending_since: Optional[float] = None
         #: The checkpoint in flight (its fdatasync runs beside later writes).
         self.syncing: Optional[defer.Deferred] = None
         self._spare: Optional[bytearray] = None
         self._truncate: Optional[int] = None
-        # SHA-256 of bytes [0, _hashed), fed by the writes; None once a rewind
-        # went behind what it covers (then the file is read again at the end).
-        self._sha: Optional[Any] = hashlib.sha256()
+        # SHA-256 of bytes [0, _hashed), fed by the writes; None for a resumed
+        # file, or once a rewind went behind what it covers: then the file is
+        # read again at the end (as its CRC is, see file_crc).
+        self._sha: Optional[Any] = hashlib.sha256() if partial.held == 0 else None
         self._hashed = 0
 
     # -- positions
@@ -247,7 +248,7 @@ class Transfer:
         offset, truncate = self.flushed, self._truncate
         self._truncate = None
         self.flushed = offset + len(buf)
-        self.pending_since = 0.0
+        self.pending_since = None
         self.writing = True
         return buf, offset, truncate
 
@@ -269,17 +270,9 @@ class Transfer:
                         done += os.pwrite(fd, view[done:], offset + done)
             sha = self._sha
             if sha is not None:
-                if offset < self._hashed:  # rewound behind the hash: digest by reading
+                if offset != self._hashed:  # rewound behind the hash: digest by reading
                     self._sha = None
                     return
-                if offset > self._hashed:  # resumed: hash what the file already holds
-                    at = self._hashed
-                    while at < offset:
-                        chunk = os.pread(fd, min(1 << 20, offset - at), at)
-                        if not chunk:
-                            raise OSError(f"spool file shorter than {offset} bytes")
-                        sha.update(chunk)
-                        at += len(chunk)
                 if n:
                     sha.update(buf)
                 self._hashed = offset + n

@@ -10,11 +10,15 @@ The time is the capture time from the metadata, else the arrival time (UTC).
 name is taken, so two files never collide. The extension comes from the
 content (JPEG, PTMF, MP4) or a known extension of the device path.
 
-Delivery is atomic and durable: the sidecar is written to a temporary name,
-fsynced and linked under its final name; then the media file is hard-linked
-from the spool (copied and fsynced first when the spool is on another
-filesystem) beside it, and the directories fsynced. A reader that sees a media
-file therefore finds it complete, with its sidecar.
+Delivery is atomic and durable: the sidecar is written to a temporary name
+and linked under its final name; then the media file is hard-linked from the
+spool (copied and fsynced first when the spool is on another filesystem)
+beside it. A reader that sees a media file therefore finds it complete, with
+its sidecar. Before a delivery is reported done, all of it is made durable
+by one ``syncfs`` shared with every delivery that finished meanwhile
+(:class:`~camgateway.durability.GroupSync`: at hundreds of files a second
+that is one journal commit per batch instead of three fsyncs per file); where
+``syncfs`` is missing, the sidecar and the folders are fsynced file by file.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from camgateway.config import ConfigError
+from camgateway.durability import HAVE_SYNCFS, GroupSync
 from camgateway.sinks import IFileSink, ReceivedFile
 from camgateway.sinks.registry import check_keys
 
@@ -50,7 +55,7 @@ def validate(config: Mapping[str, Any], key: str, base: Path) -> Mapping[str, An
 
 def make(config: Mapping[str, Any], services: Any) -> "DiskSink":
     """A DiskSink from a validated entry."""
-    return DiskSink(Path(config["root"]), services.run_in_thread)
+    return DiskSink(Path(config["root"]), services.run_in_thread, group_sync=HAVE_SYNCFS)
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _KNOWN_EXT = {"jpg", "jpeg", "mp4", "h265", "h264", "hevc", "avi", "mov", "png", "bin", "ptmf"}
@@ -105,17 +110,28 @@ def _fsync_dir(path: Path) -> None:
 class DiskSink:
     """Stores files and sidecars under a root directory."""
 
-    def __init__(self, root: Path, run_in_thread: Callable[..., Deferred]) -> None:
+    def __init__(self, root: Path, run_in_thread: Callable[..., Deferred], group_sync: bool = False) -> None:
         self.root = Path(root)
         self.name = f"disk:{self.root}"
         self._run = run_in_thread
+        #: Batches the flushes of deliveries (None: each store fsyncs its own files).
+        self.group: Optional[GroupSync] = GroupSync(self.root, run_in_thread) if group_sync else None
 
     def deliver(self, received: ReceivedFile) -> Deferred:
-        """Store the file and its sidecar; fire with the stored path."""
-        return self._run(self.store, received)
+        """Store the file and its sidecar; fire with the stored path once durable."""
+        group = self.group
+        if group is None:
+            return self._run(self.store, received)
+        d = self._run(self.store, received, durable=False)
+        d.addCallback(lambda target: group.sync().addCallback(lambda _: target))
+        return d
 
-    def store(self, received: ReceivedFile) -> str:
-        """The blocking work of :meth:`deliver` (runs in a thread)."""
+    def store(self, received: ReceivedFile, durable: bool = True) -> str:
+        """The blocking work of :meth:`deliver` (runs in a thread).
+
+        With ``durable`` False the caller makes the filesystem durable
+        afterwards (a ``syncfs``); until then the file may be lost in a crash.
+        """
         imei = received.imei if received.imei.isdigit() else "unknown"
         with open(received.path, "rb") as f:
             head = f.read(16)
@@ -129,12 +145,15 @@ class DiskSink:
             sidecar = self._temp(folder, stem, temps)
             with open(sidecar, "wb") as f:
                 f.write(json.dumps(received.sidecar(), indent=2).encode() + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             target = self._place(received.path, sidecar, folder, stem, ext, temps)
         finally:
             for temp in temps:
                 temp.unlink(missing_ok=True)
+        if not durable:
+            return str(target)
         _fsync_dir(folder)
         if created:
             _fsync_dir(folder.parent)

@@ -1,0 +1,321 @@
+"""Spool writes off the reactor: batching, backpressure, digests, failures, group sync.
+
+A :class:`Jobs` run_in_thread holds every blocking call until the test runs
+it, so what is written when, and what waits behind it, is observable.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from camgateway import codec, transfer
+from camgateway.durability import HAVE_SYNCFS, GroupSync, syncfs
+from camgateway.resume_store import Partial
+from camgateway.service import flush_stale
+from camgateway.session import State
+from camgateway.sinks import ReceivedFile
+from camgateway.sinks.disk import DiskSink
+from camgateway.transfer import FLUSH_AGE, PENDING_MAX, RUN_BAD_CRC, RUN_COMPLETE, WRITE_MIN, Transfer
+from tests.support import connect, make_services, run_now, stored_files
+from tests.test_session import IMEI, VIDEOF, data_frames
+
+
+class Jobs:
+    """A run_in_thread whose calls wait in a list until run."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable[..., Any], tuple, defer.Deferred]] = []
+        self.kwargs: dict[int, dict[str, Any]] = {}
+        self.held = True
+
+    def __call__(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.kwargs[id(d)] = kwargs
+        self.calls.append((f, args, d))
+        if not self.held:
+            self.run_all()
+        return d
+
+    def names(self) -> list[str]:
+        return [getattr(f, "__name__", repr(f)) for f, _, _ in self.calls]
+
+    def run_one(self) -> None:
+        f, args, d = self.calls.pop(0)
+        try:
+            result = f(*args, **self.kwargs.pop(id(d)))
+        except BaseException:
+            d.errback(Failure())
+        else:
+            d.callback(result)
+
+    def run_all(self) -> None:
+        while self.calls:
+            self.run_one()
+
+
+def partial(total: int, held: int = 0) -> Partial:
+    return Partial("p1", str(IMEI), "dualcam", b"%videof", total, 0, None, held, "boot-1", "p1.part", 0.0, 0.0)
+
+
+class BlockTests(TestCase):
+    """take_run's blocks of whole frames decide exactly as frame by frame."""
+
+    def take(self, stream: bytes, total: int, block_min: int) -> tuple[int, int, int, bytes]:
+        self.patch(transfer, "_BLOCK_MIN", block_min)
+        t = Transfer(partial(total), -1)
+        t._first_after_sync = False
+        buf = bytearray(stream)
+        with memoryview(buf) as view:
+            pos, status = t.take_run(buf, view, 0, len(buf))
+        return pos, status, t.held, bytes(t.pending)
+
+    def test_same_result_as_frame_by_frame(self) -> None:
+        rng = random.Random(5)
+        content = rng.randbytes(40 * 1024 + 300)
+        total = 41
+        clean = data_frames(content)
+        cases: list[tuple[str, list[bytes]]] = [("clean", clean)]
+        for j in (0, 3, 17, 39):
+            bad_crc = list(clean)
+            bad_crc[j] = clean[j][:-1] + bytes([clean[j][-1] ^ 0x5A])  # only the CRC field is wrong
+            bad_data = list(clean)
+            bad_data[j] = clean[j][:100] + bytes([clean[j][100] ^ 1]) + clean[j][101:]
+            cases += [(f"crc field {j}", bad_crc), (f"payload {j}", bad_data)]
+        wrong_header = list(clean)
+        wrong_header[5] = codec.sync(3)  # not a DATA frame
+        cases.append(("sync inside", wrong_header))
+        for name, frames in cases:
+            stream = b"".join(frames)
+            for cut in (len(stream), len(stream) - 700, 9 * 1030 + 3):
+                block = self.take(stream[:cut], total, 4)
+                frame = self.take(stream[:cut], total, 10**9)
+                self.assertEqual(block, frame, f"{name}, {cut} bytes")
+        pos, status, held, pending = self.take(b"".join(clean), total, 4)
+        self.assertEqual((status, held, pending), (RUN_COMPLETE, len(content), content))
+        pos, status, held, _ = self.take(b"".join(cases[1][1]), total, 4)  # CRC field of frame 0 wrong
+        self.assertEqual((status, held), (RUN_BAD_CRC, 0))
+
+
+class WritePolicyTests(TestCase):
+    """What the session writes when, and the camera paused while writes are behind."""
+
+    def setUp(self) -> None:
+        self.root = Path(self.mktemp())
+        self.root.mkdir()
+        self.jobs = Jobs()
+        self.services = make_services(self.root, metadata=False)
+        self.services.run_in_thread = self.jobs
+        self.jobs.held = False
+        self.protocol, self.transport = connect(self.services)
+        self.content = random.Random(3).randbytes(2 * PENDING_MAX + 5000)
+        self.frames = data_frames(self.content)
+        self.protocol.dataReceived(codec.init_packet(5, IMEI, VIDEOF))
+        self.protocol.dataReceived(codec.start(len(self.frames), 0))
+        self.assertEqual(self.transport.value()[-8:], codec.resume(1))
+        self.transport.clear()
+        self.jobs.held = True
+        self.protocol.dataReceived(codec.sync(1))
+        self.session = self.protocol.session
+        self.transfer = self.session.transfer
+        self.sent_frames = 0
+
+    def send(self, frames: int) -> None:
+        chunk = b"".join(self.frames[self.sent_frames : self.sent_frames + frames])
+        self.sent_frames += frames
+        self.protocol.dataReceived(chunk)
+
+    def written(self) -> bytes:
+        with open(self.services.spool.path(self.transfer.partial.spool_name), "rb") as f:
+            return f.read()
+
+    def test_batches_bound_and_pause(self) -> None:
+        frames_min = WRITE_MIN // 1024
+        self.send(frames_min - 1)
+        self.assertEqual(self.jobs.calls, [])  # under WRITE_MIN: nothing written yet
+        self.send(1)
+        self.assertEqual(self.jobs.names(), ["write_chunk"])  # one write of the whole batch
+        self.assertTrue(self.transfer.writing)
+        self.send(PENDING_MAX // 1024 - 1)
+        self.assertEqual(self.jobs.names(), ["write_chunk"])  # one write in flight at a time
+        self.assertEqual(self.transport.producerState, "producing")
+        self.send(1)  # PENDING_MAX waits behind the write: the camera is paused
+        self.assertEqual(self.transport.producerState, "paused")
+        self.jobs.run_one()  # the write is done: the waiting bytes go, the camera may send again
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertEqual(self.jobs.names(), ["write_chunk"])
+        self.assertEqual(self.written(), self.content[: WRITE_MIN])
+        self.jobs.run_all()
+        self.assertEqual(self.written(), self.content[: WRITE_MIN + PENDING_MAX])
+        self.assertFalse(self.transfer.writing)
+
+    def test_slow_camera_bytes_are_written_by_the_timer(self) -> None:
+        clock = self.services.clock
+        self.send(3)
+        self.assertEqual(len(self.transfer.pending), 3 * 1024)
+        flush_stale(self.services)
+        self.assertEqual(self.written(), b"")  # too recent
+        clock.advance(FLUSH_AGE)
+        flush_stale(self.services)
+        self.assertEqual(self.written(), self.content[: 3 * 1024])  # written inline: small
+        self.assertEqual(self.jobs.calls, [])
+
+    def test_whole_file_digest_comes_from_the_writes(self) -> None:
+        self.jobs.held = False
+        self.send(len(self.frames))
+        self.assertEqual(self.session.state, State.AWAIT_INIT)  # stored and acknowledged
+        self.assertNotIn("digest_file", self.jobs.names())
+        [stored] = stored_files(self.root)
+        self.assertEqual(stored.read_bytes(), self.content)
+        meta = json.loads(stored.with_name(stored.name + ".json").read_text())
+        self.assertEqual(meta["sha256"], hashlib.sha256(self.content).hexdigest())
+
+    def test_rewind_behind_the_writes_reads_the_file_for_its_digest(self) -> None:
+        self.jobs.held = False
+        self.send(WRITE_MIN // 1024 + 10)
+        self.assertGreaterEqual(len(self.written()), WRITE_MIN)
+        bad = bytearray(self.frames[self.sent_frames])
+        bad[-1] ^= 0xFF
+        self.protocol.dataReceived(bytes(bad))
+        self.transport.clear()
+        self.protocol.dataReceived(codec.sync(3))  # the camera goes back before what was written
+        self.sent_frames = 2
+        self.frames = data_frames(self.content)
+        self.frames[2:] = data_frames(self.content, 2 * 1024)
+        self.send(len(self.frames) - 2)
+        self.assertEqual(self.session.state, State.AWAIT_INIT)
+        [stored] = stored_files(self.root)
+        self.assertEqual(stored.read_bytes(), self.content)
+        meta = json.loads(stored.with_name(stored.name + ".json").read_text())
+        self.assertEqual(meta["sha256"], hashlib.sha256(self.content).hexdigest())
+
+    def test_failed_write_closes_keeps_the_partial_and_writes_nothing_after(self) -> None:
+        real = os.pwrite
+        self.send(WRITE_MIN // 1024)
+
+        def full(fd: int, data: Any, offset: int) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(os, "pwrite", full)
+        self.send(PENDING_MAX // 1024)  # waits behind the failing write
+        self.jobs.run_one()
+        self.patch(os, "pwrite", real)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertIsInstance(self.transfer.write_error, OSError)
+        self.protocol.connectionLost(None)
+        self.jobs.run_all()  # the release: no write after the failed one, no checkpoint past it
+        self.assertEqual(self.written(), b"")
+        [kept] = self.services.store.partials.values()
+        self.assertEqual(kept.held, 0)
+        errors = [f["why"] for f in self.services.failures]
+        self.assertTrue(any("No space left" in why for why in errors), errors)
+
+
+class GroupSyncTests(TestCase):
+    def test_one_flush_for_everyone_waiting(self) -> None:
+        jobs = Jobs()
+        group = GroupSync(Path(self.mktemp()), jobs)
+        first = group.sync(7)
+        self.assertEqual([(f.__name__, args) for f, args, _ in jobs.calls], [("fdatasync", (7,))])  # alone
+        later = [group.sync(8), group.sync(), group.sync(9)]
+        self.assertEqual(len(jobs.calls), 1)  # they wait for the flush after the running one
+        fired: list[int] = []
+        for i, d in enumerate([first] + later):
+            d.addCallback(lambda _, i=i: fired.append(i))
+        f, args, d = jobs.calls.pop(0)
+        d.callback(None)
+        self.assertEqual(fired, [0])
+        self.assertEqual([(f.__name__, args) for f, args, _ in jobs.calls], [("syncfs", (group.root,))])
+        jobs.calls.pop(0)[2].callback(None)
+        self.assertEqual(fired, [0, 1, 2, 3])
+        self.assertEqual((group.flushes, group.served), (2, 4))
+
+    def test_a_failed_flush_fails_its_callers_only(self) -> None:
+        jobs = Jobs()
+        group = GroupSync(Path(self.mktemp()), jobs)
+        a, b = group.sync(), group.sync()
+        jobs.calls.pop(0)[2].errback(OSError(errno.EIO, "I/O error"))
+        self.failureResultOf(a, OSError)
+        jobs.calls.pop(0)[2].callback(None)
+        self.successResultOf(b)
+        c = group.sync()
+        jobs.calls.pop(0)[2].callback(None)
+        self.successResultOf(c)
+
+    def test_syncfs_really_runs(self) -> None:
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        syncfs(folder)  # no error on a real filesystem
+        with self.assertRaises(OSError):
+            syncfs(folder / "missing")
+
+
+class DiskSinkGroupTests(TestCase):
+    def test_deliveries_share_flushes(self) -> None:
+        if not HAVE_SYNCFS:
+            self.skipTest("no syncfs(2) on this platform: the disk sink fsyncs file by file")
+        root = Path(self.mktemp())
+        root.mkdir()
+        jobs = Jobs()
+        sink = DiskSink(root / "files", jobs, group_sync=True)
+        import datetime
+
+        results = []
+        for n in range(3):
+            spool_file = root / f"{n}.part"
+            spool_file.write_bytes(b"\xff\xd8" + bytes([n]) * 100)
+            received = ReceivedFile(
+                path=spool_file, imei=str(IMEI), peer="10.0.0.1:1", protocol_id=5, camera="dualcam", flow="dualcam",
+                source="photof", identifier=b"%photof", media="photo", metadata={}, size=103, sha256="x",
+                start_total=1, start_crc=0, computed_crc=0,
+                received_at=datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
+                capture_time=None, resumed_from=0, crc_errors=0)
+            results.append(sink.deliver(received))
+        done: list[str] = []
+        for r in results:
+            r.addCallback(lambda path: (done.append(path), path)[1])
+        self.assertEqual([f.__name__ for f, _, _ in jobs.calls], ["store"] * 3)
+        jobs.run_one()  # the first store: its flush starts alone
+        jobs.run_one()
+        jobs.run_one()
+        self.assertEqual([f.__name__ for f, _, _ in jobs.calls], ["syncfs"])
+        self.assertEqual(done, [])  # stored, not yet durable: not reported
+        jobs.run_one()
+        self.assertEqual(len(done), 1)
+        self.assertEqual([f.__name__ for f, _, _ in jobs.calls], ["syncfs"])  # the two that came later
+        jobs.run_all()
+        self.assertEqual(len(done), 3)
+        paths = [Path(self.successResultOf(r)) for r in results]
+        self.assertEqual([p.read_bytes()[2] for p in paths], [0, 1, 2])
+        self.assertTrue(all(p.with_name(p.name + ".json").exists() for p in paths))
+        self.assertEqual(sink.group.flushes, 2)  # type: ignore[union-attr]
+
+    def test_store_not_durable_skips_the_fsyncs(self) -> None:
+        calls: list[int] = []
+        root = Path(self.mktemp())
+        root.mkdir()
+        self.patch(os, "fsync", lambda fd: calls.append(fd))
+        sink = DiskSink(root / "files", run_now)
+        spool_file = root / "a.part"
+        spool_file.write_bytes(b"\xff\xd8abc")
+        import datetime
+
+        received = ReceivedFile(
+            path=spool_file, imei=str(IMEI), peer="p", protocol_id=5, camera="dualcam", flow="dualcam",
+            source="photof", identifier=b"%photof", media="photo", metadata={}, size=5, sha256="x",
+            start_total=1, start_crc=0, computed_crc=0,
+            received_at=datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
+            capture_time=None, resumed_from=0, crc_errors=0)
+        sink.store(received, durable=False)
+        self.assertEqual(calls, [])
+        sink.store(received)
+        self.assertGreaterEqual(len(calls), 2)  # sidecar and folder
