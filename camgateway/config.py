@@ -72,7 +72,7 @@ class Config:
     max_connections: int = 20000
     max_file_bytes: int = 1024**3
     min_free_bytes: int = 256 * 1024 * 1024
-    outbox_concurrency: int = 8
+    outbox_concurrency: int = 32
     outbox_give_up_after: float = 7 * 86400.0
     #: Several instances: a delivery claimed by an instance that died is taken over after this.
     outbox_claim_ttl: float = 300.0

@@ -127,14 +127,16 @@ def _open_or_create(partial: Optional[Partial], s: "Services", offer: FileOffer)
         yield s.run_in_thread(s.spool.unlink, partial.spool_name)
         partial = None
     if partial is None:
-        free = yield s.run_in_thread(s.spool.free_bytes)
-        if free < s.config.min_free_bytes:
-            raise Refused(f"spool has {free} bytes free, under limits.min_free_bytes"
-                          f" ({s.config.min_free_bytes}): not accepting new files")
         now = s.clock.seconds()
         partial = Partial(uuid.uuid4().hex, offer.imei, offer.flow, offer.identifier, offer.total,
                           offer.start_crc, stamp, 0, s.boot_id, s.spool.new_name(), now, now)
-        yield s.store.add(partial)
+        fd = yield s.run_in_thread(_create, s.spool, partial.spool_name, s.config.min_free_bytes)
+        # The record is written while the camera is asked to send (RESUME): every
+        # later step of the file waits for it on ``busy``. A crash before it is
+        # committed leaves an orphan spool file, which the start-up reconcile removes.
+        transfer = Transfer(partial, fd)
+        transfer.busy = s.store.add(partial)
+        return transfer
     else:
         # What the spool file really holds (another instance or process may have written it).
         held = yield s.run_in_thread(reconcile_partial, s.spool, partial, s.boot_id)
@@ -191,6 +193,15 @@ def _when_synced(transfer: Transfer) -> Optional[defer.Deferred]:
     d: defer.Deferred = defer.Deferred()
     syncing.addBoth(lambda r: (d.callback(None), r)[1])
     return d
+
+
+def _create(spool: Any, name: str, min_free: int) -> int:
+    """Check the spool's free space, then create spool file ``name`` (one thread hop)."""
+    free = spool.free_bytes()
+    if free < min_free:
+        raise Refused(f"spool has {free} bytes free, under limits.min_free_bytes"
+                      f" ({min_free}): not accepting new files")
+    return spool.open(name, 0)
 
 
 def checkpoint(s: "Services", transfer: Transfer, *, hold: bool = False) -> defer.Deferred:

@@ -136,8 +136,20 @@ class Outbox:
         now = self.s.clock.seconds()
         entry = OutboxEntry(uuid.uuid4().hex, received.path.name, 0, 0, now, None, received.to_record(), now)
         d = self.s.store.enqueue(entry, partial_id)
-        d.addCallback(lambda _: self.kick())
+        d.addCallback(lambda _: self._start_new(entry, received))
         return d
+
+    def _start_new(self, entry: OutboxEntry, received: ReceivedFile) -> None:
+        """Deliver a file just recorded at once if there is room (no scan, no re-read record).
+
+        Only with a store of this instance's own: a shared store hands entries
+        out by claims, which only a scan (``due``) takes.
+        """
+        if (len(self.in_flight) >= self.concurrency or entry.id in self.in_flight
+                or self.s.leases is not None):
+            self.kick()  # a scan takes it when there is room
+            return
+        self._track(entry, self._deliver(entry, received))
 
     def kick(self) -> None:
         """Look for due entries now (coalesced: one scan at a time)."""
@@ -167,10 +179,12 @@ class Outbox:
         entries = yield self.s.store.due(self.s.clock.seconds(), free, frozenset(self.in_flight))
         for entry in entries:
             if entry.id not in self.in_flight and len(self.in_flight) < self.concurrency:
-                d = self._deliver(entry)
-                self.in_flight[entry.id] = d
-                d.addErrback(lambda f: log.failure("outbox delivery crashed", f))
-                d.addBoth(self._finished, entry.id)
+                self._track(entry, self._deliver(entry))
+
+    def _track(self, entry: OutboxEntry, d: defer.Deferred) -> None:
+        self.in_flight[entry.id] = d
+        d.addErrback(lambda f: log.failure("outbox delivery crashed", f))
+        d.addBoth(self._finished, entry.id)
 
     def _finished(self, _: object, entry_id: str) -> None:
         del self.in_flight[entry_id]
@@ -186,10 +200,11 @@ class Outbox:
     # -- one delivery
 
     @defer.inlineCallbacks
-    def _deliver(self, entry: OutboxEntry) -> Any:
+    def _deliver(self, entry: OutboxEntry, received: Optional[ReceivedFile] = None) -> Any:
         s = self.s
         sink = s.sinks[entry.sink]
-        received = ReceivedFile.from_record(entry.record, s.spool.path(entry.spool_name))
+        if received is None:
+            received = ReceivedFile.from_record(entry.record, s.spool.path(entry.spool_name))
         try:
             result = yield defer.maybeDeferred(sink.deliver, received)
         except Exception:
