@@ -114,6 +114,9 @@ class Outbox:
         self.dead_letters = 0
         self._scanning = False
         self._again = False
+        #: Entries may be due that no delivery has taken (no room when they came,
+        #: or the last scan filled every slot): a finished delivery scans again.
+        self._backlog = True
         self._loop: Optional[task.LoopingCall] = None
         self._idle_waiters: list[defer.Deferred] = []
 
@@ -147,6 +150,7 @@ class Outbox:
         """
         if (len(self.in_flight) >= self.concurrency or entry.id in self.in_flight
                 or self.s.leases is not None):
+            self._backlog = True
             self.kick()  # a scan takes it when there is room
             return
         self._track(entry, self._deliver(entry, received))
@@ -176,7 +180,10 @@ class Outbox:
         free = self.concurrency - len(self.in_flight)
         if free <= 0:
             return
+        self._backlog = False
         entries = yield self.s.store.due(self.s.clock.seconds(), free, frozenset(self.in_flight))
+        if len(entries) >= free:
+            self._backlog = True
         for entry in entries:
             if entry.id not in self.in_flight and len(self.in_flight) < self.concurrency:
                 self._track(entry, self._deliver(entry))
@@ -188,7 +195,8 @@ class Outbox:
 
     def _finished(self, _: object, entry_id: str) -> None:
         del self.in_flight[entry_id]
-        self.kick()
+        if self._backlog or self._idle_waiters:
+            self.kick()
 
     def idle(self) -> defer.Deferred:
         """Fires once nothing is in flight and nothing is due (for tests and benchmarks)."""
@@ -231,6 +239,8 @@ class Outbox:
             dataclasses.replace(e, sink=nxt, attempts=0, next_attempt=s.clock.seconds(), last_error=None)
             for e in carried]
         yield s.store.replace(entry.id, following)
+        if following:
+            self._backlog = True  # the next sink's entries: the next scan takes them
         keep = {e.spool_name for e in following}
         for name in ({entry.spool_name} | {e.spool_name for e in carried}) - keep:
             yield s.run_in_thread(s.spool.unlink, name)

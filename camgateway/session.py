@@ -28,7 +28,7 @@ from camgateway.services import Services
 from camgateway.session_transfer import TransferSteps
 from camgateway.states import S, State
 from camgateway.status_codes import status_meaning
-from camgateway.transfer import FLUSH_AGE, PENDING_MAX, WRITE_MIN, Transfer
+from camgateway.transfer import FLUSH_AGE, INLINE_WRITE_MAX, PENDING_MAX, WRITE_MIN, Transfer
 
 __all__ = ["State", "Session", "TRANSITIONS", "Link"]
 
@@ -245,11 +245,14 @@ class Session(TransferSteps):
         if (transfer is None or transfer.writing or not transfer.pending or transfer.pending_since is None
                 or now - transfer.pending_since < FLUSH_AGE or not self.connected):
             return
-        try:
-            self.s.stats.bytes_received += transfer.flush()
-        except OSError as e:
-            self._write_failed(transfer, e)
-            return
+        if len(transfer.pending) > INLINE_WRITE_MAX:
+            write_pending(self.s, transfer, self._written)
+        else:
+            try:
+                self.s.stats.bytes_received += transfer.flush()
+            except OSError as e:
+                self._write_failed(transfer, e)
+                return
         if transfer.flushed - transfer.checkpointed >= self.config.checkpoint_bytes and transfer.syncing is None:
             checkpoint(self.s, transfer)
 

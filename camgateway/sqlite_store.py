@@ -16,7 +16,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -93,6 +93,13 @@ class SQLiteStore:
         self._queue: list[tuple[Callable[[sqlite3.Connection], Any], Deferred]] = []
         self._busy = False
         self._drained: list[Deferred] = []
+        # The keys of every partial (imei, flow, identifier) -> id, once :meth:`all`
+        # has read them (the start-up reconcile does), kept up to date by this
+        # object's own changes (the only writer of the partials table): a file
+        # with no partial, nearly every file, is then found absent with no
+        # round trip to the store's thread.
+        self._keys: Optional[dict[tuple[str, str, bytes], str]] = None
+        self._key_of: dict[str, tuple[str, str, bytes]] = {}
 
     # -- running statements on the store's thread
 
@@ -214,7 +221,15 @@ class SQLiteStore:
 
     # -- IResumeStore
 
+    def _forget_key(self, partial_id: str) -> None:
+        key = self._key_of.pop(partial_id, None)
+        if key is not None and self._keys is not None and self._keys.get(key) == partial_id:
+            del self._keys[key]
+
     def find(self, imei: str, flow: str, identifier: bytes) -> "Deferred[Optional[Partial]]":
+        if self._keys is not None and (imei, flow, identifier) not in self._keys:
+            return succeed(None)
+
         def q(db: sqlite3.Connection) -> Optional[Partial]:
             row = db.execute(
                 f"SELECT {_COLUMNS} FROM partials WHERE imei=? AND flow=? AND identifier=?",
@@ -226,6 +241,13 @@ class SQLiteStore:
 
     def add(self, partial: Partial) -> "Deferred[None]":
         values = dataclasses.astuple(partial)
+        key = (partial.imei, partial.flow, partial.identifier)
+        if self._keys is not None:
+            old = self._keys.get(key)
+            if old is not None:
+                self._key_of.pop(old, None)
+            self._keys[key] = partial.id
+        self._key_of[partial.id] = key
 
         def q(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM partials WHERE imei=? AND flow=? AND identifier=?",
@@ -243,11 +265,29 @@ class SQLiteStore:
         return self._run(q)
 
     def remove(self, partial_id: str) -> "Deferred[None]":
+        self._forget_key(partial_id)
         return self._run(lambda db: db.execute("DELETE FROM partials WHERE id=?", (partial_id,)) and None)
 
     def all(self) -> "Deferred[list[Partial]]":
-        return self._run(lambda db: [_row(r) for r in db.execute(
+        d = self._run(lambda db: [_row(r) for r in db.execute(
             f"SELECT {_COLUMNS} FROM partials ORDER BY first_seen")])
+        if self._keys is None:
+            d.addCallback(self._learn_keys)
+        return d
+
+    def _learn_keys(self, partials: list[Partial]) -> list[Partial]:
+        """Start the key cache from a full read (and what was added since it was asked for)."""
+        if self._keys is None:
+            keys: dict[tuple[str, str, bytes], str] = {}
+            key_of: dict[str, tuple[str, str, bytes]] = {}
+            for p in partials:
+                keys[(p.imei, p.flow, p.identifier)] = p.id
+                key_of[p.id] = (p.imei, p.flow, p.identifier)
+            for partial_id, key in self._key_of.items():  # added meanwhile (removals only leave stale keys)
+                keys[key] = partial_id
+                key_of[partial_id] = key
+            self._keys, self._key_of = keys, key_of
+        return partials
 
     def expired(self, before: float) -> "Deferred[list[Partial]]":
         return self._run(lambda db: [_row(r) for r in db.execute(
@@ -271,6 +311,9 @@ class SQLiteStore:
     # -- IOutboxStore
 
     def enqueue(self, entry: OutboxEntry, partial_id: Optional[str]) -> "Deferred[None]":
+        if partial_id is not None:
+            self._forget_key(partial_id)
+
         def q(db: sqlite3.Connection) -> None:
             _insert_entry(db, entry)
             if partial_id is not None:

@@ -33,7 +33,7 @@ from camgateway.resume_store import Partial
 from camgateway.spool import DUALCAM_PACKET
 
 __all__ = ["Transfer", "FileDigest", "digest_file", "PACKET", "RUN_MORE", "RUN_BAD_CRC", "RUN_COMPLETE",
-           "RUN_SLOW", "WRITE_MIN", "PENDING_MAX", "FLUSH_AGE"]
+           "RUN_SLOW", "WRITE_MIN", "PENDING_MAX", "FLUSH_AGE", "INLINE_WRITE_MAX"]
 
 PACKET = DUALCAM_PACKET
 #: Pending bytes that make a write (to a pool thread).
@@ -42,6 +42,9 @@ WRITE_MIN = 256 * 1024
 PENDING_MAX = 1024 * 1024
 #: Seconds after which fewer than WRITE_MIN pending bytes are written anyway.
 FLUSH_AGE = 1.0
+#: At most this many pending bytes are written on the reactor thread (a slow
+#: camera's, or the last of a file when no write is in flight).
+INLINE_WRITE_MAX = 64 * 1024
 RUN_MORE, RUN_BAD_CRC, RUN_COMPLETE, RUN_SLOW = 0, 1, 2, 3
 _FRAME = 4 + PACKET + 2  # a whole DATA frame: header, 1024 bytes, CRC
 _BLOCK_MIN = 4  # frames worth taking as one block

@@ -158,3 +158,62 @@ class OutboxTests(TestCase):
         self.s.outbox.add(self.received(), None)
         yield self.s.outbox.idle()
         self.assertEqual(self.s.store.outbox, {})
+
+
+class Gate:
+    """A sink whose deliveries wait until the test lets them finish."""
+
+    name = "gate"
+
+    def __init__(self) -> None:
+        self.waiting: list[defer.Deferred] = []
+
+    def deliver(self, received: ReceivedFile) -> Any:
+        d: defer.Deferred = defer.Deferred()
+        self.waiting.append(d)
+        return d
+
+
+class DirectDeliveryTests(OutboxTests):
+    """A new file goes to its sink at once; scans only when something may be left."""
+
+    def count_scans(self) -> list[int]:
+        scans: list[int] = []
+        real = self.s.store.due
+
+        def due(*args: Any) -> Any:
+            scans.append(1)
+            return real(*args)
+
+        self.s.store.due = due
+        return scans
+
+    def test_new_files_need_no_scan_until_the_slots_are_full(self) -> None:
+        gate = Gate()
+        self.s.sinks = [gate]
+        self.s.outbox = Outbox(self.s, concurrency=2, poll=5.0, rng=random.Random(1))
+        self.s.outbox.start()
+        scans = self.count_scans()
+        self.s.outbox.add(self.received(b"1"), None)
+        self.s.outbox.add(self.received(b"2"), None)
+        self.assertEqual((len(gate.waiting), scans), (2, []))  # both delivering, no scan
+        self.s.outbox.add(self.received(b"3"), None)  # no room: recorded, left for a scan
+        self.assertEqual(len(gate.waiting), 2)
+        gate.waiting.pop(0).callback("ok")  # a slot frees: the scan finds the third
+        self.assertEqual(len(gate.waiting), 2)
+        self.assertEqual(len(scans), 1)  # (with no room, no query was made)
+        for d in list(gate.waiting):
+            gate.waiting.remove(d)
+            d.callback("ok")
+        self.assertEqual(len(scans), 2)  # once more: that scan had filled the free slot
+        self.assertEqual(self.s.store.outbox, {})
+        self.s.outbox.add(self.received(b"4"), None)
+        gate.waiting.pop(0).callback("ok")
+        self.assertEqual(len(scans), 2)  # nothing was left: no scan after it
+
+    def test_next_sink_of_a_chain_is_not_left_for_the_poll(self) -> None:
+        a, b = Recorder("a"), Recorder("b")
+        self.s.sinks = [a, b]
+        self.s.outbox.start()
+        self.s.outbox.add(self.received(b"x"), None)
+        self.assertEqual(b.got, [b"x"])  # without waiting for the 5 s poll

@@ -211,3 +211,39 @@ class GroupCommitTests(TestCase):
         self.assertEqual(len((yield store.all())), 60)  # the failure undid nothing else
         self.assertEqual(sum(batches), 62)
         self.assertLess(len(batches), 10)  # 62 statements, a handful of commits
+
+
+class KeyCacheTests(TestCase):
+    """Once all() has read the partials, finding no partial needs no round trip."""
+
+    def setUp(self) -> None:
+        path = Path(self.mktemp())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.store = SQLiteStore(path)
+        self.addCleanup(self.store.close)
+
+    @defer.inlineCallbacks
+    def test_absent_keys_answer_at_once_and_changes_are_followed(self) -> object:
+        from camgateway.outbox import OutboxEntry
+
+        p1 = partial(1)
+        yield self.store.add(p1)
+        missing = self.store.find(p1.imei, "dualcam", b"%photof")
+        self.assertFalse(missing.called)  # no cache before all(): a real query
+        self.assertIsNone((yield missing))
+        reading = self.store.all()
+        p2 = partial(2, identifier=b"%videor")
+        added = self.store.add(p2)  # while all() is in flight
+        yield reading
+        yield added
+        absent = self.store.find(p1.imei, "dualcam", b"%photof")
+        self.assertIsNone(self.successResultOf(absent))  # answered at once
+        self.assertEqual((yield self.store.find(p1.imei, "dualcam", b"%videof")), p1)
+        self.assertEqual((yield self.store.find(p2.imei, "dualcam", b"%videor")), p2)
+        yield self.store.enqueue(OutboxEntry("e1", "1.part", 0, 0, 0.0, None, {}, 0.0), p1.id)
+        self.assertIsNone(self.successResultOf(self.store.find(p1.imei, "dualcam", b"%videof")))
+        yield self.store.remove(p2.id)
+        self.assertIsNone(self.successResultOf(self.store.find(p2.imei, "dualcam", b"%videor")))
+        p3 = partial(3)  # the same key as p1, a new partial
+        yield self.store.add(p3)
+        self.assertEqual((yield self.store.find(p3.imei, "dualcam", b"%videof")), p3)
