@@ -60,6 +60,8 @@ def _crc_fields(k: int) -> Any:
     if unpack is None:
         unpack = _CRC_FIELDS[k] = struct.Struct(">" + f"{_FRAME - 2}xH" * k).unpack_from
     return unpack
+
+
 _HEADER = struct.Struct(">HH").unpack_from
 
 
