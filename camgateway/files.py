@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from camgateway.deferreds import after
 from camgateway.metadata import capture_time
 from camgateway.resume_store import Partial
 from camgateway.sinks import ReceivedFile
@@ -99,12 +100,7 @@ class FileOffer:
 
 def open_transfer(s: "Services", session: "Session", offer: FileOffer) -> defer.Deferred:
     """A :class:`Transfer` for ``offer``: its stored partial if it matches, else a new one."""
-    d: defer.Deferred = defer.Deferred()
-    waiting = s.finishing.get(offer.key)
-    if waiting is None:  # else wait until the same file's delivery is over
-        d.callback(None)
-    else:
-        waiting.addBoth(lambda r: (d.callback(None), r)[1])
+    d = after(s.finishing.get(offer.key))  # a finish of the same file in flight: wait for it
     d.addCallback(lambda _: s.store.find(*offer.key))
     d.addCallback(_open_or_create, s, offer)
     return d
@@ -185,16 +181,6 @@ def write_pending(s: "Services", transfer: Transfer, then: Optional[Callable[[Tr
     transfer.busy.addBoth(done)
 
 
-def _when_synced(transfer: Transfer) -> Optional[defer.Deferred]:
-    """A Deferred firing when the checkpoint in flight is over (None if there is none)."""
-    syncing = transfer.syncing
-    if syncing is None:
-        return None
-    d: defer.Deferred = defer.Deferred()
-    syncing.addBoth(lambda r: (d.callback(None), r)[1])
-    return d
-
-
 def _create(spool: Any, name: str, min_free: int) -> int:
     """Check the spool's free space, then create spool file ``name`` (one thread hop)."""
     free = spool.free_bytes()
@@ -236,11 +222,7 @@ def checkpoint(s: "Services", transfer: Transfer, *, hold: bool = False) -> defe
         over.callback(None)
 
     def start(_: object) -> Optional[defer.Deferred]:
-        d: defer.Deferred = defer.Deferred()
-        if previous is None:
-            d.callback(None)
-        else:
-            previous.addBoth(lambda r: (d.callback(None), r)[1])
+        d = after(previous)
         d.addCallback(record)
         d.addBoth(finished)
         return d if hold else None
@@ -293,7 +275,7 @@ def finish_transfer(s: "Services", session: "Session", offer: FileOffer, transfe
         return s.run_in_thread(digest_file, transfer.fd, transfer.file_crc())
 
     d = transfer.busy
-    d.addCallback(lambda _: _when_synced(transfer))
+    d.addCallback(lambda _: after(transfer.syncing))  # the checkpoint in flight, if any
     d.addCallback(durable)
     d.addCallback(digest)
     d.addErrback(lambda f: (os.close(transfer.fd), f)[1])

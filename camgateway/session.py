@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 from camgateway import codec
 from camgateway.codec import ProtocolError
+from camgateway.deferreds import after
 from camgateway.files import FileOffer, checkpoint, release_transfer, write_pending
 from camgateway.leases import instance_of
 from camgateway.metadata import decode_metadata
@@ -236,8 +237,7 @@ class Session(TransferSteps):
             write_pending(self.s, transfer, self._written)
         elif transfer.pending_since is None:  # a slow camera: write_stale() writes these later
             transfer.pending_since = self.s.clock.seconds()
-        if transfer.flushed - transfer.checkpointed >= self.config.checkpoint_bytes and transfer.syncing is None:
-            checkpoint(self.s, transfer)
+        self._checkpoint_due(transfer)
 
     def write_stale(self, now: float) -> None:
         """Write pending bytes that have waited :data:`FLUSH_AGE` seconds (called by a timer)."""
@@ -253,6 +253,10 @@ class Session(TransferSteps):
             except OSError as e:
                 self._write_failed(transfer, e)
                 return
+        self._checkpoint_due(transfer)
+
+    def _checkpoint_due(self, transfer: Transfer) -> None:
+        """Checkpoint every ``checkpoint_bytes`` written, one checkpoint at a time."""
         if transfer.flushed - transfer.checkpointed >= self.config.checkpoint_bytes and transfer.syncing is None:
             checkpoint(self.s, transfer)
 
@@ -491,9 +495,7 @@ class Session(TransferSteps):
         return self._chain_finished()
 
     def _chain_finished(self) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self.finished.addBoth(lambda r: (d.callback(None), r)[1])
-        return d
+        return after(self.finished)
 
     def connection_lost(self) -> defer.Deferred:
         """The connection is gone: persist any transfer; fire :attr:`finished` when done."""
@@ -519,6 +521,3 @@ class Session(TransferSteps):
                                             imei=self.imei, e=f.getErrorMessage()))
         d.addBoth(lambda _: self.finished.callback(None))
         return self._chain_finished()
-
-    def _checkpoint(self, transfer: Transfer) -> None:
-        checkpoint(self.s, transfer)

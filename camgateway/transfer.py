@@ -295,7 +295,8 @@ class Transfer:
     def flush(self) -> int:
         """Write pending bytes now, on this thread; return how many.
 
-        For the few bytes of a slow camera; never while a write is in flight.
+        For a few KiB (:data:`INLINE_WRITE_MAX`: a slow camera's, or the
+        last of a file); never while a write is in flight.
         """
         if self.writing:
             raise AssertionError("flush() while a write is in flight")

@@ -6,6 +6,7 @@ it, so what is written when, and what waits behind it, is observable.
 
 from __future__ import annotations
 
+import datetime
 import errno
 import hashlib
 import json
@@ -259,6 +260,16 @@ class GroupSyncTests(TestCase):
             syncfs(folder / "missing")
 
 
+def photo(path: Path) -> ReceivedFile:
+    """A received photo whose bytes are at ``path``."""
+    return ReceivedFile(
+        path=path, imei=str(IMEI), peer="10.0.0.1:1", protocol_id=5, camera="dualcam", flow="dualcam",
+        source="photof", identifier=b"%photof", media="photo", metadata={}, size=path.stat().st_size, sha256="x",
+        start_total=1, start_crc=0, computed_crc=0,
+        received_at=datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
+        capture_time=None, resumed_from=0, crc_errors=0)
+
+
 class DiskSinkGroupTests(TestCase):
     def test_deliveries_share_flushes(self) -> None:
         if not HAVE_SYNCFS:
@@ -267,19 +278,11 @@ class DiskSinkGroupTests(TestCase):
         root.mkdir()
         jobs = Jobs()
         sink = DiskSink(root / "files", jobs, group_sync=True)
-        import datetime
-
         results = []
         for n in range(3):
             spool_file = root / f"{n}.part"
             spool_file.write_bytes(b"\xff\xd8" + bytes([n]) * 100)
-            received = ReceivedFile(
-                path=spool_file, imei=str(IMEI), peer="10.0.0.1:1", protocol_id=5, camera="dualcam", flow="dualcam",
-                source="photof", identifier=b"%photof", media="photo", metadata={}, size=103, sha256="x",
-                start_total=1, start_crc=0, computed_crc=0,
-                received_at=datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
-                capture_time=None, resumed_from=0, crc_errors=0)
-            results.append(sink.deliver(received))
+            results.append(sink.deliver(photo(spool_file)))
         done: list[str] = []
         for r in results:
             r.addCallback(lambda path: (done.append(path), path)[1])
@@ -307,14 +310,7 @@ class DiskSinkGroupTests(TestCase):
         sink = DiskSink(root / "files", run_now)
         spool_file = root / "a.part"
         spool_file.write_bytes(b"\xff\xd8abc")
-        import datetime
-
-        received = ReceivedFile(
-            path=spool_file, imei=str(IMEI), peer="p", protocol_id=5, camera="dualcam", flow="dualcam",
-            source="photof", identifier=b"%photof", media="photo", metadata={}, size=5, sha256="x",
-            start_total=1, start_crc=0, computed_crc=0,
-            received_at=datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
-            capture_time=None, resumed_from=0, crc_errors=0)
+        received = photo(spool_file)
         sink.store(received, durable=False)
         self.assertEqual(calls, [])
         sink.store(received)
