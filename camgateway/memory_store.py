@@ -22,6 +22,9 @@ __all__ = ["MemoryStore"]
 class MemoryStore:
     """IResumeStore and IOutboxStore in dicts."""
 
+    #: IOutboxStore.shared
+    shared = False
+
     def __init__(self) -> None:
         self.partials: dict[str, Partial] = {}
         self.outbox: dict[str, OutboxEntry] = {}

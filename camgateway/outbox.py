@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 from camgateway.sinks import PermanentFailure, ReceivedFile, Transformed
 
@@ -57,6 +57,10 @@ class OutboxEntry:
 
 class IOutboxStore(Interface):
     """Where outbox entries are kept. Every method returns a Deferred."""
+
+    shared = Attribute(
+        "True when several instances share the store: an entry is then delivered only once "
+        "``due`` has claimed it for this instance, never straight after ``enqueue``.")
 
     def enqueue(entry: OutboxEntry, partial_id: Optional[str]) -> defer.Deferred:
         """Record ``entry`` and forget the partial it came from, atomically."""
@@ -149,7 +153,7 @@ class Outbox:
         out by claims, which only a scan (``due``) takes.
         """
         if (len(self.in_flight) >= self.concurrency or entry.id in self.in_flight
-                or self.s.leases is not None):
+                or getattr(self.s.store, "shared", True)):
             self._backlog = True
             self.kick()  # a scan takes it when there is room
             return

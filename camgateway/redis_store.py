@@ -255,6 +255,9 @@ def default_instance() -> str:
 class RedisStore:
     """Partials and the outbox in a Redis shared by several instances (see the module)."""
 
+    #: IOutboxStore.shared
+    shared = True
+
     def __init__(self, url: str, reactor: Any = None, prefix: str = "camgateway", instance: Optional[str] = None,
                  claim_ttl: float = 300.0) -> None:
         import redis  # only for those who use this store

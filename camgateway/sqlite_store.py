@@ -80,6 +80,9 @@ _COLUMNS = ("id, imei, flow, identifier, total, start_crc, meta_timestamp, held,
 class SQLiteStore:
     """The embedded store (``":memory:"`` is for tests)."""
 
+    #: IOutboxStore.shared
+    shared = False
+
     def __init__(self, path: str | Path, reactor: Any = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
