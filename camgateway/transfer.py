@@ -72,7 +72,7 @@ class Transfer:
         "partial", "fd", "dualcam", "held", "flushed", "checkpointed", "pending",
         "limit", "done_at", "_unit", "_crc", "_before_sync", "_first_after_sync",
         "_file_crc", "_seg_start", "_seg_init", "resumed_from", "crc_errors", "rewinds",
-        "busy", "writing", "write_error", "pending_since", "syncing", "_spare", "_truncate", "_sha",
+        "busy", "writing", "write_error", "pending_since", "syncing", "_truncate", "_sha",
         "_hashed",
     )
 
@@ -116,7 +116,6 @@ class Transfer:
         self.pending_since: Optional[float] = None
         #: The checkpoint in flight (its fdatasync runs beside later writes).
         self.syncing: Optional[defer.Deferred] = None
-        self._spare: Optional[bytearray] = None
         self._truncate: Optional[int] = None
         # SHA-256 of bytes [0, _hashed), fed by the writes; None for a resumed
         # file, or once a rewind went behind what it covers: then the file is
@@ -247,9 +246,7 @@ class Transfer:
         time per file, in order) and then :meth:`written`.
         """
         buf = self.pending
-        spare = self._spare
-        self.pending = spare if spare is not None else bytearray()
-        self._spare = None
+        self.pending = bytearray()
         offset, truncate = self.flushed, self._truncate
         self._truncate = None
         self.flushed = offset + len(buf)
@@ -287,9 +284,8 @@ class Transfer:
             raise
 
     def written(self, buf: bytearray) -> None:
-        """The write of ``buf`` is over (either way): recycle the buffer."""
+        """The write of ``buf`` is over (either way): let its memory go."""
         buf.clear()
-        self._spare = buf
         self.writing = False
 
     def flush(self) -> int:
