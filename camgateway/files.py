@@ -129,9 +129,19 @@ def _open_or_create(partial: Optional[Partial], s: "Services", offer: FileOffer)
         fd = yield s.run_in_thread(_create, s.spool, partial.spool_name, s.config.min_free_bytes)
         # The record is written while the camera is asked to send (RESUME): every
         # later step of the file waits for it on ``busy``. A crash before it is
-        # committed leaves an orphan spool file, which the start-up reconcile removes.
+        # committed leaves an orphan spool file, which the start-up reconcile
+        # removes; a shared store has no such reconcile, so there it comes first.
         transfer = Transfer(partial, fd)
-        transfer.busy = s.store.add(partial)
+        added = s.store.add(partial)
+        if getattr(s.store, "shared", True):
+            try:
+                yield added
+            except BaseException:
+                os.close(fd)
+                s.spool.unlink(partial.spool_name)  # an unrecorded file would be nobody's
+                raise
+        else:
+            transfer.busy = added
         return transfer
     else:
         # What the spool file really holds (another instance or process may have written it).

@@ -316,3 +316,38 @@ class DiskSinkGroupTests(TestCase):
         self.assertEqual(calls, [])
         sink.store(received)
         self.assertGreaterEqual(len(calls), 2)  # sidecar and folder
+
+
+class RecordOrderTests(TestCase):
+    """A new file's partial record: beside the RESUME with a store of our own, before it with a shared one."""
+
+    def start(self, shared: bool) -> tuple[Any, Any, defer.Deferred]:
+        root = Path(self.mktemp())
+        root.mkdir()
+        services = make_services(root, metadata=False)
+        store = services.store
+        added: defer.Deferred = defer.Deferred()
+        real_add = store.add
+
+        def add(partial: Partial) -> defer.Deferred:
+            real_add(partial)
+            return added
+
+        self.patch(store, "add", add)
+        self.patch(type(store), "shared", shared)
+        protocol, transport = connect(services)
+        protocol.dataReceived(codec.init_packet(5, IMEI, VIDEOF))
+        protocol.dataReceived(codec.start(3, 0))
+        return protocol, transport, added
+
+    def test_own_store_asks_the_camera_before_the_record_is_committed(self) -> None:
+        protocol, transport, added = self.start(shared=False)
+        self.assertTrue(transport.value().endswith(codec.resume(1)))
+        self.assertFalse(added.called)
+        added.callback(None)
+
+    def test_shared_store_records_first(self) -> None:
+        protocol, transport, added = self.start(shared=True)
+        self.assertFalse(transport.value().endswith(codec.resume(1)))
+        added.callback(None)
+        self.assertTrue(transport.value().endswith(codec.resume(1)))
