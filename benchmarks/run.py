@@ -300,8 +300,9 @@ def main() -> None:
                         help=f"comma-separated, from {', '.join(SCENARIOS)} (default: all; 'none' with "
                              "--profile to profile only)")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke check in 1-2 minutes")
-    parser.add_argument("--workdir", default=tempfile.gettempdir(),
-                        help="where spools, stored files and logs go (a real disk, not tmpfs)")
+    parser.add_argument("--workdir", default="/var/tmp" if os.path.isdir("/var/tmp") else tempfile.gettempdir(),
+                        help="where spools, stored files and logs go: a real disk, not tmpfs (default /var/tmp:"
+                             " /tmp is tmpfs on many systems)")
     parser.add_argument("--results", default=str(HERE / "results"), help="where profiles and the report go")
     parser.add_argument("--slow", type=int, default=None,
                         help="idle-10k: slow cameras (default 10000, or fewer if RLIMIT_NOFILE cannot hold them)")
@@ -342,6 +343,9 @@ def main() -> None:
     print(f"camgateway benchmark ({context['mode']}) of {context['code']}: {len(loads)} loads x gateway+floor; "
           f"workdir {base} ({context['workdir_fs']}); RLIMIT_NOFILE {nofile}; {context['cpus']} CPUs",
           flush=True)
+    if context["workdir_fs"] in ("tmpfs", "ramfs"):
+        print(f"WARNING: {base} is in memory ({context['workdir_fs']}): nothing reaches a disk and fsync is free, so"
+              " every figure flatters both servers; use --workdir on a real disk", flush=True)
     results = []
     for load in loads:
         runs: dict[str, list[dict[str, Any]]] = {}
