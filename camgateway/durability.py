@@ -32,6 +32,8 @@ from typing import Callable, Optional
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from camgateway.deferreds import Batcher
+
 __all__ = ["GroupSync", "syncfs", "HAVE_SYNCFS"]
 
 
@@ -76,8 +78,7 @@ class GroupSync:
     def __init__(self, root: Path, run_in_thread: Callable[..., defer.Deferred]) -> None:
         self.root = Path(root)
         self._run = run_in_thread
-        self._waiting: list[tuple[defer.Deferred, Optional[int]]] = []
-        self._running = False
+        self._batches: Batcher[Optional[int]] = Batcher(self._flush)
         #: Flushes done, and callers they served (for tests and metrics).
         self.flushes = 0
         self.served = 0
@@ -89,30 +90,17 @@ class GroupSync:
         will do when it is alone); without, the whole filesystem, directory
         entries included.
         """
-        d: defer.Deferred = defer.Deferred()
-        self._waiting.append((d, fd))
-        if not self._running:
-            self._start()
-        return d
+        return self._batches.submit(fd)
 
-    def _start(self) -> None:
-        batch, self._waiting = self._waiting, []
-        self._running = True
-        only_fd = batch[0][1] if len(batch) == 1 else None
-        if only_fd is not None:
-            d = self._run(os.fdatasync, only_fd)
+    def _flush(self, fds: list[Optional[int]]) -> defer.Deferred:
+        if len(fds) == 1 and fds[0] is not None:
+            d = self._run(os.fdatasync, fds[0])
         else:
             d = self._run(syncfs, self.root)
-        d.addBoth(self._done, batch)
 
-    def _done(self, result: object, batch: list[tuple[defer.Deferred, Optional[int]]]) -> None:
-        self._running = False
-        self.flushes += 1
-        self.served += len(batch)
-        for d, _ in batch:
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(None)
-        if self._waiting and not self._running:
-            self._start()
+        def counted(result: object) -> object:
+            self.flushes += 1
+            self.served += len(fds)
+            return result if isinstance(result, Failure) else [None] * len(fds)
+
+        return d.addBoth(counted)

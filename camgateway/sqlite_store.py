@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from camgateway.deferreds import Batcher
 from camgateway.outbox import IOutboxStore, OutboxEntry
 from camgateway.resume_store import IResumeStore, Partial
 
@@ -93,9 +94,8 @@ class SQLiteStore:
         self._pool = ThreadPool(1, 1, name="camgateway-resume-store")
         self._pool.start()
         self._db: sqlite3.Connection | None = None
-        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], Deferred]] = []
-        self._busy = False
-        self._drained: list[Deferred] = []
+        self._batches: Batcher[Callable[[sqlite3.Connection], Any]] = Batcher(
+            lambda fns: deferToThreadPool(self._reactor, self._pool, self._in_thread, fns))
         # The keys of every partial (imei, flow, identifier) -> id, once :meth:`all`
         # has read them (the start-up reconcile does), kept up to date by this
         # object's own changes (the only writer of the partials table): a file
@@ -108,32 +108,7 @@ class SQLiteStore:
 
     def _run(self, fn: Callable[[sqlite3.Connection], T]) -> "Deferred[T]":
         """Queue ``fn`` for the store's thread; statements queued meanwhile share one commit."""
-        d: Deferred = Deferred()
-        self._queue.append((fn, d))
-        if not self._busy:
-            self._next_batch()
-        return d
-
-    def _next_batch(self) -> None:
-        batch, self._queue = self._queue, []
-        self._busy = bool(batch)
-        if not batch:
-            waiting, self._drained = self._drained, []
-            for d in waiting:
-                d.callback(None)
-        else:
-            done = deferToThreadPool(self._reactor, self._pool, self._in_thread, [fn for fn, _ in batch])
-            done.addBoth(self._batch_done, [d for _, d in batch])
-
-    def _batch_done(self, outcomes: Any, waiting: list[Deferred]) -> None:
-        if isinstance(outcomes, Failure):  # the batch failed as a whole (opening, commit)
-            outcomes = [outcomes] * len(waiting)
-        for d, outcome in zip(waiting, outcomes):
-            if isinstance(outcome, Failure):
-                d.errback(outcome)
-            else:
-                d.callback(outcome)
-        self._next_batch()
+        return self._batches.submit(fn)
 
     def _in_thread(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
         """Group commit: every queued statement in one transaction, one fsync.
@@ -302,12 +277,7 @@ class SQLiteStore:
                 self._db.close()
                 self._db = None
 
-        drained: Deferred = Deferred()
-        if self._busy:
-            self._drained.append(drained)
-        else:
-            drained.callback(None)
-        d = drained.addCallback(lambda _: deferToThreadPool(self._reactor, self._pool, shut))
+        d = self._batches.idle().addCallback(lambda _: deferToThreadPool(self._reactor, self._pool, shut))
         d.addBoth(lambda r: (self._pool.stop(), r)[1])
         return d
 
