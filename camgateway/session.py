@@ -520,4 +520,6 @@ class Session(TransferSteps):
             d.addErrback(lambda f: log.warn("releasing the lease of camera {imei} failed: {e}",
                                             imei=self.imei, e=f.getErrorMessage()))
         d.addBoth(lambda _: self.finished.callback(None))
+        if not self.finished.called:  # a shutdown waits for the partial to be persisted
+            self.s.track(self._chain_finished())
         return self._chain_finished()

@@ -21,6 +21,7 @@ from twisted.trial.unittest import TestCase
 
 from camgateway import codec, transfer
 from camgateway.durability import HAVE_SYNCFS, GroupSync, syncfs
+from camgateway.protocol import CameraFactory
 from camgateway.resume_store import Partial
 from camgateway.service import flush_stale
 from camgateway.session import State
@@ -169,6 +170,16 @@ class WritePolicyTests(TestCase):
         flush_stale(self.services)
         self.assertEqual(self.written(), self.content[: 3 * 1024])  # written inline: small
         self.assertEqual(self.jobs.calls, [])
+
+    def test_shutdown_waits_for_the_partial_of_a_connection_already_lost(self) -> None:
+        self.send(3)
+        self.protocol.connectionLost(None)  # gone: its bytes and checkpoint wait for the disk
+        done = CameraFactory(self.services).shutdown()
+        self.assertNoResult(done)  # (it used to fire here, and the store closed under the checkpoint)
+        self.jobs.run_all()
+        self.successResultOf(done)
+        [kept] = self.services.store.partials.values()
+        self.assertEqual(kept.held, 3 * 1024)
 
     def test_whole_file_digest_comes_from_the_writes(self) -> None:
         self.jobs.held = False
