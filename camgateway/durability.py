@@ -27,12 +27,11 @@ import ctypes
 import ctypes.util
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet import defer
-from twisted.python.failure import Failure
 
-from camgateway.deferreds import Batcher
+from camgateway.groupcommit import GroupCommitThread
 
 __all__ = ["GroupSync", "syncfs", "HAVE_SYNCFS"]
 
@@ -68,20 +67,30 @@ def syncfs(path: Path) -> None:
 
 
 class GroupSync:
-    """Flushes one filesystem for many callers at a time.
+    """Flushes one filesystem for many callers at a time, on a thread of its own.
 
-    ``root`` is a directory on the filesystem; ``run_in_thread`` runs the
-    blocking flush. Every caller's Deferred fires once a flush that *started
-    after* its call has completed (or fails with that flush's error).
+    ``root`` is a directory on the filesystem. Every caller's Deferred fires
+    once a flush that *started after* its call has completed (or fails with
+    that flush's error). ``fdatasync`` and ``syncfs`` are the flushes of one
+    file and of the whole filesystem (replaceable for tests).
     """
 
-    def __init__(self, root: Path, run_in_thread: Callable[..., defer.Deferred]) -> None:
+    def __init__(self, root: Path, reactor: Any, *, fdatasync: Callable[[int], None] = os.fdatasync,
+                 syncfs: Callable[[Path], None] = syncfs, name: str = "camgateway-group-sync") -> None:
         self.root = Path(root)
-        self._run = run_in_thread
-        self._batches: Batcher[Optional[int]] = Batcher(self._flush)
-        #: Flushes done, and callers they served (for tests and metrics).
-        self.flushes = 0
-        self.served = 0
+        self._fdatasync = fdatasync
+        self._syncfs = syncfs
+        self._thread: GroupCommitThread[Optional[int]] = GroupCommitThread(self._flush, reactor, name)
+
+    @property
+    def flushes(self) -> int:
+        """Flushes done."""
+        return self._thread.batches
+
+    @property
+    def served(self) -> int:
+        """Callers those flushes served."""
+        return self._thread.served
 
     def sync(self, fd: Optional[int] = None) -> defer.Deferred:
         """Fires when what was written before this call is durable.
@@ -90,17 +99,16 @@ class GroupSync:
         will do when it is alone); without, the whole filesystem, directory
         entries included.
         """
-        return self._batches.submit(fd)
+        return self._thread.submit(fd)
 
-    def _flush(self, fds: list[Optional[int]]) -> defer.Deferred:
+    def close(self) -> defer.Deferred:
+        """Flush what is asked, then end the thread."""
+        return self._thread.close()
+
+    def _flush(self, fds: list[Optional[int]]) -> list[None]:
+        """On the thread: one flush for every caller waiting."""
         if len(fds) == 1 and fds[0] is not None:
-            d = self._run(os.fdatasync, fds[0])
+            self._fdatasync(fds[0])
         else:
-            d = self._run(syncfs, self.root)
-
-        def counted(result: object) -> object:
-            self.flushes += 1
-            self.served += len(fds)
-            return result if isinstance(result, Failure) else [None] * len(fds)
-
-        return d.addBoth(counted)
+            self._syncfs(self.root)
+        return [None] * len(fds)

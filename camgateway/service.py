@@ -126,7 +126,7 @@ class GatewayService(Service):
             leases = RedisLeases(store)
         self.services = Services(config, store, spool, [], self.reactor, self._run_in_thread, boot_id())
         self.services.leases = leases
-        self.services.spool_sync = GroupSync(spool.root, self._run_in_thread)
+        self.services.spool_sync = GroupSync(spool.root, self.reactor)
         self.services.instance = getattr(store, "instance", "local")
         self.keeper = LeaseKeeper(self.services) if leases is not None else None
         sinks = self.services.sinks = make_sinks(config.sinks, self.services)
@@ -184,6 +184,7 @@ class GatewayService(Service):
                 if hasattr(sink, "close"):
                     yield defer.maybeDeferred(sink.close)
             yield self.services.store.close()
+            yield self.services.spool_sync.close()
         log.info("camgateway stopped")
 
 

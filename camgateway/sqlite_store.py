@@ -2,7 +2,8 @@
 
 One database under the spool (``resume.sqlite``), one dedicated thread: every
 statement runs there, so the reactor never waits on the disk and statements
-never interleave. The schema is versioned (``version`` table); a new database
+never interleave; statements queued while a commit runs share the next one
+(:class:`~camgateway.groupcommit.GroupCommitThread`). The schema is versioned (``version`` table); a new database
 is built in a temporary file and renamed into place, and an older one is
 upgraded in place, one script per version, inside a transaction.
 """
@@ -17,12 +18,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from camgateway.deferreds import Batcher
+from camgateway.groupcommit import GroupCommitThread
 from camgateway.outbox import IOutboxStore, OutboxEntry
 from camgateway.resume_store import IResumeStore, Partial
 
@@ -91,11 +90,9 @@ class SQLiteStore:
             reactor = default_reactor
         self._reactor = reactor
         self.path = str(path)
-        self._pool = ThreadPool(1, 1, name="camgateway-resume-store")
-        self._pool.start()
         self._db: sqlite3.Connection | None = None
-        self._batches: Batcher[Callable[[sqlite3.Connection], Any]] = Batcher(
-            lambda fns: deferToThreadPool(self._reactor, self._pool, self._in_thread, fns))
+        self._thread: GroupCommitThread[Callable[[sqlite3.Connection], Any]] = GroupCommitThread(
+            lambda fns: self._in_thread(fns), reactor, "camgateway-resume-store")
         # The keys of every partial (imei, flow, identifier) -> id, once :meth:`all`
         # has read them (the start-up reconcile does), kept up to date by this
         # object's own changes (the only writer of the partials table): a file
@@ -108,7 +105,7 @@ class SQLiteStore:
 
     def _run(self, fn: Callable[[sqlite3.Connection], T]) -> "Deferred[T]":
         """Queue ``fn`` for the store's thread; statements queued meanwhile share one commit."""
-        return self._batches.submit(fn)
+        return self._thread.submit(fn)
 
     def _in_thread(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
         """Group commit: every queued statement in one transaction, one fsync.
@@ -272,14 +269,12 @@ class SQLiteStore:
             f"SELECT {_COLUMNS} FROM partials WHERE last_seen < ? ORDER BY last_seen", (before,))])
 
     def close(self) -> "Deferred[None]":
-        def shut() -> None:
-            if self._db is not None:
+        def shut(_: object) -> None:
+            if self._db is not None:  # the thread is over: nothing else uses the connection
                 self._db.close()
                 self._db = None
 
-        d = self._batches.idle().addCallback(lambda _: deferToThreadPool(self._reactor, self._pool, shut))
-        d.addBoth(lambda r: (self._pool.stop(), r)[1])
-        return d
+        return self._thread.close().addCallback(shut)
 
     # -- IOutboxStore
 

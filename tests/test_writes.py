@@ -12,10 +12,11 @@ import hashlib
 import json
 import os
 import random
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -232,36 +233,99 @@ class WritePolicyTests(TestCase):
         self.assertTrue(any("No space left" in why for why in errors), errors)
 
 
+class HeldFlushes:
+    """GroupSync's flushes, recorded and held on its thread until the test lets each go."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.errors: list[BaseException] = []
+        self._entered = threading.Semaphore(0)
+        self._release = threading.Semaphore(0)
+
+    def _flush(self, name: str, arg: Any) -> None:
+        self.calls.append((name, arg))
+        self._entered.release()
+        if not self._release.acquire(timeout=10):
+            raise RuntimeError("the test never let this flush go")
+        if self.errors:
+            raise self.errors.pop(0)
+
+    def fdatasync(self, fd: int) -> None:
+        self._flush("fdatasync", fd)
+
+    def syncfs(self, root: Path) -> None:
+        self._flush("syncfs", root)
+
+    def entered(self) -> None:
+        """Wait until the thread is inside its next flush."""
+        if not self._entered.acquire(timeout=10):
+            raise AssertionError("no flush started")
+
+    def let_go(self, error: BaseException | None = None) -> None:
+        if error is not None:
+            self.errors.append(error)
+        self._release.release()
+
+
+def group_sync(test: TestCase, root: Path) -> tuple[GroupSync, HeldFlushes]:
+    held = HeldFlushes()
+    group = GroupSync(root, reactor, fdatasync=held.fdatasync, syncfs=held.syncfs)
+    test.addCleanup(lambda: (held.let_go(), held.let_go(), group.close())[2])
+    return group, held
+
+
 class GroupSyncTests(TestCase):
-    def test_one_flush_for_everyone_waiting(self) -> None:
-        jobs = Jobs()
-        group = GroupSync(Path(self.mktemp()), jobs)
+    """The thread takes the next batch itself as soon as a flush is over."""
+
+    @defer.inlineCallbacks
+    def test_one_flush_for_everyone_waiting(self) -> Any:
+        group, held = group_sync(self, Path(self.mktemp()))
         first = group.sync(7)
-        self.assertEqual([(f.__name__, args) for f, args, _ in jobs.calls], [("fdatasync", (7,))])  # alone
+        held.entered()
+        self.assertEqual(held.calls, [("fdatasync", 7)])  # alone: its own file only
         later = [group.sync(8), group.sync(), group.sync(9)]
-        self.assertEqual(len(jobs.calls), 1)  # they wait for the flush after the running one
         fired: list[int] = []
         for i, d in enumerate([first] + later):
             d.addCallback(lambda _, i=i: fired.append(i))
-        f, args, d = jobs.calls.pop(0)
-        d.callback(None)
+        held.let_go()
+        held.entered()  # the three that waited, together, before the reactor heard of the first
+        self.assertEqual(held.calls[1:], [("syncfs", group.root)])
+        yield first
         self.assertEqual(fired, [0])
-        self.assertEqual([(f.__name__, args) for f, args, _ in jobs.calls], [("syncfs", (group.root,))])
-        jobs.calls.pop(0)[2].callback(None)
+        held.let_go()
+        yield defer.gatherResults(later)
         self.assertEqual(fired, [0, 1, 2, 3])
         self.assertEqual((group.flushes, group.served), (2, 4))
 
-    def test_a_failed_flush_fails_its_callers_only(self) -> None:
-        jobs = Jobs()
-        group = GroupSync(Path(self.mktemp()), jobs)
-        a, b = group.sync(), group.sync()
-        jobs.calls.pop(0)[2].errback(OSError(errno.EIO, "I/O error"))
-        self.failureResultOf(a, OSError)
-        jobs.calls.pop(0)[2].callback(None)
-        self.successResultOf(b)
+    @defer.inlineCallbacks
+    def test_a_failed_flush_fails_its_callers_only(self) -> Any:
+        group, held = group_sync(self, Path(self.mktemp()))
+        a = group.sync()
+        held.entered()
+        b = group.sync()
+        held.let_go(OSError(errno.EIO, "I/O error"))
+        yield self.assertFailure(a, OSError)
+        held.entered()
+        held.let_go()
+        yield b
         c = group.sync()
-        jobs.calls.pop(0)[2].callback(None)
-        self.successResultOf(c)
+        held.entered()
+        held.let_go()
+        yield c
+
+    @defer.inlineCallbacks
+    def test_close_flushes_what_was_asked_then_refuses(self) -> Any:
+        group, held = group_sync(self, Path(self.mktemp()))
+        a = group.sync(3)
+        held.entered()
+        b = group.sync(4)
+        closed = group.close()
+        held.let_go()
+        held.entered()
+        held.let_go()
+        yield defer.gatherResults([a, b, closed])
+        self.assertEqual(held.calls, [("fdatasync", 3), ("fdatasync", 4)])
+        yield self.assertFailure(group.sync(5), RuntimeError)
 
     def test_syncfs_really_runs(self) -> None:
         folder = Path(self.mktemp())
@@ -283,13 +347,13 @@ def photo(path: Path) -> ReceivedFile:
 
 
 class DiskSinkGroupTests(TestCase):
-    def test_deliveries_share_flushes(self) -> None:
-        if not HAVE_SYNCFS:
-            self.skipTest("no syncfs(2) on this platform: the disk sink fsyncs file by file")
+    @defer.inlineCallbacks
+    def test_deliveries_share_flushes(self) -> Any:
         root = Path(self.mktemp())
         root.mkdir()
         jobs = Jobs()
-        sink = DiskSink(root / "files", jobs, group_sync=True)
+        group, held = group_sync(self, root / "files")
+        sink = DiskSink(root / "files", jobs, group=group)
         results = []
         for n in range(3):
             spool_file = root / f"{n}.part"
@@ -300,19 +364,23 @@ class DiskSinkGroupTests(TestCase):
             r.addCallback(lambda path: (done.append(path), path)[1])
         self.assertEqual([f.__name__ for f, _, _ in jobs.calls], ["store"] * 3)
         jobs.run_one()  # the first store: its flush starts alone
+        held.entered()
         jobs.run_one()
         jobs.run_one()
-        self.assertEqual([f.__name__ for f, _, _ in jobs.calls], ["syncfs"])
+        self.assertEqual(held.calls, [("syncfs", group.root)])  # (no fd: directories too)
         self.assertEqual(done, [])  # stored, not yet durable: not reported
-        jobs.run_one()
+        held.let_go()
+        yield results[0]
         self.assertEqual(len(done), 1)
-        self.assertEqual([f.__name__ for f, _, _ in jobs.calls], ["syncfs"])  # the two that came later
-        jobs.run_all()
+        held.entered()  # the two that came later, in one flush
+        held.let_go()
+        yield defer.gatherResults(results[1:])
         self.assertEqual(len(done), 3)
-        paths = [Path(self.successResultOf(r)) for r in results]
+        paths = [Path(p) for p in done]
         self.assertEqual([p.read_bytes()[2] for p in paths], [0, 1, 2])
         self.assertTrue(all(p.with_name(p.name + ".json").exists() for p in paths))
-        self.assertEqual(sink.group.flushes, 2)  # type: ignore[union-attr]
+        self.assertEqual(group.flushes, 2)
+        self.assertEqual(held.calls, [("syncfs", group.root)] * 2)
 
     def test_store_not_durable_skips_the_fsyncs(self) -> None:
         calls: list[int] = []

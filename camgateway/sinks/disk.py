@@ -55,7 +55,9 @@ def validate(config: Mapping[str, Any], key: str, base: Path) -> Mapping[str, An
 
 def make(config: Mapping[str, Any], services: Any) -> "DiskSink":
     """A DiskSink from a validated entry."""
-    return DiskSink(Path(config["root"]), services.run_in_thread, group_sync=HAVE_SYNCFS)
+    root = Path(config["root"])
+    group = GroupSync(root, services.clock, name="camgateway-disk-sync") if HAVE_SYNCFS else None
+    return DiskSink(root, services.run_in_thread, group=group)
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _KNOWN_EXT = {"jpg", "jpeg", "mp4", "h265", "h264", "hevc", "avi", "mov", "png", "bin", "ptmf"}
@@ -110,12 +112,17 @@ def _fsync_dir(path: Path) -> None:
 class DiskSink:
     """Stores files and sidecars under a root directory."""
 
-    def __init__(self, root: Path, run_in_thread: Callable[..., Deferred], group_sync: bool = False) -> None:
+    def __init__(self, root: Path, run_in_thread: Callable[..., Deferred], group: Optional[GroupSync] = None) -> None:
         self.root = Path(root)
         self.name = f"disk:{self.root}"
         self._run = run_in_thread
-        #: Batches the flushes of deliveries (None: each store fsyncs its own files).
-        self.group: Optional[GroupSync] = GroupSync(self.root, run_in_thread) if group_sync else None
+        #: Batches the flushes of deliveries, flushing ``root``'s filesystem
+        #: (None: each store fsyncs its own files).
+        self.group = group
+
+    def close(self) -> Optional[Deferred]:
+        """End the group flushes' thread (after the flushes asked for)."""
+        return self.group.close() if self.group is not None else None
 
     def deliver(self, received: ReceivedFile) -> Deferred:
         """Store the file and its sidecar; fire with the stored path once durable."""
