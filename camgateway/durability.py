@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from camgateway.groupcommit import GroupCommitThread
 
@@ -80,7 +81,8 @@ class GroupSync:
         self.root = Path(root)
         self._fdatasync = fdatasync
         self._syncfs = syncfs
-        self._thread: GroupCommitThread[Optional[int]] = GroupCommitThread(self._flush, reactor, name)
+        self._thread: GroupCommitThread[tuple[Optional[int], Optional[Callable[[], object]]]] = \
+            GroupCommitThread(self._flush, reactor, name)
 
     @property
     def flushes(self) -> int:
@@ -92,23 +94,36 @@ class GroupSync:
         """Callers those flushes served."""
         return self._thread.served
 
-    def sync(self, fd: Optional[int] = None) -> defer.Deferred:
+    def sync(self, fd: Optional[int] = None, before: Optional[Callable[[], object]] = None) -> defer.Deferred:
         """Fires when what was written before this call is durable.
 
         With ``fd``, the caller needs only that file's data (``fdatasync``
         will do when it is alone); without, the whole filesystem, directory
-        entries included.
+        entries included. ``before`` is a last write, run on the flush's
+        thread just before the flush (so a photo's bytes and hash cost the
+        reactor nothing); if it raises, this caller fails alone.
         """
-        return self._thread.submit(fd)
+        return self._thread.submit((fd, before))
 
     def close(self) -> defer.Deferred:
         """Flush what is asked, then end the thread."""
         return self._thread.close()
 
-    def _flush(self, fds: list[Optional[int]]) -> list[None]:
-        """On the thread: one flush for every caller waiting."""
-        if len(fds) == 1 and fds[0] is not None:
-            self._fdatasync(fds[0])
+    def _flush(self, items: list[tuple[Optional[int], Optional[Callable[[], object]]]]) -> list[Optional[Failure]]:
+        """On the thread: the callers' last writes, then one flush for all of them."""
+        outcomes: list[Optional[Failure]] = [None] * len(items)
+        for i, (_, before) in enumerate(items):
+            if before is not None:
+                try:
+                    before()
+                except Exception:
+                    outcomes[i] = Failure()
+                    outcomes[i].cleanFailure()  # type: ignore[union-attr]
+        if all(outcomes):
+            return outcomes
+        fd = items[0][0]
+        if len(items) == 1 and fd is not None:
+            self._fdatasync(fd)
         else:
             self._syncfs(self.root)
-        return [None] * len(fds)
+        return outcomes

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import os
 import uuid
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -264,19 +265,24 @@ def finish_transfer(s: "Services", session: "Session", offer: FileOffer, transfe
     outbox. On failure the spool file and its partial record stay, marked
     complete, so the camera's next offer finds it.
     """
+    last: Optional[Callable[[], None]] = None
     if _has_unwritten(transfer):
         if not transfer.writing and len(transfer.pending) <= INLINE_WRITE_MAX:
-            try:  # a photo's few KiB: written here, a thread hop less before the camera's answer
-                s.stats.bytes_received += transfer.flush()
-            except OSError:
-                pass  # kept in transfer.write_error: durable() below fails the finish
+            # A photo's few KiB: written (and hashed) by the flush's thread just
+            # before its flush, not by a thread hop of their own.
+            buf, offset, truncate = transfer.take_pending()
+            s.stats.bytes_received += len(buf)
+            last = functools.partial(transfer.write_chunk, buf, offset, truncate)
         else:
             write_pending(s, transfer)
 
     def durable(_: object) -> defer.Deferred:
         if transfer.write_error is not None:
             raise transfer.write_error
-        return s.durable(transfer.fd)
+        d = s.durable(transfer.fd, last)
+        if last is not None:
+            d.addBoth(lambda result: (transfer.written(buf), result)[1])
+        return d
 
     def digest(_: object) -> Any:
         known = transfer.digest()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-from typing import TYPE_CHECKING, Any, Callable, Deque
+from typing import TYPE_CHECKING, Any, Callable, Deque, Optional
 
 from twisted.internet.defer import Deferred
 
@@ -39,6 +39,12 @@ class Stats:
 
 #: How many recent files and failures are kept for the status service.
 RECENT = 200
+
+
+def _write_then_sync(fd: int, before: Optional[Callable[[], object]]) -> None:
+    if before is not None:
+        before()
+    os.fdatasync(fd)
 
 
 @dataclasses.dataclass
@@ -76,11 +82,14 @@ class Services:
     #: (camgateway.durability.GroupSync); None: one fdatasync per file.
     spool_sync: Any = None
 
-    def durable(self, fd: int) -> Deferred:
-        """Fires when what was written to spool file ``fd`` is on disk."""
+    def durable(self, fd: int, before: Optional[Callable[[], object]] = None) -> Deferred:
+        """Fires when what was written to spool file ``fd`` is on disk.
+
+        ``before`` (a last write) runs on the same thread first.
+        """
         if self.spool_sync is None:
-            return self.run_in_thread(os.fdatasync, fd)
-        return self.spool_sync.sync(fd)
+            return self.run_in_thread(_write_then_sync, fd, before)
+        return self.spool_sync.sync(fd, before)
 
     def failed(self, imei: str, peer: str, what: str, why: str) -> None:
         """Remember a failure for operators (it is logged separately)."""

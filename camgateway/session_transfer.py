@@ -177,8 +177,13 @@ class TransferSteps:
         self.s.stats.delivery_failures += 1
         self.s.failed(self.imei, self.link.peer, "store " + (self.offer.printable if self.offer else "?"),
                       failure.getErrorMessage())
-        log.failure("camera {imei}: could not store {id}; the partial is kept and the camera will offer it again",
-                    failure, imei=self.imei, id=self.offer.printable if self.offer else "?")
+        what = self.offer.printable if self.offer else "?"
+        if failure.check(OSError):  # the disk's answer (full, I/O error), not a bug: no traceback
+            log.error("camera {imei}: could not store {id} ({error}); the partial is kept and the camera will"
+                      " offer it again", imei=self.imei, id=what, error=failure.getErrorMessage())
+        else:
+            log.failure("camera {imei}: could not store {id}; the partial is kept and the camera will offer it"
+                        " again", failure, imei=self.imei, id=what)
         if self.state is S.STORING:
             if self.connected:
                 self._input("store_failed", failure)

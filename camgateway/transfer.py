@@ -42,8 +42,9 @@ WRITE_MIN = 256 * 1024
 PENDING_MAX = 1024 * 1024
 #: Seconds after which fewer than WRITE_MIN pending bytes are written anyway.
 FLUSH_AGE = 1.0
-#: At most this many pending bytes are written on the reactor thread (a slow
-#: camera's, or the last of a file when no write is in flight).
+#: At most this many pending bytes are written without a write step of their
+#: own: a slow camera's on the reactor thread, and the last of a file (when no
+#: write is in flight) by the thread that flushes it, just before the flush.
 INLINE_WRITE_MAX = 64 * 1024
 RUN_MORE, RUN_BAD_CRC, RUN_COMPLETE, RUN_SLOW = 0, 1, 2, 3
 _FRAME = 4 + PACKET + 2  # a whole DATA frame: header, 1024 bytes, CRC
@@ -291,8 +292,8 @@ class Transfer:
     def flush(self) -> int:
         """Write pending bytes now, on this thread; return how many.
 
-        For a few KiB (:data:`INLINE_WRITE_MAX`: a slow camera's, or the
-        last of a file); never while a write is in flight.
+        For a few KiB (:data:`INLINE_WRITE_MAX`: a slow camera's); never
+        while a write is in flight.
         """
         if self.writing:
             raise AssertionError("flush() while a write is in flight")

@@ -172,6 +172,46 @@ class WritePolicyTests(TestCase):
         self.assertEqual(self.written(), self.content[: 3 * 1024])  # written inline: small
         self.assertEqual(self.jobs.calls, [])
 
+    def photo_session(self) -> tuple[bytes, Any]:
+        """A fresh camera sending a whole 5 KiB file in one read (setUp's transfer is left alone)."""
+        content = random.Random(9).randbytes(5 * 1024)
+        protocol, transport = connect(self.services, peer="10.0.0.2")
+        self.jobs.held = False
+        protocol.dataReceived(codec.init_packet(5, IMEI + 1, VIDEOF) + codec.start(5, 0))
+        self.jobs.held = True
+        transport.clear()
+        protocol.dataReceived(codec.sync(1) + b"".join(data_frames(content)))
+        return content, (protocol, transport)
+
+    def test_a_photo_is_written_by_its_flush_step_not_on_the_reactor(self) -> None:
+        content, (protocol, transport) = self.photo_session()
+        self.assertEqual(self.jobs.names(), ["_write_then_sync"])  # one step: the bytes, then fdatasync
+        [partial] = [p for p in self.services.store.partials.values() if p.imei == str(IMEI + 1)]
+        self.assertEqual(self.services.spool.path(partial.spool_name).stat().st_size, 0)  # nothing written yet
+        self.assertEqual(transport.value(), b"")  # not acknowledged before it is durable
+        self.jobs.run_all()
+        self.assertEqual(transport.value(), codec.repeat_init())
+        [stored] = stored_files(self.root)
+        self.assertEqual(stored.read_bytes(), content)
+        meta = json.loads(stored.with_name(stored.name + ".json").read_text())
+        self.assertEqual(meta["sha256"], hashlib.sha256(content).hexdigest())  # hashed by that step too
+
+    def test_a_photo_whose_last_write_fails_is_kept_and_the_camera_closed(self) -> None:
+        content, (protocol, transport) = self.photo_session()
+
+        def full(fd: int, data: Any, offset: int) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(os, "pwrite", full)
+        self.jobs.run_all()
+        self.assertTrue(transport.disconnecting)
+        self.assertNotIn(codec.repeat_init(), transport.value())
+        self.assertEqual(stored_files(self.root), [])
+        kept = [p for p in self.services.store.partials.values() if p.imei == str(IMEI + 1)]
+        self.assertEqual([p.held for p in kept], [0])  # nothing claimed durable that was not written
+        errors = [f["why"] for f in self.services.failures]
+        self.assertTrue(any("No space left" in why for why in errors), errors)
+
     def test_shutdown_waits_for_the_partial_of_a_connection_already_lost(self) -> None:
         self.send(3)
         self.protocol.connectionLost(None)  # gone: its bytes and checkpoint wait for the disk
@@ -312,6 +352,34 @@ class GroupSyncTests(TestCase):
         held.entered()
         held.let_go()
         yield c
+
+    @defer.inlineCallbacks
+    def test_last_writes_run_on_the_flush_thread_before_the_flush(self) -> Any:
+        group, held = group_sync(self, Path(self.mktemp()))
+        blocker = group.sync(1)
+        held.entered()  # the thread is busy: the next three make one batch
+        order: list[str] = []
+
+        def write(name: str, fail: bool = False) -> Callable[[], None]:
+            def run() -> None:
+                order.append(f"{name} on {threading.current_thread().name}")
+                if fail:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+            return run
+
+        a = group.sync(2, write("a"))
+        b = group.sync(3, write("b", fail=True))
+        c = group.sync(4)
+        held.let_go()
+        held.entered()
+        self.assertEqual(order, ["a on camgateway-group-sync", "b on camgateway-group-sync"])  # before it
+        self.assertEqual(held.calls[1:], [("syncfs", group.root)])
+        held.let_go()
+        yield defer.gatherResults([blocker, a, c])
+        yield self.assertFailure(b, OSError)  # its caller alone
+        lone = group.sync(5, write("lone", fail=True))
+        yield self.assertFailure(lone, OSError)
+        self.assertEqual(len(held.calls), 2)  # every last write failed: nothing to flush
 
     @defer.inlineCallbacks
     def test_close_flushes_what_was_asked_then_refuses(self) -> Any:
