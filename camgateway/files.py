@@ -124,10 +124,15 @@ def _open_or_create(partial: Optional[Partial], s: "Services", offer: FileOffer)
         yield s.run_in_thread(s.spool.unlink, partial.spool_name)
         partial = None
     if partial is None:
+        made = s.reserve.take() if s.reserve is not None else None  # no thread hop before the RESUME
+        if made is None:
+            name = s.spool.new_name()
+            fd = yield s.run_in_thread(_create, s.spool, name, s.config.min_free_bytes)
+        else:
+            name, fd = made
         now = s.clock.seconds()
         partial = Partial(uuid.uuid4().hex, offer.imei, offer.flow, offer.identifier, offer.total,
-                          offer.start_crc, stamp, 0, s.boot_id, s.spool.new_name(), now, now)
-        fd = yield s.run_in_thread(_create, s.spool, partial.spool_name, s.config.min_free_bytes)
+                          offer.start_crc, stamp, 0, s.boot_id, name, now, now)
         # The record is written while the camera is asked to send (RESUME): every
         # later step of the file waits for it on ``busy``. A crash before it is
         # committed leaves an orphan spool file, which the start-up reconcile

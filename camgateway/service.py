@@ -20,6 +20,7 @@ from camgateway.leases import LeaseKeeper
 from camgateway.outbox import Outbox
 from camgateway.progress import ProgressReporter
 from camgateway.protocol import CameraFactory
+from camgateway.reserve import SpoolReserve
 from camgateway.services import Services
 from camgateway.sinks import make_sinks
 from camgateway.spool import Spool, boot_id, reconcile_partial
@@ -127,6 +128,10 @@ class GatewayService(Service):
         self.services = Services(config, store, spool, [], self.reactor, self._run_in_thread, boot_id())
         self.services.leases = leases
         self.services.spool_sync = GroupSync(spool.root, self.reactor)
+        if not getattr(store, "shared", True):  # (see camgateway.reserve: needs the start-up reconcile)
+            services = self.services
+            services.reserve = SpoolReserve(spool, self._run_in_thread, self.reactor,
+                                            lambda: services.config.min_free_bytes)
         self.services.instance = getattr(store, "instance", "local")
         self.keeper = LeaseKeeper(self.services) if leases is not None else None
         sinks = self.services.sinks = make_sinks(config.sinks, self.services)
@@ -138,6 +143,8 @@ class GatewayService(Service):
                  sinks=", ".join(sink.name for sink in sinks))
         if leases is None:
             d = reconcile(self.services)
+            if self.services.reserve is not None:
+                d.addCallback(lambda _: self.services.reserve.start())  # type: ignore[union-attr]
         else:
             log.info("shared store {url} as instance {instance}: spool files are checked when resumed",
                      url=config.resume.split("@")[-1], instance=self.services.instance)
@@ -179,6 +186,8 @@ class GatewayService(Service):
         if self.keeper is not None:
             self.keeper.stop()
         if self.services is not None:
+            if self.services.reserve is not None:
+                yield self.services.reserve.close()
             yield self.services.outbox.stop()
             for sink in self.services.sinks:
                 if hasattr(sink, "close"):

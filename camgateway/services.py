@@ -81,6 +81,8 @@ class Services:
     #: Flushes the spool's filesystem for many finishing files at once
     #: (camgateway.durability.GroupSync); None: one fdatasync per file.
     spool_sync: Any = None
+    #: New spool files made ahead (camgateway.reserve.SpoolReserve), or None.
+    reserve: Any = None
 
     def durable(self, fd: int, before: Optional[Callable[[], object]] = None) -> Deferred:
         """Fires when what was written to spool file ``fd`` is on disk.

@@ -46,6 +46,12 @@ class GatewayTestCase(TestCase):
     def endpoint(self, spec: CameraSpec) -> TCP4ClientEndpoint:
         return TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
 
+    def spool_leftovers(self, root: Path | None = None) -> list[str]:
+        """Spool files other than the empty ones the running gateway made ahead for new files."""
+        ahead = self.gateway.services.reserve.names()
+        return [p.name for p in ((root or self.root) / "spool" / "partials").iterdir()
+                if p.name not in ahead or p.stat().st_size]
+
     def stored(self) -> dict[str, Counter]:
         """IMEI -> Counter of (sha256, size) of every stored file, checked against its sidecar."""
         out: dict[str, Counter] = {}
@@ -103,7 +109,7 @@ class ManyCamerasTests(GatewayTestCase):
         self.assertEqual([r.imei for r in results if not r.ok], [])
         self.assertEqual(self.stored(), self.expected(specs))
         self.assertEqual(self.gateway.services.stats.protocol_errors, 0)
-        self.assertEqual(list((self.root / "spool" / "partials").iterdir()), [])
+        self.assertEqual(self.spool_leftovers(), [])
 
 
 class FaultTests(GatewayTestCase):

@@ -368,4 +368,4 @@ class RestartTests(TestCase):
         self.assertEqual(len(endpoint.requests), failed + 1)
         [content] = [f.content for f in spec.files]
         self.assertEqual(endpoint.requests[-1]["args"][b"file"], [content])
-        self.assertEqual(list((work / "spool" / "partials").iterdir()), [])
+        self.assertEqual(gw.spool_leftovers(work), [])
