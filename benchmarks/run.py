@@ -39,7 +39,11 @@ SETTLE = 2.0  # seconds between "slow cameras all mid-transfer" and the RSS read
 
 
 def gateway_config(workdir: Path, port: int) -> Path:
-    """The gateway's YAML: everything under ``workdir``, listening on 127.0.0.1:port."""
+    """The gateway's YAML: everything under ``workdir``, listening on 127.0.0.1:port.
+
+    The log is JSON lines, as in production under systemd (there to standard
+    output, here to ``gateway.log``: the same observer).
+    """
     path = workdir / "camgateway.yaml"
     path.write_text(
         "# written by benchmarks/run.py\n"
@@ -50,6 +54,7 @@ def gateway_config(workdir: Path, port: int) -> Path:
         f"  - {{type: disk, root: {workdir / 'files'}}}\n"
         "timeouts: {idle: 900, step: 120, metadata: 10}\n"
         "limits: {max_connections: 20000, max_file_bytes: 2GiB}\n"
+        f"log: {{format: json, file: {workdir / 'gateway.log'}}}\n"
     )
     return path
 
@@ -58,7 +63,7 @@ def make_server(target: str, workdir: Path, port: int) -> Server:
     if target == "gateway":
         config = gateway_config(workdir, port)
         log = workdir / "gateway.log"
-        argv = [str(BIN / "twistd"), "-n", "--pidfile=", f"--logfile={log}", "camgateway", "--config", str(config)]
+        argv = [str(BIN / "twistd"), "-n", "--pidfile=", "camgateway", "--config", str(config)]
         return Server("gateway", argv, log, "listening for cameras", workdir)
     argv = [sys.executable, str(HERE / "floor.py"), "--port", str(port), "--root", str(workdir / "floor")]
     return Server("floor", argv, workdir / "floor.out", "floor listening", workdir)

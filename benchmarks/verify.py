@@ -84,18 +84,31 @@ def verify_floor(root: Path, bytes_sent: dict[str, int]) -> dict[str, Any]:
 
 
 def scan_gateway_log(text: str) -> dict[str, Any]:
-    """What the gateway's log says: reactor, files stored, errors."""
+    """What the gateway's log says (JSON lines, or twistd's text): reactor, files stored, errors."""
     reactor = ""
+    messages: list[str] = []
+    lowered: list[str] = []
     for line in text.splitlines():
-        if "reactor class:" in line:
-            reactor = line.split("reactor class:", 1)[1].strip().rstrip(".")
-            break
-    lowered = [line for line in text.splitlines()
-               if "#error]" in line or "#critical]" in line or "Traceback" in line or "Unhandled" in line]
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = {"message": line, "level": "?"}
+            message = str(record.get("message", ""))
+            if record.get("level") in ("error", "critical") or "traceback" in record:
+                lowered.append(line)
+        else:
+            message = line
+            if "#error]" in line or "#critical]" in line or "Traceback" in line or "Unhandled" in line:
+                lowered.append(line)
+        messages.append(message)
+        if not reactor and "reactor class:" in message:
+            reactor = message.split("reactor class:", 1)[1].strip().rstrip(".")
+    joined = "\n".join(messages)
     return {
         "reactor": reactor,
-        "files_stored_logged": text.count("file stored:") + text.count("file delivered to every sink"),
-        "files_received_logged": text.count("file received:"),
+        "files_stored_logged": joined.count("file stored:") + joined.count("file delivered to every sink"),
+        "files_received_logged": joined.count("file received:"),
         "errors_logged": len(lowered),
         "first_errors": lowered[:5],
     }
