@@ -3,7 +3,8 @@
 Layout under ``storage.spool``::
 
     resume.sqlite        the resume store and the outbox (camgateway.sqlite_store)
-    partials/<id>.part   files being received, and finished ones in the outbox
+    partials/<id>.part   files being received, finished ones in the outbox,
+                         and empty ones made ahead (camgateway.reserve)
     dead/<entry>/        files a sink refused: the file, dead-letter.json
 
 Names inside the spool are built by the gateway (random ids); nothing a
