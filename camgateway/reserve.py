@@ -53,8 +53,9 @@ class SpoolReserve:
     :meth:`take` answers at once: a ``(name, fd)`` made ahead, or None when
     the reserve is empty, its free-space check is older than ``max_age``
     seconds or found less than ``min_free()`` bytes (asked at each take), or
-    it is not started or closed. On None the caller creates the file itself (and checks the free
-    space, so a refusal always comes from a fresh check).
+    it is not started or closed. On None the caller creates the file itself
+    (and checks the free space, so a refusal always comes from a fresh
+    check).
     """
 
     def __init__(self, spool: Spool, run_in_thread: Callable[..., defer.Deferred], clock: Any,

@@ -3,9 +3,10 @@
 One database under the spool (``resume.sqlite``), one dedicated thread: every
 statement runs there, so the reactor never waits on the disk and statements
 never interleave; statements queued while a commit runs share the next one
-(:class:`~camgateway.groupcommit.GroupCommitThread`). The schema is versioned (``version`` table); a new database
-is built in a temporary file and renamed into place, and an older one is
-upgraded in place, one script per version, inside a transaction.
+(:class:`~camgateway.groupcommit.GroupCommitThread`). The schema is
+versioned (``version`` table); a new database is built in a temporary file
+and renamed into place, and an older one is upgraded in place, one script
+per version, inside a transaction.
 """
 
 from __future__ import annotations
