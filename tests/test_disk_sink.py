@@ -208,6 +208,30 @@ class SidecarTests(SinkTestCase):
             self.assertEqual(sidecar["size"], path.stat().st_size)
 
 
+class FolderTests(SinkTestCase):
+    """A camera's folder of the day is made once, and made again if it was removed meanwhile."""
+
+    def test_made_once(self) -> None:
+        made: list[Path] = []
+        real = Path.mkdir
+        self.patch(Path, "mkdir", lambda path, *a, **kw: (made.append(path), real(path, *a, **kw))[1])
+        first = self.store(self.received())
+        self.assertEqual(made[0], first.parent)
+        before = len(made)
+        self.store(self.received(JPEG + b"2"))
+        self.assertEqual(len(made), before)  # the second store asked nothing of the folder
+
+    def test_removed_folder_is_made_again(self) -> None:
+        import shutil
+
+        first = self.store(self.received())
+        shutil.rmtree(first.parent)  # e.g. an operator's clean-up of today's folder
+        again = self.store(self.received(JPEG + b"2"))
+        self.assertEqual(again.parent, first.parent)
+        self.assertEqual(again.read_bytes(), JPEG + b"2")
+        self.assertTrue(again.with_name(again.name + ".json").exists())
+
+
 class CollisionTests(SinkTestCase):
     """Two files with the same name never overwrite each other."""
 

@@ -119,6 +119,10 @@ class DiskSink:
         #: Batches the flushes of deliveries, flushing ``root``'s filesystem
         #: (None: each store fsyncs its own files).
         self.group = group
+        # Folders known to exist. A store runs in a pool thread, and every
+        # system call there gives up the GIL and waits to win it back from a
+        # busy reactor: a delivery makes as few as it can.
+        self._folders: set[Path] = set()
 
     def close(self) -> Optional[Deferred]:
         """End the group flushes' thread (after the flushes asked for)."""
@@ -140,21 +144,21 @@ class DiskSink:
         afterwards (a ``syncfs``); until then the file may be lost in a crash.
         """
         imei = received.imei if received.imei.isdigit() else "unknown"
-        with open(received.path, "rb") as f:
-            head = f.read(16)
+        head = _head(received.path)
         date, stem = build_stem(received)
         folder = self.root / imei / date
-        created = not folder.is_dir()
-        folder.mkdir(parents=True, exist_ok=True)
+        created = self._ensure(folder)
         ext = extension_for(received, head)
+        payload = json.dumps(received.sidecar(), indent=2).encode() + b"\n"
         temps: list[Path] = []
         try:
             sidecar = self._temp(folder, stem, temps)
-            with open(sidecar, "wb") as f:
-                f.write(json.dumps(received.sidecar(), indent=2).encode() + b"\n")
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
+            try:
+                _write_new(sidecar, payload, durable)
+            except FileNotFoundError:  # the folder was removed since it was made: make it again
+                self._folders.discard(folder)
+                created = self._ensure(folder) or created
+                _write_new(sidecar, payload, durable)
             target = self._place(received.path, sidecar, folder, stem, ext, temps)
         finally:
             for temp in temps:
@@ -166,6 +170,17 @@ class DiskSink:
             _fsync_dir(folder.parent)
             _fsync_dir(folder.parent.parent)
         return str(target)
+
+    def _ensure(self, folder: Path) -> bool:
+        """Make ``folder`` if needed (remembered, so it costs no system call next time); True if made."""
+        if folder in self._folders:
+            return False
+        created = not folder.is_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        if len(self._folders) >= _FOLDERS_KEPT:
+            self._folders.clear()
+        self._folders.add(folder)
+        return created
 
     @staticmethod
     def _temp(folder: Path, stem: str, temps: list[Path]) -> Path:
@@ -206,6 +221,32 @@ class DiskSink:
             if placed:
                 return target
             n += 1
+
+
+#: Folders remembered by a DiskSink (a camera's folder per day) before it forgets them all.
+_FOLDERS_KEPT = 10_000
+
+
+def _head(path: Path) -> bytes:
+    """The first 16 bytes of ``path``."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, 16, 0)
+    finally:
+        os.close(fd)
+
+
+def _write_new(path: Path, data: bytes, durable: bool) -> None:
+    """Create ``path`` (it must not exist) holding ``data``; fsync it if ``durable``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _claim(source: Path, target: Path) -> bool:
