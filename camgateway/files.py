@@ -11,7 +11,6 @@ import dataclasses
 import datetime
 import functools
 import os
-import uuid
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet import defer
@@ -19,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from camgateway.deferreds import after
+from camgateway.ids import new_id
 from camgateway.metadata import capture_time
 from camgateway.resume_store import Partial
 from camgateway.sinks import ReceivedFile
@@ -131,7 +131,7 @@ def _open_or_create(partial: Optional[Partial], s: "Services", offer: FileOffer)
         else:
             name, fd = made
         now = s.clock.seconds()
-        partial = Partial(uuid.uuid4().hex, offer.imei, offer.flow, offer.identifier, offer.total,
+        partial = Partial(new_id(), offer.imei, offer.flow, offer.identifier, offer.total,
                           offer.start_crc, stamp, 0, s.boot_id, name, now, now)
         # The record is written while the camera is asked to send (RESUME): every
         # later step of the file waits for it on ``busy``. A crash before it is

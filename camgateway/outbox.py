@@ -23,7 +23,6 @@ import dataclasses
 import json
 import os
 import random
-import uuid
 from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet import defer, task
@@ -31,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
+from camgateway.ids import new_id
 from camgateway.sinks import PermanentFailure, ReceivedFile, Transformed
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ class Outbox:
     def add(self, received: ReceivedFile, partial_id: Optional[str]) -> defer.Deferred:
         """Record a finished file (its partial forgotten in the same step) and deliver it."""
         now = self.s.clock.seconds()
-        entry = OutboxEntry(uuid.uuid4().hex, received.path.name, 0, 0, now, None, received.to_record(), now)
+        entry = OutboxEntry(new_id(), received.path.name, 0, 0, now, None, received.to_record(), now)
         d = self.s.store.enqueue(entry, partial_id)
         d.addCallback(lambda _: self._start_new(entry, received))
         return d
@@ -228,7 +228,7 @@ class Outbox:
             if item[0].sha256 == received.sha256 and item[0].imei == received.imei:
                 item[1].append(result)
         if isinstance(result, Transformed):
-            yield self._advance(entry, [dataclasses.replace(entry, id=uuid.uuid4().hex, spool_name=f.path.name,
+            yield self._advance(entry, [dataclasses.replace(entry, id=new_id(), spool_name=f.path.name,
                                                             record=f.to_record(), attempts=0, last_error=None)
                                         for f in result.files])
         else:

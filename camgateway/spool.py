@@ -14,9 +14,9 @@ device sends ever becomes part of a path.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
+from camgateway.ids import new_id
 from camgateway.resume_store import Partial
 
 __all__ = ["Spool", "boot_id", "reconcile_partial", "DUALCAM_PACKET"]
@@ -52,7 +52,7 @@ class Spool:
 
     def new_name(self) -> str:
         """A fresh spool file name."""
-        return uuid.uuid4().hex + ".part"
+        return new_id() + ".part"
 
     def path(self, name: str) -> Path:
         """The path of spool file ``name`` (a name the gateway made)."""

@@ -28,7 +28,6 @@ import errno
 import json
 import os
 import re
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -38,6 +37,7 @@ from zope.interface import implementer
 
 from camgateway.config import ConfigError
 from camgateway.durability import HAVE_SYNCFS, GroupSync
+from camgateway.ids import new_id
 from camgateway.sinks import IFileSink, ReceivedFile
 from camgateway.sinks.registry import check_keys
 
@@ -184,7 +184,7 @@ class DiskSink:
 
     @staticmethod
     def _temp(folder: Path, stem: str, temps: list[Path]) -> Path:
-        temp = folder / f".{stem}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
+        temp = folder / f".{stem}.{os.getpid()}.{new_id()}.tmp"
         temps.append(temp)
         return temp
 
