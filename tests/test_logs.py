@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import FileLogObserver, LogLevel, Logger, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from camgateway.logs import JSONLineObserver, WatchedFile, observer_for
+from camgateway.logs import JSONLineObserver, TurnBuffer, WatchedFile, observer_for
 from camgateway.sim import ContentPool
 from tests.test_integration import GatewayTestCase, camera
 from tests.test_twistd import IMEI, Camera, twistd
@@ -106,9 +106,83 @@ class ChoiceTests(TestCase):
         folder.mkdir()
         to_file = observer_for("json", None, str(folder / "twistd.log"), pipe)
         self.assertIsInstance(to_file, JSONLineObserver)
-        self.assertIsInstance(to_file.out, WatchedFile)  # type: ignore[union-attr]
+        self.assertIsInstance(to_file.out, TurnBuffer)  # type: ignore[union-attr]
+        self.assertIsInstance(to_file.out.out, WatchedFile)  # type: ignore[union-attr]
         self.assertIsInstance(observer_for("auto", folder / "gw.log", None, tty), JSONLineObserver)
         self.assertIsInstance(observer_for("text", folder / "gw.log", None, pipe), FileLogObserver)
+
+
+class RunningClock(task.Clock):
+    """A Clock that says the reactor runs, and records callFromThread."""
+
+    running = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.from_threads: list[Any] = []
+
+    def callFromThread(self, f: Any, *args: Any) -> None:  # noqa: N802 - Twisted's name
+        self.from_threads.append((f, args))
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        self.flushes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+class TurnBufferTests(TestCase):
+    """Log lines reach the file once per reactor turn, in order, and none is left behind."""
+
+    def test_one_write_per_turn(self) -> None:
+        clock, out = RunningClock(), CountingStream()
+        buffered = TurnBuffer(out, clock)
+        observer = JSONLineObserver(buffered)  # type: ignore[arg-type]
+        for n in range(3):
+            observer({"log_time": 0.0, "log_format": "line {n}", "n": n, "log_namespace": "t"})
+        self.assertEqual((out.writes, out.getvalue()), (0, ""))  # kept until the turn ends
+        clock.advance(0)
+        self.assertEqual((out.writes, out.flushes), (1, 1))
+        self.assertEqual([json.loads(line)["message"] for line in out.getvalue().splitlines()],
+                         ["line 0", "line 1", "line 2"])
+        clock.advance(0)
+        self.assertEqual(out.writes, 1)  # nothing new, nothing written
+
+    def test_at_once_when_the_reactor_is_not_running_after_what_waits(self) -> None:
+        clock, out = RunningClock(), CountingStream()
+        buffered = TurnBuffer(out, clock)
+        buffered.write("a\n")
+        clock.running = False  # shutdown: the turn will not end
+        buffered.write("b\n")
+        self.assertEqual(out.getvalue(), "a\nb\n")
+
+    def test_from_another_thread_the_reactor_is_asked_to_write(self) -> None:
+        clock, out = RunningClock(), CountingStream()
+        buffered = TurnBuffer(out, clock)
+        import threading
+
+        t = threading.Thread(target=buffered.write, args=("from a thread\n",))
+        t.start()
+        t.join()
+        self.assertEqual(clock.calls, [])
+        [(f, args)] = clock.from_threads
+        f(*args)
+        self.assertEqual(out.getvalue(), "from a thread\n")
+
+    def test_lines_waiting_at_exit_are_written(self) -> None:
+        clock, out = RunningClock(), CountingStream()
+        buffered = TurnBuffer(out, clock)
+        buffered.write("last words\n")
+        buffered.flush_now()  # (registered with atexit)
+        self.assertEqual(out.getvalue(), "last words\n")
 
 
 class ProgressTests(GatewayTestCase):
