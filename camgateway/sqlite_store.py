@@ -225,9 +225,7 @@ class SQLiteStore:
             self._keys[key] = partial.id
         self._key_of[partial.id] = key
 
-        def q(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM partials WHERE imei=? AND flow=? AND identifier=?",
-                       (partial.imei, partial.flow, partial.identifier))
+        def q(db: sqlite3.Connection) -> None:  # REPLACE also drops an older row with the same key
             db.execute(f"INSERT OR REPLACE INTO partials ({_COLUMNS}) VALUES"
                        f" ({', '.join('?' * len(values))})", values)
 
