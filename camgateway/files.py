@@ -139,7 +139,7 @@ def _open_or_create(partial: Optional[Partial], s: "Services", offer: FileOffer)
         # removes; a shared store has no such reconcile, so there it comes first.
         transfer = Transfer(partial, fd)
         added = s.store.add(partial)
-        if getattr(s.store, "shared", True):
+        if not s.own_store:
             try:
                 yield added
             except BaseException:

@@ -153,7 +153,7 @@ class Outbox:
         out by claims, which only a scan (``due``) takes.
         """
         if (len(self.in_flight) >= self.concurrency or entry.id in self.in_flight
-                or getattr(self.s.store, "shared", True)):
+                or not self.s.own_store):
             self._backlog = True
             self.kick()  # a scan takes it when there is room
             return

@@ -128,7 +128,7 @@ class GatewayService(Service):
         self.services = Services(config, store, spool, [], self.reactor, self._run_in_thread, boot_id())
         self.services.leases = leases
         self.services.spool_sync = GroupSync(spool.root, self.reactor)
-        if not getattr(store, "shared", True):  # (see camgateway.reserve: needs the start-up reconcile)
+        if self.services.own_store:  # (see camgateway.reserve: needs the start-up reconcile)
             services = self.services
             services.reserve = SpoolReserve(spool, self._run_in_thread, self.reactor,
                                             lambda: services.config.min_free_bytes)

@@ -84,6 +84,17 @@ class Services:
     #: New spool files made ahead (camgateway.reserve.SpoolReserve), or None.
     reserve: Any = None
 
+    @property
+    def own_store(self) -> bool:
+        """The store is this instance's alone (not ``IOutboxStore.shared``).
+
+        Then the start-up reconcile runs, partial records may be committed
+        beside the RESUME, new spool files may be made ahead, and the outbox
+        may deliver a new file without a claim. A store that does not say is
+        taken as shared, the safe side.
+        """
+        return not getattr(self.store, "shared", True)
+
     def durable(self, fd: int, before: Optional[Callable[[], object]] = None) -> Deferred:
         """Fires when what was written to spool file ``fd`` is on disk.
 
