@@ -43,7 +43,9 @@ class StoreContract:
 
     @defer.inlineCallbacks
     def test_add_find_checkpoint_remove(self) -> object:
-        p = partial(identifier=b"/sdcard/dsm/a.mp4\0", flow="path")
+        # Every field distinct, so a store that mixes up two columns fails.
+        p = partial(identifier=b"/sdcard/dsm/a.mp4\0", flow="path", total=7, start_crc=0x1D0F, held=3,
+                    first_seen=99.5, last_seen=101.25)
         yield self.store.add(p)
         found = yield self.store.find(p.imei, "path", b"/sdcard/dsm/a.mp4\0")
         self.assertEqual(found, p)
@@ -54,6 +56,15 @@ class StoreContract:
         self.assertEqual((found.held, found.boot_id, found.last_seen), (4096, "boot-2", 500.0))
         yield self.store.remove(p.id)
         self.assertIsNone((yield self.store.find(p.imei, "path", p.identifier)))
+
+    @defer.inlineCallbacks
+    def test_outbox_entries_round_trip(self) -> object:
+        from camgateway.outbox import OutboxEntry
+
+        entry = OutboxEntry("e1", "1.part", 2, 3, 104.5, "sink said no", {"size": 9, "metadata": {"a": [1]}},
+                            99.25)
+        yield self.store.enqueue(entry, None)
+        self.assertEqual((yield self.store.pending()), [entry])
 
     @defer.inlineCallbacks
     def test_one_partial_per_identity(self) -> object:
