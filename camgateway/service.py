@@ -10,7 +10,6 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from camgateway import __version__
@@ -25,6 +24,7 @@ from camgateway.services import Services
 from camgateway.sinks import make_sinks
 from camgateway.spool import Spool, boot_id, reconcile_partial
 from camgateway.sqlite_store import SQLiteStore
+from camgateway.threads import WorkerPool
 from camgateway.transfer import FLUSH_AGE
 
 __all__ = ["GatewayService", "make_gateway", "reconcile", "sweep_expired", "flush_stale"]
@@ -101,19 +101,20 @@ class GatewayService(Service):
         self.keeper: Optional[LeaseKeeper] = None
         self.services: Optional[Services] = None
         self.ready: defer.Deferred = defer.Deferred()
+        self.pool: Optional[WorkerPool] = None
 
     def _run_in_thread(self, f: Any, *args: Any, **kwargs: Any) -> defer.Deferred:
-        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args, **kwargs)
+        assert self.pool is not None, "the service is not started"
+        return self.pool.run(f, *args, **kwargs)
 
     def startService(self) -> None:
         super().startService()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         config = self.config
-        # Blocking steps (spool opens, fdatasync, digests, sink I/O) share the
-        # reactor's pool: size it so the outbox's deliveries never starve the
-        # sessions' own steps (each waits on the disk, not on the CPU).
-        if hasattr(self.reactor, "suggestThreadPoolSize"):
-            self.reactor.suggestThreadPoolSize(2 * config.outbox_concurrency + 16)
+        # Blocking steps (spool opens, writes, digests, sink I/O) share one
+        # pool: sized so the outbox's deliveries never starve the sessions'
+        # own steps (each waits on the disk, not on the CPU).
+        self.pool = WorkerPool(self.reactor, 2 * config.outbox_concurrency + 16)
         spool = Spool(config.spool)
         spool.ensure()
         leases = None
@@ -194,6 +195,8 @@ class GatewayService(Service):
                     yield defer.maybeDeferred(sink.close)
             yield self.services.store.close()
             yield self.services.spool_sync.close()
+        if self.pool is not None:
+            yield self.pool.close()
         log.info("camgateway stopped")
 
 
