@@ -15,6 +15,7 @@ each caller's Deferred firing with its own outcome.
 
 from __future__ import annotations
 
+import queue
 import threading
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
@@ -26,6 +27,7 @@ from camgateway.deferreds import after
 __all__ = ["GroupCommitThread"]
 
 Item = TypeVar("Item")
+_CLOSE = object()
 
 
 class GroupCommitThread(Generic[Item]):
@@ -41,11 +43,10 @@ class GroupCommitThread(Generic[Item]):
         self._run_batch = run_batch
         self._reactor = reactor
         self.name = name
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._queue: list[tuple[Item, defer.Deferred]] = []
+        # A C queue: a submit is one put, with no Python lock or Condition to
+        # run on the reactor thread (submit and close are called there only).
+        self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._closing = False
         self._closed: defer.Deferred | None = None
         #: Batches run and items they served (for tests and metrics).
         self.batches = 0
@@ -53,41 +54,42 @@ class GroupCommitThread(Generic[Item]):
 
     def submit(self, item: Item) -> defer.Deferred:
         """Fires with ``item``'s outcome, once a batch that started after this call is done."""
+        if self._closed is not None:
+            return defer.fail(RuntimeError(f"{self.name} is closed"))
         d: defer.Deferred = defer.Deferred()
-        with self._lock:
-            if self._closing:
-                d.errback(RuntimeError(f"{self.name} is closed"))
-                return d
-            self._queue.append((item, d))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
-                self._thread.start()
-            else:
-                self._wake.notify()
+        self._queue.put((item, d))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+            self._thread.start()
         return d
 
     def close(self) -> defer.Deferred:
         """Run what is queued, then end the thread; fires once it has ended."""
-        with self._lock:
-            if self._closed is None:
-                self._closed = defer.Deferred()
-                self._closing = True
-                if self._thread is None:
-                    self._closed.callback(None)
-                else:
-                    self._wake.notify()
-            closed = self._closed
-        return after(closed)
+        if self._closed is None:
+            self._closed = defer.Deferred()
+            if self._thread is None:
+                self._closed.callback(None)
+            else:
+                self._queue.put(_CLOSE)
+        return after(self._closed)
 
     def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._queue and not self._closing:
-                    self._wake.wait()
-                if not self._queue:  # closing, and nothing left
-                    self._reactor.callFromThread(self._closed.callback, None)  # type: ignore[union-attr]
-                    return
-                batch, self._queue = self._queue, []
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        closing = False
+        while not closing:
+            batch = []
+            entry = get()  # waits for the first item
+            while True:
+                if entry is _CLOSE:
+                    closing = True
+                else:
+                    batch.append(entry)
+                try:
+                    entry = get_nowait()  # and takes every item queued meanwhile
+                except queue.Empty:
+                    break
+            if not batch:
+                continue
             items = [item for item, _ in batch]
             try:
                 outcomes: Any = list(self._run_batch(items))
@@ -97,6 +99,8 @@ class GroupCommitThread(Generic[Item]):
                 outcomes = Failure()
                 outcomes.cleanFailure()  # no frames kept alive across threads
             self._reactor.callFromThread(self._deliver, outcomes, [d for _, d in batch])
+            del batch, items, outcomes
+        self._reactor.callFromThread(self._closed.callback, None)  # type: ignore[union-attr]
 
     def _deliver(self, outcomes: Any, waiting: list[defer.Deferred]) -> None:
         self.batches += 1
