@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from twisted.internet import defer, task
-from twisted.logger import FileLogObserver, LogLevel, Logger, globalLogPublisher
+from twisted.logger import FileLogObserver, LogLevel, Logger, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from camgateway.logs import JSONLineObserver, TurnBuffer, WatchedFile, observer_for
+from camgateway.logs import JSONLineObserver, TurnBuffer, WatchedFile, event_record, observer_for
 from camgateway.sim import ContentPool
 from tests.test_integration import GatewayTestCase, camera
 from tests.test_twistd import IMEI, Camera, twistd
@@ -65,6 +65,37 @@ class RecordTests(TestCase):
         self.assertEqual(record["error"], "ZeroDivisionError: division by zero")
         self.assertIn("Traceback", record["traceback"])
         self.assertEqual(record["message"], "checkpoint of p1 failed")
+
+    def test_message_is_what_twisted_formats(self) -> None:
+        class Thing:
+            name = "front"
+
+            def __repr__(self) -> str:
+                return "<thing>"
+
+        fields = {"imei": "352093080000001", "seconds": 1.25, "thing": Thing(), "d": {"a": 7}, "call": lambda: "called"}
+        formats = ["camera {imei} in {seconds:.1f} s", "{thing.name} {thing!r} {d[a]}", "{call()} and {imei}",
+                   "{{literal}} {imei:>20}", "{missing} field", "{imei", "no fields", None, 42]
+        for fmt in formats:
+            event = dict(fields, log_format=fmt, log_time=1.0, log_namespace="t")
+            with self.subTest(fmt=fmt):
+                self.assertEqual(event_record(event)["message"], formatEvent(event))
+        legacy = {"message": ("a", "legacy", "line"), "isError": 0, "log_time": 1.0, "system": "-"}
+        self.assertEqual(event_record(legacy)["message"], formatEvent(legacy))
+
+    def test_time_is_what_datetime_gives(self) -> None:
+        import datetime
+
+        def expected(t: float) -> str:
+            when = datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
+            return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+        rng = random.Random(6)
+        times = [0.0, 1.0, 59.9995, 59.9999996, 1763798400.0, 1763798399.9994, 1763798399.99999951]
+        times += [rng.uniform(0, 2e9) for _ in range(2000)]
+        times += [1763798400 + rng.choice([-1, 1]) * rng.random() / 10 ** rng.randint(0, 7) for _ in range(2000)]
+        for t in times:
+            self.assertEqual(event_record({"log_time": t, "log_format": ""})["time"], expected(t), t)
 
     def test_an_unserialisable_event_still_logs_a_line(self) -> None:
         out = io.StringIO()
