@@ -326,7 +326,7 @@ def _to_outbox(digest: Any, s: "Services", session: "Session", offer: FileOffer,
             sha256=digest.sha256, start_total=offer.total, start_crc=offer.start_crc,
             computed_crc=digest.crc, received_at=now, capture_time=capture_time(offer.metadata),
             resumed_from=transfer.resumed_from, crc_errors=transfer.crc_errors)
-        s.recent.append((received, []))
+        s.recent.append(received)
         yield s.outbox.add(received, partial.id)  # durable from here: the partial is gone
     except BaseException:
         yield s.store.checkpoint(partial.id, transfer.held, s.boot_id, s.clock.seconds())

@@ -224,9 +224,9 @@ class Outbox:
             return
         self.delivered += 1
         s.stats.sink_deliveries[sink.name] += 1
-        for item in s.recent:
-            if item[0].sha256 == received.sha256 and item[0].imei == received.imei:
-                item[1].append(result)
+        places = s.recent.places(received)
+        if places is not None:
+            places.append(result)
         if isinstance(result, Transformed):
             yield self._advance(entry, [dataclasses.replace(entry, id=new_id(), spool_name=f.path.name,
                                                             record=f.to_record(), attempts=0, last_error=None)

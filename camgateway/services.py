@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-from typing import TYPE_CHECKING, Any, Callable, Deque, Optional
+from typing import TYPE_CHECKING, Any, Callable, Deque, Iterator, Optional
 
 from twisted.internet.defer import Deferred
 
@@ -15,7 +15,7 @@ from camgateway.spool import Spool
 if TYPE_CHECKING:
     from camgateway.session import Session
 
-__all__ = ["Services", "Stats"]
+__all__ = ["RecentFiles", "Services", "Stats"]
 
 
 @dataclasses.dataclass
@@ -39,6 +39,42 @@ class Stats:
 
 #: How many recent files and failures are kept for the status service.
 RECENT = 200
+
+
+class RecentFiles:
+    """The latest stored files, newest last: ``(ReceivedFile, where each sink put it)``.
+
+    A delivery finds its file's list of places by ``(imei, sha256)`` in a
+    dict (the newest file with that content), not by scanning the
+    :data:`RECENT` files on the reactor thread per delivery.
+    """
+
+    def __init__(self, maxlen: int = RECENT) -> None:
+        self.maxlen = maxlen
+        self._items: Deque[tuple[Any, list[Any]]] = collections.deque()
+        self._places: dict[tuple[str, str], list[Any]] = {}
+
+    def append(self, received: Any) -> list[Any]:
+        """Remember ``received`` (forgetting the oldest beyond ``maxlen``); its list of places."""
+        if len(self._items) >= self.maxlen:
+            old, old_places = self._items.popleft()
+            key = (old.imei, old.sha256)
+            if self._places.get(key) is old_places:
+                del self._places[key]
+        places: list[Any] = []
+        self._items.append((received, places))
+        self._places[(received.imei, received.sha256)] = places
+        return places
+
+    def places(self, received: Any) -> Optional[list[Any]]:
+        """The list of places of the newest remembered file with ``received``'s camera and content."""
+        return self._places.get((received.imei, received.sha256))
+
+    def __iter__(self) -> Iterator[tuple[Any, list[Any]]]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 def _write_then_sync(fd: int, before: Optional[Callable[[], object]]) -> None:
@@ -74,8 +110,7 @@ class Services:
     #: This instance's name (in lease tokens and outbox claims).
     instance: str = "local"
     #: The latest stored files (ReceivedFile, where each sink put it), newest last.
-    recent: Deque[tuple[Any, list[Any]]] = dataclasses.field(
-        default_factory=lambda: collections.deque(maxlen=RECENT))
+    recent: RecentFiles = dataclasses.field(default_factory=RecentFiles)
     #: The latest failures: dicts with time, imei, peer, what and why, newest last.
     failures: Deque[dict[str, Any]] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=RECENT))
     #: Flushes the spool's filesystem for many finishing files at once

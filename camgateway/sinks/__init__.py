@@ -90,7 +90,7 @@ class ReceivedFile:
 
     def to_record(self) -> dict[str, Any]:
         """Everything but the path, as JSON-safe values (for the outbox)."""
-        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "path"}
+        record = {name: getattr(self, name) for name in _RECORD_FIELDS}
         record["identifier"] = self.identifier.hex()
         record["received_at"] = self.received_at.timestamp()
         record["capture_time"] = self.capture_time.timestamp() if self.capture_time else None
@@ -106,8 +106,13 @@ class ReceivedFile:
         values["received_at"] = datetime.datetime.fromtimestamp(record["received_at"], utc)
         stamp = record.get("capture_time")
         values["capture_time"] = datetime.datetime.fromtimestamp(stamp, utc) if stamp is not None else None
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(path=path, **{k: v for k, v in values.items() if k in known})
+        return cls(path=path, **{k: v for k, v in values.items() if k in _RECORD_KNOWN})
+
+
+#: ReceivedFile's fields but the path: those of an outbox record (computed once,
+#: not per file on the reactor thread).
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(ReceivedFile) if f.name != "path")
+_RECORD_KNOWN = frozenset(_RECORD_FIELDS)
 
 
 class PermanentFailure(Exception):
