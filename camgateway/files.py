@@ -326,8 +326,6 @@ def _to_outbox(digest: Any, s: "Services", session: "Session", offer: FileOffer,
             sha256=digest.sha256, start_total=offer.total, start_crc=offer.start_crc,
             computed_crc=digest.crc, received_at=now, capture_time=capture_time(offer.metadata),
             resumed_from=transfer.resumed_from, crc_errors=transfer.crc_errors)
-        if transfer.head is not None:
-            received.with_head(transfer.head)
         s.recent.append(received)
         yield s.outbox.add(received, partial.id)  # durable from here: the partial is gone
     except BaseException:

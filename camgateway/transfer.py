@@ -46,8 +46,6 @@ FLUSH_AGE = 1.0
 #: own: a slow camera's on the reactor thread, and the last of a file (when no
 #: write is in flight) by the thread that flushes it, just before the flush.
 INLINE_WRITE_MAX = 64 * 1024
-#: The first bytes of a file kept as they are written (sinks tell the type from them).
-HEAD_BYTES = 16
 RUN_MORE, RUN_BAD_CRC, RUN_COMPLETE, RUN_SLOW = 0, 1, 2, 3
 _FRAME = 4 + PACKET + 2  # a whole DATA frame: header, 1024 bytes, CRC
 _BLOCK_MIN = 4  # frames worth taking as one block
@@ -76,7 +74,7 @@ class Transfer:
         "limit", "done_at", "_unit", "_crc", "_before_sync", "_first_after_sync",
         "_file_crc", "_seg_start", "_seg_init", "resumed_from", "crc_errors", "rewinds",
         "busy", "writing", "write_error", "pending_since", "syncing", "_truncate", "_sha",
-        "_hashed", "head",
+        "_hashed",
     )
 
     def __init__(self, partial: Partial, fd: int) -> None:
@@ -89,8 +87,6 @@ class Transfer:
         self.flushed = partial.held
         #: Bytes recorded durable in the store (or scheduled to be).
         self.checkpointed = partial.held
-        #: The file's first HEAD_BYTES bytes, once written from offset 0 (else None).
-        self.head: Optional[bytes] = None
         self.pending = bytearray()
         total = partial.total
         if self.dualcam:
@@ -253,10 +249,6 @@ class Transfer:
         buf = self.pending
         self.pending = bytearray()
         offset, truncate = self.flushed, self._truncate
-        if truncate is not None and truncate < HEAD_BYTES:
-            self.head = None  # a rewind into the first bytes: what was kept is no longer the file's
-        if offset == 0 and len(buf) >= HEAD_BYTES:  # for the sinks: no need to read it back
-            self.head = bytes(buf[:HEAD_BYTES])
         self._truncate = None
         self.flushed = offset + len(buf)
         self.pending_since = None

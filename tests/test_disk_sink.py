@@ -232,28 +232,6 @@ class FolderTests(SinkTestCase):
         self.assertTrue(again.with_name(again.name + ".json").exists())
 
 
-class HeadTests(SinkTestCase):
-    """The file's first bytes, kept as they arrived, spare the sink a read; never for another path."""
-
-    def test_kept_head_is_used_and_the_file_not_read(self) -> None:
-        def no_read(path: Path) -> bytes:
-            raise AssertionError(f"read {path}")
-
-        self.patch(disk_module, "_head", no_read)
-        received = self.received(b"PTMF" + bytes(40)).with_head(b"PTMF" + bytes(12))
-        self.assertEqual(self.store(received).suffix, ".ptmf")
-
-    def test_a_copy_for_another_file_reads_its_own(self) -> None:
-        import dataclasses
-
-        received = self.received(b"PTMF" + bytes(40)).with_head(b"PTMF" + bytes(12))
-        self.assertEqual(received.head(), b"PTMF" + bytes(12))
-        other = self.spool_file(JPEG)
-        derived = dataclasses.replace(received, path=other, derived="poster")
-        self.assertIsNone(derived.head())
-        self.assertEqual(self.store(derived).suffix, ".jpg")  # from its own bytes, not the kept ones
-
-
 class CollisionTests(SinkTestCase):
     """Two files with the same name never overwrite each other."""
 

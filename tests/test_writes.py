@@ -109,42 +109,6 @@ class BlockTests(TestCase):
         self.assertEqual((status, held), (RUN_BAD_CRC, 0))
 
 
-class HeadTests(TestCase):
-    """The first bytes kept for the sinks are the file's, whatever was rewound."""
-
-    def test_kept_from_the_first_write_and_dropped_by_a_rewind_into_them(self) -> None:
-        t = Transfer(partial(3), -1)
-        t.pending += b"A" * 40
-        t.take_pending()
-        self.assertEqual(t.head, b"A" * 16)
-        t.pending += b"B" * 10
-        t.take_pending()
-        self.assertEqual(t.head, b"A" * 16)  # later writes leave it
-        t.rewind(20)
-        t.pending += b"C" * 10
-        t.take_pending()
-        self.assertEqual(t.head, b"A" * 16)  # a rewind past the first bytes leaves it
-        t.rewind(5)
-        t.pending += b"D" * 30
-        buf, offset, truncate = t.take_pending()
-        self.assertEqual((offset, truncate), (5, 5))
-        self.assertIsNone(t.head)  # the file's bytes 5-15 changed: the sink reads them
-        t.rewind(0)
-        t.pending += b"E" * 16
-        t.take_pending()
-        self.assertEqual(t.head, b"E" * 16)
-
-    def test_none_for_a_resumed_file_or_a_short_first_write(self) -> None:
-        resumed = Transfer(partial(3, held=1024), -1)
-        resumed.pending += b"x" * 100
-        resumed.take_pending()
-        self.assertIsNone(resumed.head)
-        short = Transfer(partial(3), -1)
-        short.pending += b"x" * 15
-        short.take_pending()
-        self.assertIsNone(short.head)
-
-
 class WritePolicyTests(TestCase):
     """What the session writes when, and the camera paused while writes are behind."""
 
@@ -231,18 +195,6 @@ class WritePolicyTests(TestCase):
         self.assertEqual(stored.read_bytes(), content)
         meta = json.loads(stored.with_name(stored.name + ".json").read_text())
         self.assertEqual(meta["sha256"], hashlib.sha256(content).hexdigest())  # hashed by that step too
-
-    def test_the_sink_is_handed_the_photo_s_first_bytes(self) -> None:
-        from camgateway.sinks import disk
-
-        reads: list[Path] = []
-        real = disk._head
-        self.patch(disk, "_head", lambda path: (reads.append(path), real(path))[1])
-        content, _ = self.photo_session()
-        self.jobs.run_all()
-        [stored] = stored_files(self.root)
-        self.assertEqual(stored.read_bytes(), content)
-        self.assertEqual(reads, [])  # kept as they were written, not read back
 
     def test_a_photo_whose_last_write_fails_is_kept_and_the_camera_closed(self) -> None:
         content, (protocol, transport) = self.photo_session()

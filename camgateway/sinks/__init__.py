@@ -55,20 +55,6 @@ class ReceivedFile:
     crc_errors: int
     derived: Optional[str] = None  # made by a sink from the camera's file: "mp4", "poster"...
 
-    def with_head(self, head: bytes) -> "ReceivedFile":
-        """Keep the file's first bytes, as the gateway saw them arrive, for sinks to use.
-
-        They belong to this object and its path only: a copy made with
-        :func:`dataclasses.replace` (a derived file, another path) has none.
-        """
-        object.__setattr__(self, "_head", (self.path, bytes(head)))
-        return self
-
-    def head(self) -> Optional[bytes]:
-        """The first bytes kept by :meth:`with_head` (at most 16), or None: read the file."""
-        kept = self.__dict__.get("_head")
-        return kept[1] if kept is not None and kept[0] == self.path else None
-
     @property
     def device_path(self) -> Optional[str]:
         """The device's path (path flow), printable, without the trailing NUL."""

@@ -144,7 +144,7 @@ class DiskSink:
         afterwards (a ``syncfs``); until then the file may be lost in a crash.
         """
         imei = received.imei if received.imei.isdigit() else "unknown"
-        head = received.head() or _head(received.path)
+        head = _head(received.path)
         date, stem = build_stem(received)
         folder = self.root / imei / date
         created = self._ensure(folder)
