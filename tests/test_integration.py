@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import random
@@ -237,3 +238,79 @@ class HostileInputTests(GatewayTestCase):
         self.assertEqual(extra.recv(10), b"")  # refused: closed at once
         extra.close()
         self.assertEqual(self.gateway.services.stats.connections_refused, 1)
+
+
+class ReplyTests(GatewayTestCase):
+    """Replies go out with one send when nothing is queued, and in order when the socket takes less."""
+
+    def spy_writes(self) -> list[bytes]:
+        from twisted.internet import tcp
+
+        writes: list[bytes] = []
+        real = tcp.Server.write
+
+        def write(transport: Any, data: bytes) -> None:
+            writes.append(data)
+            real(transport, data)
+
+        self.patch(tcp.Server, "write", write)
+        return writes
+
+    @defer.inlineCallbacks
+    def test_replies_skip_the_transport_buffer(self) -> Any:
+        yield self.start_gateway()
+        writes = self.spy_writes()
+        rng = random.Random(4)
+        specs = [camera(n, kind, rng, ContentPool(rng, variants=2), videos=1) for n, kind in enumerate(("dualcam", "dsm"))]
+        results = yield self.cameras(specs)
+        self.assertEqual([r.imei for r in results if not r.ok], [])
+        self.assertEqual(self.stored(), self.expected(specs))
+        self.assertEqual(writes, [])  # every reply was sent at once
+
+    @defer.inlineCallbacks
+    def test_what_the_socket_does_not_take_follows_through_the_transport(self) -> Any:
+        yield self.start_gateway()
+        writes = self.spy_writes()
+        short: list[int] = []
+
+        class ShortSocket:
+            """Takes one byte of every other reply, refuses every third."""
+
+            def __init__(self, real: socket.socket) -> None:
+                self._real = real
+                self._n = 0
+
+            def send(self, data: bytes) -> int:
+                self._n += 1
+                if self._n % 3 == 0:
+                    short.append(0)
+                    raise BlockingIOError(errno.EAGAIN, "would block")
+                if self._n % 2 == 0:
+                    short.append(1)
+                    return self._real.send(data[:1])
+                return self._real.send(data)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._real, name)
+
+        factory = self.gateway.factory
+        real_build = factory.buildProtocol
+
+        def build(addr: Any) -> Any:
+            protocol = real_build(addr)
+            real_made = protocol.connectionMade
+
+            def made() -> None:
+                protocol.transport.socket = ShortSocket(protocol.transport.socket)
+                real_made()
+
+            protocol.connectionMade = made
+            return protocol
+
+        self.patch(factory, "buildProtocol", build)
+        rng = random.Random(5)
+        specs = [camera(n, kind, rng, ContentPool(rng, variants=2)) for n, kind in enumerate(("dualcam", "dsm", "adas"))]
+        results = yield self.cameras(specs)
+        self.assertEqual([r.imei for r in results if not r.ok], [])
+        self.assertEqual(self.stored(), self.expected(specs))
+        self.assertTrue(short and writes)  # the rest of those replies went through the transport
