@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from twisted.internet import defer, reactor
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from camgateway import codec, transfer
 from camgateway.durability import HAVE_SYNCFS, GroupSync, syncfs
@@ -27,6 +27,7 @@ from camgateway.resume_store import Partial
 from camgateway.service import flush_stale
 from camgateway.session import State
 from camgateway.sinks import ReceivedFile
+from camgateway.sinks import disk as disk_module
 from camgateway.sinks.disk import DiskSink
 from camgateway.transfer import FLUSH_AGE, PENDING_MAX, RUN_BAD_CRC, RUN_COMPLETE, WRITE_MIN, Transfer
 from tests.support import connect, make_services, run_now, stored_files
@@ -463,6 +464,83 @@ class DiskSinkGroupTests(TestCase):
         self.assertEqual(calls, [])
         sink.store(received)
         self.assertGreaterEqual(len(calls), 2)  # sidecar and folder
+
+
+class DiskSinkBatchTests(TestCase):
+    """On the spool's filesystem: deliveries stored in batches on the sink's thread, one syncfs each."""
+
+    def setUp(self) -> None:
+        self.root = Path(self.mktemp())
+        self.root.mkdir()
+        self.held = HeldFlushes()
+        self.patch(disk_module, "syncfs", self.held.syncfs)
+        self.sink = DiskSink(self.root / "files", run_now, batched_on=reactor)
+        self.addCleanup(lambda: (self.held.let_go(), self.held.let_go(), self.sink.close())[2])
+
+    def photo(self, n: int) -> ReceivedFile:
+        spool_file = self.root / f"{n}.part"
+        spool_file.write_bytes(b"\xff\xd8" + bytes([n]) * 100)
+        return photo(spool_file)
+
+    @defer.inlineCallbacks
+    def test_deliveries_asked_meanwhile_share_the_next_batch(self) -> Any:
+        first = self.sink.deliver(self.photo(0))
+        self.held.entered()  # stored, flushing
+        self.assertEqual(len(stored_files(self.root)), 1)
+        self.assertFalse(first.called)  # not durable yet: not reported
+        later = [self.sink.deliver(self.photo(n)) for n in (1, 2, 3)]
+        self.held.let_go()
+        self.held.entered()
+        self.held.let_go()
+        paths = [Path(p) for p in (yield defer.gatherResults([first] + later))]
+        self.assertEqual([p.read_bytes()[2] for p in paths], [0, 1, 2, 3])
+        self.assertTrue(all(p.with_name(p.name + ".json").exists() for p in paths))
+        self.assertEqual(self.held.calls, [("syncfs", self.root / "files")] * 2)
+        self.assertEqual((self.sink._batches.batches, self.sink._batches.served), (2, 4))
+
+    @defer.inlineCallbacks
+    def test_a_failed_store_fails_its_delivery_alone(self) -> Any:
+        before = self.sink.deliver(self.photo(9))
+        self.held.entered()  # the three below wait for this flush: one batch
+        missing = self.photo(1)
+        missing.path.unlink()  # its spool file is gone: its store fails
+        results = [self.sink.deliver(r) for r in (self.photo(0), missing, self.photo(2))]
+        self.held.let_go()
+        self.held.let_go()
+        yield before
+        outcomes = yield defer.DeferredList(results, consumeErrors=True)
+        self.assertEqual([ok for ok, _ in outcomes], [True, False, True])
+        outcomes[1][1].trap(FileNotFoundError)
+        self.assertEqual(len(self.held.calls), 2)  # one flush for the batch of three
+        self.assertEqual(self.sink._batches.batches, 2)
+
+    @defer.inlineCallbacks
+    def test_a_failed_flush_fails_every_delivery_of_its_batch(self) -> Any:
+        first = self.sink.deliver(self.photo(0))
+        self.held.entered()
+        later = [self.sink.deliver(self.photo(n)) for n in (1, 2)]
+        self.held.let_go(OSError(5, "Input/output error"))
+        with self.assertRaises(OSError):
+            yield first
+        self.held.let_go()
+        self.assertEqual(len((yield defer.gatherResults(later))), 2)
+
+    def test_chosen_on_the_spool_s_filesystem_only(self) -> None:
+        from types import SimpleNamespace
+
+        from camgateway.sinks.disk import _same_filesystem, make
+
+        self.assertTrue(_same_filesystem(self.root / "not" / "yet", self.root))
+        self.assertFalse(_same_filesystem(self.root, Path("/proc")))
+        here = SimpleNamespace(spool=SimpleNamespace(root=self.root / "spool"), run_in_thread=run_now, clock=reactor)
+        elsewhere = SimpleNamespace(spool=SimpleNamespace(root=Path("/proc")), run_in_thread=run_now, clock=reactor)
+        batched, pooled = make({"root": str(self.root / "files")}, here), make({"root": str(self.root / "f")}, elsewhere)
+        self.addCleanup(lambda: defer.gatherResults([d for d in (batched.close(), pooled.close()) if d]))
+        if not HAVE_SYNCFS:
+            raise SkipTest("no syncfs here: every delivery fsyncs its own files")
+        self.assertIsNotNone(batched._batches)
+        self.assertIsNone(pooled._batches)
+        self.assertIsNotNone(pooled.group)
 
 
 class RecordOrderTests(TestCase):

@@ -15,9 +15,12 @@ and linked under its final name; then the media file is hard-linked from the
 spool (copied and fsynced first when the spool is on another filesystem)
 beside it. A reader that sees a media file therefore finds it complete, with
 its sidecar. Before a delivery is reported done, all of it is made durable
-by one ``syncfs`` shared with every delivery that finished meanwhile
-(:class:`~camgateway.durability.GroupSync`: at hundreds of files a second
-that is one journal commit per batch instead of three fsyncs per file); where
+by one ``syncfs`` shared with every delivery that finished meanwhile: at
+hundreds of files a second that is one journal commit per batch instead of
+three fsyncs per file. On the spool's filesystem the deliveries waiting are
+stored together on the sink's own thread, then flushed; on another
+filesystem (where a store copies the file) each is stored on the shared
+pool, then flushed by :class:`~camgateway.durability.GroupSync`. Where
 ``syncfs`` is missing, the sidecar and the folders are fsynced file by file.
 """
 
@@ -33,10 +36,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from camgateway.config import ConfigError
-from camgateway.durability import HAVE_SYNCFS, GroupSync
+from camgateway.durability import HAVE_SYNCFS, GroupSync, syncfs
+from camgateway.groupcommit import GroupCommitThread
 from camgateway.ids import new_id
 from camgateway.sinks import IFileSink, ReceivedFile
 from camgateway.sinks.registry import check_keys
@@ -54,10 +59,33 @@ def validate(config: Mapping[str, Any], key: str, base: Path) -> Mapping[str, An
 
 
 def make(config: Mapping[str, Any], services: Any) -> "DiskSink":
-    """A DiskSink from a validated entry."""
+    """A DiskSink from a validated entry.
+
+    On the spool's filesystem (a store is a few links, whatever the file's
+    size) deliveries are stored in batches on a thread of the sink's own;
+    elsewhere (a store copies the file) each runs on the shared pool.
+    """
     root = Path(config["root"])
-    group = GroupSync(root, services.clock, name="camgateway-disk-sync") if HAVE_SYNCFS else None
-    return DiskSink(root, services.run_in_thread, group=group)
+    if not HAVE_SYNCFS:
+        return DiskSink(root, services.run_in_thread)
+    spool = getattr(services, "spool", None)
+    if spool is not None and _same_filesystem(root, spool.root):
+        return DiskSink(root, services.run_in_thread, batched_on=services.clock)
+    return DiskSink(root, services.run_in_thread, group=GroupSync(root, services.clock, name="camgateway-disk-sync"))
+
+
+def _same_filesystem(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` (or their nearest existing parents) are on one filesystem."""
+    def device(path: Path) -> Optional[int]:
+        for candidate in (path, *path.parents):
+            try:
+                return os.stat(candidate).st_dev
+            except OSError:
+                continue
+        return None
+
+    first = device(Path(a).absolute())
+    return first is not None and first == device(Path(b).absolute())
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _KNOWN_EXT = {"jpg", "jpeg", "mp4", "h265", "h264", "hevc", "avi", "mov", "png", "bin", "ptmf"}
@@ -112,24 +140,36 @@ def _fsync_dir(path: Path) -> None:
 class DiskSink:
     """Stores files and sidecars under a root directory."""
 
-    def __init__(self, root: Path, run_in_thread: Callable[..., Deferred], group: Optional[GroupSync] = None) -> None:
+    def __init__(self, root: Path, run_in_thread: Callable[..., Deferred], group: Optional[GroupSync] = None,
+                 *, batched_on: Any = None) -> None:
         self.root = Path(root)
         self.name = f"disk:{self.root}"
         self._run = run_in_thread
         #: Batches the flushes of deliveries, flushing ``root``'s filesystem
         #: (None: each store fsyncs its own files).
         self.group = group
+        #: With ``batched_on`` (a reactor), deliveries are stored on a thread
+        #: of this sink's own, every delivery asked meanwhile in one batch with
+        #: one ``syncfs`` after it: a thread step per batch instead of a pool
+        #: call and a group flush per file.
+        self._batches: Optional[GroupCommitThread[ReceivedFile]] = (
+            GroupCommitThread(self._store_batch, batched_on, "camgateway-disk-sink")
+            if batched_on is not None else None)
         # Folders known to exist. A store runs in a pool thread, and every
         # system call there gives up the GIL and waits to win it back from a
         # busy reactor: a delivery makes as few as it can.
         self._folders: set[Path] = set()
 
     def close(self) -> Optional[Deferred]:
-        """End the group flushes' thread (after the flushes asked for)."""
+        """End the sink's thread (after the deliveries and flushes asked for)."""
+        if self._batches is not None:
+            return self._batches.close()
         return self.group.close() if self.group is not None else None
 
     def deliver(self, received: ReceivedFile) -> Deferred:
         """Store the file and its sidecar; fire with the stored path once durable."""
+        if self._batches is not None:
+            return self._batches.submit(received)
         group = self.group
         if group is None:
             return self._run(self.store, received)
@@ -170,6 +210,20 @@ class DiskSink:
             _fsync_dir(folder.parent)
             _fsync_dir(folder.parent.parent)
         return str(target)
+
+    def _store_batch(self, batch: list[ReceivedFile]) -> list[Any]:
+        """On the sink's thread: store each (a failure is that delivery's alone), then one ``syncfs``."""
+        outcomes: list[Any] = []
+        for received in batch:
+            try:
+                outcomes.append(self.store(received, durable=False))
+            except Exception:
+                failure = Failure()
+                failure.cleanFailure()
+                outcomes.append(failure)
+        if not all(isinstance(outcome, Failure) for outcome in outcomes):
+            syncfs(self.root)  # if it fails, every delivery of the batch fails (and is retried)
+        return outcomes
 
     def _ensure(self, folder: Path) -> bool:
         """Make ``folder`` if needed (remembered, so it costs no system call next time); True if made."""
