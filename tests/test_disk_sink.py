@@ -213,8 +213,8 @@ class FolderTests(SinkTestCase):
 
     def test_made_once(self) -> None:
         made: list[Path] = []
-        real = Path.mkdir
-        self.patch(Path, "mkdir", lambda path, *a, **kw: (made.append(path), real(path, *a, **kw))[1])
+        real = os.makedirs
+        self.patch(os, "makedirs", lambda path, *a, **kw: (made.append(Path(path)), real(path, *a, **kw))[1])
         first = self.store(self.received())
         self.assertEqual(made[0], first.parent)
         before = len(made)
@@ -423,7 +423,7 @@ class SpoolTests(SinkTestCase):
 
         def copy(source: Path, target: Path) -> None:
             real_copy(source, target)
-            if source == first.path:  # while the first copy waits to be linked
+            if Path(source) == first.path:  # while the first copy waits to be linked
                 results.append(self.store(second))
 
         self.patch(os, "link", link)
