@@ -122,6 +122,7 @@ class Session(TransferSteps):
         self._skip: set[bytes] = set()  # identifiers that were empty or failed
         self._metadata_answers = self.config.metadata
         self._timer: Any = None  # step, metadata or resume timer (one at a time)
+        self._timer_input = "step_timeout"  # what the timer feeds the table when it fires
         self._resume_tries = 0
         self._predecessor: defer.Deferred = defer.succeed(None)
         #: The camera's lease, when instances share a store: "instance|session".
@@ -155,19 +156,27 @@ class Session(TransferSteps):
         self._after = fn
 
     def _arm(self, seconds: float, inp: str) -> None:
-        self._disarm()
+        # One timer per session, moved rather than cancelled and made anew:
+        # moving it later (the usual case, a step after a step) costs the
+        # reactor no heap operation.
         if not self.connected:
+            self._disarm()
             return
-        self._timer = self.s.clock.callLater(seconds, self._fire, inp)
+        self._timer_input = inp
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(seconds)
+        else:
+            self._timer = self.s.clock.callLater(seconds, self._fire)
 
     def _disarm(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def _fire(self, inp: str) -> None:
+    def _fire(self) -> None:
         self._timer = None
-        self._guard(self._input, inp)
+        self._guard(self._input, self._timer_input)
 
     def _guard(self, fn: Callable[..., None], *args: Any) -> None:
         """Run an input that did not come from the decoder, handling its errors."""
