@@ -295,7 +295,7 @@ def print_report(results: list[tuple[Load, dict[str, Any]]], context: dict[str, 
 
 
 _IDLE_LEAVES = ("EPollReactor.doPoll ", "Condition.wait ", "wait (threading.py)", "Queue.get ", "Event.wait ",
-                "SimpleQueue.get", "_worker (", "get (queue.py)")
+                "SimpleQueue.get", "_worker (", "get (queue.py)", "wait_for_work (")
 
 
 def _thread_kind(name: str) -> str:

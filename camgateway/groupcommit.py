@@ -23,6 +23,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from camgateway.deferreds import after
+from camgateway.threads import wait_for_work
 
 __all__ = ["GroupCommitThread"]
 
@@ -78,7 +79,7 @@ class GroupCommitThread(Generic[Item]):
         closing = False
         while not closing:
             batch = []
-            entry = get()  # waits for the first item
+            entry = wait_for_work(get)  # the first item
             while True:
                 if entry is _CLOSE:
                     closing = True
