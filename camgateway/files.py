@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from camgateway.services import Services
     from camgateway.session import Session
 
-__all__ = ["FileOffer", "Refused", "open_transfer", "write_pending", "write_together", "checkpoint",
-           "release_transfer", "finish_transfer"]
+__all__ = ["FileOffer", "Refused", "open_transfer", "write_pending", "checkpoint", "release_transfer",
+           "finish_transfer"]
 
 log = Logger(namespace="camgateway.files")
 
@@ -195,54 +195,6 @@ def write_pending(s: "Services", transfer: Transfer, then: Optional[Callable[[Tr
 
     transfer.busy.addCallback(run)
     transfer.busy.addBoth(done)
-
-
-def write_together(s: "Services", items: list[tuple[Transfer, Callable[[Transfer], None]]]) -> None:
-    """Write several files' few pending bytes (slow cameras') in one pool call.
-
-    These were written on the reactor thread, one ``pwrite`` per slow camera
-    per second: with 10,000 of them, 10,000 GIL hand-offs a second on the
-    thread every camera needs. As with :func:`write_pending`, each file's
-    later steps (a checkpoint, its end, closing it) wait for its write on
-    ``busy``; like the inline write before it, the write itself does not
-    wait for the file's earlier steps (none is a write: the caller saw
-    ``writing`` false). ``then(transfer)`` runs after each file's write and
-    finds :attr:`Transfer.write_error`.
-    """
-    taken = []
-    for transfer, then in items:
-        buf, offset, truncate = transfer.take_pending()
-        s.stats.bytes_received += len(buf)
-        done: defer.Deferred = defer.Deferred()
-        transfer.busy.addCallback(lambda _, done=done: done)
-        taken.append((transfer, then, buf, offset, truncate, done))
-
-    def finished(outcome: Any) -> None:
-        errors = outcome if isinstance(outcome, list) else [outcome.value] * len(taken)
-        for (transfer, then, buf, offset, _, done), error in zip(taken, errors):
-            transfer.written(buf)
-            if error is not None:
-                if transfer.write_error is None:
-                    transfer.write_error = error
-                log.error("writing {n} bytes of spool file {name} at offset {offset} failed: {error}",
-                          n=len(buf), name=transfer.partial.spool_name, offset=offset, error=error)
-            done.callback(None)
-            then(transfer)
-
-    work = [(transfer.write_chunk, buf, offset, truncate) for transfer, _, buf, offset, truncate, _ in taken]
-    s.run_in_thread(_write_all, work).addBoth(finished)
-
-
-def _write_all(work: list[tuple[Callable[..., None], bytearray, int, Optional[int]]]) -> list[Optional[Exception]]:
-    """On a pool thread: each write; what each raised, or None."""
-    errors: list[Optional[Exception]] = []
-    for write, buf, offset, truncate in work:
-        try:
-            write(buf, offset, truncate)
-            errors.append(None)
-        except Exception as e:
-            errors.append(e)
-    return errors
 
 
 def _create(spool: Any, name: str, min_free: int) -> int:

@@ -15,7 +15,6 @@ from twisted.logger import Logger
 from camgateway import __version__
 from camgateway.config import Config
 from camgateway.durability import GroupSync
-from camgateway.files import write_together
 from camgateway.leases import LeaseKeeper
 from camgateway.outbox import Outbox
 from camgateway.progress import ProgressReporter
@@ -68,11 +67,8 @@ def reconcile(s: Services) -> Any:
 def flush_stale(s: Services) -> None:
     """Write the few bytes slow cameras left pending (see :mod:`camgateway.transfer`)."""
     now = s.clock.seconds()
-    together: list[Any] = []
     for session in list(s.sessions.values()):
-        session.write_stale(now, together)
-    if together:
-        write_together(s, together)
+        session.write_stale(now)
 
 
 @defer.inlineCallbacks

@@ -248,27 +248,21 @@ class Session(TransferSteps):
             transfer.pending_since = self.s.clock.seconds()
         self._checkpoint_due(transfer)
 
-    def write_stale(self, now: float, together: list[tuple[Transfer, Callable[[Transfer], None]]]) -> None:
-        """Pending bytes that have waited :data:`FLUSH_AGE` seconds (called by a timer).
-
-        A few KiB (a slow camera's) join ``together``, which the timer
-        writes in one pool call for every camera (:func:`write_together`);
-        more are written on their own.
-        """
+    def write_stale(self, now: float) -> None:
+        """Write pending bytes that have waited :data:`FLUSH_AGE` seconds (called by a timer)."""
         transfer = self.transfer
         if (transfer is None or transfer.writing or not transfer.pending or transfer.pending_since is None
                 or now - transfer.pending_since < FLUSH_AGE or not self.connected):
             return
         if len(transfer.pending) > INLINE_WRITE_MAX:
             write_pending(self.s, transfer, self._written)
-            self._checkpoint_due(transfer)
         else:
-            together.append((transfer, self._stale_written))
-
-    def _stale_written(self, transfer: Transfer) -> None:
-        self._written(transfer)
-        if transfer.write_error is None and self.transfer is transfer:
-            self._checkpoint_due(transfer)
+            try:
+                self.s.stats.bytes_received += transfer.flush()
+            except OSError as e:
+                self._write_failed(transfer, e)
+                return
+        self._checkpoint_due(transfer)
 
     def _checkpoint_due(self, transfer: Transfer) -> None:
         """Checkpoint every ``checkpoint_bytes`` written, one checkpoint at a time."""

@@ -12,8 +12,7 @@ SHA-256 (:meth:`write_chunk`; both release the GIL), so a finished file's
 digest needs no second read. One write per file is in flight at a time;
 behind it at most :data:`PENDING_MAX` bytes wait before the session pauses
 the camera's socket (backpressure). Slow cameras' few pending bytes are
-written once they are :data:`FLUSH_AGE` seconds old, every slow camera's
-in one pool call (:func:`camgateway.files.write_together`).
+written inline once they are :data:`FLUSH_AGE` seconds old.
 
 Positions: DualCam counts 1-based packets of 1024 bytes, the path flow counts
 bytes from 0 (PROTOCOL.md section 4). Internally everything is bytes.
@@ -44,9 +43,8 @@ PENDING_MAX = 1024 * 1024
 #: Seconds after which fewer than WRITE_MIN pending bytes are written anyway.
 FLUSH_AGE = 1.0
 #: At most this many pending bytes are written without a write step of their
-#: own: a slow camera's together with every other slow camera's (one pool call
-#: per timer tick), and the last of a file (when no write is in flight) by the
-#: thread that flushes it, just before the flush.
+#: own: a slow camera's on the reactor thread, and the last of a file (when no
+#: write is in flight) by the thread that flushes it, just before the flush.
 INLINE_WRITE_MAX = 64 * 1024
 RUN_MORE, RUN_BAD_CRC, RUN_COMPLETE, RUN_SLOW = 0, 1, 2, 3
 _FRAME = 4 + PACKET + 2  # a whole DATA frame: header, 1024 bytes, CRC
@@ -290,6 +288,22 @@ class Transfer:
         """The write of ``buf`` is over (either way): let its memory go."""
         buf.clear()
         self.writing = False
+
+    def flush(self) -> int:
+        """Write pending bytes now, on this thread; return how many.
+
+        For a few KiB (:data:`INLINE_WRITE_MAX`: a slow camera's); never
+        while a write is in flight.
+        """
+        if self.writing:
+            raise AssertionError("flush() while a write is in flight")
+        buf, offset, truncate = self.take_pending()
+        n = len(buf)
+        try:
+            self.write_chunk(buf, offset, truncate)
+        finally:
+            self.written(buf)
+        return n
 
     @property
     def needs_truncate(self) -> bool:
