@@ -24,6 +24,8 @@ from typing import Any, Callable, Optional, TypeVar
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from camgateway.deferreds import after
+
 __all__ = ["WorkerPool", "wait_for_work"]
 
 _STOP = None
@@ -83,9 +85,7 @@ class WorkerPool:
                 self._queue.put(_STOP)
             if not self._threads:
                 self._closed.callback(None)
-        d: defer.Deferred = defer.Deferred()
-        self._closed.addBoth(lambda result: (d.callback(None), result)[1])
-        return d
+        return after(self._closed)
 
     def _work(self) -> None:
         get, call_back = self._queue.get, self._reactor.callFromThread

@@ -87,6 +87,7 @@ def _same_filesystem(a: Path, b: Path) -> bool:
     first = device(Path(a).absolute())
     return first is not None and first == device(Path(b).absolute())
 
+
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _KNOWN_EXT = {"jpg", "jpeg", "mp4", "h265", "h264", "hevc", "avi", "mov", "png", "bin", "ptmf"}
 
@@ -155,9 +156,9 @@ class DiskSink:
         self._batches: Optional[GroupCommitThread[ReceivedFile]] = (
             GroupCommitThread(self._store_batch, batched_on, "camgateway-disk-sink")
             if batched_on is not None else None)
-        # Folders known to exist. A store runs in a pool thread, and every
-        # system call there gives up the GIL and waits to win it back from a
-        # busy reactor: a delivery makes as few as it can.
+        # Folders known to exist. A store runs on a thread other than the
+        # reactor's, and every system call there gives up the GIL and waits to
+        # win it back from a busy reactor: a delivery makes as few as it can.
         self._folders: set[str] = set()
         self._root = os.fspath(self.root)
 
