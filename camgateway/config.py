@@ -83,6 +83,8 @@ class Config:
     log_format: str = "auto"
     log_file: Optional[Path] = None
     progress_interval: float = 30.0
+    #: Gateway processes (camgateway.workers): 1, or one per core for large fleets.
+    workers: int = 1
     source: str = "built-in defaults"
 
     def allowed(self, imei: str) -> bool:
@@ -174,8 +176,8 @@ def parse_config(raw: object, source: str = "<config>", base: Path | None = None
     """
     base = base or Path.cwd()
     doc = _mapping(raw, "(top level)")
-    _known(doc, "", ("listen", "storage", "sinks", "devices", "timeouts", "download", "limits", "outbox",
-                   "http", "log"))
+    _known(doc, "", ("listen", "workers", "storage", "sinks", "devices", "timeouts", "download", "limits",
+                   "outbox", "http", "log"))
     d = Config()
     values: dict[str, Any] = {"source": source}
 
@@ -258,7 +260,46 @@ def parse_config(raw: object, source: str = "<config>", base: Path | None = None
                                            d.outbox_give_up_after)
     values.update(_http(_mapping(doc.get("http"), "http"), base))
     values.update(_log(_mapping(doc.get("log"), "log"), base, d))
-    return Config(**values)
+    if "workers" in doc:
+        values["workers"] = _workers(doc["workers"])
+    config = Config(**values)
+    check_workers(config)
+    return config
+
+
+#: At most this many worker processes (``workers: auto`` takes one per core up to it).
+MAX_WORKERS = 64
+#: Endpoint types whose connections are plain TCP sockets, which can be handed to another worker.
+_HANDOVER_ENDPOINTS = ("tcp", "tcp6", "haproxy", "systemd")
+
+
+def _workers(value: object) -> int:
+    """``workers``: a count, or ``auto`` (one per core)."""
+    if value == "auto":
+        count = min(MAX_WORKERS, max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                     else os.cpu_count() or 1))
+    elif isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ConfigError("workers", f"must be auto or a number of processes from 1 to {MAX_WORKERS},"
+                                     f" got {value!r}")
+    else:
+        count = value
+    return count
+
+
+def check_workers(config: Config) -> None:
+    """What ``workers`` > 1 needs of the rest (also after ``--listen`` replaced the endpoints)."""
+    if config.workers > 1:
+        if config.resume != "sqlite":
+            raise ConfigError("workers", "several workers need storage.resume: sqlite (with a shared Redis"
+                                         " store, run several instances instead)")
+        for i, description in enumerate(config.listen):
+            kind = description.split(":", 1)[0].lower()
+            inner = description.split(":", 2)[1].lower() if kind == "haproxy" and ":" in description else "tcp"
+            if kind not in _HANDOVER_ENDPOINTS or inner not in ("tcp", "tcp6"):
+                raise ConfigError(f"listen[{i}]", f"{description!r}: with workers > 1 every camera endpoint must"
+                                                  " be plain TCP (tcp:, tcp6:, haproxy:tcp:, systemd:), since a"
+                                                  " connection is handed to its worker process; terminate TLS in"
+                                                  " front (HAProxy) or use workers: 1")
 
 
 def _positive_int(value: object, key: str) -> int:

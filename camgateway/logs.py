@@ -26,6 +26,7 @@ import datetime
 import json
 import math
 import os
+import select
 import sys
 import threading
 from pathlib import Path
@@ -34,7 +35,8 @@ from typing import IO, Any, Optional
 from twisted.logger import ILogObserver, formatEvent, textFileLogObserver
 from zope.interface import implementer
 
-__all__ = ["JSONLineObserver", "TurnBuffer", "WatchedFile", "event_record", "json_observer", "observer_for"]
+__all__ = ["AtomicLines", "JSONLineObserver", "TurnBuffer", "WatchedFile", "event_record", "json_observer",
+           "observer_for"]
 
 _TOP = ("time", "level", "namespace", "message", "error", "traceback")
 #: Keys of legacy (twisted.python.log) events that are not fields.
@@ -181,6 +183,44 @@ class TurnBuffer:
                 self.out.flush()
             except (OSError, ValueError):  # a log line must never take the gateway down
                 pass
+
+
+class AtomicLines:
+    """A text stream over a descriptor shared by several processes (``workers``).
+
+    Each write reaches the descriptor in whole lines, at most ``PIPE_BUF``
+    bytes per ``write(2)`` (a longer line alone), so that lines from several
+    processes on one pipe or socket (journald) never interleave within a line,
+    which a buffered ``sys.stdout`` writing 8 KiB at a time would allow.
+    """
+
+    def __init__(self, fd: int, limit: int = select.PIPE_BUF) -> None:
+        self.fd = fd
+        self.limit = limit
+
+    def write(self, text: str) -> None:
+        """Write ``text`` (whole lines) now."""
+        data = text.encode("utf-8", "backslashreplace")
+        limit = self.limit
+        while data:
+            if len(data) <= limit:
+                cut = len(data)
+            else:
+                cut = data.rfind(b"\n", 0, limit) + 1 or data.find(b"\n", limit) + 1 or len(data)
+            self._write_all(data[:cut])
+            data = data[cut:]
+
+    def _write_all(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
+
+    def isatty(self) -> bool:
+        """Whether the descriptor is a terminal."""
+        return os.isatty(self.fd)
 
 
 @implementer(ILogObserver)

@@ -26,6 +26,7 @@ from camgateway.spool import Spool, boot_id, reconcile_partial
 from camgateway.sqlite_store import SQLiteStore
 from camgateway.threads import WorkerPool
 from camgateway.transfer import FLUSH_AGE
+from camgateway.workers import DispatchFactory, Shard, Workers, worker_folders
 
 __all__ = ["GatewayService", "make_gateway", "reconcile", "sweep_expired", "flush_stale"]
 
@@ -47,7 +48,16 @@ def reconcile(s: Services) -> Any:
     partials = yield s.store.all()
     outbox = yield s.store.pending()
     known = {entry.spool_name for entry in outbox}
+    shard = s.shard
+    moved = 0
     for partial in partials:
+        if shard is not None and not shard.owns(partial.imei):
+            # ``workers`` changed: this camera now goes to another worker, which
+            # cannot resume this partial; the camera still holds the file.
+            yield s.store.remove(partial.id)
+            yield s.run_in_thread(s.spool.unlink, partial.spool_name)
+            moved += 1
+            continue
         held = yield s.run_in_thread(reconcile_partial, s.spool, partial, s.boot_id)
         if held is None:
             log.warn("partial {id} of camera {imei} lost its spool file; dropped", id=partial.id, imei=partial.imei)
@@ -59,9 +69,12 @@ def reconcile(s: Services) -> Any:
     orphans = s.spool.names() - known
     for name in orphans:
         yield s.run_in_thread(s.spool.unlink, name)
+    if moved:
+        log.warn("{n} partial transfers of cameras that now go to another worker (workers changed) dropped;"
+                 " those cameras send the files again", n=moved)
     if partials or orphans or outbox:
         log.info("spool reconciled: {n} partial transfers kept, {q} files in the outbox, {o} orphan spool files"
-                 " removed", n=len(partials), q=len(outbox), o=len(orphans))
+                 " removed", n=len(partials) - moved, q=len(outbox), o=len(orphans))
 
 
 def flush_stale(s: Services) -> None:
@@ -87,9 +100,14 @@ def sweep_expired(s: Services) -> Any:
 
 
 class GatewayService(Service):
-    """Reconciles the spool, then listens on every configured endpoint."""
+    """Reconciles the spool, then listens on every configured endpoint.
 
-    def __init__(self, config: Config, reactor: Any = None) -> None:
+    With ``workers: N`` (N > 1) it is worker 0 and starts the other workers
+    (:mod:`camgateway.workers`); ``shard`` says which worker a child process is.
+    """
+
+    def __init__(self, config: Config, reactor: Any = None, shard: Optional[Shard] = None,
+                 twistd_logfile: Optional[str] = None, forward_logs: bool = False) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -102,6 +120,13 @@ class GatewayService(Service):
         self.services: Optional[Services] = None
         self.ready: defer.Deferred = defer.Deferred()
         self.pool: Optional[WorkerPool] = None
+        if shard is None and config.workers > 1:
+            shard = Shard(0, config.workers, config.spool)
+        self.shard = shard
+        self.workers: Optional[Workers] = None
+        if shard is None or shard.index == 0:  # the listening process: the other workers are its children
+            if config.workers > 1 or worker_folders(config.spool):
+                self.workers = Workers(config, config.workers, reactor, twistd_logfile, forward_logs=forward_logs)
 
     def _run_in_thread(self, f: Any, *args: Any, **kwargs: Any) -> defer.Deferred:
         assert self.pool is not None, "the service is not started"
@@ -115,8 +140,11 @@ class GatewayService(Service):
         # pool: sized so the outbox's deliveries never starve the sessions'
         # own steps (each waits on the disk, not on the CPU).
         self.pool = WorkerPool(self.reactor, 2 * config.outbox_concurrency + 16)
-        spool = Spool(config.spool)
+        shard = self.shard
+        spool = Spool(config.spool, shard.dead if shard is not None and shard.index else None)
         spool.ensure()
+        if self.workers is not None:
+            self.workers.start()
         leases = None
         if config.resume == "sqlite":
             store: Any = SQLiteStore(spool.store_path, self.reactor)
@@ -127,9 +155,11 @@ class GatewayService(Service):
                                claim_ttl=config.outbox_claim_ttl)
             leases = RedisLeases(store)
         self.services = Services(config, store, spool, [], self.reactor, self._run_in_thread, boot_id())
+        self.services.shard = shard
         self.services.leases = leases
         self.services.spool_sync = GroupSync(spool.root, self.reactor)
-        if self.services.own_store:  # (see camgateway.reserve: needs the start-up reconcile)
+        if self.services.own_store and not (shard is not None and shard.drain):
+            # (see camgateway.reserve: needs the start-up reconcile; a drain worker takes no files)
             services = self.services
             services.reserve = SpoolReserve(spool, self._run_in_thread, self.reactor,
                                             lambda: services.config.min_free_bytes)
@@ -152,13 +182,19 @@ class GatewayService(Service):
             d = defer.succeed(None)
             d.addCallback(lambda _: self.keeper.start())  # type: ignore[union-attr]
         d.addCallback(lambda _: self.services.outbox.start())  # type: ignore[union-attr]
+        if self.workers is not None:  # listen once the other workers can take their cameras
+            d.addCallback(lambda _: self.workers.wait_ready())  # type: ignore[union-attr]
         d.addCallback(lambda _: self._listen())
         d.addCallbacks(self.ready.callback, self._failed)
 
     @defer.inlineCallbacks
     def _listen(self) -> Any:
+        factory: Any = self.factory
+        if self.workers is not None and self.config.workers > 1:
+            factory = DispatchFactory(self.factory, self.workers, self.config.workers, self.reactor,
+                                      self.config.idle_timeout)
         for description in self.config.listen:
-            port = yield serverFromString(self.reactor, description).listen(self.factory)
+            port = yield serverFromString(self.reactor, description).listen(factory)
             self.ports.append(port)
             log.info("listening for cameras on {description} ({address})",
                      description=description, address=port.getHost())
@@ -175,6 +211,7 @@ class GatewayService(Service):
         super().stopService()
         for port in self.ports:
             yield port.stopListening()
+        children = self.workers.stop() if self.workers is not None else defer.succeed(None)
         if self.factory is not None:
             shutdown = self.factory.shutdown()
             timeout = self.reactor.callLater(SHUTDOWN_GRACE, shutdown.cancel)
@@ -184,6 +221,7 @@ class GatewayService(Service):
                 log.warn("shutdown: some files were still being stored after {t} s", t=SHUTDOWN_GRACE)
             if timeout.active():
                 timeout.cancel()
+        yield children
         if self.keeper is not None:
             self.keeper.stop()
         if self.services is not None:
@@ -200,10 +238,16 @@ class GatewayService(Service):
         log.info("camgateway stopped")
 
 
-def make_gateway(config: Config, reactor: Any = None) -> MultiService:
-    """The whole gateway: the listening service, the periodic sweep, progress logs and status web service."""
+def make_gateway(config: Config, reactor: Any = None, shard: Optional[Shard] = None,
+                 twistd_logfile: Optional[str] = None, forward_logs: bool = False) -> MultiService:
+    """The whole gateway: the listening service, the periodic sweep, progress logs and status web service.
+
+    ``shard``: a child worker's place (:mod:`camgateway.worker`); ``twistd_logfile``:
+    twistd's ``--logfile``; ``forward_logs``: child workers send their log events
+    here (when this process logs through twistd's own log file or syslog).
+    """
     top = MultiService()
-    gateway = GatewayService(config, reactor)
+    gateway = GatewayService(config, reactor, shard, twistd_logfile, forward_logs)
     gateway.setServiceParent(top)
 
     def sweep() -> Any:

@@ -118,6 +118,8 @@ class Services:
     spool_sync: Any = None
     #: New spool files made ahead (camgateway.reserve.SpoolReserve), or None.
     reserve: Any = None
+    #: Which worker this process is (camgateway.workers.Shard), None with one process.
+    shard: Any = None
 
     @property
     def own_store(self) -> bool:

@@ -6,6 +6,7 @@ Layout under ``storage.spool``::
     partials/<id>.part   files being received, finished ones in the outbox,
                          and empty ones made ahead (camgateway.reserve)
     dead/<entry>/        files a sink refused: the file, dead-letter.json
+    worker-<n>/          worker n's own resume.sqlite and partials/ (``workers``)
 
 Names inside the spool are built by the gateway (random ids); nothing a
 device sends ever becomes part of a path.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from camgateway.ids import new_id
 from camgateway.resume_store import Partial
@@ -36,10 +38,11 @@ def boot_id() -> str:
 class Spool:
     """The spool directory."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, dead: Optional[Path] = None) -> None:
         self.root = Path(root)
         self.partials = self.root / "partials"
-        self.dead = self.root / "dead"
+        #: Dead letters (a worker of several uses the configured spool's, see camgateway.workers).
+        self.dead = Path(dead) if dead is not None else self.root / "dead"
 
     @property
     def store_path(self) -> Path:

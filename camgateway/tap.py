@@ -11,9 +11,10 @@ from twisted.logger import ILogObserver
 from twisted.python import usage
 from twisted.python.components import Componentized
 
-from camgateway.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from camgateway.logs import observer_for
+from camgateway.config import DEFAULT_CONFIG_PATH, Config, ConfigError, check_workers, load_config
+from camgateway.logs import AtomicLines, observer_for
 from camgateway.service import make_gateway
+from camgateway.workers import worker_folders
 
 __all__ = ["Options", "makeService", "check_endpoints", "config_report"]
 
@@ -34,7 +35,7 @@ def config_report(config: Config) -> list[str]:
     """What ``--check`` and ``camgateway check-config`` print (after :func:`check_endpoints`)."""
     check_endpoints(config)
     lines = [f"configuration OK ({config.source})"]
-    for field in ("listen", "spool", "sinks", "allow", "mode", "metadata", "dualcam_sources", "http_listen",
+    for field in ("listen", "workers", "spool", "sinks", "allow", "mode", "metadata", "dualcam_sources", "http_listen",
                   "log_format", "log_file", "progress_interval"):
         lines.append(f"  {field}: {getattr(config, field)}")
     lines.append(f"  http_token: {'set' if config.http_token else 'none'}")
@@ -78,6 +79,7 @@ class Options(usage.Options):
 
             config = replace(config, listen=tuple(self["listen"]))
         try:
+            check_workers(config)
             check_endpoints(config)
         except ConfigError as e:
             raise usage.UsageError(f"configuration error: {e}") from None
@@ -113,10 +115,18 @@ class _LoggedGateway(MultiService):
 def makeService(options: Options) -> IService:
     """The gateway service for ``options``, with the log output its configuration asks for."""
     config: Any = options["parsed"]
-    gateway = make_gateway(config)
     twistd = getattr(options, "parent", None) or {}
-    if twistd.get("syslog"):
-        return gateway  # --syslog: twistd's own observer
     logfile = twistd.get("logfile") or (None if twistd.get("nodaemon", True) else "twistd.log")
-    observer = observer_for(config.log_format, config.log_file, logfile, sys.stdout)
+    several = config.workers > 1 or bool(worker_folders(config.spool))
+    stdout: Any = sys.stdout
+    if several:  # the workers share standard output: whole lines per write (camgateway.logs.AtomicLines)
+        try:
+            stdout = AtomicLines(sys.stdout.fileno())
+        except (AttributeError, ValueError, OSError):  # not a real descriptor (tests)
+            pass
+    observer = None if twistd.get("syslog") else observer_for(config.log_format, config.log_file, logfile,
+                                                                stdout)
+    # twistd's own log (a file it alone writes, or syslog): the workers send it their events.
+    forward = several and observer is None and (bool(twistd.get("syslog")) or logfile not in (None, "", "-"))
+    gateway = make_gateway(config, twistd_logfile=logfile, forward_logs=forward)
     return gateway if observer is None else _LoggedGateway(gateway, observer)

@@ -33,12 +33,14 @@ class Gateway:
 
     started = 0
 
-    def __init__(self, workdir: Path, *args: str) -> None:
+    def __init__(self, workdir: Path, *args: str, log: Path | None = None) -> None:
+        """``log``: where the gateway logs, when its config says (else twistd's --logfile)."""
         Gateway.started += 1
         self.workdir = workdir
-        self.log = workdir / f"twistd-{Gateway.started}.log"
+        twistd_log = workdir / f"twistd-{Gateway.started}.log"
+        self.log = log or twistd_log
         self.process = subprocess.Popen(
-            [twistd(), "-n", "--pidfile=", "--logfile", str(self.log), "camgateway", *args],
+            [twistd(), "-n", "--pidfile=", "--logfile", str(twistd_log), "camgateway", *args],
             cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         self.port = self._wait_for(r"listening for cameras on .*port=(\d+)\)")
 
@@ -79,7 +81,8 @@ def sizes(folder: Path) -> list[int]:
 class Camera:
     """A DualCam device scripted over a blocking socket."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, imei: int = IMEI) -> None:
+        self.imei = imei
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.decoder = ServerFrameDecoder()
         self.frames: list[tuple[int, bytes]] = []
@@ -98,7 +101,7 @@ class Camera:
     def send_photo(self, content: bytes, *, drop_after: int | None = None, resume_from: int = 1,
                    hang: bool = False) -> None:
         """One photo; with ``drop_after`` stop after that many packets, and close unless ``hang``."""
-        self.sock.sendall(codec.init_packet(5, IMEI, 0x44000400))
+        self.sock.sendall(codec.init_packet(5, self.imei, 0x44000400))
         self.expect(codec.Cmd.METADATA_REQUEST)
         self.sock.sendall(codec.metadata(b"\x01\x04" + (1730288105000).to_bytes(8, "big") + b"\x00\x00\x00"))
         self.expect(codec.Cmd.FILE_REQUEST)
@@ -118,7 +121,7 @@ class Camera:
             out.append(codec.data(content[i : i + 1024], crc))
         self.sock.sendall(b"".join(out))
         self.expect(codec.Cmd.REPEAT_INIT)
-        self.sock.sendall(codec.init_packet(5, IMEI, 0x40000400))
+        self.sock.sendall(codec.init_packet(5, self.imei, 0x40000400))
         self.expect(codec.Cmd.INIT)  # CLOSE
         self.sock.close()
 

@@ -39,6 +39,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from camgateway import __version__
 from camgateway.metrics import Metrics, outbox_depth, spool_usage
 from camgateway.progress import active_transfers, iso, session_view
+from camgateway.web.merge import WorkerPeers, merge_list, merge_metrics, merge_summary
 from camgateway.web.views import file_id, file_view, outbox_view, partial_view, stored_path
 
 __all__ = ["StatusRoot", "StatusSite", "PAGE", "CSP"]
@@ -120,9 +121,26 @@ class _Json(Resource):
         if services is None:
             return _json(request, {"error": "the gateway is starting"}, 503)
         result = self.fn(services, request)
+        peers = self.root.peers
+        if peers is not None:  # several workers: theirs too
+            result = defer.maybeDeferred(lambda: result).addCallback(self._with_workers, peers, request)
         if isinstance(result, defer.Deferred):
             return _later(request, result, lambda value: _json(request, value))
         return _json(request, result)
+
+    @defer.inlineCallbacks
+    def _with_workers(self, local: Any, peers: Any, request: Request) -> Any:
+        answers = yield peers.ask_all(request.uri, request)
+        name = request.prepath[-1].decode()
+        if name == "summary":
+            merged = merge_summary(local, [a for a in answers.values() if isinstance(a, dict)])
+            merged["workers"] = [{"index": 0, "pid": os.getpid(), "ready": True, "drain": False,
+                                  "answered": True}] + [
+                dict(state, answered=answers.get(state["index"]) is not None) for state in peers.state()]
+            return merged
+        lists = [local] + [a for a in answers.values() if isinstance(a, list)]
+        limit = _int_arg(request, b"limit", 50, 1, 1000) if name == "files" else None
+        return merge_list(name, lists, limit)
 
 
 class _Static(Resource):
@@ -190,6 +208,35 @@ class _StoredFile(Resource):
         return NOT_DONE_YET
 
 
+class _WorkerFile(Resource):
+    """A file another worker stored, streamed from it (404 when none has it)."""
+
+    isLeaf = True
+
+    def __init__(self, peers: Any) -> None:
+        super().__init__()
+        self.peers = peers
+
+    def render_GET(self, request: Request) -> Any:
+        def done(found: bool) -> None:
+            if not found:
+                request.setResponseCode(404)
+                request.setHeader(b"content-type", b"application/json")
+                request.write(json.dumps({"error": "no such file"}).encode())
+            request.finish()
+
+        def failed(failure: Any) -> None:
+            log.failure("status: streaming a worker's file failed", failure)
+            request.finish()
+
+        gone: list[bool] = []
+        request.notifyFinish().addBoth(lambda _: gone.append(True))
+        _common_headers(request, "private, max-age=86400")
+        self.peers.stream_file(request.uri, request).addCallbacks(
+            lambda found: None if gone else done(found), lambda f: None if gone else failed(f))
+        return NOT_DONE_YET
+
+
 class _Files(Resource):
     """``/files/<id>``: only files from :attr:`Services.recent`, looked up by id."""
 
@@ -208,6 +255,8 @@ class _Files(Resource):
                 if path is not None:
                     return _StoredFile(path)
                 break
+        if self.root.peers is not None:
+            return _WorkerFile(self.root.peers)
         return _Message(404, "no such file")
 
     def render_GET(self, request: Request) -> bytes:
@@ -234,9 +283,14 @@ class _Health(Resource):
             return _json(request, {"status": "starting", "version": __version__}, 503)
         if not services.accepting:
             return _json(request, {"status": "stopping", "version": __version__}, 503)
-        return _json(request, {"status": "ok", "version": __version__, "listening": listening,
-                               "sessions": len(services.sessions),
-                               "uptime_s": round(services.clock.seconds() - self.root.started, 3)})
+        body = {"status": "ok", "version": __version__, "listening": listening,
+                "sessions": len(services.sessions),
+                "uptime_s": round(services.clock.seconds() - self.root.started, 3)}
+        if self.root.peers is not None:  # a worker down: its cameras wait, the others are served
+            body["workers"] = self.root.peers.state()
+            if not all(w["ready"] for w in body["workers"] if not w["drain"]):
+                body["status"] = "degraded"
+        return _json(request, body)
 
 
 class _Metrics(Resource):
@@ -244,6 +298,7 @@ class _Metrics(Resource):
 
     def __init__(self, root: "StatusRoot") -> None:
         super().__init__()
+        self.root = root
         self.metrics = Metrics(root.gateway)
 
     def render_GET(self, request: Request) -> Any:
@@ -252,7 +307,12 @@ class _Metrics(Resource):
             request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
             return body
 
-        return _later(request, self.metrics.scrape(), render)
+        d = self.metrics.scrape()
+        peers = self.root.peers
+        if peers is not None:  # several workers: the gateway's figures are theirs added up
+            d.addCallback(lambda own: peers.ask_all_text(b"/metrics", request).addCallback(
+                lambda others: merge_metrics([own.decode(), *others])))
+        return _later(request, d, render)
 
 
 class _Api(Resource):
@@ -270,6 +330,11 @@ class StatusRoot(Resource):
         super().__init__()
         self.gateway = gateway
         self.token = token.encode() if token else None
+        workers = getattr(gateway, "workers", None)
+        #: The other workers' status sites (camgateway.web.merge), None with one process.
+        self.peers: Any = None
+        if workers is not None and workers.status_sockets:
+            self.peers = WorkerPeers(gateway.reactor, workers)
         clock = clock or (gateway.services.clock if gateway.services is not None else None)
         self.started = clock.seconds() if clock is not None else 0.0
         api = _Api()

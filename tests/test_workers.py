@@ -1,0 +1,451 @@
+"""``workers: N``: one listening process hands each camera to its worker process.
+
+Unit tests of the pieces (the IMEI's worker, the hand-over frame, the
+dispatcher on StringTransport and Clock), then the real ``twistd -n
+camgateway`` with two workers: cameras of both, a resume inside a worker,
+a worker killed and restarted, the gateway killed (its workers follow), and
+a worker folder left from a larger count drained to a real HTTP endpoint.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import task
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import TestCase
+
+from camgateway import codec
+from camgateway.config import ConfigError, parse_config
+from camgateway.workers import (INIT_SIZE, DispatchFactory, Shard, handoff_frame, parse_handoff, shard_of,
+                                worker_folders, worker_spool)
+from tests.test_scaleout import free_port, wait
+from tests.test_twistd import Camera, Gateway
+
+
+def imei_of(worker: int, count: int = 2, start: int = 356307042441013) -> int:
+    """An IMEI whose camera goes to ``worker`` of ``count``."""
+    imei = start
+    while shard_of(str(imei), count) != worker:
+        imei += 1
+    return imei
+
+
+class ShardTests(TestCase):
+    def test_an_imei_always_has_the_same_worker(self) -> None:
+        self.assertEqual(shard_of("863719061653375", 4), shard_of("863719061653375", 4))
+        self.assertEqual(shard_of("863719061653375", 1), 0)
+        # Fixed values: the same in every process and release (not Python's per-process hash()),
+        # or a restart would send cameras to workers that do not hold their partials.
+        self.assertEqual([shard_of("863719061653375", n) for n in (2, 3, 4, 1000)], [0, 0, 2, 838])
+
+    def test_a_fleet_of_consecutive_imeis_spreads_evenly(self) -> None:
+        for count in (2, 3, 4):
+            counts = [0] * count
+            for imei in range(863719061600000, 863719061602000):
+                counts[shard_of(str(imei), count)] += 1
+            for n in counts:
+                self.assertGreater(n, 2000 / count * 0.85, (count, counts))
+
+    def test_shard_owns_only_its_cameras_and_a_drain_none(self) -> None:
+        root = Path("/spool")
+        zero, one = Shard(0, 2, root), Shard(1, 2, root)
+        for imei in (str(imei_of(0)), str(imei_of(1))):
+            self.assertNotEqual(zero.owns(imei), one.owns(imei))
+        self.assertFalse(Shard(2, 2, root, drain=True).owns(str(imei_of(0))))
+        self.assertEqual(one.dead, root / "dead")
+
+    def test_worker_folders(self) -> None:
+        spool = Path(self.mktemp())
+        self.assertEqual(worker_folders(spool), [])
+        for name in ("worker-1", "worker-3", "worker-0", "worker-x", "partials", "dead"):
+            (spool / name).mkdir(parents=True)
+        (spool / "worker-7").write_text("not a folder")
+        self.assertEqual(worker_folders(spool), [1, 3])
+        self.assertEqual(worker_spool(spool, 0), spool)
+        self.assertEqual(worker_spool(spool, 3), spool / "worker-3")
+
+
+class HandoffFrameTests(TestCase):
+    def test_round_trip_in_any_pieces(self) -> None:
+        frames = [handoff_frame(2, "10.1.2.3:4567", codec.init_packet(5, 863719061653375, 0x44000400)),
+                  handoff_frame(10, "[::1]:80", b""), handoff_frame(2, "", b"x" * 70000)]
+        wire = b"".join(frames)
+        for step in (1, 7, len(wire)):
+            buf, out = bytearray(), []
+            for i in range(0, len(wire), step):
+                buf += wire[i:i + step]
+                while (frame := parse_handoff(buf)) is not None:
+                    out.append(frame)
+            self.assertEqual(out, [(2, "10.1.2.3:4567", codec.init_packet(5, 863719061653375, 0x44000400)),
+                                   (10, "[::1]:80", b""), (2, "", b"x" * 70000)])
+            self.assertEqual(buf, b"")
+
+
+class _Local:
+    """Worker 0's camera factory, recording what it is given."""
+
+    def __init__(self) -> None:
+        self.built: list[Any] = []
+        self.services = type("S", (), {"accepting": True})()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        local = self
+
+        class Recorder:
+            transport: Any = None
+            _peer: Any = None
+            data = b""
+
+            def makeConnection(self, transport: Any) -> None:
+                self.transport = transport
+
+            def dataReceived(self, data: bytes) -> None:
+                self.data += data
+
+        camera = Recorder()
+        local.built.append(camera)
+        return camera
+
+
+class _Workers:
+    def __init__(self) -> None:
+        self.handed: list[Any] = []
+
+    def hand(self, index: int, raw: Any, peer: str, head: bytes) -> None:
+        self.handed.append((index, raw, peer, head))
+
+
+class DispatcherTests(TestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.local, self.workers = _Local(), _Workers()
+        self.factory = DispatchFactory(self.local, self.workers, 2, self.clock, 30.0)
+
+    def connect(self) -> tuple[Any, StringTransport]:
+        dispatcher = self.factory.buildProtocol(None)
+        transport = StringTransport()
+        transport.protocol = dispatcher
+        dispatcher.makeConnection(transport)
+        return dispatcher, transport
+
+    def test_worker_zero_gets_the_transport_and_every_byte(self) -> None:
+        dispatcher, transport = self.connect()
+        init = codec.init_packet(5, imei_of(0), 0x44000400)
+        for i in range(0, INIT_SIZE - 1):
+            dispatcher.dataReceived(init[i:i + 1])
+        self.assertEqual(self.local.built, [])
+        dispatcher.dataReceived(init[-1:] + b"\x00\x0b")  # the init and the start of the next frame
+        [camera] = self.local.built
+        self.assertIs(camera.transport, transport)
+        self.assertIs(transport.protocol, camera)  # later reads go straight to the camera's protocol
+        self.assertEqual(camera.data, init + b"\x00\x0b")
+        self.assertEqual(camera._peer, "192.168.1.1:54321")  # StringTransport's peer
+        self.assertEqual(self.workers.handed, [])
+
+    def test_not_an_init_goes_to_worker_zero_which_reports_it(self) -> None:
+        dispatcher, transport = self.connect()
+        dispatcher.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        [camera] = self.local.built
+        self.assertTrue(camera.data.startswith(b"GET / HTTP"))
+
+    def test_another_worker_needs_a_real_socket(self) -> None:
+        dispatcher, transport = self.connect()
+        dispatcher.dataReceived(codec.init_packet(5, imei_of(1), 0x44000400))
+        self.assertEqual(self.local.built, [])
+        self.assertEqual(self.workers.handed, [])  # a StringTransport cannot be sent to a process
+        self.assertTrue(transport.disconnecting)
+
+    def test_silent_connection_is_closed_after_the_idle_timeout(self) -> None:
+        dispatcher, transport = self.connect()
+        dispatcher.dataReceived(b"\x00\x00\x00")
+        self.clock.advance(29)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(transport.disconnecting)
+
+    def test_nothing_is_accepted_while_stopping(self) -> None:
+        self.local.services.accepting = False
+        self.assertIsNone(self.factory.buildProtocol(None))
+
+
+class WorkersConfigTests(TestCase):
+    def test_count_auto_and_errors_name_the_key(self) -> None:
+        self.assertEqual(parse_config({}).workers, 1)
+        self.assertEqual(parse_config({"workers": 3}).workers, 3)
+        self.assertEqual(parse_config({"workers": "auto"}).workers, len(os.sched_getaffinity(0)))
+        for bad in (0, -1, 65, "two", True, 1.5):
+            with self.assertRaises(ConfigError) as caught:
+                parse_config({"workers": bad})
+            self.assertEqual(caught.exception.key, "workers")
+
+    def test_several_workers_need_plain_tcp_and_sqlite(self) -> None:
+        for listen in (["tcp:5000"], ["tcp6:5000"], ["haproxy:tcp:5000"], ["systemd:domain=INET:index=0"]):
+            self.assertEqual(parse_config({"workers": 2, "listen": listen}).workers, 2)
+        with self.assertRaises(ConfigError) as caught:
+            parse_config({"workers": 2, "listen": ["tcp:5000", "ssl:5001:privateKey=k.pem"]})
+        self.assertEqual(caught.exception.key, "listen[1]")
+        self.assertIn("TLS", str(caught.exception))
+        with self.assertRaises(ConfigError) as caught:
+            parse_config({"workers": 2, "storage": {"resume": "redis://localhost/0"}})
+        self.assertEqual(caught.exception.key, "workers")
+        parse_config({"workers": 1, "listen": ["ssl:5001:privateKey=k.pem"]})  # one process: anything
+
+    def test_listen_override_is_checked_too(self) -> None:
+        from twisted.python import usage
+
+        from camgateway.tap import Options
+
+        config = Path(self.mktemp())
+        config.write_text("workers: 2\n")
+        options = Options()
+        with self.assertRaises(usage.UsageError) as caught:
+            options.parseOptions(["--config", str(config), "--listen", "ssl:5001:privateKey=k.pem"])
+        self.assertIn("listen[0]", str(caught.exception))
+
+
+class Collector(http.server.BaseHTTPRequestHandler):
+    """An HTTP endpoint that accepts every POST."""
+
+    posts: list[bytes] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        Collector.posts.append(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class TwistdWorkersTests(TestCase):
+    """The real ``twistd -n camgateway`` with ``workers: 2``."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.work = Path(self.mktemp()).resolve()
+        self.work.mkdir(parents=True)
+
+    def start(self, workers: int = 2, sinks: list[dict[str, Any]] | None = None, **more: Any) -> Gateway:
+        config = self.work / "camgateway.yaml"
+        config.write_text(json.dumps({
+            "listen": ["tcp:0:interface=127.0.0.1"],
+            "workers": workers,
+            "storage": {"spool": "spool"},
+            "sinks": sinks or [{"type": "disk", "root": "files"}],
+            "timeouts": {"idle": 30, "metadata": 5},
+            **more,
+        }))
+        log = self.work / more["log"]["file"] if "log" in more else None
+        gateway = Gateway(self.work, "--config", str(config), log=log)
+        self.addCleanup(gateway.stop, signal.SIGKILL)
+        return gateway
+
+    def stored(self, imei: int, count: int = 1) -> list[Path]:
+        folder = self.work / "files" / str(imei)
+
+        def found() -> list[Path]:
+            files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix != ".json"
+                           and not p.name.startswith("."))
+            return files if len(files) >= count else []
+
+        return wait(found, what=f"{count} stored files of camera {imei}")
+
+    def child_pids(self, gateway: Gateway) -> list[int]:
+        return [int(pid) for pid in re.findall(r"worker 1 started \(pid (\d+)\)", gateway.log.read_text())]
+
+    def test_cameras_of_both_workers_and_a_resume_inside_one(self) -> None:
+        gateway = self.start()
+        [child] = self.child_pids(gateway)
+        self.addCleanup(lambda: alive(child) and os.kill(child, signal.SIGKILL))
+        contents = {}
+        for worker in (0, 1):
+            imei = imei_of(worker)
+            contents[imei] = os.urandom(30 * 1024 + 77)
+            camera = Camera(gateway.port, imei)
+            camera.send_photo(contents[imei], drop_after=12)  # the connection drops mid-file
+            Camera(gateway.port, imei).send_photo(contents[imei], resume_from=13)  # the same worker has it
+            [stored] = self.stored(imei)
+            self.assertEqual(stored.read_bytes(), contents[imei])
+            sidecar = json.loads(stored.with_name(stored.name + ".json").read_text())
+            self.assertEqual(sidecar["resumed_from"], 12 * 1024)
+        text = gateway.log.read_text()
+        self.assertRegex(text, rf"\[worker-1 camgateway.session#info\] camera {imei_of(1)} connected from"
+                               rf" 127\.0\.0\.1:\d+")
+        self.assertNotRegex(text, rf"\[worker-1 [^]]*\] camera {imei_of(0)} connected")
+        self.assertRegex(text, rf"\[camgateway.session#info\] camera {imei_of(0)} connected from 127\.0\.0\.1:\d+")
+        self.assertRegex(text, rf"\[worker-1 camgateway.session#info\] camera {imei_of(1)} connected from .*"
+                               r" settings 0x44000400\n")  # formatted by the worker: its format specs kept
+        self.assertTrue((self.work / "spool" / "worker-1" / "resume.sqlite").exists())
+        self.assertTrue(gateway.stopped_cleanly())
+        wait(lambda: not alive(child), 10, "worker 1 to end with the gateway")
+        self.assertIn("[worker-1 camgateway.service#info] camgateway stopped", gateway.log.read_text())
+
+    def test_a_killed_worker_is_restarted_and_its_camera_resumes(self) -> None:
+        gateway = self.start()
+        [child] = self.child_pids(gateway)
+        imei = imei_of(1)
+        content = os.urandom(30 * 1024 + 5)
+        camera = Camera(gateway.port, imei)
+        camera.send_photo(content, drop_after=12, hang=True)
+        spool = self.work / "spool" / "worker-1" / "partials"
+        wait(lambda: any(p.stat().st_size >= 12 * 1024 for p in spool.glob("*.part")), what="12 packets written")
+        os.kill(child, signal.SIGKILL)
+        wait(lambda: len(self.child_pids(gateway)) == 2, what="worker 1 started again")
+        self.assertIn("worker 1 ended (signal 9); restarting it", gateway.log.read_text())
+        camera.sock.close()
+        new = self.child_pids(gateway)[1]
+        self.addCleanup(lambda: alive(new) and os.kill(new, signal.SIGKILL))
+        wait(lambda: gateway.log.read_text().count("worker 1 is ready") == 2, what="worker 1 ready again")
+        Camera(gateway.port, imei).send_photo(content, resume_from=13)
+        [stored] = self.stored(imei)
+        self.assertEqual(stored.read_bytes(), content)
+        self.assertTrue(gateway.stopped_cleanly())
+        wait(lambda: not alive(new), 10, "worker 1 to end with the gateway")
+
+    def test_workers_stop_when_the_gateway_is_killed(self) -> None:
+        # Logging to a file of its own (not twistd's), each worker writes there itself, and so
+        # can still say why it stops once the gateway is gone.
+        gateway = self.start(log={"format": "json", "file": "gateway.jsonl"})
+        self.assertIn("listening for cameras", (self.work / "gateway.jsonl").read_text())
+        [child] = [json.loads(line)["pid"] for line in (self.work / "gateway.jsonl").read_text().splitlines()
+                   if "worker 1 started" in line]
+        self.addCleanup(lambda: alive(child) and os.kill(child, signal.SIGKILL))
+        imei = imei_of(1)
+        Camera(gateway.port, imei).send_photo(b"\xff\xd8" + os.urandom(5000) + b"\xff\xd9")
+        self.stored(imei)
+        gateway.stop(signal.SIGKILL)
+        wait(lambda: not alive(child), 15, "the orphaned worker to stop by itself")
+        records = [json.loads(line) for line in (self.work / "gateway.jsonl").read_text().splitlines()]
+        said = [r["message"] for r in records if r.get("worker") == 1]
+        self.assertIn("the gateway's socket pair closed: stopping", said)
+        self.assertEqual(said[-2:], ["camgateway stopped", "Main loop terminated."])
+        received = [r for r in records if r.get("event") == "file_received"]
+        self.assertEqual([(r["imei"], r["worker"]) for r in received], [(str(imei), 1)])
+
+    def test_folder_of_a_former_worker_is_delivered_then_removed(self) -> None:
+        port = free_port()
+        sinks = [{"type": "http", "url": f"http://127.0.0.1:{port}/upload", "timeout": 5}]
+        gateway = self.start(2, sinks)
+        imei = imei_of(1)
+        content = os.urandom(20 * 1024)
+        Camera(gateway.port, imei).send_photo(content)  # acknowledged: durable in worker 1's outbox
+        wait(lambda: "delivery of" in gateway.log.read_text() or "failed" in gateway.log.read_text(),
+             what="a failed delivery attempt (nothing listens yet)")
+        self.assertTrue(gateway.stopped_cleanly())
+        Collector.posts = []
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Collector)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        gateway = self.start(1, sinks)  # one worker now: worker 1's folder is drained
+        wait(lambda: "worker 1 delivered what its spool held, and ended" in gateway.log.read_text(), 60,
+             "worker 1 to deliver and end")
+        self.assertFalse((self.work / "spool" / "worker-1").exists())
+        self.assertEqual(len(Collector.posts), 1)
+        self.assertIn(content, Collector.posts[0])
+        text = gateway.log.read_text()
+        self.assertIn("worker 1 started", text)
+        self.assertIn("worker 1 delivered what its spool held, and ended", text)
+        self.assertTrue(gateway.stopped_cleanly())
+        time.sleep(0.1)
+        gateway = self.start(1, sinks)  # nothing left: no worker 1 at all
+        self.assertNotIn("worker 1", gateway.log.read_text())
+        self.assertTrue(gateway.stopped_cleanly())
+
+
+class TwistdWorkersStatusTests(TestCase):
+    """The status site of a gateway with two workers answers for both."""
+
+    timeout = 120
+
+    def test_api_metrics_and_files_cover_every_worker(self) -> None:
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        work = Path(self.mktemp()).resolve()
+        work.mkdir(parents=True)
+        http_port = free_port()
+        token = "t0ken-for-the-status-site"
+        (work / "camgateway.yaml").write_text(json.dumps({
+            "listen": ["tcp:0:interface=127.0.0.1"], "workers": 2,
+            "http": {"listen": [f"tcp:{http_port}:interface=127.0.0.1"], "token": token},
+            "storage": {"spool": "spool"}, "sinks": [{"type": "disk", "root": "files"}],
+            "timeouts": {"idle": 30, "metadata": 5},
+        }))
+        gateway = Gateway(work, "--config", str(work / "camgateway.yaml"))
+        self.addCleanup(gateway.stop, signal.SIGKILL)
+
+        def get(path: str, auth: bool = True) -> tuple[int, bytes]:
+            request = urllib.request.Request(f"http://127.0.0.1:{http_port}{path}")
+            if auth:
+                request.add_header("Authorization", f"Bearer {token}")
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status, response.read()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read()
+
+        contents = {}
+        for worker in (0, 1):
+            imei = imei_of(worker)
+            contents[imei] = b"\xff\xd8" + os.urandom(9000) + b"\xff\xd9"
+            Camera(gateway.port, imei).send_photo(contents[imei])
+        hanging = {w: Camera(gateway.port, imei_of(w, start=356307042442000)) for w in (0, 1)}
+        for camera in hanging.values():
+            camera.send_photo(os.urandom(30 * 1024), drop_after=5, hang=True)  # mid-transfer sessions
+
+        def files() -> list[dict[str, Any]]:
+            code, body = get("/api/files")
+            listed = json.loads(body) if code == 200 else []
+            return listed if len(listed) == 2 else []
+
+        listed = wait(files, what="both workers' files listed")
+        self.assertEqual(sorted(int(f["imei"]) for f in listed), sorted(contents))
+        for item in listed:
+            code, body = get("/" + item["url"])
+            self.assertEqual(code, 200)
+            self.assertEqual(body, contents[int(item["imei"])])  # worker 1's streamed from it
+        self.assertEqual(get("/files/no-such-id")[0], 404)
+        self.assertEqual(get("/api/files", auth=False)[0], 401)
+
+        sessions = wait(lambda: (lambda s: s if len(s) == 2 else [])(json.loads(get("/api/sessions")[1])),
+                        what="both hanging sessions")
+        self.assertEqual(sorted(int(s["imei"]) for s in sessions), sorted(c.imei for c in hanging.values()))
+        transfers = json.loads(get("/api/transfers")[1])
+        self.assertEqual(len(transfers), 2)
+        summary = json.loads(get("/api/summary")[1])
+        self.assertEqual(summary["stats"]["files_received"], 2)
+        self.assertEqual(summary["sessions"], 2)
+        self.assertEqual([(w["index"], w["ready"], w["answered"]) for w in summary["workers"]],
+                         [(0, True, True), (1, True, True)])
+        health = json.loads(get("/healthz", auth=False)[1])
+        self.assertEqual(health["status"], "ok")
+        self.assertEqual([w["index"] for w in health["workers"]], [1])
+        metrics = {s.name: s.value for f in text_string_to_metric_families(get("/metrics")[1].decode())
+                   for s in f.samples if not s.labels}
+        self.assertEqual(metrics["camgateway_files_received_total"], 2)
+        self.assertEqual(metrics["camgateway_transfers_active"], 2)
+        self.assertGreater(metrics["process_resident_memory_bytes"], 2 * 20e6)  # both processes
+        for camera in hanging.values():
+            camera.sock.close()
+        self.assertTrue(gateway.stopped_cleanly())
