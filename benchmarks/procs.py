@@ -2,7 +2,10 @@
 
 CPU time comes from ``/proc/<pid>/stat`` (utime + stime of every thread of
 the process), memory from ``/proc/<pid>/status`` (``VmRSS`` now, ``VmHWM``
-the peak since the process started).
+the peak since the process started). A server with worker processes
+(``workers: N``) is measured whole: every figure is the sum over the
+process and its descendants, the main-thread figures over each process's
+main (reactor) thread.
 """
 
 from __future__ import annotations
@@ -39,8 +42,41 @@ class Sample:
     main_wait: float = 0.0
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (read from every ``/proc/<pid>/stat``)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(parents.get(p, ()))
+    return found
+
+
 def sample(pid: int) -> Optional[Sample]:
-    """CPU and memory of ``pid`` now; None if it is gone."""
+    """CPU and memory of ``pid`` and its descendants now; None if ``pid`` is gone."""
+    first = _sample_one(pid)
+    if first is None:
+        return None
+    total = first
+    for child in tree(pid)[1:]:
+        more = _sample_one(child)
+        if more is not None:
+            total = Sample(total.t, total.cpu + more.cpu, total.rss_kb + more.rss_kb, total.hwm_kb + more.hwm_kb,
+                           total.main_cpu + more.main_cpu, total.main_wait + more.main_wait)
+    return total
+
+
+def _sample_one(pid: int) -> Optional[Sample]:
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -86,11 +122,15 @@ def wait_for_quiet(limit: float = 0.25, window: float = 1.0, timeout: float = 60
 
 
 def fd_count(pid: int) -> int:
-    """Open file descriptors of ``pid``."""
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return -1
+    """Open file descriptors of ``pid`` and its descendants (-1 if ``pid`` is gone)."""
+    total = 0
+    for i, p in enumerate(tree(pid)):
+        try:
+            total += len(os.listdir(f"/proc/{p}/fd"))
+        except OSError:
+            if i == 0:
+                return -1
+    return total
 
 
 def free_port() -> int:

@@ -38,7 +38,7 @@ BIN = Path(sys.executable).parent
 SETTLE = 2.0  # seconds between "slow cameras all mid-transfer" and the RSS reading
 
 
-def gateway_config(workdir: Path, port: int) -> Path:
+def gateway_config(workdir: Path, port: int, workers: str = "1") -> Path:
     """The gateway's YAML: everything under ``workdir``, listening on 127.0.0.1:port.
 
     The log is JSON lines, as in production under systemd (there to standard
@@ -48,6 +48,7 @@ def gateway_config(workdir: Path, port: int) -> Path:
     path.write_text(
         "# written by benchmarks/run.py\n"
         f'listen: ["tcp:{port}:interface=127.0.0.1:backlog=1024"]\n'
+        f"workers: {workers}\n"
         "storage:\n"
         f"  spool: {workdir / 'spool'}\n"
         "sinks:\n"
@@ -59,9 +60,9 @@ def gateway_config(workdir: Path, port: int) -> Path:
     return path
 
 
-def make_server(target: str, workdir: Path, port: int) -> Server:
+def make_server(target: str, workdir: Path, port: int, workers: str = "1") -> Server:
     if target == "gateway":
-        config = gateway_config(workdir, port)
+        config = gateway_config(workdir, port, workers)
         log = workdir / "gateway.log"
         argv = [str(BIN / "twistd"), "-n", "--pidfile=", "camgateway", "--config", str(config)]
         return Server("gateway", argv, log, "listening for cameras", workdir)
@@ -172,7 +173,7 @@ def run_one(load: Load, target: str, base: Path, opts: argparse.Namespace,
     """One load against one server (recorded by py-spy into ``profile_to`` if given)."""
     workdir = Path(tempfile.mkdtemp(prefix=f"camgw-bench-{load.label}-{target}-", dir=base))
     port = free_port()
-    server = make_server(target, workdir, port)
+    server = make_server(target, workdir, port, opts.workers)
     out: dict[str, Any] = {"target": target, "workdir": str(workdir), "code": code_digest()}
     t = time.monotonic()
     out["busy_before"] = wait_for_quiet(timeout=opts.quiet_wait) if opts.quiet_wait > 0 else None
@@ -359,6 +360,8 @@ def main() -> None:
                         help="before each run, wait up to S seconds for other processes to leave the CPUs "
                              "(< 0.25 CPU busy for 1 s); 0 to start at once")
     parser.add_argument("--keep", action="store_true", help="keep every run's directory")
+    parser.add_argument("--workers", default="auto", metavar="N",
+                        help="the gateway's workers setting (default auto: one process per core; 1: one process)")
     parser.add_argument("--targets", default="gateway,floor", help=argparse.SUPPRESS)
     opts = parser.parse_args()
 
@@ -394,8 +397,10 @@ def run_all(opts: argparse.Namespace, loads: list[Load], base: Path, max_slow: i
         "create_us": round(create_cost_us(base), 1),
         "python": sys.version.split()[0],
         "code": code_version(),
+        "gateway_workers": opts.workers,
     }
-    print(f"camgateway benchmark ({context['mode']}) of {context['code']}: {len(loads)} loads x gateway+floor; "
+    print(f"camgateway benchmark ({context['mode']}) of {context['code']}: {len(loads)} loads x gateway"
+          f" (workers: {opts.workers}) + floor; "
           f"workdir {base} ({context['workdir_fs']}, {context['create_us']} us of CPU per file created);"
           f" RLIMIT_NOFILE {nofile}; {context['cpus']} CPUs", flush=True)
     if context["create_us"] > SLOW_CREATE_US:
