@@ -172,6 +172,7 @@ class Dispatcher(Protocol, TimeoutMixin):
             return
         self.setTimeout(None)
         self.handed = True
+        self.owner.reading -= 1
         head = bytes(self.buffer)
         self.buffer = bytearray()
         if head[:2] != b"\0\0":  # not an init: worker 0's session says what is wrong, and closes
@@ -187,6 +188,9 @@ class Dispatcher(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
+        if not self.handed:
+            self.handed = True
+            self.owner.reading -= 1
 
 
 class DispatchFactory(Factory):
@@ -200,10 +204,19 @@ class DispatchFactory(Factory):
         self.count = count
         self.clock = clock
         self.idle_timeout = idle_timeout
+        #: Connections whose init is still awaited here.
+        self.reading = 0
 
     def buildProtocol(self, addr: Any) -> Optional[Dispatcher]:
-        if not self.local.services.accepting:
+        services = self.local.services
+        if not services.accepting:
             return None
+        if self.reading >= services.config.max_connections:  # (each worker counts its own cameras)
+            services.stats.connections_refused += 1
+            log.warn("refusing connection from {peer}: limits.max_connections ({n}) connections have sent"
+                     " no init yet", peer=getattr(addr, "host", addr), n=services.config.max_connections)
+            return None
+        self.reading += 1
         return Dispatcher(self)
 
     def hand(self, index: int, dispatcher: Dispatcher, head: bytes) -> None:

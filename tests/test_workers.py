@@ -94,8 +94,12 @@ class _Local:
     """Worker 0's camera factory, recording what it is given."""
 
     def __init__(self) -> None:
+        from camgateway.config import Config
+        from camgateway.services import Stats
+
         self.built: list[Any] = []
-        self.services = type("S", (), {"accepting": True})()
+        self.services = type("S", (), {"accepting": True, "config": Config(max_connections=2),
+                                       "stats": Stats()})()
 
     def buildProtocol(self, addr: Any) -> Any:
         local = self
@@ -171,6 +175,17 @@ class DispatcherTests(TestCase):
         self.assertFalse(transport.disconnecting)
         self.clock.advance(2)
         self.assertTrue(transport.disconnecting)
+
+    def test_connections_awaiting_their_init_are_limited(self) -> None:
+        first, _ = self.connect()
+        second, transport = self.connect()
+        self.assertIsNone(self.factory.buildProtocol(None))  # limits.max_connections: 2
+        self.assertEqual(self.local.services.stats.connections_refused, 1)
+        second.dataReceived(codec.init_packet(5, imei_of(0), 0x44000400))  # handed on: no longer counted
+        third, _ = self.connect()
+        first.connectionLost(None)
+        third.connectionLost(None)
+        self.assertEqual(self.factory.reading, 0)
 
     def test_nothing_is_accepted_while_stopping(self) -> None:
         self.local.services.accepting = False
