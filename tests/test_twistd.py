@@ -42,7 +42,15 @@ class Gateway:
         self.process = subprocess.Popen(
             [twistd(), "-n", "--pidfile=", "--logfile", str(twistd_log), "camgateway", *args],
             cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        self.port = self._wait_for(r"listening for cameras on .*port=(\d+)\)")
+        try:
+            self.port = self._wait_for(r"listening for cameras on .*port=(\d+)\)")
+        except BaseException:  # never leave a gateway (and its workers) running behind a failed test
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+            raise
 
     def _wait_for(self, pattern: str, timeout: float = 30.0) -> int:
         deadline = time.monotonic() + timeout
