@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 from typing import Any, Optional
@@ -135,7 +134,7 @@ class GatewayService(Service):
 
     def startService(self) -> None:
         super().startService()
-        sys.setswitchinterval(float(os.environ.get("CAMGW_SWITCH", GIL_SWITCH_INTERVAL)))
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         config = self.config
         # Blocking steps (spool opens, writes, digests, sink I/O) share one
         # pool: sized so the outbox's deliveries never starve the sessions'
