@@ -103,20 +103,29 @@ def _with_store(args: Any, spool: Spool) -> int:
     from twisted.internet import defer, task
 
     from camgateway.sqlite_store import SQLiteStore
+    from camgateway.workers import worker_folders, worker_spool
 
     result = {"code": 0}
 
     @defer.inlineCallbacks
     def run(reactor: Any) -> Any:
-        store = SQLiteStore(spool.store_path, reactor)
-        try:
-            if args.command == "outbox":
-                entries = yield store.pending()
+        if args.command == "outbox":  # every worker's (see camgateway.workers)
+            total = 0
+            for index in [0, *worker_folders(spool.root)]:
+                store = SQLiteStore(Spool(worker_spool(spool.root, index)).store_path, reactor)
+                try:
+                    entries = yield store.pending()
+                finally:
+                    yield store.close()
                 for e in entries:
                     print(f"{e.id}  sink {e.sink}  attempts {e.attempts}  next {_when(e.next_attempt)}"
-                          f"  camera {e.record.get('imei')} {e.record.get('source')}: {e.last_error or '-'}")
-                print(f"{len(entries)} file(s) in the outbox")
-                return
+                          f"  camera {e.record.get('imei')} {e.record.get('source')}: {e.last_error or '-'}"
+                          + (f"  (worker {index})" if index else ""))
+                total += len(entries)
+            print(f"{total} file(s) in the outbox")
+            return
+        store = SQLiteStore(spool.store_path, reactor)
+        try:
             ids = [i["id"] for i in dead_letters(spool)] if args.retry_all else args.retry
             for letter_id in ids:
                 if not (spool.dead / letter_id / "dead-letter.json").is_file():

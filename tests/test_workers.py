@@ -14,6 +14,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -366,6 +368,11 @@ class TwistdWorkersTests(TestCase):
         wait(lambda: "delivery of" in gateway.log.read_text() or "failed" in gateway.log.read_text(),
              what="a failed delivery attempt (nothing listens yet)")
         self.assertTrue(gateway.stopped_cleanly())
+        command = [sys.executable, "-c", "import sys; from camgateway.cli import main; sys.exit(main(sys.argv[1:]))"]
+        listed = subprocess.run(command + ["--config", str(self.work / "camgateway.yaml"), "outbox"], cwd=self.work,
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual(listed.returncode, 0, listed.stderr)
+        self.assertRegex(listed.stdout, rf"sink 0 .* camera {imei} photof: .*\(worker 1\)\n1 file\(s\) in the outbox")
         Collector.posts = []
         server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Collector)
         threading.Thread(target=server.serve_forever, daemon=True).start()
