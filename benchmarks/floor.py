@@ -203,19 +203,59 @@ class FloorFactory(Factory):
         return FloorProtocol(self)
 
 
+def _listen_shared(port: int, backlog: int, factory: FloorFactory) -> object:
+    """Listen on 127.0.0.1:port with SO_REUSEPORT: the kernel spreads connections over the processes."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    listening = reactor.adoptStreamPort(sock.fileno(), socket.AF_INET, factory)
+    sock.close()
+    return listening
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--root", required=True)
     parser.add_argument("--backlog", type=int, default=1024)
+    parser.add_argument("--processes", type=int, default=1,
+                        help="receiving processes on the port (SO_REUSEPORT), like the gateway's workers")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     os.makedirs(args.root, exist_ok=True)
     factory = FloorFactory(args.root)
-    port = reactor.listenTCP(args.port, factory, backlog=args.backlog, interface="127.0.0.1")
+    children: list = []
+    if args.processes > 1 or args.child:
+        port = _listen_shared(args.port, args.backlog, factory)
+        if not args.child:
+            import subprocess
+
+            for _ in range(args.processes - 1):
+                child = subprocess.Popen([sys.executable, __file__, "--port", str(args.port), "--root", args.root,
+                                          "--backlog", str(args.backlog), "--child"], stdout=subprocess.PIPE,
+                                         text=True)
+                child.stdout.readline()  # its "floor listening" line
+                children.append(child)
+
+            def stop_children() -> None:
+                for child in children:
+                    child.terminate()
+                for child in children:
+                    child.wait(30)
+
+            reactor.addSystemEventTrigger("before", "shutdown", stop_children)
+    else:
+        port = reactor.listenTCP(args.port, factory, backlog=args.backlog, interface="127.0.0.1")
     reactor.suggestThreadPoolSize(10)  # the gateway's threads: twistd's default pool
-    print(f"floor listening on {port.getHost()} with {type(reactor).__name__}, RLIMIT_NOFILE {hard}", flush=True)
+    print(f"floor listening on {port.getHost()} with {type(reactor).__name__}, RLIMIT_NOFILE {hard},"
+          f" {args.processes} process(es)", flush=True)
     reactor.run()
     print(f"floor stopped: {factory.connections} connections, {factory.files_done} files", flush=True)
 

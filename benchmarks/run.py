@@ -60,13 +60,14 @@ def gateway_config(workdir: Path, port: int, workers: str = "1") -> Path:
     return path
 
 
-def make_server(target: str, workdir: Path, port: int, workers: str = "1") -> Server:
+def make_server(target: str, workdir: Path, port: int, workers: str = "1", floor_processes: int = 1) -> Server:
     if target == "gateway":
         config = gateway_config(workdir, port, workers)
         log = workdir / "gateway.log"
         argv = [str(BIN / "twistd"), "-n", "--pidfile=", "camgateway", "--config", str(config)]
         return Server("gateway", argv, log, "listening for cameras", workdir)
-    argv = [sys.executable, str(HERE / "floor.py"), "--port", str(port), "--root", str(workdir / "floor")]
+    argv = [sys.executable, str(HERE / "floor.py"), "--port", str(port), "--root", str(workdir / "floor"),
+            "--processes", str(floor_processes)]
     return Server("floor", argv, workdir / "floor.out", "floor listening", workdir)
 
 
@@ -173,7 +174,7 @@ def run_one(load: Load, target: str, base: Path, opts: argparse.Namespace,
     """One load against one server (recorded by py-spy into ``profile_to`` if given)."""
     workdir = Path(tempfile.mkdtemp(prefix=f"camgw-bench-{load.label}-{target}-", dir=base))
     port = free_port()
-    server = make_server(target, workdir, port, opts.workers)
+    server = make_server(target, workdir, port, opts.workers, opts.floor_processes)
     out: dict[str, Any] = {"target": target, "workdir": str(workdir), "code": code_digest()}
     t = time.monotonic()
     out["busy_before"] = wait_for_quiet(timeout=opts.quiet_wait) if opts.quiet_wait > 0 else None
@@ -362,6 +363,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep every run's directory")
     parser.add_argument("--workers", default="auto", metavar="N",
                         help="the gateway's workers setting (default auto: one process per core; 1: one process)")
+    parser.add_argument("--floor-processes", type=int, default=1, metavar="N",
+                        help="receiving processes of the floor (SO_REUSEPORT; default 1: the minimal receiver)")
     parser.add_argument("--targets", default="gateway,floor", help=argparse.SUPPRESS)
     opts = parser.parse_args()
 
@@ -398,9 +401,10 @@ def run_all(opts: argparse.Namespace, loads: list[Load], base: Path, max_slow: i
         "python": sys.version.split()[0],
         "code": code_version(),
         "gateway_workers": opts.workers,
+        "floor_processes": opts.floor_processes,
     }
     print(f"camgateway benchmark ({context['mode']}) of {context['code']}: {len(loads)} loads x gateway"
-          f" (workers: {opts.workers}) + floor; "
+          f" (workers: {opts.workers}) + floor ({opts.floor_processes} process(es)); "
           f"workdir {base} ({context['workdir_fs']}, {context['create_us']} us of CPU per file created);"
           f" RLIMIT_NOFILE {nofile}; {context['cpus']} CPUs", flush=True)
     if context["create_us"] > SLOW_CREATE_US:
