@@ -107,7 +107,8 @@ limits: {max_connections: 10, max_file_bytes: 200MB, min_free_bytes: 0}
         config = load_config(SAMPLE, base=BASE)
         expected = dataclasses.replace(
             Config(), spool=Path("/var/lib/camgateway/spool"),
-            sinks=({"type": "disk", "root": "/var/lib/camgateway/files"},), source=str(SAMPLE))
+            sinks=({"type": "disk", "root": "/var/lib/camgateway/files"},), source=str(SAMPLE),
+            workers=parse_config({"workers": "auto"}).workers)  # a packaged install uses every core
         self.assertEqual(config, expected)
 
 
