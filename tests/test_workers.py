@@ -326,13 +326,16 @@ class TwistdWorkersTests(TestCase):
         spool = self.work / "spool" / "worker-1" / "partials"
         wait(lambda: any(p.stat().st_size >= 12 * 1024 for p in spool.glob("*.part")), what="12 packets written")
         os.kill(child, signal.SIGKILL)
-        wait(lambda: len(self.child_pids(gateway)) == 2, what="worker 1 started again")
-        self.assertIn("worker 1 ended (signal 9); restarting it", gateway.log.read_text())
+        wait(lambda: "worker 1 ended (signal 9); restarting it in 1 s" in gateway.log.read_text(),
+             what="the gateway to see worker 1 end")
         camera.sock.close()
+        # Connecting while worker 1 is down: the connection waits for it, then goes to it.
+        Camera(gateway.port, imei).send_photo(content, resume_from=13)
+        text = gateway.log.read_text()
+        self.assertEqual(len(self.child_pids(gateway)), 2)
+        self.assertLess(text.index("worker 1 ended"), text.rindex("worker 1 is ready"))
         new = self.child_pids(gateway)[1]
         self.addCleanup(lambda: alive(new) and os.kill(new, signal.SIGKILL))
-        wait(lambda: gateway.log.read_text().count("worker 1 is ready") == 2, what="worker 1 ready again")
-        Camera(gateway.port, imei).send_photo(content, resume_from=13)
         [stored] = self.stored(imei)
         self.assertEqual(stored.read_bytes(), content)
         self.assertTrue(gateway.stopped_cleanly())
