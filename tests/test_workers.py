@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.internet import task
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
@@ -192,6 +193,33 @@ class DispatcherTests(TestCase):
     def test_nothing_is_accepted_while_stopping(self) -> None:
         self.local.services.accepting = False
         self.assertIsNone(self.factory.buildProtocol(None))
+
+
+class DispatcherPropertyTests(TestCase):
+    """Whatever arrives, in whatever pieces: every byte reaches the camera's worker, in order."""
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.binary(max_size=80), st.lists(st.integers(1, 20), max_size=10), st.integers(1, 4))
+    def test_bytes_and_worker(self, data: bytes, cuts: list[int], count: int) -> None:
+        local, workers = _Local(), _Workers()
+        factory = DispatchFactory(local, workers, count, task.Clock(), 30.0)
+        dispatcher = factory.buildProtocol(None)
+        transport = StringTransport()
+        dispatcher.makeConnection(transport)
+        pos = 0
+        for n in cuts + [len(data)]:
+            dispatcher.dataReceived(data[pos:pos + n])
+            pos += n
+        if len(data) < INIT_SIZE:
+            self.assertEqual((local.built, workers.handed, transport.disconnecting), ([], [], False))
+            return
+        worker = shard_of(str(int.from_bytes(data[4:12], "big")), count) if data[:2] == b"\0\0" else 0
+        if worker == 0:
+            [camera] = local.built
+            self.assertEqual(camera.data, data)
+        else:  # (a StringTransport cannot go to another process: closed, nothing handed)
+            self.assertEqual((local.built, workers.handed, transport.disconnecting), ([], [], True))
+        self.assertEqual(factory.reading, 0)
 
 
 class WorkersConfigTests(TestCase):
