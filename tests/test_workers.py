@@ -292,7 +292,7 @@ class TwistdWorkersTests(TestCase):
     def start(self, workers: int = 2, sinks: list[dict[str, Any]] | None = None, **more: Any) -> Gateway:
         config = self.work / "camgateway.yaml"
         config.write_text(json.dumps({
-            "listen": ["tcp:0:interface=127.0.0.1"],
+            "listen": more.pop("listen", ["tcp:0:interface=127.0.0.1"]),
             "workers": workers,
             "storage": {"spool": "spool"},
             "sinks": sinks or [{"type": "disk", "root": "files"}],
@@ -343,6 +343,23 @@ class TwistdWorkersTests(TestCase):
         self.assertTrue(gateway.stopped_cleanly())
         wait(lambda: not alive(child), 10, "worker 1 to end with the gateway")
         self.assertIn("[worker-1 camgateway.service#info] camgateway stopped", gateway.log.read_text())
+
+    def test_behind_a_proxy_each_worker_logs_the_cameras_own_address(self) -> None:
+        gateway = self.start(listen=["haproxy:tcp:0:interface=127.0.0.1"])
+        [child] = self.child_pids(gateway)
+        self.addCleanup(lambda: alive(child) and os.kill(child, signal.SIGKILL))
+        for worker, address in ((0, "198.51.100.7 50000"), (1, "198.51.100.8 50001")):
+            imei = imei_of(worker)
+            content = os.urandom(4096)
+            camera = Camera(gateway.port, imei)
+            host, port = address.split()
+            camera.sock.sendall(f"PROXY TCP4 {host} 192.0.2.1 {port} 5000\r\n".encode())  # as HAProxy sends
+            camera.send_photo(content)
+            [stored] = self.stored(imei)
+            self.assertEqual(stored.read_bytes(), content)
+            system = r"worker-1 camgateway.session#info" if worker else r"camgateway.session#info"
+            self.assertRegex(gateway.log.read_text(), rf"\[{system}\] camera {imei} connected from {host}:{port}:")
+        self.assertTrue(gateway.stopped_cleanly())
 
     def test_a_killed_worker_is_restarted_and_its_camera_resumes(self) -> None:
         gateway = self.start()
