@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 from twisted.internet import task
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
@@ -200,15 +200,17 @@ class DispatcherPropertyTests(TestCase):
 
     @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.binary(max_size=80), st.lists(st.integers(1, 20), max_size=10), st.integers(1, 4))
+    @example(b"\0" * 17, [16], 1)  # the init alone, then a byte more (to the camera's protocol by then)
     def test_bytes_and_worker(self, data: bytes, cuts: list[int], count: int) -> None:
         local, workers = _Local(), _Workers()
         factory = DispatchFactory(local, workers, count, task.Clock(), 30.0)
         dispatcher = factory.buildProtocol(None)
         transport = StringTransport()
+        transport.protocol = dispatcher
         dispatcher.makeConnection(transport)
         pos = 0
         for n in cuts + [len(data)]:
-            dispatcher.dataReceived(data[pos:pos + n])
+            transport.protocol.dataReceived(data[pos:pos + n])  # as the reactor would: to its protocol now
             pos += n
         if len(data) < INIT_SIZE:
             self.assertEqual((local.built, workers.handed, transport.disconnecting), ([], [], False))
