@@ -256,7 +256,7 @@ def release_transfer(s: "Services", transfer: Transfer) -> defer.Deferred:
     if _has_unwritten(transfer):
         write_pending(s, transfer)
     checkpoint(s, transfer, hold=True)
-    transfer.busy.addBoth(lambda _: os.close(transfer.fd))
+    transfer.busy.addBoth(lambda _: transfer.close())
     return transfer.busy
 
 
@@ -284,7 +284,7 @@ def finish_transfer(s: "Services", session: "Session", offer: FileOffer, transfe
     def durable(_: object) -> defer.Deferred:
         if transfer.write_error is not None:
             raise transfer.write_error
-        d = s.durable(transfer.fd, last)
+        d = s.durable(transfer.fd, last, transfer.close_if_digested)
         if last is not None:
             d.addBoth(lambda result: (transfer.written(buf), result)[1])
         return d
@@ -299,7 +299,7 @@ def finish_transfer(s: "Services", session: "Session", offer: FileOffer, transfe
     d.addCallback(lambda _: after(transfer.syncing))  # the checkpoint in flight, if any
     d.addCallback(durable)
     d.addCallback(digest)
-    d.addErrback(lambda f: (os.close(transfer.fd), f)[1])
+    d.addErrback(lambda f: (transfer.close(), f)[1])
     d.addCallback(_to_outbox, s, session, offer, transfer)
     s.finishing[offer.key] = d
 
@@ -317,7 +317,7 @@ def finish_transfer(s: "Services", session: "Session", offer: FileOffer, transfe
 def _to_outbox(digest: Any, s: "Services", session: "Session", offer: FileOffer, transfer: Transfer) -> Any:
     partial = transfer.partial
     try:
-        os.close(transfer.fd)
+        transfer.close()  # (closed already by the flush's thread when the writes gave the digest)
         now = datetime.datetime.fromtimestamp(s.clock.seconds(), datetime.timezone.utc)
         received = ReceivedFile(
             path=s.spool.path(partial.spool_name), imei=offer.imei, peer=session.link.peer,

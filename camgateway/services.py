@@ -77,10 +77,13 @@ class RecentFiles:
         return len(self._items)
 
 
-def _write_then_sync(fd: int, before: Optional[Callable[[], object]]) -> None:
+def _write_then_sync(fd: int, before: Optional[Callable[[], object]],
+                     after: Optional[Callable[[], object]] = None) -> None:
     if before is not None:
         before()
     os.fdatasync(fd)
+    if after is not None:
+        after()
 
 
 @dataclasses.dataclass
@@ -132,14 +135,16 @@ class Services:
         """
         return not getattr(self.store, "shared", True)
 
-    def durable(self, fd: int, before: Optional[Callable[[], object]] = None) -> Deferred:
+    def durable(self, fd: int, before: Optional[Callable[[], object]] = None,
+                after: Optional[Callable[[], object]] = None) -> Deferred:
         """Fires when what was written to spool file ``fd`` is on disk.
 
-        ``before`` (a last write) runs on the same thread first.
+        ``before`` (a last write) runs on the same thread first; ``after``
+        (closing the file) on that thread once the file is durable.
         """
         if self.spool_sync is None:
-            return self.run_in_thread(_write_then_sync, fd, before)
-        return self.spool_sync.sync(fd, before)
+            return self.run_in_thread(_write_then_sync, fd, before, after)
+        return self.spool_sync.sync(fd, before, after)
 
     def failed(self, imei: str, peer: str, what: str, why: str) -> None:
         """Remember a failure for operators (it is logged separately)."""

@@ -74,12 +74,15 @@ class Transfer:
         "limit", "done_at", "_unit", "_crc", "_before_sync", "_first_after_sync",
         "_file_crc", "_seg_start", "_seg_init", "resumed_from", "crc_errors", "rewinds",
         "busy", "writing", "write_error", "pending_since", "syncing", "_truncate", "_sha",
-        "_hashed",
+        "_hashed", "fd_closed",
     )
 
     def __init__(self, partial: Partial, fd: int) -> None:
         self.partial = partial
         self.fd = fd
+        #: The spool file is closed (set once; never close :attr:`fd` again: its
+        #: number may be another file's by then). See :meth:`close`.
+        self.fd_closed = False
         self.dualcam = partial.flow == "dualcam"
         #: Bytes accepted (flushed or pending).
         self.held = partial.held
@@ -283,6 +286,22 @@ class Transfer:
             if self.write_error is None:
                 self.write_error = e
             raise
+
+    def close(self) -> None:
+        """Close the spool file, once (on any thread; the file's steps are over)."""
+        if not self.fd_closed:
+            self.fd_closed = True
+            os.close(self.fd)
+
+    def close_if_digested(self) -> None:
+        """Close the spool file now if its digest came from the writes (no reading it again).
+
+        Run on the flush's thread once a finished file is durable, so that the
+        close, a system call that hands the GIL over and back, is not the
+        reactor's.
+        """
+        if self.digest() is not None:
+            self.close()
 
     def written(self, buf: bytearray) -> None:
         """The write of ``buf`` is over (either way): let its memory go."""

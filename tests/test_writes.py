@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
 from camgateway import codec, transfer
+from camgateway import files as files_module
 from camgateway.durability import HAVE_SYNCFS, GroupSync, syncfs
 from camgateway.protocol import CameraFactory
 from camgateway.resume_store import Partial
@@ -55,11 +56,16 @@ class Jobs:
 
     def run_one(self) -> None:
         f, args, d = self.calls.pop(0)
+        running = getattr(self, "running", [])
+        running.append(f)  # (what runs from here to the result is "in the step"; its callbacks are not)
         try:
             result = f(*args, **self.kwargs.pop(id(d)))
         except BaseException:
-            d.errback(Failure())
+            failure = Failure()
+            running.remove(f)
+            d.errback(failure)
         else:
+            running.remove(f)
             d.callback(result)
 
     def run_all(self) -> None:
@@ -184,13 +190,31 @@ class WritePolicyTests(TestCase):
         protocol.dataReceived(codec.sync(1) + b"".join(data_frames(content)))
         return content, (protocol, transport)
 
+    def closes(self) -> list[str]:
+        """Record the spool files' closes (Transfer's) from now on: "in a step" when a job runs them."""
+        events: list[str] = []
+        running = self.jobs.running = []  # type: ignore[attr-defined]
+
+        class Os:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(os, name)
+
+            def close(self, fd: int) -> None:
+                events.append("close in a step" if running else "close on the reactor")
+                os.close(fd)
+
+        self.patch(transfer, "os", Os())
+        return events
+
     def test_a_photo_is_written_by_its_flush_step_not_on_the_reactor(self) -> None:
         content, (protocol, transport) = self.photo_session()
         self.assertEqual(self.jobs.names(), ["_write_then_sync"])  # one step: the bytes, then fdatasync
         [partial] = [p for p in self.services.store.partials.values() if p.imei == str(IMEI + 1)]
         self.assertEqual(self.services.spool.path(partial.spool_name).stat().st_size, 0)  # nothing written yet
         self.assertEqual(transport.value(), b"")  # not acknowledged before it is durable
+        events = self.closes()
         self.jobs.run_all()
+        self.assertEqual(events, ["close in a step"])  # closed by its flush step once durable, and only there
         self.assertEqual(transport.value(), codec.repeat_init())
         [stored] = stored_files(self.root)
         self.assertEqual(stored.read_bytes(), content)
@@ -245,8 +269,16 @@ class WritePolicyTests(TestCase):
         self.sent_frames = 2
         self.frames = data_frames(self.content)
         self.frames[2:] = data_frames(self.content, 2 * 1024)
+        spool_file = os.fstat(self.transfer.fd).st_ino
+        digests: list[int] = []
+        real_digest = files_module.digest_file
+        self.patch(files_module, "digest_file", lambda fd, crc: (digests.append(os.fstat(fd).st_ino),
+                                                                 real_digest(fd, crc))[1])
+        events = self.closes()
         self.send(len(self.frames) - 2)
         self.assertEqual(self.session.state, State.AWAIT_INIT)
+        self.assertEqual(digests, [spool_file])  # read again for its digest: open until then,
+        self.assertEqual(events, ["close on the reactor"])  # then closed once, by the step after it
         [stored] = stored_files(self.root)
         self.assertEqual(stored.read_bytes(), self.content)
         meta = json.loads(stored.with_name(stored.name + ".json").read_text())
@@ -381,6 +413,37 @@ class GroupSyncTests(TestCase):
         lone = group.sync(5, write("lone", fail=True))
         yield self.assertFailure(lone, OSError)
         self.assertEqual(len(held.calls), 2)  # every last write failed: nothing to flush
+
+    @defer.inlineCallbacks
+    def test_after_steps_run_once_the_flush_succeeded(self) -> Any:
+        group, held = group_sync(self, Path(self.mktemp()))
+        blocker = group.sync(1)
+        held.entered()  # the thread is busy: the next three make one batch
+        order: list[str] = []
+
+        def step(name: str, fail: bool = False) -> Callable[[], None]:
+            def run() -> None:
+                order.append(f"{name}: {len(held.calls)} flushes begun")
+                if fail:
+                    raise OSError(errno.EIO, "Input/output error")
+            return run
+
+        a = group.sync(2, None, step("a"))
+        b = group.sync(3, step("b write", fail=True), step("b"))  # its write failed: no after
+        c = group.sync(4, None, step("c", fail=True))
+        held.let_go()
+        held.entered()
+        self.assertEqual(order, ["b write: 1 flushes begun"])  # the last writes before the flush, no after yet
+        held.let_go()
+        yield defer.gatherResults([blocker, a])
+        yield self.assertFailure(b, OSError)
+        yield self.assertFailure(c, OSError)  # its own after failed: its caller alone
+        self.assertEqual(order, ["b write: 1 flushes begun", "a: 2 flushes begun", "c: 2 flushes begun"])
+        failed = group.sync(5, None, step("never"))
+        held.entered()
+        held.let_go(OSError(errno.EIO, "Input/output error"))  # the flush itself fails: no after
+        yield self.assertFailure(failed, OSError)
+        self.assertNotIn("never: 3 flushes begun", order)
 
     @defer.inlineCallbacks
     def test_close_flushes_what_was_asked_then_refuses(self) -> Any:
