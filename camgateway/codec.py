@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Protocol
+from typing import Optional, Protocol
 
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "FrameDecoder",
     "ServerFrameDecoder",
     "INIT_SIZE",
+    "init_imei",
     "DATA_MAX",
     "PATH_MAX",
     "METADATA_MAX",
@@ -137,6 +138,13 @@ def path_request() -> bytes:
 
 # ---------------------------------------------------------------------------
 # Encoders: device -> server (used by the emulator and the tests)
+
+
+def init_imei(data: bytes) -> Optional[int]:
+    """The IMEI of the init packet ``data`` starts with (at least :data:`INIT_SIZE` bytes), or None
+    if it starts with something else (which the decoder will call an error)."""
+    cmd, _, imei, _ = _init.unpack_from(data)
+    return imei if cmd == 0x0000 else None
 
 
 def init_packet(protocol_id: int, imei: int, settings: int) -> bytes:

@@ -30,6 +30,7 @@ from typing import Any, Deque, Optional
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger, formatEvent, globalLogBeginner, textFileLogObserver
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -181,15 +182,9 @@ def _drain_when_done(top: Any, reactor: Any, outcome: dict[str, Any]) -> Any:
         partials = yield services.store.all()
         if not pending and not partials and not services.pending:
             break
-        yield _sleep(reactor, DRAIN_POLL)
+        yield deferLater(reactor, DRAIN_POLL)
     outcome["drained"] = True
     reactor.stop()
-
-
-def _sleep(reactor: Any, seconds: float) -> defer.Deferred:
-    d: defer.Deferred = defer.Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    return d
 
 
 def _remove_folder(spool: Path) -> None:

@@ -53,6 +53,8 @@ from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogPubl
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from camgateway.codec import INIT_SIZE, init_imei
+
 
 __all__ = ["Shard", "shard_of", "worker_spool", "worker_folders", "handoff_frame", "parse_handoff",
            "Dispatcher", "DispatchFactory", "WorkerProcess", "Workers", "HANDOFF_WAIT"]
@@ -69,9 +71,6 @@ RESTART_FIRST, RESTART_MAX = 1.0, 30.0
 
 #: The child -> parent bytes on the socket pair.
 READY, TAKEN = b"R", b"A"
-
-#: The init packet's size (PROTOCOL.md section 1).
-INIT_SIZE = 16
 
 _handoff_header = struct.Struct(">BHI")  # address family, peer length, data length
 _WORKER_DIR = re.compile(r"worker-([0-9]+)")
@@ -175,11 +174,8 @@ class Dispatcher(Protocol, TimeoutMixin):
         self.owner.reading -= 1
         head = bytes(self.buffer)
         self.buffer = bytearray()
-        if head[:2] != b"\0\0":  # not an init: worker 0's session says what is wrong, and closes
-            index = 0
-        else:
-            index = shard_of(str(int.from_bytes(head[4:12], "big")), self.owner.count)
-        self.owner.hand(index, self, head)
+        imei = init_imei(head)  # not an init: worker 0's session says what is wrong, and closes
+        self.owner.hand(0 if imei is None else shard_of(str(imei), self.owner.count), self, head)
 
     def timeoutConnection(self) -> None:
         log.warn("connection from {peer}: no init packet within {t:.0f} s; closing",

@@ -151,6 +151,10 @@ class DeviceEncoderTests(unittest.TestCase):
         self.assertEqual(len(packet), codec.INIT_SIZE)
         self.assertEqual(bytes.fromhex("0003118c43db077f"), IMEI.to_bytes(8, "big"))
 
+    def test_init_imei(self) -> None:
+        self.assertEqual(codec.init_imei(codec.init_packet(5, IMEI, 0x44000400) + b"\x00\x0b"), IMEI)
+        self.assertIsNone(codec.init_imei(codec.start(29) + b"\x00" * 6))  # a frame, not an init
+
     def test_start_sync_status(self) -> None:
         self.assertEqual(codec.start(29), bytes.fromhex("0001 0006 0000001d 0000"))
         self.assertEqual(codec.start(597868, 0x1234), bytes.fromhex("0001 0006 00091f6c 1234"))

@@ -28,7 +28,8 @@ from twisted.trial.unittest import TestCase
 
 from camgateway import codec
 from camgateway.config import ConfigError, parse_config
-from camgateway.workers import (INIT_SIZE, DispatchFactory, Shard, handoff_frame, parse_handoff, shard_of,
+from camgateway.codec import INIT_SIZE
+from camgateway.workers import (DispatchFactory, Shard, handoff_frame, parse_handoff, shard_of,
                                 worker_folders, worker_spool)
 from tests.test_scaleout import free_port, wait
 from tests.test_twistd import Camera, Gateway
