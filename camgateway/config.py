@@ -276,14 +276,12 @@ _HANDOVER_ENDPOINTS = ("tcp", "tcp6", "haproxy", "systemd")
 def _workers(value: object) -> int:
     """``workers``: a count, or ``auto`` (one per core)."""
     if value == "auto":
-        count = min(MAX_WORKERS, max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                     else os.cpu_count() or 1))
-    elif isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return min(MAX_WORKERS, cores)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
         raise ConfigError("workers", f"must be auto or a number of processes from 1 to {MAX_WORKERS},"
                                      f" got {value!r}")
-    else:
-        count = value
-    return count
+    return value
 
 
 def check_workers(config: Config) -> None:

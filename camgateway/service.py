@@ -26,7 +26,7 @@ from camgateway.spool import Spool, boot_id, reconcile_partial
 from camgateway.sqlite_store import SQLiteStore
 from camgateway.threads import WorkerPool
 from camgateway.transfer import FLUSH_AGE
-from camgateway.workers import DispatchFactory, Shard, Workers, worker_folders
+from camgateway.workers import DispatchFactory, Shard, Workers, children_needed
 
 __all__ = ["GatewayService", "make_gateway", "reconcile", "sweep_expired", "flush_stale"]
 
@@ -129,9 +129,8 @@ class GatewayService(Service):
             shard = Shard(0, config.workers, config.spool)
         self.shard = shard
         self.workers: Optional[Workers] = None
-        if shard is None or shard.index == 0:  # the listening process: the other workers are its children
-            if config.workers > 1 or worker_folders(config.spool):
-                self.workers = Workers(config, config.workers, reactor, twistd_logfile, forward_logs=forward_logs)
+        if (shard is None or shard.index == 0) and children_needed(config):  # the listening process
+            self.workers = Workers(config, config.workers, reactor, twistd_logfile, forward_logs=forward_logs)
 
     def _run_in_thread(self, f: Any, *args: Any, **kwargs: Any) -> defer.Deferred:
         assert self.pool is not None, "the service is not started"

@@ -14,7 +14,7 @@ from twisted.python.components import Componentized
 from camgateway.config import DEFAULT_CONFIG_PATH, Config, ConfigError, check_workers, load_config
 from camgateway.logs import AtomicLines, observer_for
 from camgateway.service import make_gateway
-from camgateway.workers import worker_folders
+from camgateway.workers import children_needed
 
 __all__ = ["Options", "makeService", "check_endpoints", "config_report"]
 
@@ -35,8 +35,8 @@ def config_report(config: Config) -> list[str]:
     """What ``--check`` and ``camgateway check-config`` print (after :func:`check_endpoints`)."""
     check_endpoints(config)
     lines = [f"configuration OK ({config.source})"]
-    for field in ("listen", "workers", "spool", "sinks", "allow", "mode", "metadata", "dualcam_sources", "http_listen",
-                  "log_format", "log_file", "progress_interval"):
+    for field in ("listen", "workers", "spool", "sinks", "allow", "mode", "metadata", "dualcam_sources",
+                  "http_listen", "log_format", "log_file", "progress_interval"):
         lines.append(f"  {field}: {getattr(config, field)}")
     lines.append(f"  http_token: {'set' if config.http_token else 'none'}")
     return lines
@@ -117,7 +117,7 @@ def makeService(options: Options) -> IService:
     config: Any = options["parsed"]
     twistd = getattr(options, "parent", None) or {}
     logfile = twistd.get("logfile") or (None if twistd.get("nodaemon", True) else "twistd.log")
-    several = config.workers > 1 or bool(worker_folders(config.spool))
+    several = children_needed(config)
     stdout: Any = sys.stdout
     if several:  # the workers share standard output: whole lines per write (camgateway.logs.AtomicLines)
         try:

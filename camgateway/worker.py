@@ -172,9 +172,8 @@ def _observer(config: Any, twistd_logfile: Optional[str], forward: bool) -> Any:
 
 
 @defer.inlineCallbacks
-def _drain_when_done(top: Any, reactor: Any, outcome: dict[str, Any]) -> Any:
+def _drain_when_done(gateway: Any, reactor: Any, outcome: dict[str, Any]) -> Any:
     """A drain worker: once nothing is left to deliver, stop; :func:`main` then removes the folder."""
-    gateway = top.gateway
     yield gateway.ready
     services = gateway.services
     while True:
@@ -202,7 +201,7 @@ def _remove_folder(spool: Path) -> None:
             return
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main() -> int:
     """Run one worker until the gateway stops it."""
     settings = read_settings()
     from twisted.internet import epollreactor
@@ -219,8 +218,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     config = dataclasses.replace(settings["config"], spool=worker_spool(root, index), listen=(),
                                  http_listen=(f"unix:{status}:mode=600",) if status else ())
     observer = _observer(config, settings["twistd_logfile"], settings.get("forward_logs", False))
-    globalLogBeginner.beginLoggingTo([tagged(observer, index)],
-                                     redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([tagged(observer, index)], redirectStandardIO=False)
     top = make_gateway(config, reactor, shard=Shard(index, count, root, drain))
     gateway = top.gateway
     outcome: dict[str, Any] = {}
@@ -236,7 +234,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         receiver.cameras = gateway.factory
         receiver.transport.write(READY)  # type: ignore[union-attr]
         if drain:
-            _drain_when_done(top, reactor, outcome).addErrback(
+            _drain_when_done(gateway, reactor, outcome).addErrback(
                 lambda f: log.failure("draining worker {i} failed", f, i=index))
 
     def failed(failure: Failure) -> None:

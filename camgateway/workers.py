@@ -56,7 +56,8 @@ from twisted.python.failure import Failure
 from camgateway.codec import INIT_SIZE, init_imei
 
 
-__all__ = ["Shard", "shard_of", "worker_spool", "worker_folders", "handoff_frame", "parse_handoff",
+__all__ = ["Shard", "shard_of", "worker_spool", "worker_folders", "children_needed", "handoff_frame",
+           "parse_handoff",
            "Dispatcher", "DispatchFactory", "WorkerProcess", "Workers", "HANDOFF_WAIT"]
 
 log = Logger(namespace="camgateway.workers")
@@ -118,6 +119,11 @@ def worker_folders(spool: Path) -> list[int]:
         if match and (spool / name).is_dir() and int(match.group(1)) > 0:
             found.append(int(match.group(1)))
     return sorted(found)
+
+
+def children_needed(config: Any) -> bool:
+    """Whether a gateway with ``config`` runs child workers: several, or a folder left to drain."""
+    return config.workers > 1 or bool(worker_folders(Path(config.spool)))
 
 
 def handoff_frame(family: int, peer: str, data: bytes) -> bytes:
@@ -297,6 +303,7 @@ class WorkerProcess(ProcessProtocol):
         self._unacked: Deque[Server] = collections.deque()
         self._timer: Optional[Any] = None
         self._kill: Optional[Any] = None
+        self._expiry: Optional[Any] = None  # closes connections that waited HANDOFF_WAIT
         #: Where the child serves its status site (set by Workers when http.listen is on).
         self.status_socket: Optional[str] = None
 
@@ -334,10 +341,11 @@ class WorkerProcess(ProcessProtocol):
         self._drop_unacked()
         if self._kill is not None and self._kill.active():
             self._kill.cancel()
-        if self.stopping or (self.drain and code == 0):
-            if self.drain and code == 0 and not self.stopping:
-                log.info("worker {i} delivered what its spool held, and ended", i=self.index)
-            self._close_waiting("the gateway is stopping")
+        drained = self.drain and code == 0
+        if drained and not self.stopping:
+            log.info("worker {i} delivered what its spool held, and ended", i=self.index)
+        if self.stopping or drained:
+            self._close_waiting()
             if not self.done.called:
                 self.done.callback(None)
             return
@@ -363,7 +371,7 @@ class WorkerProcess(ProcessProtocol):
         self.stopping = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        self._close_waiting("the gateway is stopping")
+        self._close_waiting()
         if self.pid is None:
             if not self.done.called:
                 self.done.callback(None)
@@ -411,8 +419,8 @@ class WorkerProcess(ProcessProtocol):
             raw.abortConnection()
             return
         self._waiting.append((self.reactor.seconds(), raw, peer, head))
-        if len(self._waiting) == 1:
-            self.reactor.callLater(HANDOFF_WAIT, self._expire)
+        if self._expiry is None:
+            self._expiry = self.reactor.callLater(HANDOFF_WAIT, self._expire)
 
     def _send(self, raw: Server, peer: str, head: bytes) -> None:
         channel = self.channel
@@ -422,6 +430,7 @@ class WorkerProcess(ProcessProtocol):
         self._unacked.append(raw)
 
     def _expire(self) -> None:
+        self._expiry = None
         now = self.reactor.seconds()
         while self._waiting and now - self._waiting[0][0] >= HANDOFF_WAIT - 0.001:
             _, raw, peer, _ = self._waiting.popleft()
@@ -429,12 +438,11 @@ class WorkerProcess(ProcessProtocol):
                      peer=peer, i=self.index, t=HANDOFF_WAIT)
             raw.abortConnection()
         if self._waiting:
-            self.reactor.callLater(HANDOFF_WAIT - (now - self._waiting[0][0]), self._expire)
+            self._expiry = self.reactor.callLater(HANDOFF_WAIT - (now - self._waiting[0][0]), self._expire)
 
-    def _close_waiting(self, why: str) -> None:
+    def _close_waiting(self) -> None:
         while self._waiting:
-            _, raw, peer, _ = self._waiting.popleft()
-            raw.abortConnection()
+            self._waiting.popleft()[1].abortConnection()
 
     def _drop_unacked(self) -> None:
         # The child is gone: a socket it had not confirmed is closed (the
@@ -530,8 +538,4 @@ class Workers:
             return result
 
         return d.addBoth(clean)
-
-    def pids(self) -> dict[int, Optional[int]]:
-        """Each child's pid (None while it is not running)."""
-        return {i: p.pid for i, p in self.processes.items()}
 

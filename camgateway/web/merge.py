@@ -144,39 +144,40 @@ class WorkerPeers:
         return sorted(self.workers.status_sockets)
 
     @defer.inlineCallbacks
-    def ask_all(self, path: bytes, request: Any) -> Any:
+    def _bodies(self, path: bytes, request: Any) -> Any:
+        """``{index: body}`` of every worker that answered ``path`` with a 200."""
+        bodies: dict[int, bytes] = {}
+
+        @defer.inlineCallbacks
+        def ask(index: int) -> Any:
+            try:
+                response = yield self._request(index, path, request)
+                body = yield readBody(response)
+            except Exception:
+                return
+            if response.code == 200:
+                bodies[index] = body
+
+        yield defer.DeferredList([ask(i) for i in self.indexes()])
+        return bodies
+
+    def ask_all(self, path: bytes, request: Any) -> defer.Deferred:
         """``{index: decoded JSON or None}`` of every worker's answer to ``path``."""
-        answers = {}
+        def decode(bodies: dict[int, bytes]) -> dict[int, Any]:
+            answers: dict[int, Any] = {}
+            for index in self.indexes():
+                try:
+                    answers[index] = json.loads(bodies[index]) if index in bodies else None
+                except ValueError:
+                    answers[index] = None
+            return answers
 
-        @defer.inlineCallbacks
-        def ask(index: int) -> Any:
-            try:
-                response = yield self._request(index, path, request)
-                body = yield readBody(response)
-                answers[index] = json.loads(body) if response.code == 200 else None
-            except Exception:
-                answers[index] = None
+        return self._bodies(path, request).addCallback(decode)
 
-        yield defer.DeferredList([ask(i) for i in self.indexes()])
-        return answers
-
-    @defer.inlineCallbacks
-    def ask_all_text(self, path: bytes, request: Any) -> Any:
+    def ask_all_text(self, path: bytes, request: Any) -> defer.Deferred:
         """Every answering worker's body (text) for ``path``, in worker order."""
-        bodies: dict[int, str] = {}
-
-        @defer.inlineCallbacks
-        def ask(index: int) -> Any:
-            try:
-                response = yield self._request(index, path, request)
-                body = yield readBody(response)
-                if response.code == 200:
-                    bodies[index] = body.decode()
-            except Exception:
-                pass
-
-        yield defer.DeferredList([ask(i) for i in self.indexes()])
-        return [bodies[i] for i in sorted(bodies)]
+        return self._bodies(path, request).addCallback(
+            lambda bodies: [bodies[i].decode() for i in sorted(bodies)])
 
     @defer.inlineCallbacks
     def stream_file(self, path: bytes, request: Any) -> Any:

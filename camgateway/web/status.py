@@ -22,6 +22,7 @@ with the token as password (what a browser asks for).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hmac
 import json
 import mimetypes
@@ -108,13 +109,18 @@ def _str_arg(request: Request, name: bytes) -> Optional[str]:
 # -- resources
 
 class _Json(Resource):
-    """A JSON route: ``fn(services, request)`` returns a value or a Deferred of one."""
+    """A JSON route: ``fn(services, request)`` returns a value or a Deferred of one.
+
+    With several workers, ``merge(local, answers, request)`` makes one answer of
+    this process's and the other workers' (``{index: decoded JSON or None}``).
+    """
 
     isLeaf = True
 
-    def __init__(self, root: "StatusRoot", fn: Callable[[Any, Request], Any]) -> None:
+    def __init__(self, root: "StatusRoot", fn: Callable[[Any, Request], Any],
+                 merge: Callable[[Any, dict[int, Any], Request], Any]) -> None:
         super().__init__()
-        self.root, self.fn = root, fn
+        self.root, self.fn, self.merge = root, fn, merge
 
     def render_GET(self, request: Request) -> Any:
         services = self.root.gateway.services
@@ -123,24 +129,12 @@ class _Json(Resource):
         result = self.fn(services, request)
         peers = self.root.peers
         if peers is not None:  # several workers: theirs too
-            result = defer.maybeDeferred(lambda: result).addCallback(self._with_workers, peers, request)
+            result = defer.maybeDeferred(lambda: result).addCallback(
+                lambda local: peers.ask_all(request.uri, request).addCallback(
+                    lambda answers: self.merge(local, answers, request)))
         if isinstance(result, defer.Deferred):
             return _later(request, result, lambda value: _json(request, value))
         return _json(request, result)
-
-    @defer.inlineCallbacks
-    def _with_workers(self, local: Any, peers: Any, request: Request) -> Any:
-        answers = yield peers.ask_all(request.uri, request)
-        name = request.prepath[-1].decode()
-        if name == "summary":
-            merged = merge_summary(local, [a for a in answers.values() if isinstance(a, dict)])
-            merged["workers"] = [{"index": 0, "pid": os.getpid(), "ready": True, "drain": False,
-                                  "answered": True}] + [
-                dict(state, answered=answers.get(state["index"]) is not None) for state in peers.state()]
-            return merged
-        lists = [local] + [a for a in answers.values() if isinstance(a, list)]
-        limit = _int_arg(request, b"limit", 50, 1, 1000) if name == "files" else None
-        return merge_list(name, lists, limit)
 
 
 class _Static(Resource):
@@ -338,10 +332,10 @@ class StatusRoot(Resource):
         clock = clock or (gateway.services.clock if gateway.services is not None else None)
         self.started = clock.seconds() if clock is not None else 0.0
         api = _Api()
-        for name, fn in (("summary", self.summary), ("sessions", self.sessions), ("transfers", self.transfers),
-                         ("files", self.files), ("partials", self.partials), ("outbox", self.outbox),
-                         ("failures", self.failures)):
-            api.putChild(name.encode(), _Json(self, fn))
+        api.putChild(b"summary", _Json(self, self.summary, self._all_summaries))
+        for name, fn in (("sessions", self.sessions), ("transfers", self.transfers), ("files", self.files),
+                         ("partials", self.partials), ("outbox", self.outbox), ("failures", self.failures)):
+            api.putChild(name.encode(), _Json(self, fn, functools.partial(self._all_lists, name)))
         self.children = {b"api": api, b"files": _Files(self), b"healthz": _Health(self), b"metrics": _Metrics(self)}
         for segment, (name, content_type) in PAGE.items():
             self.children[segment] = _Static(name, content_type)
@@ -369,7 +363,17 @@ class StatusRoot(Resource):
         child = self.children.get(path)
         return child if child is not None else _Message(404, "not found")
 
-    # -- the JSON routes
+    # -- the JSON routes, and each one's answers of several workers as one
+
+    def _all_summaries(self, local: dict[str, Any], answers: dict[int, Any], request: Request) -> dict[str, Any]:
+        merged = merge_summary(local, [a for a in answers.values() if isinstance(a, dict)])
+        merged["workers"] = [{"index": 0, "pid": os.getpid(), "ready": True, "drain": False, "answered": True}] + [
+            dict(state, answered=answers.get(state["index"]) is not None) for state in self.peers.state()]
+        return merged
+
+    def _all_lists(self, name: str, local: list[Any], answers: dict[int, Any], request: Request) -> list[Any]:
+        lists = [local] + [a for a in answers.values() if isinstance(a, list)]
+        return merge_list(name, lists, _int_arg(request, b"limit", 50, 1, 1000) if name == "files" else None)
 
     def summary(self, s: Any, request: Request) -> defer.Deferred:
         """Version, uptime and every counter."""
