@@ -347,6 +347,17 @@ def group_sync(test: TestCase, root: Path) -> tuple[GroupSync, HeldFlushes]:
     return group, held
 
 
+def steps(order: list[str], note: Callable[[], str], error: int) -> Callable[..., Callable[[], None]]:
+    """A maker of GroupSync steps that append ``name + note()`` to ``order``, and raise ``error`` if asked."""
+    def make(name: str, fail: bool = False) -> Callable[[], None]:
+        def run() -> None:
+            order.append(name + note())
+            if fail:
+                raise OSError(error, os.strerror(error))
+        return run
+    return make
+
+
 class GroupSyncTests(TestCase):
     """The thread takes the next batch itself as soon as a flush is over."""
 
@@ -392,13 +403,7 @@ class GroupSyncTests(TestCase):
         blocker = group.sync(1)
         held.entered()  # the thread is busy: the next three make one batch
         order: list[str] = []
-
-        def write(name: str, fail: bool = False) -> Callable[[], None]:
-            def run() -> None:
-                order.append(f"{name} on {threading.current_thread().name}")
-                if fail:
-                    raise OSError(errno.ENOSPC, "No space left on device")
-            return run
+        write = steps(order, lambda: f" on {threading.current_thread().name}", errno.ENOSPC)
 
         a = group.sync(2, write("a"))
         b = group.sync(3, write("b", fail=True))
@@ -420,20 +425,14 @@ class GroupSyncTests(TestCase):
         blocker = group.sync(1)
         held.entered()  # the thread is busy: the next three make one batch
         order: list[str] = []
-
-        def step(name: str, fail: bool = False) -> Callable[[], None]:
-            def run() -> None:
-                order.append(f"{name}: {len(held.calls)} flushes begun")
-                if fail:
-                    raise OSError(errno.EIO, "Input/output error")
-            return run
+        step = steps(order, lambda: f": {len(held.calls)} flushes begun", errno.EIO)
 
         a = group.sync(2, None, step("a"))
         b = group.sync(3, step("b write", fail=True), step("b"))  # its write failed: no after
         c = group.sync(4, None, step("c", fail=True))
         held.let_go()
         held.entered()
-        self.assertEqual(order, ["b write: 1 flushes begun"])  # the last writes before the flush, no after yet
+        self.assertEqual(order, ["b write: 1 flushes begun"])  # last writes before the flush, no after yet
         held.let_go()
         yield defer.gatherResults([blocker, a])
         yield self.assertFailure(b, OSError)
