@@ -12,7 +12,6 @@ from typing import Any, Optional
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.tcp import Server
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
@@ -20,6 +19,7 @@ from twisted.python.failure import Failure
 from camgateway.codec import FrameDecoder, ProtocolError
 from camgateway.services import Services
 from camgateway.session import Session
+from camgateway.sockets import write_now
 
 __all__ = ["CameraProtocol", "CameraFactory"]
 
@@ -79,32 +79,8 @@ class CameraProtocol(Protocol, TimeoutMixin):
     # -- the Link the session talks to
 
     def send(self, data: bytes) -> None:
-        """Write to the camera.
-
-        A reply on a plain TCP connection with nothing queued before it goes
-        out with one ``send`` here. ``transport.write`` would register the
-        socket for writing (an ``epoll_ctl``), send in a later reactor turn,
-        and unregister it (another): under photo load, four replies a file,
-        those calls were a tenth of the reactor thread's time. Anything the
-        socket does not take at once (or any error) goes to
-        ``transport.write``, which queues it behind nothing and handles it as
-        always; TLS and other transports always take that way.
-        """
-        transport = self.transport
-        # (Twisted's write buffers are looked up with defaults that mean
-        # "something is queued", so a Twisted without them only loses the
-        # shortcut.)
-        if (type(transport) is Server and transport.connected and not transport.disconnecting
-                and getattr(transport, "dataBuffer", True) == b""
-                and getattr(transport, "_tempDataBuffer", True) == []):
-            try:
-                sent = transport.socket.send(data)
-            except OSError:  # full, or broken: Twisted's own write deals with it
-                sent = 0
-            if sent == len(data):
-                return
-            data = data[sent:]
-        transport.write(data)  # type: ignore[union-attr]
+        """Write to the camera (one ``send`` when nothing is queued: :func:`camgateway.sockets.write_now`)."""
+        write_now(self.transport, data)
 
     def close(self) -> None:
         """Close after what was written is sent."""
