@@ -43,6 +43,7 @@ from camgateway.sim import (
     run_cameras,
 )
 from camgateway.sim.frames import FileStream, FramePlan
+from camgateway.sim.pacer import PacedCall, Pacer, pacer_for
 
 IMEI = 863719061653375
 BASE_BITS = 0x40000400
@@ -789,6 +790,67 @@ class FaultTests(unittest.TestCase):
 # Loopback integration against FakeGateway
 
 
+class PacerTests(unittest.TestCase):
+    """One reactor timer paces every slow camera; calls due within a tick run together."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pacer = Pacer(self.clock, tick=0.01)
+        self.made: list[tuple[str, float]] = []
+
+    def call(self, delay: float, name: str) -> PacedCall:
+        return self.pacer.call_later(delay, lambda: self.made.append((name, self.clock.seconds())))
+
+    def test_calls_are_made_in_time_order_at_their_times(self) -> None:
+        self.call(0.3, "c")
+        self.call(0.1, "a")
+        self.call(0.2, "b")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.pump([0.1, 0.1, 0.1])
+        self.assertEqual([n for n, _ in self.made], ["a", "b", "c"])
+        for (_, at), want in zip(self.made, (0.1, 0.2, 0.3)):
+            self.assertAlmostEqual(at, want)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_calls_within_a_tick_of_the_earliest_run_with_it(self) -> None:
+        for i in range(100):
+            self.call(1.0 + i * 0.0001, f"n{i}")  # 100 cameras due within 10 ms
+        self.call(1.02, "later")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(1.0)
+        self.assertEqual(len(self.made), 100)  # all at once, up to one tick early
+        self.assertEqual({at for _, at in self.made}, {1.0})
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(0.02)
+        self.assertEqual(self.made[-1][0], "later")
+
+    def test_an_earlier_call_rearms_the_timer(self) -> None:
+        self.call(5.0, "late")
+        self.call(1.0, "early")
+        self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()], [1.0])
+        self.clock.advance(1.0)
+        self.assertEqual([n for n, _ in self.made], ["early"])
+        self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()], [5.0])
+
+    def test_a_cancelled_call_is_not_made(self) -> None:
+        gone = self.call(1.0, "gone")
+        kept = self.call(2.0, "kept")
+        self.assertTrue(gone.active())
+        gone.cancel()
+        self.assertFalse(gone.active())
+        self.clock.advance(1.0)
+        self.assertEqual(self.made, [])
+        self.clock.advance(1.0)
+        self.assertEqual([n for n, _ in self.made], ["kept"])
+        self.assertFalse(kept.active())
+        kept.cancel()  # cancelling a call made is harmless
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_one_pacer_per_clock(self) -> None:
+        self.assertIs(pacer_for(self.clock), pacer_for(self.clock))
+        self.assertIsNot(pacer_for(self.clock), pacer_for(Clock()))
+
+
 class LoopbackTests(LoopbackMixin, unittest.TestCase):
     def assert_all_stored(self, gateway: FakeGatewayFactory, specs: list[CameraSpec], results: list[Any]) -> None:
         self.assertEqual(gateway.errors, [])
@@ -858,6 +920,25 @@ class LoopbackTests(LoopbackMixin, unittest.TestCase):
         self.assertIn(results[0].resumes, ([0, 2048], [0, 2048, 20480]))
         self.assertEqual(gateway.bad_crcs, (len(results[0].resumes) - 1) + 1)  # one RESUME per bad CRC seen
         self.assertEqual(results[1].resumes, [1, 6])
+
+    @defer.inlineCallbacks
+    def test_frames_skip_the_transport_buffer(self) -> Any:
+        from twisted.internet import tcp
+
+        queued: list[int] = []
+        real = tcp.Client.write
+
+        def write(transport: Any, data: bytes) -> None:
+            queued.append(len(data))
+            real(transport, data)
+
+        self.patch(tcp.Client, "write", write)
+        gateway = self.start_gateway()
+        specs = [CameraSpec(IMEI, "dualcam", (photo("photor", 3000),), slow_bps=100_000),
+                 CameraSpec(IMEI + 1, "dsm", (photo("/sdcard/dsm/picture_1.jpg", 5000),))]
+        results = yield self.run_sim(specs)
+        self.assert_all_stored(gateway, specs, results)
+        self.assertEqual(queued, [])  # every write went out with one send, none through Twisted's buffer
 
     @defer.inlineCallbacks
     def test_tiny_segments_and_slow(self) -> Any:

@@ -9,8 +9,11 @@ rather than a pull one: TLS wraps pull producers in a loop that spins while
 they are idle.)
 
 Two faults live here because they are about how bytes leave: ``slow_bps``
-(a rate limit on DATA) and ``segment_sizes`` (every byte written in tiny
-pieces, one per transport write, a small delay apart).
+(a rate limit on DATA, paced by the reactor's one :class:`~camgateway.sim.pacer.Pacer`)
+and ``segment_sizes`` (every byte written in tiny pieces, one per transport
+write, a small delay apart). Other writes go out with one ``send`` when
+nothing is queued (:func:`camgateway.sockets.write_now`), as the gateway's
+replies do.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from typing import Callable, Optional, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITransport
 from zope.interface import implementer
+
+from camgateway.sim.pacer import PacedCall, pacer_for
+from camgateway.sockets import write_now
 
 __all__ = ["FrameSource", "Sender"]
 
@@ -61,7 +67,7 @@ class Sender:
         self._paused = False
         self._stopped = False
         self._closing = False
-        self._tick: Optional[IDelayedCall] = None
+        self._tick: Optional[IDelayedCall | PacedCall] = None
         self._not_before = 0.0
         self._queue = bytearray()
         self._pump_call: Optional[IDelayedCall] = None
@@ -100,7 +106,7 @@ class Sender:
         if self._on_write is not None:
             self._on_write(len(data))
         if self._segments is None:
-            self._transport.write(data)
+            write_now(self._transport, data)
             return
         self._queue += data
         if self._pump_call is None:
@@ -156,8 +162,11 @@ class Sender:
             return
         if self._queue:
             return  # the pump reschedules once the pieces are out
-        delay = max(0.0, self._not_before - self._clock.seconds())
-        self._tick = self._clock.callLater(delay, self._produce)
+        delay = self._not_before - self._clock.seconds()
+        if delay > 0:  # a rate-limited camera's next frame: one timer for them all
+            self._tick = pacer_for(self._clock).call_later(delay, self._produce)
+        else:
+            self._tick = self._clock.callLater(0, self._produce)
 
     def _produce(self) -> None:
         self._tick = None
