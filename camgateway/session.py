@@ -29,7 +29,8 @@ from camgateway.services import Services
 from camgateway.session_transfer import TransferSteps
 from camgateway.states import S, State
 from camgateway.status_codes import status_meaning
-from camgateway.transfer import FLUSH_AGE, INLINE_WRITE_MAX, PENDING_MAX, WRITE_MIN, Transfer
+from camgateway.transfer import (FLUSH_AGE, INLINE_WRITE_MAX, PENDING_MAX, TRICKLE_AGE, TRICKLE_BYTES, WRITE_MIN,
+                                 Transfer)
 
 __all__ = ["State", "Session", "TRANSITIONS", "Link"]
 
@@ -249,10 +250,16 @@ class Session(TransferSteps):
         self._checkpoint_due(transfer)
 
     def write_stale(self, now: float) -> None:
-        """Write pending bytes that have waited :data:`FLUSH_AGE` seconds (called by a timer)."""
+        """Write pending bytes that have waited :data:`FLUSH_AGE` seconds (called by a timer).
+
+        Fewer than :data:`TRICKLE_BYTES` wait :data:`TRICKLE_AGE` seconds.
+        """
         transfer = self.transfer
         if (transfer is None or transfer.writing or not transfer.pending or transfer.pending_since is None
-                or now - transfer.pending_since < FLUSH_AGE or not self.connected):
+                or not self.connected):
+            return
+        age = now - transfer.pending_since
+        if age < FLUSH_AGE or (age < TRICKLE_AGE and len(transfer.pending) < TRICKLE_BYTES):
             return
         if len(transfer.pending) > INLINE_WRITE_MAX:
             write_pending(self.s, transfer, self._written)

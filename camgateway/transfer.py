@@ -12,7 +12,8 @@ SHA-256 (:meth:`write_chunk`; both release the GIL), so a finished file's
 digest needs no second read. One write per file is in flight at a time;
 behind it at most :data:`PENDING_MAX` bytes wait before the session pauses
 the camera's socket (backpressure). Slow cameras' few pending bytes are
-written inline once they are :data:`FLUSH_AGE` seconds old.
+written inline once they are :data:`FLUSH_AGE` seconds old (a trickle of
+under :data:`TRICKLE_BYTES`, :data:`TRICKLE_AGE`).
 
 Positions: DualCam counts 1-based packets of 1024 bytes, the path flow counts
 bytes from 0 (PROTOCOL.md section 4). Internally everything is bytes.
@@ -33,15 +34,23 @@ from camgateway.resume_store import Partial
 from camgateway.spool import DUALCAM_PACKET
 
 __all__ = ["Transfer", "FileDigest", "digest_file", "PACKET", "RUN_MORE", "RUN_BAD_CRC", "RUN_COMPLETE",
-           "RUN_SLOW", "WRITE_MIN", "PENDING_MAX", "FLUSH_AGE", "INLINE_WRITE_MAX"]
+           "RUN_SLOW", "WRITE_MIN", "PENDING_MAX", "FLUSH_AGE", "TRICKLE_BYTES", "TRICKLE_AGE",
+           "INLINE_WRITE_MAX"]
 
 PACKET = DUALCAM_PACKET
 #: Pending bytes that make a write (to a pool thread).
 WRITE_MIN = 256 * 1024
 #: Pending bytes behind a write in flight at which the camera is paused.
 PENDING_MAX = 1024 * 1024
-#: Seconds after which fewer than WRITE_MIN pending bytes are written anyway.
+#: Seconds after which fewer than WRITE_MIN pending bytes are written anyway...
 FLUSH_AGE = 1.0
+#: ... unless they are fewer than TRICKLE_BYTES: those (a camera sending under
+#: 8 KiB/s) wait up to TRICKLE_AGE seconds, so that 10,000 cameras on slow
+#: links cost a fifth of the writes. A connection holds at most about
+#: max(8 KiB, a second of its rate) pending either way; a crash loses only
+#: what the camera sends again on resume.
+TRICKLE_BYTES = 8 * 1024
+TRICKLE_AGE = 5.0
 #: At most this many pending bytes are written without a write step of their
 #: own: a slow camera's on the reactor thread, and the last of a file (when no
 #: write is in flight) by the thread that flushes it, just before the flush.

@@ -30,7 +30,8 @@ from camgateway.session import State
 from camgateway.sinks import ReceivedFile
 from camgateway.sinks import disk as disk_module
 from camgateway.sinks.disk import DiskSink
-from camgateway.transfer import FLUSH_AGE, PENDING_MAX, RUN_BAD_CRC, RUN_COMPLETE, WRITE_MIN, Transfer
+from camgateway.transfer import (FLUSH_AGE, PENDING_MAX, RUN_BAD_CRC, RUN_COMPLETE, TRICKLE_AGE, TRICKLE_BYTES,
+                                 WRITE_MIN, Transfer)
 from tests.support import connect, make_services, run_now, stored_files
 from tests.test_session import IMEI, VIDEOF, data_frames
 
@@ -170,13 +171,28 @@ class WritePolicyTests(TestCase):
 
     def test_slow_camera_bytes_are_written_by_the_timer(self) -> None:
         clock = self.services.clock
-        self.send(3)
-        self.assertEqual(len(self.transfer.pending), 3 * 1024)
+        frames = TRICKLE_BYTES // 1024
+        self.send(frames)
+        self.assertEqual(len(self.transfer.pending), TRICKLE_BYTES)
         flush_stale(self.services)
         self.assertEqual(self.written(), b"")  # too recent
         clock.advance(FLUSH_AGE)
         flush_stale(self.services)
-        self.assertEqual(self.written(), self.content[: 3 * 1024])  # written inline: small
+        self.assertEqual(self.written(), self.content[: TRICKLE_BYTES])  # written inline: small
+        self.assertEqual(self.jobs.calls, [])
+
+    def test_a_trickle_waits_longer(self) -> None:
+        clock = self.services.clock
+        self.send(3)  # 3 KiB: under TRICKLE_BYTES
+        clock.advance(FLUSH_AGE)
+        flush_stale(self.services)
+        self.assertEqual(self.written(), b"")  # a trickle: not yet
+        clock.advance(TRICKLE_AGE - FLUSH_AGE - 0.01)
+        flush_stale(self.services)
+        self.assertEqual(self.written(), b"")
+        clock.advance(0.01)
+        flush_stale(self.services)
+        self.assertEqual(self.written(), self.content[: 3 * 1024])
         self.assertEqual(self.jobs.calls, [])
 
     def photo_session(self) -> tuple[bytes, Any]:
