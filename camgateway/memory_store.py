@@ -7,12 +7,12 @@ synchronous under ``StringTransport`` and ``task.Clock``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from camgateway.outbox import IOutboxStore, OutboxEntry
+from camgateway.outbox import IOutboxStore, OutboxEntry, remove_files
 from camgateway.resume_store import IResumeStore, Partial
 
 __all__ = ["MemoryStore"]
@@ -78,11 +78,12 @@ class MemoryStore:
             self.outbox[entry.id] = dataclasses.replace(entry)
         return succeed(None)
 
-    def replace(self, entry_id: str, entries: list[OutboxEntry]) -> "Deferred[None]":
+    def replace(self, entry_id: str, entries: list[OutboxEntry],
+                remove: Sequence[str] = ()) -> "Deferred[list[tuple[str, str]]]":
         self.outbox.pop(entry_id, None)
         for entry in entries:
             self.outbox[entry.id] = dataclasses.replace(entry)
-        return succeed(None)
+        return succeed(remove_files(remove))
 
     def pending(self) -> "Deferred[list[OutboxEntry]]":
         return succeed(sorted((dataclasses.replace(e) for e in self.outbox.values()), key=lambda e: e.created))

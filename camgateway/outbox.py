@@ -23,7 +23,7 @@ import dataclasses
 import json
 import os
 import random
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -36,7 +36,7 @@ from camgateway.sinks import PermanentFailure, ReceivedFile, Transformed
 if TYPE_CHECKING:
     from camgateway.services import Services
 
-__all__ = ["OutboxEntry", "IOutboxStore", "Outbox", "backoff", "write_dead_letter"]
+__all__ = ["OutboxEntry", "IOutboxStore", "Outbox", "backoff", "write_dead_letter", "remove_files"]
 
 log = Logger(namespace="camgateway.outbox")
 
@@ -71,8 +71,16 @@ class IOutboxStore(Interface):
     def update(entry: OutboxEntry) -> defer.Deferred:
         """Save an entry's sink, attempts, next attempt and last error."""
 
-    def replace(entry_id: str, entries: list) -> defer.Deferred:
-        """Remove an entry and record others in its place, atomically."""
+    def replace(entry_id: str, entries: list, remove: Sequence[str] = ()) -> defer.Deferred:
+        """Remove an entry and record others in its place, atomically.
+
+        Once that is committed, remove the files at the paths in ``remove``
+        (spool files no entry names any more) on the store's own thread, in
+        the same step: a delivered photo's spool name costs no hand-off of
+        its own. Fires with the ``(path, error)`` of those that could not be
+        removed (a missing one is removed); the start-up reconcile removes
+        them as orphans.
+        """
 
     def pending() -> defer.Deferred:
         """Every entry."""
@@ -81,6 +89,19 @@ class IOutboxStore(Interface):
 def backoff(attempts: int, rng: random.Random, base: float = 1.0, cap: float = 300.0) -> float:
     """Seconds before the next try: exponential, capped, with ±50 % jitter."""
     return min(cap, base * 2 ** max(0, attempts - 1)) * rng.uniform(0.5, 1.5)
+
+
+def remove_files(paths: Sequence[str]) -> list[tuple[str, str]]:
+    """Remove each file (blocking); the ``(path, error)`` of those that could not be (missing is removed)."""
+    left: list[tuple[str, str]] = []
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            left.append((path, e.strerror or str(e)))
+    return left
 
 
 def write_dead_letter(dead_dir: str, entry: OutboxEntry, source_path: str, sink_name: str, reason: str,
@@ -242,12 +263,14 @@ class Outbox:
         following = [] if nxt >= len(s.sinks) else [
             dataclasses.replace(e, sink=nxt, attempts=0, next_attempt=s.clock.seconds(), last_error=None)
             for e in carried]
-        yield s.store.replace(entry.id, following)
+        keep = {e.spool_name for e in following}
+        done = sorted(({entry.spool_name} | {e.spool_name for e in carried}) - keep)
+        left = yield s.store.replace(entry.id, following, [str(s.spool.path(name)) for name in done])
         if following:
             self._backlog = True  # the next sink's entries: the next scan takes them
-        keep = {e.spool_name for e in following}
-        for name in ({entry.spool_name} | {e.spool_name for e in carried}) - keep:
-            yield s.run_in_thread(s.spool.unlink, name)
+        for path, error in left or ():
+            log.warn("could not remove delivered spool file {path}: {error} (removed at the next start)",
+                     path=path, error=error)
         if not following:
             log.info("file delivered to every sink: camera {imei} {source} {size} bytes",
                      imei=entry.record.get("imei"), source=entry.record.get("source"),

@@ -51,7 +51,7 @@ import json
 import os
 import socket
 import uuid
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred, fail, succeed
@@ -60,7 +60,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from camgateway.outbox import IOutboxStore, OutboxEntry
+from camgateway.outbox import IOutboxStore, OutboxEntry, remove_files
 from camgateway.resume_store import IResumeStore, Partial
 
 __all__ = ["RedisStore", "RedisLeases"]
@@ -416,11 +416,12 @@ class RedisStore:
         return self._script("update", self.instance, entry.id, _num(entry.next_attempt), str(entry.sink),
                             str(entry.attempts), has_error, entry.last_error or "").addCallback(lambda _: None)
 
-    def replace(self, entry_id: str, entries: list[OutboxEntry]) -> "Deferred[None]":
+    def replace(self, entry_id: str, entries: list[OutboxEntry],
+                remove: Sequence[str] = ()) -> "Deferred[list[tuple[str, str]]]":
         self._claimed.discard(entry_id)
         args = [x for e in entries for x in _entry_args(e)]
         d = self._script("replace", self.instance, entry_id, str(len(entries)), *args)
-        return d.addCallback(lambda _: None)
+        return d.addCallback(lambda _: self._run(remove_files, list(remove)) if remove else [])
 
     def pending(self) -> "Deferred[list[OutboxEntry]]":
         d = self._run(self._hashes, "outbox:due", "+inf", "outbox")

@@ -15,14 +15,14 @@ import json
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from camgateway.groupcommit import GroupCommitThread
-from camgateway.outbox import IOutboxStore, OutboxEntry
+from camgateway.outbox import IOutboxStore, OutboxEntry, remove_files
 from camgateway.resume_store import IResumeStore, Partial
 
 __all__ = ["SQLiteStore", "SCHEMA_VERSION"]
@@ -122,7 +122,7 @@ class SQLiteStore:
         try:
             outcomes = [fn(db) for fn in fns]
             db.execute("COMMIT")
-            return outcomes
+            return _committed(outcomes)
         except Exception:
             if db.in_transaction:
                 db.execute("ROLLBACK")
@@ -142,7 +142,7 @@ class SQLiteStore:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        return outcomes
+        return _committed(outcomes)
 
     def _open(self) -> sqlite3.Connection:
         if self.path != ":memory:" and not os.path.exists(self.path):
@@ -308,11 +308,13 @@ class SQLiteStore:
             "UPDATE outbox SET sink=?, attempts=?, next_attempt=?, last_error=? WHERE id=?",
             (entry.sink, entry.attempts, entry.next_attempt, entry.last_error, entry.id)) and None)
 
-    def replace(self, entry_id: str, entries: list[OutboxEntry]) -> "Deferred[None]":
-        def q(db: sqlite3.Connection) -> None:
+    def replace(self, entry_id: str, entries: list[OutboxEntry],
+                remove: Sequence[str] = ()) -> "Deferred[list[tuple[str, str]]]":
+        def q(db: sqlite3.Connection) -> _AfterCommit:
             db.execute("DELETE FROM outbox WHERE id=?", (entry_id,))
             for entry in entries:
                 _insert_entry(db, entry)
+            return _AfterCommit(lambda: remove_files(remove))
 
         return self._run(q)
 
@@ -322,6 +324,26 @@ class SQLiteStore:
 
 
 _OUTBOX = "id, spool_name, sink, attempts, next_attempt, last_error, record, created"
+
+
+class _AfterCommit:
+    """A statement's outcome that is work to do once its transaction is committed."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, run: Callable[[], Any]) -> None:
+        self.run = run
+
+
+def _committed(outcomes: list[Any]) -> list[Any]:
+    """After COMMIT: run the statements' after-commit work; its result is their outcome."""
+    for i, outcome in enumerate(outcomes):
+        if isinstance(outcome, _AfterCommit):
+            try:
+                outcomes[i] = outcome.run()
+            except Exception:
+                outcomes[i] = Failure()
+    return outcomes
 
 
 def _insert_entry(db: sqlite3.Connection, entry: OutboxEntry) -> None:

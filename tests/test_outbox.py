@@ -49,6 +49,15 @@ class Doubler:
         return Transformed(made)
 
 
+class _PathSink:
+    """A sink that only looks at the path it is given."""
+
+    name = "path"
+
+    def deliver(self, received: ReceivedFile) -> Any:
+        return str(received.path)
+
+
 class OutboxTests(TestCase):
     """Deliveries on a Clock with the in-memory store."""
 
@@ -76,6 +85,22 @@ class OutboxTests(TestCase):
         self.assertEqual((a.got, b.got), ([b"one"], [b"one"]))
         self.assertEqual(self.s.spool.names(), set())
         self.assertEqual(self.s.store.outbox, {})
+
+    def test_a_spool_file_that_cannot_be_removed_is_logged(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.s.sinks = [_PathSink()]
+        self.s.outbox.start()
+        received = self.received(b"one")
+        received.path.unlink()
+        received.path.mkdir()  # what unlink(2) refuses
+        self.s.outbox.add(received, None)
+        self.assertEqual(self.s.store.outbox, {})  # delivered: the entry is gone all the same
+        [warning] = [e for e in events if "could not remove delivered spool file" in e.get("log_format", "")]
+        self.assertEqual(warning["path"], str(received.path))
 
     def test_transformed_files_replace_the_original_downstream(self) -> None:
         before, after = Recorder("before"), Recorder("after")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import datetime
+import os
 import shutil
 import socket
 import subprocess
@@ -215,6 +216,25 @@ class OutboxStoreContract:
         self.assertEqual(ids((yield self.store.pending())), ["e3", "e4", "e5"])
         self.assertEqual(ids((yield self.store.due(104.0, 10, frozenset()))), ["e3", "e4"])
 
+    @defer.inlineCallbacks
+    def test_replace_removes_the_files_named_once_committed(self) -> Any:
+        folder = self.mktemp()
+        os.makedirs(os.path.join(folder, "a-folder"))
+        done = [os.path.join(folder, f"{n}.part") for n in (1, 2)]
+        for path in done:
+            with open(path, "wb") as f:
+                f.write(b"x")
+        kept = os.path.join(folder, "3.part")
+        with open(kept, "wb") as f:
+            f.write(b"x")
+        yield self.enqueue(1, 2)
+        missing, stuck = os.path.join(folder, "gone.part"), os.path.join(folder, "a-folder")
+        left = yield self.store.replace("e1", [entry(3)], [*done, missing, stuck])
+        self.assertEqual(ids((yield self.store.pending())), ["e2", "e3"])
+        self.assertEqual([os.path.exists(p) for p in (*done, kept)], [False, False, True])
+        self.assertEqual([path for path, _ in left], [stuck])  # a missing file counts as removed
+        self.assertEqual((yield self.store.replace("e2", [])), [])  # nothing to remove
+
 
 class ResumeStoreEdges:
     """Corners of IResumeStore the shared contract does not reach (mixed in per backend)."""
@@ -255,6 +275,18 @@ class SQLiteOutboxStoreTests(OutboxStoreContract, ResumeStoreEdges, TestCase):
 
     def make_store(self) -> Any:
         return SQLiteStore(":memory:")
+
+    @defer.inlineCallbacks
+    def test_files_stay_when_the_replace_fails(self) -> Any:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"x")
+        yield self.enqueue(1)
+        bad = entry(2, record={"not json": object()})
+        with self.assertRaises(TypeError):
+            yield self.store.replace("e1", [bad], [path])
+        self.assertTrue(os.path.exists(path))  # nothing committed: the entry still names it
+        self.assertEqual(ids((yield self.store.pending())), ["e1"])
 
 
 class RedisCase:
