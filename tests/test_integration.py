@@ -123,6 +123,21 @@ class FaultTests(GatewayTestCase):
     """The faults a real link and real firmware produce."""
 
     @defer.inlineCallbacks
+    def test_the_collector_is_tuned_at_start(self) -> Any:
+        import gc
+
+        from camgateway.service import GC_THRESHOLD
+
+        threshold = gc.get_threshold()
+        self.addCleanup(gc.unfreeze)
+        self.addCleanup(gc.set_threshold, *threshold)
+        gc.unfreeze()
+        gc.set_threshold(700, *threshold[1:])
+        yield self.start_gateway()
+        self.assertEqual(gc.get_threshold(), (GC_THRESHOLD, *threshold[1:]))
+        self.assertGreater(gc.get_freeze_count(), 1000)  # the start-up objects
+
+    @defer.inlineCallbacks
     def test_bad_crc_frames(self) -> Any:
         yield self.start_gateway()
         rng = random.Random(2)
