@@ -832,6 +832,33 @@ class PacerTests(unittest.TestCase):
         self.assertEqual([n for n, _ in self.made], ["early"])
         self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()], [5.0])
 
+    def test_a_call_made_by_a_call_does_not_hold_back_earlier_ones(self) -> None:
+        # A slow camera's frame schedules its next one a second later: the
+        # cameras due in between must still go at their own times, not with it.
+        self.pacer.call_later(1.0, lambda: self.call(1.0, "next of a"))
+        self.call(1.5, "b")
+        self.clock.advance(1.0)
+        self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()], [1.5])
+        self.clock.advance(0.5)
+        self.assertEqual(self.made, [("b", 1.5)])
+        self.clock.advance(0.5)
+        self.assertEqual([n for n, _ in self.made], ["b", "next of a"])
+
+    def test_many_cameras_stay_spread_over_the_second(self) -> None:
+        fired: list[float] = []
+
+        def frame(i: int) -> None:
+            fired.append(self.clock.seconds())
+            self.pacer.call_later(1.0, lambda: frame(i))
+
+        for i in range(40):  # set off 25 ms apart, more than a tick
+            self.pacer.call_later(i * 0.025, lambda i=i: frame(i))
+        self.clock.pump([0.005] * 800)
+        for second in (1, 2, 3):
+            times = [t for t in fired if second <= t < second + 1]
+            self.assertEqual(len(times), 40)  # every camera once a second
+            self.assertEqual(len(set(times)), 40)  # each at its own time: no burst
+
     def test_a_cancelled_call_is_not_made(self) -> None:
         gone = self.call(1.0, "gone")
         kept = self.call(2.0, "kept")

@@ -53,6 +53,7 @@ class Pacer:
         self._order = itertools.count()
         self._timer: Optional[IDelayedCall] = None
         self._timer_at = 0.0
+        self._running = False
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -62,8 +63,8 @@ class Pacer:
         when = self._clock.seconds() + delay
         call = PacedCall(func, when)
         heapq.heappush(self._heap, (when, next(self._order), call))
-        if self._timer is None or when < self._timer_at:
-            self._arm(when)
+        if not self._running and (self._timer is None or when < self._timer_at):
+            self._arm(when)  # (while the calls due run, _run arms the timer once they are done)
         return call
 
     def _arm(self, when: float) -> None:
@@ -77,16 +78,20 @@ class Pacer:
         heap = self._heap
         until = self._clock.seconds() + self.tick
         pop = heapq.heappop
-        while heap and heap[0][0] <= until:
-            call = pop(heap)[2]
-            func = call.func
-            if func is not None:
-                call.func = None
-                func()
-        while heap and heap[0][2].func is None:  # cancelled calls at the front need no timer
-            pop(heap)
-        if heap and self._timer is None:
-            self._arm(heap[0][0])
+        self._running = True
+        try:
+            while heap and heap[0][0] <= until:
+                call = pop(heap)[2]
+                func = call.func
+                if func is not None:
+                    call.func = None
+                    func()
+        finally:
+            self._running = False
+            while heap and heap[0][2].func is None:  # cancelled calls at the front need no timer
+                pop(heap)
+            if heap:  # the earliest call left, whether it was there before or made by a call just run
+                self._arm(heap[0][0])
 
 
 _pacers: "weakref.WeakKeyDictionary[Any, Pacer]" = weakref.WeakKeyDictionary()
