@@ -28,11 +28,10 @@ TICK = 0.001
 class PacedCall:
     """A call the pacer will make (the part of ``IDelayedCall`` a sender uses)."""
 
-    __slots__ = ("func", "time")
+    __slots__ = ("func",)
 
-    def __init__(self, func: Callable[[], object], time: float) -> None:
+    def __init__(self, func: Callable[[], object]) -> None:
         self.func: Optional[Callable[[], object]] = func
-        self.time = time
 
     def active(self) -> bool:
         """Not yet made, nor cancelled."""
@@ -55,13 +54,10 @@ class Pacer:
         self._timer_at = 0.0
         self._running = False
 
-    def __len__(self) -> int:
-        return len(self._heap)
-
     def call_later(self, delay: float, func: Callable[[], object]) -> PacedCall:
         """Call ``func()`` in ``delay`` seconds (or up to one tick sooner)."""
         when = self._clock.seconds() + delay
-        call = PacedCall(func, when)
+        call = PacedCall(func)
         heapq.heappush(self._heap, (when, next(self._order), call))
         if not self._running and (self._timer is None or when < self._timer_at):
             self._arm(when)  # (while the calls due run, _run arms the timer once they are done)
