@@ -268,7 +268,7 @@ class Outbox:
         left = yield s.store.replace(entry.id, following, [str(s.spool.path(name)) for name in done])
         if following:
             self._backlog = True  # the next sink's entries: the next scan takes them
-        for path, error in left or ():
+        for path, error in left:
             log.warn("could not remove delivered spool file {path}: {error} (removed at the next start)",
                      path=path, error=error)
         if not following:

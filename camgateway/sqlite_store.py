@@ -310,11 +310,11 @@ class SQLiteStore:
 
     def replace(self, entry_id: str, entries: list[OutboxEntry],
                 remove: Sequence[str] = ()) -> "Deferred[list[tuple[str, str]]]":
-        def q(db: sqlite3.Connection) -> _AfterCommit:
+        def q(db: sqlite3.Connection) -> Any:
             db.execute("DELETE FROM outbox WHERE id=?", (entry_id,))
             for entry in entries:
                 _insert_entry(db, entry)
-            return _AfterCommit(lambda: remove_files(remove))
+            return _AfterCommit(lambda: remove_files(remove)) if remove else []
 
         return self._run(q)
 
