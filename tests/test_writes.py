@@ -363,6 +363,15 @@ def group_sync(test: TestCase, root: Path) -> tuple[GroupSync, HeldFlushes]:
     return group, held
 
 
+def busy_group_sync(test: TestCase) -> tuple[GroupSync, HeldFlushes, defer.Deferred]:
+    """A GroupSync whose thread is held in a first flush (its caller's Deferred is the third item):
+    the calls made next wait together for the one flush after it."""
+    group, held = group_sync(test, Path(test.mktemp()))
+    blocker = group.sync(1)
+    held.entered()
+    return group, held, blocker
+
+
 def steps(order: list[str], note: Callable[[], str], error: int) -> Callable[..., Callable[[], None]]:
     """A maker of GroupSync steps that append ``name + note()`` to ``order``, and raise ``error`` if asked."""
     def make(name: str, fail: bool = False) -> Callable[[], None]:
@@ -415,9 +424,7 @@ class GroupSyncTests(TestCase):
 
     @defer.inlineCallbacks
     def test_last_writes_run_on_the_flush_thread_before_the_flush(self) -> Any:
-        group, held = group_sync(self, Path(self.mktemp()))
-        blocker = group.sync(1)
-        held.entered()  # the thread is busy: the next three make one batch
+        group, held, blocker = busy_group_sync(self)  # the next three make one batch
         order: list[str] = []
         write = steps(order, lambda: f" on {threading.current_thread().name}", errno.ENOSPC)
 
@@ -437,9 +444,7 @@ class GroupSyncTests(TestCase):
 
     @defer.inlineCallbacks
     def test_after_steps_run_once_the_flush_succeeded(self) -> Any:
-        group, held = group_sync(self, Path(self.mktemp()))
-        blocker = group.sync(1)
-        held.entered()  # the thread is busy: the next three make one batch
+        group, held, blocker = busy_group_sync(self)  # the next three make one batch
         order: list[str] = []
         step = steps(order, lambda: f": {len(held.calls)} flushes begun", errno.EIO)
 
