@@ -19,6 +19,7 @@ retries them) and the file goes on to the next sink.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
 __all__ = ["OutboxEntry", "IOutboxStore", "Outbox", "backoff", "write_dead_letter", "remove_files"]
 
 log = Logger(namespace="camgateway.outbox")
+
+#: Files an Outbox keeps in memory for its next free slots (see ``Outbox._ready``).
+READY_MAX = 1024
 
 
 @dataclasses.dataclass
@@ -144,17 +148,31 @@ class Outbox:
         self._backlog = True
         self._loop: Optional[task.LoopingCall] = None
         self._idle_waiters: list[defer.Deferred] = []
+        self._stopped = False
+        #: Files recorded while every slot was taken, oldest first, with the
+        #: ReceivedFile they were made from: a freed slot takes the next one from
+        #: here, with no query to the store and no record decoded again (at
+        #: hundreds of files a second, two files in three came back through a
+        #: scan). Only with a store of this instance's own, and at most
+        #: :data:`READY_MAX`; beyond that a file waits in the store for a scan.
+        self._ready: "collections.OrderedDict[str, tuple[OutboxEntry, ReceivedFile]]" = collections.OrderedDict()
 
     # -- running
 
     def start(self) -> None:
         """Deliver what is due now and every ``poll`` seconds."""
+        self._stopped = False
         self._loop = task.LoopingCall(self.kick)
         self._loop.clock = self.s.clock
         self._loop.start(self.poll, now=True)
 
     def stop(self) -> defer.Deferred:
-        """Stop polling; fires when the deliveries in flight are over."""
+        """Stop polling and starting deliveries; fires when those in flight are over.
+
+        Files recorded meanwhile, or kept for a free slot, stay in the store
+        for the next start.
+        """
+        self._stopped = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         return defer.DeferredList(list(self.in_flight.values()), consumeErrors=True)
@@ -168,17 +186,28 @@ class Outbox:
         return d
 
     def _start_new(self, entry: OutboxEntry, received: ReceivedFile) -> None:
-        """Deliver a file just recorded at once if there is room (no scan, no re-read record).
+        """Deliver a file just recorded at once if there is room, else keep it for the next free slot.
 
-        Only with a store of this instance's own: a shared store hands entries
-        out by claims, which only a scan (``due``) takes.
+        Either way with no scan and no record read again. Only with a store
+        of this instance's own: a shared store hands entries out by claims,
+        which only a scan (``due``) takes.
         """
-        if (len(self.in_flight) >= self.concurrency or entry.id in self.in_flight
-                or not self.s.own_store):
+        if entry.id in self.in_flight or entry.id in self._ready or self._stopped:
+            return
+        if not self.s.own_store or (len(self.in_flight) >= self.concurrency and len(self._ready) >= READY_MAX):
             self._backlog = True
             self.kick()  # a scan takes it when there is room
-            return
-        self._track(entry, self._deliver(entry, received))
+        elif len(self.in_flight) >= self.concurrency:
+            self._ready[entry.id] = (entry, received)
+        else:
+            self._track(entry, self._deliver(entry, received))
+
+    def _take_ready(self) -> None:
+        """Fill the free slots with the files kept for them, oldest first."""
+        ready = self._ready
+        while ready and len(self.in_flight) < self.concurrency and not self._stopped:
+            _, (entry, received) = ready.popitem(last=False)
+            self._track(entry, self._deliver(entry, received))
 
     def kick(self) -> None:
         """Look for due entries now (coalesced: one scan at a time)."""
@@ -202,15 +231,17 @@ class Outbox:
 
     @defer.inlineCallbacks
     def _scan(self) -> Any:
+        self._take_ready()
         free = self.concurrency - len(self.in_flight)
-        if free <= 0:
+        if free <= 0 or self._stopped:
             return
         self._backlog = False
         entries = yield self.s.store.due(self.s.clock.seconds(), free, frozenset(self.in_flight))
         if len(entries) >= free:
             self._backlog = True
         for entry in entries:
-            if entry.id not in self.in_flight and len(self.in_flight) < self.concurrency:
+            if (entry.id not in self.in_flight and entry.id not in self._ready
+                    and len(self.in_flight) < self.concurrency and not self._stopped):
                 self._track(entry, self._deliver(entry))
 
     def _track(self, entry: OutboxEntry, d: defer.Deferred) -> None:
@@ -220,6 +251,7 @@ class Outbox:
 
     def _finished(self, _: object, entry_id: str) -> None:
         del self.in_flight[entry_id]
+        self._take_ready()
         if self._backlog or self._idle_waiters:
             self.kick()
 

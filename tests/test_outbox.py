@@ -11,6 +11,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
+from camgateway import outbox as outbox_module
 from camgateway.cli import dead_letters, retry_dead_letter
 from camgateway.outbox import Outbox, backoff
 from camgateway.sinks import PermanentFailure, ReceivedFile, Transformed
@@ -195,6 +196,7 @@ class Gate:
 
     def deliver(self, received: ReceivedFile) -> Any:
         d: defer.Deferred = defer.Deferred()
+        d.content = received.path.read_bytes()  # type: ignore[attr-defined]
         self.waiting.append(d)
         return d
 
@@ -213,28 +215,65 @@ class DirectDeliveryTests(OutboxTests):
         self.s.store.due = due
         return scans
 
-    def test_new_files_need_no_scan_until_the_slots_are_full(self) -> None:
+    def gated(self, concurrency: int = 2) -> Gate:
         gate = Gate()
         self.s.sinks = [gate]
-        self.s.outbox = Outbox(self.s, concurrency=2, poll=5.0, rng=random.Random(1))
+        self.s.outbox = Outbox(self.s, concurrency=concurrency, poll=5.0, rng=random.Random(1))
         self.s.outbox.start()
+        return gate
+
+    @staticmethod
+    def release(gate: Gate) -> bytes:
+        """Let the oldest delivery finish; what it delivered."""
+        d = gate.waiting.pop(0)
+        d.callback("ok")
+        return d.content  # type: ignore[attr-defined, no-any-return]
+
+    def test_new_files_need_no_scan_even_when_the_slots_are_full(self) -> None:
+        gate = self.gated()
         scans = self.count_scans()
-        self.s.outbox.add(self.received(b"1"), None)
-        self.s.outbox.add(self.received(b"2"), None)
-        self.assertEqual((len(gate.waiting), scans), (2, []))  # both delivering, no scan
-        self.s.outbox.add(self.received(b"3"), None)  # no room: recorded, left for a scan
+        for content in (b"1", b"2", b"3", b"4"):
+            self.s.outbox.add(self.received(content), None)
+        self.assertEqual(len(gate.waiting), 2)  # two delivering, two kept for the next free slots
+        self.assertEqual(len(self.s.store.outbox), 4)  # every one recorded all the same
+        self.s.clock.advance(5)  # the poll: no free slot, no query, nothing delivered twice
         self.assertEqual(len(gate.waiting), 2)
-        gate.waiting.pop(0).callback("ok")  # a slot frees: the scan finds the third
+        delivered = [self.release(gate) for _ in range(4)]
+        self.assertEqual(delivered, [b"1", b"2", b"3", b"4"])  # oldest first
+        self.assertEqual((scans, self.s.store.outbox), ([], {}))
+        self.s.outbox.add(self.received(b"5"), None)
+        self.release(gate)
+        self.assertEqual(scans, [])
+
+    def test_beyond_the_files_kept_a_scan_takes_them(self) -> None:
+        self.patch(outbox_module, "READY_MAX", 1)
+        gate = self.gated()
+        scans = self.count_scans()
+        for content in (b"1", b"2", b"3", b"4"):
+            self.s.outbox.add(self.received(content), None)
         self.assertEqual(len(gate.waiting), 2)
-        self.assertEqual(len(scans), 1)  # (with no room, no query was made)
-        for d in list(gate.waiting):
-            gate.waiting.remove(d)
-            d.callback("ok")
-        self.assertEqual(len(scans), 2)  # once more: that scan had filled the free slot
+        self.assertEqual(scans, [])  # (no free slot: no query)
+        delivered = [self.release(gate) for _ in range(4)]
+        self.assertEqual(sorted(delivered), [b"1", b"2", b"3", b"4"])
+        # The fourth came back from the store; that scan filled every free slot,
+        # so the next finished delivery looked once more (and found nothing).
+        self.assertEqual(len(scans), 2)
         self.assertEqual(self.s.store.outbox, {})
-        self.s.outbox.add(self.received(b"4"), None)
-        gate.waiting.pop(0).callback("ok")
-        self.assertEqual(len(scans), 2)  # nothing was left: no scan after it
+
+    def test_a_stopped_outbox_starts_no_delivery_and_the_next_one_finds_them(self) -> None:
+        gate = self.gated(concurrency=1)
+        self.s.outbox.add(self.received(b"1"), None)
+        self.s.outbox.add(self.received(b"2"), None)  # kept for the slot
+        stopped = self.s.outbox.stop()
+        self.s.outbox.add(self.received(b"3"), None)  # finished while stopping: recorded only
+        self.assertEqual(self.release(gate), b"1")
+        self.assertEqual(gate.waiting, [])  # nothing started after stop
+        self.successResultOf(stopped)
+        self.assertEqual(len(self.s.store.outbox), 2)
+        self.s.outbox = Outbox(self.s, concurrency=4, poll=5.0)
+        self.s.outbox.start()
+        self.assertEqual(sorted(self.release(gate) for _ in range(2)), [b"2", b"3"])
+        self.assertEqual(self.s.store.outbox, {})
 
     def test_next_sink_of_a_chain_is_not_left_for_the_poll(self) -> None:
         a, b = Recorder("a"), Recorder("b")
