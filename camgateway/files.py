@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from camgateway.services import Services
     from camgateway.session import Session
 
-__all__ = ["FileOffer", "Refused", "open_transfer", "write_pending", "checkpoint", "release_transfer",
-           "finish_transfer"]
+__all__ = ["FileOffer", "Refused", "open_transfer", "record_partial", "write_pending", "checkpoint",
+           "release_transfer", "finish_transfer"]
 
 log = Logger(namespace="camgateway.files")
 
@@ -133,21 +133,22 @@ def _open_or_create(partial: Optional[Partial], s: "Services", offer: FileOffer)
         now = s.clock.seconds()
         partial = Partial(new_id(), offer.imei, offer.flow, offer.identifier, offer.total,
                           offer.start_crc, stamp, 0, s.boot_id, name, now, now)
-        # The record is written while the camera is asked to send (RESUME): every
-        # later step of the file waits for it on ``busy``. A crash before it is
-        # committed leaves an orphan spool file, which the start-up reconcile
-        # removes; a shared store has no such reconcile, so there it comes first.
         transfer = Transfer(partial, fd)
-        added = s.store.add(partial)
-        if not s.own_store:
-            try:
-                yield added
-            except BaseException:
-                os.close(fd)
-                s.spool.unlink(partial.spool_name)  # an unrecorded file would be nobody's
-                raise
-        else:
-            transfer.busy = added
+        if s.own_store:
+            # The record waits for the file's first write before its end, or its
+            # first checkpoint (record_partial): a photo received in one go
+            # goes to the outbox without one, two statements less. Until then a
+            # crash leaves an orphan spool file, which the start-up reconcile
+            # removes (the camera, never told the file is stored, sends it
+            # again). A shared store has no such reconcile: there it comes first.
+            transfer.recorded = False
+            return transfer
+        try:
+            yield s.store.add(partial)
+        except BaseException:
+            os.close(fd)
+            s.spool.unlink(partial.spool_name)  # an unrecorded file would be nobody's
+            raise
         return transfer
     else:
         # What the spool file really holds (another instance or process may have written it).
@@ -162,6 +163,20 @@ def _open_or_create(partial: Optional[Partial], s: "Services", offer: FileOffer)
     return Transfer(partial, fd)
 
 
+def record_partial(s: "Services", transfer: Transfer) -> None:
+    """Put the transfer's partial in the store if it is not there yet, before its next steps.
+
+    Its later checkpoints, and the outbox entry that forgets it, are
+    statements queued after this one on the store's thread. If the record
+    fails, so do the steps queued on ``busy`` after it.
+    """
+    if transfer.recorded:
+        return
+    transfer.recorded = True
+    added = s.store.add(transfer.partial)
+    transfer.busy.addCallback(lambda _: added)
+
+
 def write_pending(s: "Services", transfer: Transfer, then: Optional[Callable[[Transfer], None]] = None) -> None:
     """Hand the transfer's pending bytes to a pool thread, after its earlier steps.
 
@@ -169,6 +184,7 @@ def write_pending(s: "Services", transfer: Transfer, then: Optional[Callable[[Tr
     Once a write failed, none after it is made (a hole would look like data
     after a crash), and ``then(transfer)`` finds :attr:`Transfer.write_error`.
     """
+    record_partial(s, transfer)
     buf, offset, truncate = transfer.take_pending()
     s.stats.bytes_received += len(buf)
 
@@ -216,6 +232,7 @@ def checkpoint(s: "Services", transfer: Transfer, *, hold: bool = False) -> defe
     after another. Nothing is recorded after a failed write. The returned
     Deferred fires when this checkpoint is over (it never fails).
     """
+    record_partial(s, transfer)
     held = transfer.flushed
     transfer.checkpointed = held
     partial_id, fd = transfer.partial.id, transfer.fd
@@ -299,7 +316,7 @@ def finish_transfer(s: "Services", session: "Session", offer: FileOffer, transfe
     d.addCallback(lambda _: after(transfer.syncing))  # the checkpoint in flight, if any
     d.addCallback(durable)
     d.addCallback(digest)
-    d.addErrback(lambda f: (transfer.close(), f)[1])
+    d.addErrback(_keep, s, transfer)
     d.addCallback(_to_outbox, s, session, offer, transfer)
     s.finishing[offer.key] = d
 
@@ -311,6 +328,19 @@ def finish_transfer(s: "Services", session: "Session", offer: FileOffer, transfe
     result: defer.Deferred = defer.Deferred()
     d.addBoth(done).chainDeferred(result)
     return result
+
+
+@defer.inlineCallbacks
+def _keep(failure: Failure, s: "Services", transfer: Transfer) -> Any:
+    """The file could not be made durable: close it and keep it, recorded, for the camera's next offer."""
+    transfer.close()
+    if not transfer.recorded:
+        transfer.recorded = True
+        try:
+            yield s.store.add(transfer.partial)
+        except Exception:
+            log.failure("could not record the partial {id} of a file that failed to store", id=transfer.partial.id)
+    return failure
 
 
 @defer.inlineCallbacks
@@ -327,8 +357,12 @@ def _to_outbox(digest: Any, s: "Services", session: "Session", offer: FileOffer,
             computed_crc=digest.crc, received_at=now, capture_time=capture_time(offer.metadata),
             resumed_from=transfer.resumed_from, crc_errors=transfer.crc_errors)
         s.recent.append(received)
-        yield s.outbox.add(received, partial.id)  # durable from here: the partial is gone
+        # Durable from here: the partial (if it was ever recorded) is gone.
+        yield s.outbox.add(received, partial.id if transfer.recorded else None)
     except BaseException:
+        if not transfer.recorded:
+            transfer.recorded = True
+            yield s.store.add(partial)
         yield s.store.checkpoint(partial.id, transfer.held, s.boot_id, s.clock.seconds())
         raise
     if offer.flow == "path" and offer.start_crc != digest.crc:

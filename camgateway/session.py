@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from camgateway import codec
 from camgateway.codec import ProtocolError
 from camgateway.deferreds import after
-from camgateway.files import FileOffer, checkpoint, release_transfer, write_pending
+from camgateway.files import FileOffer, checkpoint, record_partial, release_transfer, write_pending
 from camgateway.leases import instance_of
 from camgateway.metadata import decode_metadata
 from camgateway.services import Services
@@ -264,6 +264,7 @@ class Session(TransferSteps):
         if len(transfer.pending) > INLINE_WRITE_MAX:
             write_pending(self.s, transfer, self._written)
         else:
+            record_partial(self.s, transfer)  # (write_pending does it for its own)
             try:
                 self.s.stats.bytes_received += transfer.flush()
             except OSError as e:

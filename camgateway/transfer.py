@@ -83,7 +83,7 @@ class Transfer:
         "limit", "done_at", "_unit", "_crc", "_before_sync", "_first_after_sync",
         "_file_crc", "_seg_start", "_seg_init", "resumed_from", "crc_errors", "rewinds",
         "busy", "writing", "write_error", "pending_since", "syncing", "_truncate", "_sha",
-        "_hashed", "fd_closed",
+        "_hashed", "fd_closed", "recorded",
     )
 
     def __init__(self, partial: Partial, fd: int) -> None:
@@ -92,6 +92,11 @@ class Transfer:
         #: The spool file is closed (set once; never close :attr:`fd` again: its
         #: number may be another file's by then). See :meth:`close`.
         self.fd_closed = False
+        #: The partial is in the store (or its record is on its way there). A
+        #: new file's is made with its first write before the end, or its
+        #: first checkpoint (camgateway.files): a photo received in one go
+        #: never needs one.
+        self.recorded = True
         self.dualcam = partial.flow == "dualcam"
         #: Bytes accepted (flushed or pending).
         self.held = partial.held

@@ -109,7 +109,8 @@ class SessionTests(TestCase):
         protocol.dataReceived(codec.init_packet(5, IMEI, VIDEOF) + codec.start(3, 0))
         self.assertTrue(transport.value().endswith(codec.resume(1)))  # no job ran for it
         self.assertEqual(jobs.calls, [])
-        [partial] = services.store.partials.values()
+        partial = protocol.session.transfer.partial
+        self.assertEqual(services.store.partials, {})  # recorded with its first write or checkpoint
         self.assertNotIn(partial.spool_name, services.reserve.names())
         self.assertTrue(services.spool.path(partial.spool_name).exists())
 

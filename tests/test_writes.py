@@ -201,6 +201,7 @@ class WritePolicyTests(TestCase):
         protocol, transport = connect(self.services, peer="10.0.0.2")
         self.jobs.held = False
         protocol.dataReceived(codec.init_packet(5, IMEI + 1, VIDEOF) + codec.start(5, 0))
+        self.photo_transfer = protocol.session.transfer
         self.jobs.held = True
         transport.clear()
         protocol.dataReceived(codec.sync(1) + b"".join(data_frames(content)))
@@ -225,8 +226,10 @@ class WritePolicyTests(TestCase):
     def test_a_photo_is_written_by_its_flush_step_not_on_the_reactor(self) -> None:
         content, (protocol, transport) = self.photo_session()
         self.assertEqual(self.jobs.names(), ["_write_then_sync"])  # one step: the bytes, then fdatasync
-        [partial] = [p for p in self.services.store.partials.values() if p.imei == str(IMEI + 1)]
+        partial = self.photo_transfer.partial
         self.assertEqual(self.services.spool.path(partial.spool_name).stat().st_size, 0)  # nothing written yet
+        # Received in one go: no partial record is made, the outbox entry comes straight.
+        self.assertEqual([p for p in self.services.store.partials.values() if p.imei == str(IMEI + 1)], [])
         self.assertEqual(transport.value(), b"")  # not acknowledged before it is durable
         events = self.closes()
         self.jobs.run_all()
@@ -236,6 +239,30 @@ class WritePolicyTests(TestCase):
         self.assertEqual(stored.read_bytes(), content)
         meta = json.loads(stored.with_name(stored.name + ".json").read_text())
         self.assertEqual(meta["sha256"], hashlib.sha256(content).hexdigest())  # hashed by that step too
+
+    def test_a_photo_received_in_one_go_is_never_recorded_as_a_partial(self) -> None:
+        store = self.services.store
+        added: list[str] = []
+        enqueued: list[object] = []
+        real_add, real_enqueue = store.add, store.enqueue
+        self.patch(store, "add", lambda partial: (added.append(partial.imei), real_add(partial))[1])
+        self.patch(store, "enqueue", lambda entry, partial_id: (enqueued.append(partial_id),
+                                                                real_enqueue(entry, partial_id))[1])
+        content, (protocol, transport) = self.photo_session()
+        self.jobs.run_all()
+        self.assertEqual(transport.value(), codec.repeat_init())
+        self.assertEqual((added, enqueued), ([], [None]))  # two statements fewer per photo
+        [stored] = stored_files(self.root)
+        self.assertEqual(stored.read_bytes(), content)
+
+    def test_a_file_is_recorded_with_its_first_write(self) -> None:
+        self.assertEqual(self.services.store.partials, {})  # asked for (RESUME, SYNC): no record yet
+        self.send(TRICKLE_BYTES // 1024)
+        self.services.clock.advance(FLUSH_AGE)
+        flush_stale(self.services)  # the timer's write, inline
+        self.assertEqual(self.written(), self.content[: TRICKLE_BYTES])
+        [partial] = self.services.store.partials.values()  # so a crash from here resumes
+        self.assertEqual(partial.id, self.transfer.partial.id)
 
     def test_a_photo_whose_last_write_fails_is_kept_and_the_camera_closed(self) -> None:
         content, (protocol, transport) = self.photo_session()
