@@ -16,7 +16,7 @@ from zope.interface.verify import verifyObject
 
 from camgateway.sinks import IFileSink, ReceivedFile
 from camgateway.sinks import disk as disk_module
-from camgateway.sinks.disk import DiskSink
+from camgateway.sinks.disk import DiskSink, indented_json
 from tests.support import run_now
 
 UTC = datetime.timezone.utc
@@ -199,6 +199,16 @@ class SidecarTests(SinkTestCase):
         self.assertIsNone(sidecar["capture_time"])
         self.assertEqual(sidecar["resumed_from"], 2048)
         self.assertEqual(sidecar, json.loads(json.dumps(received.sidecar())))
+
+    def test_sidecar_text_is_what_json_dumps_with_indent_writes(self) -> None:
+        received = self.path_file(b"/mnt/sd/dsm/\xc3\xa9t\xc3\xa9.jpg\x00", capture_time=None)
+        stored = self.store(received)
+        text = stored.with_name(stored.name + ".json").read_text()
+        self.assertEqual(text, json.dumps(received.sidecar(), indent=2) + "\n")
+        for value in ({}, [], {"a": {"b": [1, 2.5, {"c": None}], "e": {}}, "f": [], "g": "\u00fc\"\n"},
+                      {"x": [[], [[]], {}, ("t", 1)]}, {"deep": {1: "non-string key", "k": [True]}},
+                      {"nan": float("nan"), "big": 1e300, "\u2603": "\U0001F600"}, [None, "s"], "s", 5):
+            self.assertEqual(indented_json(value), json.dumps(value, indent=2))
 
     def test_sidecar_sits_beside_its_own_file(self) -> None:
         stored = [self.store(self.received(content)) for content in (JPEG, JPEG[:-1], JPEG[:-2])]

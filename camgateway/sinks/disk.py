@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -46,7 +47,7 @@ from camgateway.ids import new_id
 from camgateway.sinks import IFileSink, ReceivedFile
 from camgateway.sinks.registry import check_keys
 
-__all__ = ["DiskSink", "sanitise_basename", "build_stem", "extension_for", "validate", "make"]
+__all__ = ["DiskSink", "sanitise_basename", "build_stem", "extension_for", "indented_json", "validate", "make"]
 
 
 def validate(config: Mapping[str, Any], key: str, base: Path) -> Mapping[str, Any]:
@@ -129,6 +130,39 @@ def build_stem(received: ReceivedFile) -> tuple[str, str]:
     return f"{when:%Y-%m-%d}", stem
 
 
+_key = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]  (C)
+_CONSTANTS = {None: "null", True: "true", False: "false"}
+
+
+def indented_json(value: Any, indent: str = "") -> str:
+    """``json.dumps(value, indent=2)``, exactly, at the speed of the C encoder.
+
+    With ``indent`` the standard library encodes in Python, a third of a
+    delivery's CPU for a photo's sidecar; here only the nesting is Python and
+    every leaf is encoded in C. A dict with a key that is not a string is
+    left to ``json.dumps`` whole (it converts such keys).
+    """
+    kind = type(value)
+    if kind is dict and value:
+        if not all(type(k) is str for k in value):
+            return json.dumps(value, indent=2).replace("\n", "\n" + indent)
+        inner = indent + "  "
+        return ("{\n" + ",\n".join(f"{inner}{_key(k)}: {indented_json(v, inner)}" for k, v in value.items())
+                + "\n" + indent + "}")
+    if (kind is list or kind is tuple) and value:
+        inner = indent + "  "
+        return "[\n" + ",\n".join(inner + indented_json(v, inner) for v in value) + "\n" + indent + "]"
+    if kind is str:
+        return _key(value)  # type: ignore[no-any-return]
+    if kind is int:
+        return int.__repr__(value)
+    if value is None or kind is bool:
+        return _CONSTANTS[value]
+    if kind is float and math.isfinite(value):
+        return float.__repr__(value)
+    return json.dumps(value)  # NaN and infinities, empty containers, anything else
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -194,7 +228,7 @@ class DiskSink:
         folder = f"{self._root}/{imei}/{date}"
         created = self._ensure(folder)
         ext = extension_for(received, head)
-        payload = json.dumps(received.sidecar(), indent=2).encode() + b"\n"
+        payload = indented_json(received.sidecar()).encode() + b"\n"
         temps: list[str] = []
         try:
             sidecar = self._temp(folder, stem, temps)
