@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from camgateway import codec
 from camgateway.codec import ProtocolError
 from camgateway.deferreds import after
-from camgateway.files import FileOffer, checkpoint, record_partial, release_transfer, write_pending
+from camgateway.files import FileOffer, checkpoint, release_transfer, write_pending
 from camgateway.leases import instance_of
 from camgateway.metadata import decode_metadata
 from camgateway.services import Services
@@ -261,10 +261,11 @@ class Session(TransferSteps):
         age = now - transfer.pending_since
         if age < FLUSH_AGE or (age < TRICKLE_AGE and len(transfer.pending) < TRICKLE_BYTES):
             return
-        if len(transfer.pending) > INLINE_WRITE_MAX:
+        if len(transfer.pending) > INLINE_WRITE_MAX or not transfer.recorded:
+            # (A file's first write waits for its partial's record, so that
+            # bytes in the spool are always bytes a restart resumes from.)
             write_pending(self.s, transfer, self._written)
         else:
-            record_partial(self.s, transfer)  # (write_pending does it for its own)
             try:
                 self.s.stats.bytes_received += transfer.flush()
             except OSError as e:

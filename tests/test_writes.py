@@ -23,6 +23,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from camgateway import codec, transfer
 from camgateway import files as files_module
 from camgateway.durability import HAVE_SYNCFS, GroupSync, syncfs
+from camgateway.files import record_partial
 from camgateway.protocol import CameraFactory
 from camgateway.resume_store import Partial
 from camgateway.service import flush_stale
@@ -169,7 +170,13 @@ class WritePolicyTests(TestCase):
         self.assertEqual(self.written(), self.content[: WRITE_MIN + PENDING_MAX])
         self.assertFalse(self.transfer.writing)
 
+    def recorded(self) -> None:
+        """The setUp file's partial is in the store (as after its first write)."""
+        record_partial(self.services, self.transfer)
+        self.jobs.run_all()
+
     def test_slow_camera_bytes_are_written_by_the_timer(self) -> None:
+        self.recorded()
         clock = self.services.clock
         frames = TRICKLE_BYTES // 1024
         self.send(frames)
@@ -182,6 +189,7 @@ class WritePolicyTests(TestCase):
         self.assertEqual(self.jobs.calls, [])
 
     def test_a_trickle_waits_longer(self) -> None:
+        self.recorded()
         clock = self.services.clock
         self.send(3)  # 3 KiB: under TRICKLE_BYTES
         clock.advance(FLUSH_AGE)
@@ -259,10 +267,18 @@ class WritePolicyTests(TestCase):
         self.assertEqual(self.services.store.partials, {})  # asked for (RESUME, SYNC): no record yet
         self.send(TRICKLE_BYTES // 1024)
         self.services.clock.advance(FLUSH_AGE)
-        flush_stale(self.services)  # the timer's write, inline
+        flush_stale(self.services)  # the timer's first write of the file: a step, after the record
+        self.assertEqual(self.jobs.names(), ["write_chunk"])
+        self.assertEqual(self.written(), b"")
+        [partial] = self.services.store.partials.values()  # recorded first: bytes in the spool are
+        self.assertEqual(partial.id, self.transfer.partial.id)  # always bytes a restart resumes from
+        self.jobs.run_all()
         self.assertEqual(self.written(), self.content[: TRICKLE_BYTES])
-        [partial] = self.services.store.partials.values()  # so a crash from here resumes
-        self.assertEqual(partial.id, self.transfer.partial.id)
+        self.send(3)
+        self.services.clock.advance(TRICKLE_AGE)
+        flush_stale(self.services)
+        self.assertEqual(self.jobs.names(), [])  # later small ones: inline
+        self.assertEqual(self.written(), self.content[: TRICKLE_BYTES + 3 * 1024])
 
     def test_a_photo_whose_last_write_fails_is_kept_and_the_camera_closed(self) -> None:
         content, (protocol, transport) = self.photo_session()
