@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from camgateway.groupcommit import GroupCommitThread
+from camgateway.groupcommit import BatchThread, GroupCommitThread
 
 __all__ = ["GroupSync", "syncfs", "HAVE_SYNCFS"]
 
@@ -72,7 +72,7 @@ _Item = tuple[Optional[int], Optional[Callable[[], object]], Optional[Callable[[
 
 
 class GroupSync:
-    """Flushes one filesystem for many callers at a time, on a thread of its own.
+    """Flushes one filesystem for many callers at a time, on a thread (its own, or ``shared``).
 
     ``root`` is a directory on the filesystem. Every caller's Deferred fires
     once a flush that *started after* its call has completed (or fails with
@@ -81,11 +81,12 @@ class GroupSync:
     """
 
     def __init__(self, root: Path, reactor: Any, *, fdatasync: Callable[[int], None] = os.fdatasync,
-                 syncfs: Callable[[Path], None] = syncfs, name: str = "camgateway-group-sync") -> None:
+                 syncfs: Callable[[Path], None] = syncfs, name: str = "camgateway-group-sync",
+                 shared: Optional[BatchThread] = None) -> None:
         self.root = Path(root)
         self._fdatasync = fdatasync
         self._syncfs = syncfs
-        self._thread: GroupCommitThread[_Item] = GroupCommitThread(self._flush, reactor, name)
+        self._thread: GroupCommitThread[_Item] = GroupCommitThread(self._flush, reactor, name, shared)
 
     @property
     def flushes(self) -> int:

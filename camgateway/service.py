@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from camgateway import __version__
 from camgateway.config import Config
 from camgateway.durability import GroupSync
+from camgateway.groupcommit import BatchThread
 from camgateway.leases import LeaseKeeper
 from camgateway.outbox import Outbox
 from camgateway.progress import ProgressReporter
@@ -165,8 +166,11 @@ class GatewayService(Service):
         if self.workers is not None:
             self.workers.start()
         leases = None
+        # One thread for the spool's flushes, the embedded store's commits and
+        # the disk sink's stores (camgateway.groupcommit.BatchThread).
+        batch_thread = BatchThread(self.reactor, "camgateway-disk")
         if config.resume == "sqlite":
-            store: Any = SQLiteStore(spool.store_path, self.reactor)
+            store: Any = SQLiteStore(spool.store_path, self.reactor, batch_thread)
         else:  # several instances: a shared store, leases, a shared spool
             from camgateway.redis_store import RedisLeases, RedisStore
 
@@ -176,7 +180,8 @@ class GatewayService(Service):
         self.services = Services(config, store, spool, [], self.reactor, self._run_in_thread, boot_id())
         self.services.shard = shard
         self.services.leases = leases
-        self.services.spool_sync = GroupSync(spool.root, self.reactor)
+        self.services.spool_sync = GroupSync(spool.root, self.reactor, shared=batch_thread)
+        self.services.batch_thread = batch_thread
         if self.services.own_store and not (shard is not None and shard.drain):
             # (see camgateway.reserve: needs the start-up reconcile; a drain worker takes no files)
             services = self.services

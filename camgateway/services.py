@@ -119,6 +119,9 @@ class Services:
     #: Flushes the spool's filesystem for many finishing files at once
     #: (camgateway.durability.GroupSync); None: one fdatasync per file.
     spool_sync: Any = None
+    #: The thread the spool's flushes, the embedded store and the disk sink share
+    #: (camgateway.groupcommit.BatchThread); None: each has its own.
+    batch_thread: Any = None
     #: New spool files made ahead (camgateway.reserve.SpoolReserve), or None.
     reserve: Any = None
     #: Which worker this process is (camgateway.workers.Shard), None with one process.

@@ -1,9 +1,10 @@
 """The embedded store: partial transfers and the outbox in one SQLite file.
 
-One database under the spool (``resume.sqlite``), one dedicated thread: every
+One database under the spool (``resume.sqlite``), one thread: every
 statement runs there, so the reactor never waits on the disk and statements
 never interleave; statements queued while a commit runs share the next one
-(:class:`~camgateway.groupcommit.GroupCommitThread`). The schema is
+(:class:`~camgateway.groupcommit.GroupCommitThread`, in the gateway a lane of
+the thread its spool flushes and disk sink use too). The schema is
 versioned (``version`` table); a new database is built in a temporary file
 and renamed into place, and an older one is upgraded in place, one script
 per version, inside a transaction.
@@ -21,7 +22,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from camgateway.groupcommit import GroupCommitThread
+from camgateway.groupcommit import BatchThread, GroupCommitThread
 from camgateway.outbox import IOutboxStore, OutboxEntry, remove_files
 from camgateway.resume_store import IResumeStore, Partial
 
@@ -83,7 +84,7 @@ class SQLiteStore:
     #: IOutboxStore.shared
     shared = False
 
-    def __init__(self, path: str | Path, reactor: Any = None) -> None:
+    def __init__(self, path: str | Path, reactor: Any = None, shared: Optional[BatchThread] = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -92,7 +93,7 @@ class SQLiteStore:
         self.path = str(path)
         self._db: sqlite3.Connection | None = None
         self._thread: GroupCommitThread[Callable[[sqlite3.Connection], Any]] = GroupCommitThread(
-            lambda fns: self._in_thread(fns), reactor, "camgateway-resume-store")
+            lambda fns: self._in_thread(fns), reactor, "camgateway-resume-store", shared)
         # The keys of every partial (imei, flow, identifier) -> id, once :meth:`all`
         # has read them (the start-up reconcile does), kept up to date by this
         # object's own changes (the only writer of the partials table): a file

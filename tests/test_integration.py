@@ -138,6 +138,22 @@ class FaultTests(GatewayTestCase):
         self.assertGreater(gc.get_freeze_count(), 1000)  # the start-up objects
 
     @defer.inlineCallbacks
+    def test_flushes_commits_and_disk_stores_share_one_thread(self) -> Any:
+        yield self.start_gateway()
+        s = self.gateway.services
+        rng = random.Random(4)
+        pool = ContentPool(rng, variants=2)
+        specs = [camera(n, "dualcam", rng, pool) for n in range(3)]
+        results = yield self.cameras(specs)
+        self.assertEqual([r.imei for r in results if not r.ok], [])
+        yield s.outbox.idle()
+        [sink] = s.sinks
+        lanes = [s.store._thread, s.spool_sync._thread, sink._batches]
+        self.assertEqual({id(lane._runner) for lane in lanes}, {id(s.batch_thread)})
+        self.assertTrue(all(lane.served for lane in lanes))  # each did its part of every file
+        self.assertEqual(s.batch_thread._thread.name, "camgateway-disk")
+
+    @defer.inlineCallbacks
     def test_bad_crc_frames(self) -> Any:
         yield self.start_gateway()
         rng = random.Random(2)

@@ -18,7 +18,8 @@ its sidecar. Before a delivery is reported done, all of it is made durable
 by one ``syncfs`` shared with every delivery that finished meanwhile: at
 hundreds of files a second that is one journal commit per batch instead of
 three fsyncs per file. On the spool's filesystem the deliveries waiting are
-stored together on the sink's own thread, then flushed; on another
+stored together on a thread (in the gateway, the one its store and spool
+flushes use: camgateway.groupcommit.BatchThread), then flushed; on another
 filesystem (where a store copies the file) each is stored on the shared
 pool, then flushed by :class:`~camgateway.durability.GroupSync`. Where
 ``syncfs`` is missing, the sidecar and the folders are fsynced file by file.
@@ -42,7 +43,7 @@ from zope.interface import implementer
 
 from camgateway.config import ConfigError
 from camgateway.durability import HAVE_SYNCFS, GroupSync, syncfs
-from camgateway.groupcommit import GroupCommitThread
+from camgateway.groupcommit import BatchThread, GroupCommitThread
 from camgateway.ids import new_id
 from camgateway.sinks import IFileSink, ReceivedFile
 from camgateway.sinks.registry import check_keys
@@ -63,15 +64,16 @@ def make(config: Mapping[str, Any], services: Any) -> "DiskSink":
     """A DiskSink from a validated entry.
 
     On the spool's filesystem (a store is a few links, whatever the file's
-    size) deliveries are stored in batches on a thread of the sink's own;
-    elsewhere (a store copies the file) each runs on the shared pool.
+    size) deliveries are stored in batches on a thread, the services'
+    ``batch_thread`` if they have one; elsewhere (a store copies the file) each runs on the shared pool.
     """
     root = Path(config["root"])
     if not HAVE_SYNCFS:
         return DiskSink(root, services.run_in_thread)
     spool = getattr(services, "spool", None)
     if spool is not None and _same_filesystem(root, spool.root):
-        return DiskSink(root, services.run_in_thread, batched_on=services.clock)
+        return DiskSink(root, services.run_in_thread, batched_on=services.clock,
+                        shared=getattr(services, "batch_thread", None))
     return DiskSink(root, services.run_in_thread, group=GroupSync(root, services.clock, name="camgateway-disk-sync"))
 
 
@@ -176,7 +178,7 @@ class DiskSink:
     """Stores files and sidecars under a root directory."""
 
     def __init__(self, root: Path, run_in_thread: Callable[..., Deferred], group: Optional[GroupSync] = None,
-                 *, batched_on: Any = None) -> None:
+                 *, batched_on: Any = None, shared: Optional[BatchThread] = None) -> None:
         self.root = Path(root)
         self.name = f"disk:{self.root}"
         self._run = run_in_thread
@@ -188,7 +190,7 @@ class DiskSink:
         #: one ``syncfs`` after it: a thread step per batch instead of a pool
         #: call and a group flush per file.
         self._batches: Optional[GroupCommitThread[ReceivedFile]] = (
-            GroupCommitThread(self._store_batch, batched_on, "camgateway-disk-sink")
+            GroupCommitThread(self._store_batch, batched_on, "camgateway-disk-sink", shared)
             if batched_on is not None else None)
         # Folders known to exist. A store runs on a thread other than the
         # reactor's, and every system call there gives up the GIL and waits to
