@@ -357,6 +357,8 @@ def _to_outbox(digest: Any, s: "Services", session: "Session", offer: FileOffer,
             computed_crc=digest.crc, received_at=now, capture_time=capture_time(offer.metadata),
             resumed_from=transfer.resumed_from, crc_errors=transfer.crc_errors)
         s.recent.append(received)
+        if transfer.head is not None:
+            s.heads.put(str(received.path), transfer.head)
         # Durable from here: the partial (if it was ever recorded) is gone.
         yield s.outbox.add(received, partial.id if transfer.recorded else None)
     except BaseException:

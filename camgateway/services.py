@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import threading
 from typing import TYPE_CHECKING, Any, Callable, Deque, Iterator, Optional
 
 from twisted.internet.defer import Deferred
@@ -15,7 +16,7 @@ from camgateway.spool import Spool
 if TYPE_CHECKING:
     from camgateway.session import Session
 
-__all__ = ["RecentFiles", "Services", "Stats"]
+__all__ = ["FileHeads", "RecentFiles", "Services", "Stats"]
 
 
 @dataclasses.dataclass
@@ -39,6 +40,40 @@ class Stats:
 
 #: How many recent files and failures are kept for the status service.
 RECENT = 200
+
+
+class FileHeads:
+    """The first bytes of files just finished, by spool path, until a disk sink takes them.
+
+    A photo's extension comes from its first bytes (camgateway.sinks.disk);
+    the writes saw them, so the sink need not open and read the file again:
+    three system calls less on its thread, each a GIL hand-off. Filled on the
+    reactor thread, taken on the sink's (a lock keeps the two apart); the
+    oldest are forgotten beyond ``maxlen`` (files no disk sink takes), and a
+    file without an entry (delivered after a restart, or made by a sink) is
+    read as before.
+    """
+
+    def __init__(self, maxlen: int = 1024) -> None:
+        self.maxlen = maxlen
+        self._items: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def put(self, path: str, head: bytes) -> None:
+        """Remember ``head`` for the file at ``path``."""
+        with self._lock:
+            items = self._items
+            if len(items) >= self.maxlen:
+                del items[next(iter(items))]
+            items[path] = head
+
+    def take(self, path: str) -> Optional[bytes]:
+        """The head remembered for ``path`` (forgotten from now on), or None."""
+        with self._lock:
+            return self._items.pop(path, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class RecentFiles:
@@ -114,6 +149,7 @@ class Services:
     instance: str = "local"
     #: The latest stored files (ReceivedFile, where each sink put it), newest last.
     recent: RecentFiles = dataclasses.field(default_factory=RecentFiles)
+    heads: FileHeads = dataclasses.field(default_factory=FileHeads)
     #: The latest failures: dicts with time, imei, peer, what and why, newest last.
     failures: Deque[dict[str, Any]] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=RECENT))
     #: Flushes the spool's filesystem for many finishing files at once

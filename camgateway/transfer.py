@@ -35,7 +35,7 @@ from camgateway.spool import DUALCAM_PACKET
 
 __all__ = ["Transfer", "FileDigest", "digest_file", "PACKET", "RUN_MORE", "RUN_BAD_CRC", "RUN_COMPLETE",
            "RUN_SLOW", "WRITE_MIN", "PENDING_MAX", "FLUSH_AGE", "TRICKLE_BYTES", "TRICKLE_AGE",
-           "INLINE_WRITE_MAX"]
+           "INLINE_WRITE_MAX", "HEAD_BYTES"]
 
 PACKET = DUALCAM_PACKET
 #: Pending bytes that make a write (to a pool thread).
@@ -55,6 +55,8 @@ TRICKLE_AGE = 5.0
 #: own: a slow camera's on the reactor thread, and the last of a file (when no
 #: write is in flight) by the thread that flushes it, just before the flush.
 INLINE_WRITE_MAX = 64 * 1024
+#: How much of a file's start :attr:`Transfer.head` keeps (what names its type).
+HEAD_BYTES = 16
 RUN_MORE, RUN_BAD_CRC, RUN_COMPLETE, RUN_SLOW = 0, 1, 2, 3
 _FRAME = 4 + PACKET + 2  # a whole DATA frame: header, 1024 bytes, CRC
 _BLOCK_MIN = 4  # frames worth taking as one block
@@ -83,7 +85,7 @@ class Transfer:
         "limit", "done_at", "_unit", "_crc", "_before_sync", "_first_after_sync",
         "_file_crc", "_seg_start", "_seg_init", "resumed_from", "crc_errors", "rewinds",
         "busy", "writing", "write_error", "pending_since", "syncing", "_truncate", "_sha",
-        "_hashed", "fd_closed", "recorded",
+        "_hashed", "fd_closed", "recorded", "head",
     )
 
     def __init__(self, partial: Partial, fd: int) -> None:
@@ -97,6 +99,10 @@ class Transfer:
         #: first checkpoint (camgateway.files): a photo received in one go
         #: never needs one.
         self.recorded = True
+        #: The spool file's first HEAD_BYTES bytes, once a write put them there
+        #: (None until then, or after a truncation into them): the disk sink
+        #: picks the extension from them without reading the file again.
+        self.head: Optional[bytes] = None
         self.dualcam = partial.flow == "dualcam"
         #: Bytes accepted (flushed or pending).
         self.held = partial.held
@@ -281,6 +287,8 @@ class Transfer:
         try:
             fd = self.fd
             if truncate is not None:
+                if truncate < HEAD_BYTES:
+                    self.head = None
                 os.ftruncate(fd, truncate)
             n = len(buf)
             if n:
@@ -288,6 +296,8 @@ class Transfer:
                 while done < n:  # short writes happen only near a full disk
                     with memoryview(buf) as view:
                         done += os.pwrite(fd, view[done:], offset + done)
+                if offset == 0 and n >= HEAD_BYTES:
+                    self.head = bytes(buf[:HEAD_BYTES])
             sha = self._sha
             if sha is not None:
                 if offset != self._hashed:  # rewound behind the hash: digest by reading

@@ -33,8 +33,8 @@ def make_services(root: Path, clock: Optional[task.Clock] = None, store: Any = N
     cfg = dataclasses.replace(Config(), spool=root / "spool", min_free_bytes=0, **config)
     spool = Spool(cfg.spool)
     spool.ensure()
-    sink = DiskSink(root / "files", run_now)
-    services = Services(cfg, store or MemoryStore(), spool, [sink], clock or task.Clock(), run_now, "boot-1")
+    services = Services(cfg, store or MemoryStore(), spool, [], clock or task.Clock(), run_now, "boot-1")
+    services.sinks = [DiskSink(root / "files", run_now, heads=services.heads)]
     services.outbox = Outbox(services, poll=5.0)
     services.outbox.start()
     return services

@@ -16,6 +16,7 @@ from zope.interface.verify import verifyObject
 
 from camgateway.sinks import IFileSink, ReceivedFile
 from camgateway.sinks import disk as disk_module
+from camgateway.services import FileHeads
 from camgateway.sinks.disk import DiskSink, indented_json
 from tests.support import run_now
 
@@ -293,6 +294,26 @@ class ExtensionTests(SinkTestCase):
         self.assertEqual(self.ext(self.received(JPEG)), ".jpg")
         self.assertEqual(self.ext(self.received(PTMF, source="videof", media="video")), ".ptmf")
         self.assertEqual(self.ext(self.received(MP4, source="videor", media="video")), ".mp4")
+
+    def test_the_first_bytes_the_writes_saw_spare_a_read(self) -> None:
+        heads = FileHeads()
+        self.sink = DiskSink(self.root, run_now, heads=heads)
+        reads: list[str] = []
+        real = disk_module._head
+        self.patch(disk_module, "_head", lambda path: (reads.append(path), real(path))[1])
+        known, unknown = self.received(MP4, source="videor", media="video"), self.received(PTMF)
+        heads.put(str(known.path), MP4[:16])
+        self.assertEqual((self.ext(known), self.ext(unknown)), (".mp4", ".ptmf"))
+        self.assertEqual(reads, [str(unknown.path)])  # only the file nobody had seen is read
+        self.assertEqual(len(heads), 0)  # taken: a second delivery of the same file reads it
+        self.assertEqual(self.ext(known), ".mp4")
+        self.assertEqual(reads, [str(unknown.path), str(known.path)])
+
+    def test_heads_kept_are_bounded(self) -> None:
+        heads = FileHeads(maxlen=2)
+        for n in range(3):
+            heads.put(f"/spool/{n}", b"%d" % n)
+        self.assertEqual((len(heads), heads.take("/spool/0"), heads.take("/spool/2")), (2, None, b"2"))
 
     def test_content_beats_path(self) -> None:
         self.assertEqual(self.ext(self.path_file(b"/sd/dsm/x.mp4\x00", JPEG)), ".jpg")

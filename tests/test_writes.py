@@ -79,6 +79,24 @@ def partial(total: int, held: int = 0) -> Partial:
     return Partial("p1", str(IMEI), "dualcam", b"%videof", total, 0, None, held, "boot-1", "p1.part", 0.0, 0.0)
 
 
+class HeadTests(TestCase):
+    """Transfer.head: the spool file's first bytes, as its writes put them there."""
+
+    def test_set_by_the_write_at_offset_0_and_dropped_by_a_truncation_into_them(self) -> None:
+        fd = os.open(self.mktemp(), os.O_RDWR | os.O_CREAT, 0o600)
+        self.addCleanup(os.close, fd)
+        t = Transfer(partial(3), fd)
+        t.write_chunk(bytearray(b"x" * 8), 0, None)
+        self.assertIsNone(t.head)  # (fewer than HEAD_BYTES: the sink reads them)
+        t.write_chunk(bytearray(b"\xff\xd8" + b"a" * 30), 0, 0)
+        self.assertEqual(t.head, b"\xff\xd8" + b"a" * 14)
+        t.write_chunk(bytearray(b"b" * 1024), 1024, None)
+        self.assertEqual(t.head, b"\xff\xd8" + b"a" * 14)  # later writes leave it
+        t.write_chunk(bytearray(b"c" * 100), 8, 8)
+        self.assertIsNone(t.head)  # truncated into it: unknown again
+        self.assertEqual(os.pread(fd, 16, 0), b"\xff\xd8" + b"a" * 6 + b"c" * 8)
+
+
 class BlockTests(TestCase):
     """take_run's blocks of whole frames decide exactly as frame by frame."""
 
@@ -256,10 +274,13 @@ class WritePolicyTests(TestCase):
         self.patch(store, "add", lambda partial: (added.append(partial.imei), real_add(partial))[1])
         self.patch(store, "enqueue", lambda entry, partial_id: (enqueued.append(partial_id),
                                                                 real_enqueue(entry, partial_id))[1])
+        reads: list[str] = []
+        self.patch(disk_module, "_head", lambda path: (reads.append(path), b"")[1])
         content, (protocol, transport) = self.photo_session()
         self.jobs.run_all()
         self.assertEqual(transport.value(), codec.repeat_init())
         self.assertEqual((added, enqueued), ([], [None]))  # two statements fewer per photo
+        self.assertEqual((reads, len(self.services.heads)), ([], 0))  # its first bytes came from the writes
         [stored] = stored_files(self.root)
         self.assertEqual(stored.read_bytes(), content)
 

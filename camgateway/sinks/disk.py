@@ -68,13 +68,15 @@ def make(config: Mapping[str, Any], services: Any) -> "DiskSink":
     ``batch_thread`` if they have one; elsewhere (a store copies the file) each runs on the shared pool.
     """
     root = Path(config["root"])
+    heads = getattr(services, "heads", None)
     if not HAVE_SYNCFS:
-        return DiskSink(root, services.run_in_thread)
+        return DiskSink(root, services.run_in_thread, heads=heads)
     spool = getattr(services, "spool", None)
     if spool is not None and _same_filesystem(root, spool.root):
         return DiskSink(root, services.run_in_thread, batched_on=services.clock,
-                        shared=getattr(services, "batch_thread", None))
-    return DiskSink(root, services.run_in_thread, group=GroupSync(root, services.clock, name="camgateway-disk-sync"))
+                        shared=getattr(services, "batch_thread", None), heads=heads)
+    return DiskSink(root, services.run_in_thread, group=GroupSync(root, services.clock, name="camgateway-disk-sync"),
+                    heads=heads)
 
 
 def _same_filesystem(a: Path, b: Path) -> bool:
@@ -178,7 +180,7 @@ class DiskSink:
     """Stores files and sidecars under a root directory."""
 
     def __init__(self, root: Path, run_in_thread: Callable[..., Deferred], group: Optional[GroupSync] = None,
-                 *, batched_on: Any = None, shared: Optional[BatchThread] = None) -> None:
+                 *, batched_on: Any = None, shared: Optional[BatchThread] = None, heads: Any = None) -> None:
         self.root = Path(root)
         self.name = f"disk:{self.root}"
         self._run = run_in_thread
@@ -197,6 +199,8 @@ class DiskSink:
         # win it back from a busy reactor: a delivery makes as few as it can.
         self._folders: set[str] = set()
         self._root = os.fspath(self.root)
+        #: Where the first bytes of files just finished are (camgateway.services.FileHeads).
+        self._heads = heads
 
     def close(self) -> Optional[Deferred]:
         """End the sink's thread (after the deliveries and flushes asked for)."""
@@ -225,7 +229,7 @@ class DiskSink:
         # file than the system calls they name, on a thread sharing the GIL.
         imei = received.imei if received.imei.isdigit() else "unknown"
         media = os.fspath(received.path)
-        head = _head(media)
+        head = (self._heads.take(media) if self._heads is not None else None) or _head(media)
         date, stem = build_stem(received)
         folder = f"{self._root}/{imei}/{date}"
         created = self._ensure(folder)
