@@ -93,15 +93,14 @@ class BatchThread:
                     break
             answers = []
             for lane in lanes:
-                batch = queued.get(lane)
-                if batch:
-                    answers.append((lane, lane._run(batch), [d for _, d in batch]))
+                if lane in queued:
+                    answers.append((lane, lane._run(queued[lane]), [d for _, d in queued[lane]]))
             closed = []
             for lane in closing:
                 self._closed_one()
                 closed.append(lane._closed)
             self._reactor.callFromThread(_deliver_all, answers, closed)
-            del queued, answers, batch
+            del queued, answers  # (nothing of a wake outlives its answer here)
 
 
 def _deliver_all(answers: list[tuple[Any, Any, list[defer.Deferred]]], closed: list[Any]) -> None:
@@ -129,7 +128,6 @@ class GroupCommitThread(Generic[Item]):
         self._runner = shared if shared is not None else BatchThread(reactor, name)
         self._runner._add(self)
         self._closed: defer.Deferred | None = None
-        self._submitted = False
         #: Batches run and items they served (for tests and metrics).
         self.batches = 0
         self.served = 0
@@ -139,7 +137,6 @@ class GroupCommitThread(Generic[Item]):
         if self._closed is not None:
             return defer.fail(RuntimeError(f"{self.name} is closed"))
         d: defer.Deferred = defer.Deferred()
-        self._submitted = True
         self._runner._put((self, (item, d)))
         return d
 
