@@ -38,7 +38,7 @@ from zope.interface import implementer
 __all__ = ["AtomicLines", "JSONLineObserver", "TurnBuffer", "WatchedFile", "event_record", "json_observer",
            "observer_for"]
 
-_TOP = ("time", "level", "namespace", "message", "error", "traceback")
+_TOP = frozenset({"time", "level", "namespace", "message", "error", "traceback"})
 #: Keys of legacy (twisted.python.log) events that are not fields.
 _LEGACY = {"message", "isError", "system", "time", "format", "why", "failure", "printed", "logLevel"}
 
@@ -96,7 +96,7 @@ def _time(t: float) -> str:
     return f"{cached[1]}.{micros // 1000:03d}Z"
 
 
-_PLAIN = (str, int, bool, type(None))
+_PLAIN = frozenset({str, int, bool, type(None)})
 
 
 def event_record(event: dict[str, Any]) -> dict[str, Any]:
@@ -109,10 +109,14 @@ def event_record(event: dict[str, Any]) -> dict[str, Any]:
         "message": _message(event),
     }
     legacy = "isError" in event and "message" in event  # from twisted.python.log
+    isfinite = math.isfinite
     for key, value in event.items():
         if key.startswith("log_") or (legacy and key in _LEGACY):
             continue
-        record[f"field_{key}" if key in _TOP else key] = value if type(value) in _PLAIN else _jsonable(value)
+        kind = type(value)
+        if kind not in _PLAIN and not (kind is float and isfinite(value)):
+            value = _jsonable(value)
+        record["field_" + key if key in _TOP else key] = value
     failure = event.get("log_failure")
     if failure is not None:
         record["error"] = f"{getattr(failure.type, '__name__', failure.type)}: {failure.getErrorMessage()}"
@@ -223,6 +227,11 @@ class AtomicLines:
         return os.isatty(self.fd)
 
 
+#: json.dumps(..., ensure_ascii=False, separators=(",", ":")) without making an
+#: encoder per line (a third of the encoding's time).
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 @implementer(ILogObserver)
 class JSONLineObserver:
     """Writes one JSON object per event and line to a text stream, flushed each time."""
@@ -232,7 +241,7 @@ class JSONLineObserver:
 
     def __call__(self, event: dict[str, Any]) -> None:
         try:
-            line = json.dumps(event_record(event), ensure_ascii=False, separators=(",", ":"))
+            line = _encode(event_record(event))
         except Exception as e:  # a log line must never take the gateway down
             line = json.dumps({"time": None, "level": "error", "namespace": "camgateway.logs",
                                "message": f"unloggable event: {e!r}"})
