@@ -163,6 +163,14 @@ def _open_or_create(partial: Optional[Partial], s: "Services", offer: FileOffer)
     return Transfer(partial, fd)
 
 
+def _record(s: "Services", transfer: Transfer) -> Optional[defer.Deferred]:
+    """Ask the store to record the transfer's partial, once; None if it was asked before."""
+    if transfer.recorded:
+        return None
+    transfer.recorded = True
+    return s.store.add(transfer.partial)
+
+
 def record_partial(s: "Services", transfer: Transfer) -> None:
     """Put the transfer's partial in the store if it is not there yet, before its next steps.
 
@@ -170,11 +178,9 @@ def record_partial(s: "Services", transfer: Transfer) -> None:
     statements queued after this one on the store's thread. If the record
     fails, so do the steps queued on ``busy`` after it.
     """
-    if transfer.recorded:
-        return
-    transfer.recorded = True
-    added = s.store.add(transfer.partial)
-    transfer.busy.addCallback(lambda _: added)
+    added = _record(s, transfer)
+    if added is not None:
+        transfer.busy.addCallback(lambda _: added)
 
 
 def write_pending(s: "Services", transfer: Transfer, then: Optional[Callable[[Transfer], None]] = None) -> None:
@@ -334,12 +340,10 @@ def finish_transfer(s: "Services", session: "Session", offer: FileOffer, transfe
 def _keep(failure: Failure, s: "Services", transfer: Transfer) -> Any:
     """The file could not be made durable: close it and keep it, recorded, for the camera's next offer."""
     transfer.close()
-    if not transfer.recorded:
-        transfer.recorded = True
-        try:
-            yield s.store.add(transfer.partial)
-        except Exception:
-            log.failure("could not record the partial {id} of a file that failed to store", id=transfer.partial.id)
+    try:
+        yield _record(s, transfer)
+    except Exception:
+        log.failure("could not record the partial {id} of a file that failed to store", id=transfer.partial.id)
     return failure
 
 
@@ -362,9 +366,7 @@ def _to_outbox(digest: Any, s: "Services", session: "Session", offer: FileOffer,
         # Durable from here: the partial (if it was ever recorded) is gone.
         yield s.outbox.add(received, partial.id if transfer.recorded else None)
     except BaseException:
-        if not transfer.recorded:
-            transfer.recorded = True
-            yield s.store.add(partial)
+        yield _record(s, transfer)
         yield s.store.checkpoint(partial.id, transfer.held, s.boot_id, s.clock.seconds())
         raise
     if offer.flow == "path" and offer.start_crc != digest.crc:

@@ -343,7 +343,8 @@ def _committed(outcomes: list[Any]) -> list[Any]:
             try:
                 outcomes[i] = outcome.run()
             except Exception:
-                outcomes[i] = Failure()
+                failure = outcomes[i] = Failure()
+                failure.cleanFailure()  # (it crosses to the reactor's thread, as GroupCommitThread's do)
     return outcomes
 
 

@@ -57,8 +57,7 @@ from camgateway.codec import INIT_SIZE, init_imei
 
 
 __all__ = ["Shard", "shard_of", "worker_spool", "worker_folders", "children_needed", "handoff_frame",
-           "parse_handoff",
-           "Dispatcher", "DispatchFactory", "WorkerProcess", "Workers", "HANDOFF_WAIT"]
+           "parse_handoff", "Dispatcher", "DispatchFactory", "WorkerProcess", "Workers", "HANDOFF_WAIT"]
 
 log = Logger(namespace="camgateway.workers")
 
