@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from camgateway.codec import FrameDecoder, ProtocolError
 from camgateway.services import Services
 from camgateway.session import Session
-from camgateway.sockets import write_now
+from camgateway.sockets import set_read_mark, write_now
 
 __all__ = ["CameraProtocol", "CameraFactory"]
 
@@ -81,6 +81,10 @@ class CameraProtocol(Protocol, TimeoutMixin):
     def send(self, data: bytes) -> None:
         """Write to the camera (one ``send`` when nothing is queued: :func:`camgateway.sockets.write_now`)."""
         write_now(self.transport, data)
+
+    def set_read_mark(self, nbytes: int) -> bool:
+        """Be reported readable once ``nbytes`` wait (plain TCP only: :func:`camgateway.sockets.set_read_mark`)."""
+        return set_read_mark(self.transport, nbytes)
 
     def close(self) -> None:
         """Close after what was written is sent."""

@@ -27,6 +27,7 @@ from camgateway.leases import instance_of
 from camgateway.metadata import decode_metadata
 from camgateway.services import Services
 from camgateway.session_transfer import TransferSteps
+from camgateway.slow_reads import READ_WAIT, SlowReads
 from camgateway.states import S, State
 from camgateway.status_codes import status_meaning
 from camgateway.transfer import (FLUSH_AGE, INLINE_WRITE_MAX, PENDING_MAX, TRICKLE_AGE, TRICKLE_BYTES, WRITE_MIN,
@@ -92,6 +93,10 @@ class Link:
     def resume(self) -> None:
         """Read from the camera again."""
 
+    def set_read_mark(self, nbytes: int) -> bool:
+        """Be read only once ``nbytes`` wait (:mod:`camgateway.slow_reads`); False if the link cannot."""
+        return False
+
 
 class Session(TransferSteps):
     """The protocol state machine of one camera connection.
@@ -133,6 +138,8 @@ class Session(TransferSteps):
         self._after: Optional[Callable[[], None]] = None
         #: The camera's socket is paused until a write is over.
         self._paused = False
+        #: Slow cameras are read a few frames at a time while receiving (the idle timeout stays far).
+        self._reads = SlowReads(link, min(READ_WAIT, self.config.idle_timeout / 4))
         #: Fires when the connection is gone and every byte held is persisted.
         self.finished: defer.Deferred = defer.Deferred()
         self._arm(self.config.step_timeout, "step_timeout")
@@ -148,6 +155,8 @@ class Session(TransferSteps):
         if new not in targets:  # a bug, not the device's fault
             raise AssertionError(f"{handler} went {self.state} -> {new}")
         self.state = new
+        if new is not S.RECEIVING and self._reads.mark != 1:
+            self._reads.drop()
         after, self._after = self._after, None
         if after is not None:
             after()
@@ -230,10 +239,15 @@ class Session(TransferSteps):
         self._input("bad_crc" if status == 1 else "complete")
 
     def batch_end(self) -> None:
-        """Once per read: hand what was received to a writer, checkpoint now and then."""
+        """Once per read: hand what was received to a writer, checkpoint now and then, pace slow reads."""
         transfer = self.transfer
-        if transfer is not None and transfer.pending:
-            self._write(transfer)
+        if transfer is not None:
+            if transfer.pending:
+                self._write(transfer)
+            if self.state is S.RECEIVING:
+                held = transfer.held
+                self._reads.read(self.s.clock.seconds(), held,
+                                 transfer.done_at - held - self.decoder.buffered)  # type: ignore[union-attr]
 
     def _write(self, transfer: Transfer) -> None:
         """The write policy (see :mod:`camgateway.transfer`): batch, bound, pause."""
@@ -253,7 +267,10 @@ class Session(TransferSteps):
         """Write pending bytes that have waited :data:`FLUSH_AGE` seconds (called by a timer).
 
         Fewer than :data:`TRICKLE_BYTES` wait :data:`TRICKLE_AGE` seconds.
+        A camera held by its read mark and not read for long is read at once.
         """
+        if self._reads.mark != 1:
+            self._reads.stale(now)
         transfer = self.transfer
         if (transfer is None or transfer.writing or not transfer.pending or transfer.pending_since is None
                 or not self.connected):

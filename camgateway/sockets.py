@@ -1,4 +1,4 @@
-"""Writing to a TCP connection with one ``send(2)`` when nothing is queued.
+"""Plain TCP connections: one ``send(2)`` when nothing is queued, and a read mark.
 
 ``transport.write`` on an idle Twisted TCP connection queues the bytes,
 registers the socket for writing (an ``epoll_ctl``), sends in a later
@@ -7,15 +7,20 @@ whose writes are small and far apart, the gateway's replies and an emulated
 camera's frames, that machinery costs more than the ``send`` itself: under
 photo load (four replies a file) it was a tenth of the gateway's reactor
 thread, and most of the emulator's CPU for 10,000 slow cameras.
+
+:func:`set_read_mark` sets the socket's receive low-water mark, so that a
+slow camera's connection is read a few frames at a time
+(:mod:`camgateway.slow_reads`).
 """
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet.tcp import Client, Server
 
-__all__ = ["write_now"]
+__all__ = ["write_now", "set_read_mark"]
 
 _PLAIN_TCP = (Server, Client)
 
@@ -44,3 +49,20 @@ def write_now(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def set_read_mark(transport: Any, nbytes: int) -> bool:
+    """Set the receive low-water mark (``SO_RCVLOWAT``) of a plain TCP connection.
+
+    The socket is then reported readable once ``nbytes`` are waiting, or at
+    its end or an error, whatever the mark (1 is every byte, the default).
+    False for any other transport (TLS, a test's), a connection that is gone,
+    or a system without the option: nothing was changed.
+    """
+    if type(transport) not in _PLAIN_TCP or not transport.connected or not hasattr(socket, "SO_RCVLOWAT"):
+        return False
+    try:
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
+    except OSError:
+        return False
+    return True
