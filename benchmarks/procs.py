@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 __all__ = ["Sample", "sample", "free_port", "raise_nofile", "nofile_hard", "Server", "fd_count", "machine_busy",
-           "wait_for_quiet"]
+           "wait_for_quiet", "tcp_memory_kb"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -119,6 +119,24 @@ def wait_for_quiet(limit: float = 0.25, window: float = 1.0, timeout: float = 60
         level = (machine_busy() - before) / window
         if level < limit or time.monotonic() >= deadline:
             return level
+
+
+def tcp_memory_kb() -> int:
+    """KiB the kernel holds for every TCP socket of the machine (``/proc/net/sockstat``, ``TCP: ... mem``).
+
+    Bytes a server leaves in its sockets' receive queues (the gateway's read
+    mark holds a slow camera's few frames there) are memory too, outside
+    its RSS.
+    """
+    try:
+        with open("/proc/net/sockstat") as f:
+            for line in f:
+                if line.startswith("TCP:"):
+                    fields = line.split()
+                    return int(fields[fields.index("mem") + 1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return -1
 
 
 def fd_count(pid: int) -> int:

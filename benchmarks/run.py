@@ -28,14 +28,20 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procs import Server, fd_count, free_port, machine_busy, raise_nofile, sample, wait_for_quiet  # noqa: E402
+from procs import (Server, fd_count, free_port, machine_busy, raise_nofile, sample, tcp_memory_kb,  # noqa: E402
+                   wait_for_quiet)
+from camgateway.transfer import FLUSH_AGE, TRICKLE_AGE  # noqa: E402
 from report import metrics, print_report, profile_top  # noqa: E402
 from scenarios import SCENARIOS, Load, plan  # noqa: E402
 from verify import scan_gateway_log, verify_floor, verify_gateway  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
-SETTLE = 2.0  # seconds between "slow cameras all mid-transfer" and the RSS reading
+#: Seconds between "slow cameras all mid-transfer" and the RSS reading (then the fast cameras start):
+#: until the last camera to connect has had its first spool write (which records its partial, once
+#: per file: TRICKLE_AGE after its first bytes, at the next scan), so that idle-10k measures slow
+#: links as they run for hours, not the seconds after 10,000 cameras connected.
+SETTLE = TRICKLE_AGE + FLUSH_AGE + 1.0
 
 
 def gateway_config(workdir: Path, port: int, workers: str = "1") -> Path:
@@ -128,6 +134,7 @@ class Events:
                 time.sleep(SETTLE)
                 ev["settled"] = sample(self.server.pid)
                 ev["server_fds"] = fd_count(self.server.pid)
+                ev["tcp_mem_kb"] = tcp_memory_kb()
                 self.go_file.touch()
             if ev["event"] == "done" and proc == self.measured_proc:
                 self._wait_for_sink()
@@ -189,6 +196,7 @@ def run_one(load: Load, target: str, base: Path, opts: argparse.Namespace,
         time.sleep(0.5)
         out["idle"] = sample(server.pid)
         out["idle_fds"] = fd_count(server.pid)
+        out["idle_tcp_mem_kb"] = tcp_memory_kb()
         go_file = workdir / "go" if any(g.get("phase") for g in load.groups) else None
         stop_file = workdir / "stop"
         procs = sorted({g.get("process", 0) for g in load.groups})
