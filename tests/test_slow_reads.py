@@ -206,12 +206,17 @@ class SessionTests(TestCase):
         [stored] = stored_files(self.root)
         self.assertEqual(stored.read_bytes(), content)
 
-    def test_a_bad_crc_drops_the_mark(self) -> None:
-        frames = self.begin(random.Random(2).randbytes(64 * KIB))
+    def held(self, seed: int) -> list[bytes]:
+        """A 64 KiB video's first four frames, a second apart: the connection is held; its frames."""
+        frames = self.begin(random.Random(seed).randbytes(64 * KIB))
         for frame in frames[:4]:
             self.clock.advance(1.0)
             self.protocol.dataReceived(frame)
         self.assertEqual(self.mark, HELD)
+        return frames
+
+    def test_a_bad_crc_drops_the_mark(self) -> None:
+        frames = self.held(2)
         bad = bytearray(frames[4])
         bad[10] ^= 0xFF
         self.protocol.dataReceived(bytes(bad))
@@ -219,11 +224,7 @@ class SessionTests(TestCase):
         self.assertEqual(self.mark, 1)
 
     def test_a_status_in_the_middle_of_a_held_file_is_read_by_the_scan(self) -> None:
-        frames = self.begin(random.Random(3).randbytes(64 * KIB))
-        for frame in frames[:4]:
-            self.clock.advance(1.0)
-            self.protocol.dataReceived(frame)
-        self.assertEqual(self.mark, HELD)
+        self.held(3)
         # The camera sends STATUS (8 bytes, under the mark) and waits: the kernel holds it...
         for _ in range(int(2 * READ_WAIT / 0.5)):
             self.clock.advance(0.5)
