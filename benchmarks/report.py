@@ -269,7 +269,7 @@ def print_report(results: list[tuple[Load, dict[str, Any]]], context: dict[str, 
                 f"mid-transfer after {m['connect_seconds']:.1f} s; {m['slow_still_connected_at_end']} still "
                 f"connected at the end); RSS {m['rss_before_slow_MB']:.0f} MB -> {m['rss_with_slow_MB']:.0f} MB "
                 f"= {m['per_connection_KB']:.1f} KB per connection, {m['server_fds_with_slow']} fds; "
-                + (f"kernel TCP buffers +{m['kernel_per_connection_KB']:.1f} KB per connection; "
+                + (f"kernel TCP buffers {m['kernel_per_connection_KB']:+.1f} KB per connection; "
                    if m.get("kernel_per_connection_KB") is not None else "") +
                 f"peak {m['peak_rss_MB']:.0f} MB with the 100 fast ones")
     lines.append("")
