@@ -275,11 +275,29 @@ def _has_unwritten(transfer: Transfer) -> bool:
 
 
 def release_transfer(s: "Services", transfer: Transfer) -> defer.Deferred:
-    """The connection ended mid-file: persist what is held and close the spool file."""
+    """The connection ended mid-file: persist what is held and close the spool file.
+
+    Until that is done, a new offer of the same file waits for it, as for a
+    file being finished (``s.finishing``, :func:`open_transfer`): a camera
+    that reconnects at once resumes from what this release persists, not
+    from the record as it was before (its first checkpoint waits for a
+    ``fdatasync``), and never gets a second writer on the same spool file.
+    """
     if _has_unwritten(transfer):
         write_pending(s, transfer)
     checkpoint(s, transfer, hold=True)
     transfer.busy.addBoth(lambda _: transfer.close())
+    partial = transfer.partial
+    key = (partial.imei, partial.flow, partial.identifier)
+    if key not in s.finishing:
+        released = after(transfer.busy)
+        s.finishing[key] = released
+
+        def done(_: object) -> None:
+            if s.finishing.get(key) is released:
+                del s.finishing[key]
+
+        released.addBoth(done)
     return transfer.busy
 
 

@@ -137,8 +137,9 @@ class Services:
     sessions: dict[str, "Session"] = dataclasses.field(default_factory=dict)
     #: Work that must finish before shutdown (finalising and delivering files).
     pending: set[Deferred] = dataclasses.field(default_factory=set)
-    #: Files being finished (digest, sinks), by identity: a new offer of the
-    #: same file waits for them.
+    #: Files being finished (digest, sinks), or released (a lost connection's
+    #: partial being persisted), by identity: a new offer of the same file
+    #: waits for them.
     finishing: dict[tuple[str, str, bytes], Deferred] = dataclasses.field(default_factory=dict)
     accepting: bool = True
     #: The outbox delivering finished files to the sinks (camgateway.outbox.Outbox).

@@ -327,6 +327,22 @@ class WritePolicyTests(TestCase):
         [kept] = self.services.store.partials.values()
         self.assertEqual(kept.held, 3 * 1024)
 
+    def test_a_camera_that_reconnects_at_once_resumes_from_what_its_lost_connection_persists(self) -> None:
+        self.send(3)
+        self.protocol.connectionLost(None)  # gone: its bytes and checkpoint wait for the disk
+        protocol, transport = connect(self.services, peer="10.0.0.2")
+        protocol.dataReceived(codec.init_packet(5, IMEI, VIDEOF) + codec.start(len(self.frames), 0))
+        print("VALUE", transport.value(), protocol.session.state, self.jobs.names(), self.services.store.partials)
+        self.assertEqual(protocol.session.state, State.PREPARING)
+        # The new offer waits for the release: it neither reads the record as it was before the
+        # release's checkpoint (a SQLite store answers held 0 there) nor opens the spool file the
+        # release is still writing (it did: reconcile_partial beside write_chunk).
+        self.assertEqual(self.jobs.names(), ["write_chunk"])
+        self.assertNotIn(codec.resume(1), transport.value())
+        self.jobs.run_all()
+        self.assertEqual(transport.value()[-8:], codec.resume(4))
+        self.assertEqual(self.services.finishing, {})
+
     def test_whole_file_digest_comes_from_the_writes(self) -> None:
         self.jobs.held = False
         self.send(len(self.frames))
