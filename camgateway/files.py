@@ -287,18 +287,21 @@ def release_transfer(s: "Services", transfer: Transfer) -> defer.Deferred:
         write_pending(s, transfer)
     checkpoint(s, transfer, hold=True)
     transfer.busy.addBoth(lambda _: transfer.close())
-    partial = transfer.partial
-    key = (partial.imei, partial.flow, partial.identifier)
-    if key not in s.finishing:
-        released = after(transfer.busy)
-        s.finishing[key] = released
-
-        def done(_: object) -> None:
-            if s.finishing.get(key) is released:
-                del s.finishing[key]
-
-        released.addBoth(done)
+    if transfer.partial.key not in s.finishing:
+        _finishing(s, transfer.partial.key, after(transfer.busy))
     return transfer.busy
+
+
+def _finishing(s: "Services", key: tuple[str, str, bytes], d: defer.Deferred) -> None:
+    """Until ``d`` fires, a new offer of the file ``key`` waits for it (:func:`open_transfer`)."""
+    s.finishing[key] = d
+
+    def done(result: object) -> object:
+        if s.finishing.get(key) is d:
+            del s.finishing[key]
+        return result
+
+    d.addBoth(done)
 
 
 def finish_transfer(s: "Services", session: "Session", offer: FileOffer, transfer: Transfer) -> defer.Deferred:
@@ -342,15 +345,9 @@ def finish_transfer(s: "Services", session: "Session", offer: FileOffer, transfe
     d.addCallback(digest)
     d.addErrback(_keep, s, transfer)
     d.addCallback(_to_outbox, s, session, offer, transfer)
-    s.finishing[offer.key] = d
-
-    def done(result: object) -> object:
-        if s.finishing.get(offer.key) is d:
-            del s.finishing[offer.key]
-        return result
-
+    _finishing(s, offer.key, d)
     result: defer.Deferred = defer.Deferred()
-    d.addBoth(done).chainDeferred(result)
+    d.chainDeferred(result)
     return result
 
 

@@ -31,13 +31,13 @@ class MemoryStore:
 
     def find(self, imei: str, flow: str, identifier: bytes) -> "Deferred[Optional[Partial]]":
         for p in self.partials.values():
-            if (p.imei, p.flow, p.identifier) == (imei, flow, identifier):
+            if p.key == (imei, flow, identifier):
                 return succeed(dataclasses.replace(p))
         return succeed(None)
 
     def add(self, partial: Partial) -> "Deferred[None]":
         for other in list(self.partials.values()):
-            if (other.imei, other.flow, other.identifier) == (partial.imei, partial.flow, partial.identifier):
+            if other.key == partial.key:
                 del self.partials[other.id]
         self.partials[partial.id] = dataclasses.replace(partial)
         return succeed(None)

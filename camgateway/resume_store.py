@@ -54,6 +54,11 @@ class Partial:
     first_seen: float
     last_seen: float
 
+    @property
+    def key(self) -> tuple[str, str, bytes]:
+        """The file's identity (what :meth:`IResumeStore.find` looks up; ``FileOffer.key``)."""
+        return (self.imei, self.flow, self.identifier)
+
     def matches(self, total: int, start_crc: int, meta_timestamp: Optional[str]) -> bool:
         """Whether a file offered now is the one this partial holds the start of."""
         if total != self.total or start_crc != self.start_crc:

@@ -68,7 +68,7 @@ class SlowReads:
     __slots__ = ("_link", "wait", "mark", "_at", "_held")
 
     def __init__(self, link: ReadMarkLink, wait: float = READ_WAIT) -> None:
-        self._link: Optional[ReadMarkLink] = link if hasattr(link, "set_read_mark") else None
+        self._link: Optional[ReadMarkLink] = link
         #: Seconds of the camera's rate a mark holds.
         self.wait = wait
         #: The mark in force (1: every byte is read as it comes).
@@ -78,11 +78,13 @@ class SlowReads:
 
     def read(self, now: float, held: int, left: int) -> None:
         """A read while receiving is over: the file's ``held`` bytes, ``left`` at least still to come on the wire."""
+        if self._link is None:  # a link that cannot hold
+            return
         at, before = self._at, self._held
         if at is not None and held == before:  # no frame completed: the rate is measured between reads that did
             return
         self._at, self._held = now, held
-        if self._link is None or at is None:  # cannot hold, or the first read of this stretch: a rate needs two
+        if at is None:  # the first read of this stretch: a rate needs two
             return
         got = held - before
         if self.mark == 1 and got > MARK_MIN:  # a camera that is not slow

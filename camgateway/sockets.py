@@ -23,6 +23,7 @@ from twisted.internet.tcp import Client, Server
 __all__ = ["write_now", "set_read_mark"]
 
 _PLAIN_TCP = (Server, Client)
+_SO_RCVLOWAT: Any = getattr(socket, "SO_RCVLOWAT", None)
 
 
 def write_now(transport: Any, data: bytes) -> None:
@@ -59,10 +60,10 @@ def set_read_mark(transport: Any, nbytes: int) -> bool:
     False for any other transport (TLS, a test's), a connection that is gone,
     or a system without the option: nothing was changed.
     """
-    if type(transport) not in _PLAIN_TCP or not transport.connected or not hasattr(socket, "SO_RCVLOWAT"):
+    if type(transport) not in _PLAIN_TCP or not transport.connected or _SO_RCVLOWAT is None:
         return False
     try:
-        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
+        transport.socket.setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, nbytes)
     except OSError:
         return False
     return True

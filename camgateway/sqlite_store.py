@@ -219,7 +219,7 @@ class SQLiteStore:
         values = (partial.id, partial.imei, partial.flow, partial.identifier, partial.total, partial.start_crc,
                   partial.meta_timestamp, partial.held, partial.boot_id, partial.spool_name, partial.first_seen,
                   partial.last_seen)  # _COLUMNS (not dataclasses.astuple: a deep copy per field)
-        key = (partial.imei, partial.flow, partial.identifier)
+        key = partial.key
         if self._keys is not None:
             old = self._keys.get(key)
             if old is not None:
@@ -257,8 +257,8 @@ class SQLiteStore:
             keys: dict[tuple[str, str, bytes], str] = {}
             key_of: dict[str, tuple[str, str, bytes]] = {}
             for p in partials:
-                keys[(p.imei, p.flow, p.identifier)] = p.id
-                key_of[p.id] = (p.imei, p.flow, p.identifier)
+                keys[p.key] = p.id
+                key_of[p.id] = p.key
             for partial_id, key in self._key_of.items():  # added meanwhile (removals only leave stale keys)
                 keys[key] = partial_id
                 key_of[partial_id] = key

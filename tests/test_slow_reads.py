@@ -116,12 +116,6 @@ class SlowReadsTests(TestCase):
         self.read(KIB, 1.0)
         self.assertEqual((self.reads.mark, self.link.asked), (1, [4 * FRAME]))
 
-    def test_a_link_without_marks(self) -> None:
-        reads = SlowReads(object(), wait=4.0)  # type: ignore[arg-type]
-        reads.read(1.0, KIB, 10**9)
-        reads.read(2.0, 2 * KIB, 10**9)
-        self.assertEqual(reads.mark, 1)
-
 
 class SocketTests(TestCase):
     """The mark on real sockets, and on transports that have none."""
