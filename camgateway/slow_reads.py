@@ -29,9 +29,10 @@ A byte held by the kernel is a byte not yet received: the camera has been
 told nothing about it, and a crash or a closed connection loses it as it
 would lose a byte still on the wire (the camera sends it again from the
 resume offset). The cost is kernel memory: each held connection keeps up to
-its mark in its receive queue (4.1 KB per connection on average, measured
-for the benchmark's 9,850 cameras at 1 KiB/s, beside 10.6 KB of RSS; the
-benchmark's report counts both).
+its mark in its receive queue (6.2 KB per connection on average, measured
+for the benchmark's 9,850 cameras at 1 KiB/s, beside 10.4 KB of RSS; the
+benchmark's report counts both), and latency: a STATUS sent in the middle
+of a file waits up to twice :data:`READ_WAIT` for the scan.
 
 Only plain TCP connections are held (the link says whether it can); TLS
 ones are read as they come.
@@ -46,7 +47,10 @@ from camgateway.transfer import PACKET
 __all__ = ["SlowReads", "ReadMarkLink", "READ_WAIT", "FRAME", "MARK_MIN", "MARK_MAX"]
 
 #: Seconds of a slow camera's data the kernel may hold before the gateway reads it.
-READ_WAIT = 4.0
+#: 8 s (8 frames a read at 1 KiB/s) costs the gateway 14-20 µs per slow frame,
+#: against 25-34 µs with 4 s and 13-19 µs with 16 s (slow cameras alone,
+#: benchmarks/README.md step 39): past 8 s the reads are no longer what costs.
+READ_WAIT = 8.0
 #: Bytes of a whole DATA frame on the wire (header, 1024 bytes, CRC).
 FRAME = 4 + PACKET + 2
 #: Marks under two frames are not worth a system call; reads that bring more are not slow.
