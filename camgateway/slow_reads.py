@@ -29,8 +29,8 @@ A byte held by the kernel is a byte not yet received: the camera has been
 told nothing about it, and a crash or a closed connection loses it as it
 would lose a byte still on the wire (the camera sends it again from the
 resume offset). The cost is kernel memory: each held connection keeps up to
-its mark in its receive queue (6.2 KB per connection on average, measured
-for the benchmark's 9,850 cameras at 1 KiB/s, beside 10.4 KB of RSS; the
+its mark in its receive queue (6.4 KB per connection on average, measured
+for the benchmark's 9,850 cameras at 1 KiB/s, beside 10.0 KB of RSS; the
 benchmark's report counts both), and latency: a STATUS sent in the middle
 of a file waits up to twice :data:`READ_WAIT` for the scan.
 
