@@ -249,6 +249,56 @@ class ProgressTests(GatewayTestCase):
         self.assertIn("transfer progress: camera", first["log_format"])
 
 
+class ProgressBatchTests(TestCase):
+    """Thousands of transfers' progress events are logged a batch per reactor turn, not all in one."""
+
+    def setUp(self) -> None:
+        import camgateway.progress as progress
+
+        self.events: list[dict[str, Any]] = []
+        self.patch(progress, "log", Logger(namespace="camgateway.progress", observer=self.events.append))
+        self.clock = task.Clock()
+        self.clock.advance(1000)
+        self.services = Fake(sessions={}, clock=self.clock)
+        for i in range(600):
+            transfer = Fake(held=5000, resumed_from=0, limit=10_000)
+            offer = Fake(printable=f"file{i}", camera="dualcam")
+            self.services.sessions[str(i)] = Fake(imei=i, transfer=transfer, offer=offer, connected=True,
+                                                  file_started_at=990.0, link=Fake(peer="127.0.0.1:1"))
+        self.reporter = progress.ProgressReporter(lambda: self.services, batch=256)
+
+    def turn(self) -> None:
+        """One reactor turn: the calls due now, not those they make (task.Clock.advance would run those too)."""
+        due = [call for call in self.clock.getDelayedCalls() if call.getTime() <= self.clock.seconds()]
+        for call in due:
+            self.clock.calls.remove(call)
+            call.func(*call.args, **call.kw)
+
+    def test_one_batch_a_turn(self) -> None:
+        self.reporter()
+        self.assertEqual(len(self.events), 256)  # the rest wait for the next turns
+        self.reporter()  # a tick while the last one's events are still being logged: nothing more
+        self.assertEqual(len(self.events), 256)
+        self.turn()
+        self.assertEqual(len(self.events), 512)
+        self.services.sessions["599"].connected = False  # gone before its turn came
+        self.turn()
+        self.assertEqual(len(self.events), 599)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(len({e["imei"] for e in self.events}), 599)
+        self.assertEqual(self.events[0]["rate"], 500)  # 5,000 bytes in the 10 s since the file began
+        self.clock.advance(30)
+        self.reporter()  # the next tick starts afresh
+        self.assertEqual(len(self.events), 599 + 256)
+
+
+class Fake:
+    """An object with the given attributes."""
+
+    def __init__(self, **attributes: Any) -> None:
+        self.__dict__.update(attributes)
+
+
 class TwistdLogTests(TestCase):
     """``twistd camgateway`` with JSON logs: standard output, --logger, and a log.file that logrotate moves."""
 
