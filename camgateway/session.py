@@ -147,15 +147,16 @@ class Session(TransferSteps):
     # -- the table
 
     def _input(self, name: str, *args: Any) -> None:
-        row = TRANSITIONS.get((self.state, name))
+        old = self.state
+        row = TRANSITIONS.get((old, name))
         if row is None:
-            raise ProtocolError(f"unexpected {name} while {self.state.value}", kind="unexpected")
+            raise ProtocolError(f"unexpected {name} while {old.value}", kind="unexpected")
         handler, targets = row
         new = getattr(self, handler)(*args)
         if new not in targets:  # a bug, not the device's fault
             raise AssertionError(f"{handler} went {self.state} -> {new}")
         self.state = new
-        if new is not S.RECEIVING and self._reads.mark != 1:
+        if old is S.RECEIVING and new is not S.RECEIVING:  # the stretch of reads is over, held or not
             self._reads.drop()
         after, self._after = self._after, None
         if after is not None:

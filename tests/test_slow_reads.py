@@ -245,6 +245,20 @@ class SessionTests(TestCase):
         self.assertEqual(self.marks.asked, [])
 
 
+    def test_each_file_measures_its_rate_afresh(self) -> None:
+        # A short file read at once (never held), a pause, then a slow file:
+        # it is held from its first frame, its rate measured from its own SYNC,
+        # not from anything the first file's reads left.
+        frames = self.begin(random.Random(5).randbytes(4 * KIB))
+        self.clock.advance(0.01)
+        self.protocol.dataReceived(b"".join(frames))
+        self.assertEqual(self.protocol.session.state, State.AWAIT_INIT)
+        self.clock.advance(10.0)
+        frames = self.begin(random.Random(6).randbytes(64 * KIB))
+        self.clock.advance(1.0)
+        self.protocol.dataReceived(frames[0])
+        self.assertEqual((self.mark, self.marks.asked), (HELD, [HELD]))
+
 class LoopbackTests(GatewayTestCase):
     """Emulated slow cameras over TCP: held by the kernel, every file intact."""
 
