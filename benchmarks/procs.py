@@ -121,12 +121,12 @@ def wait_for_quiet(limit: float = 0.25, window: float = 1.0, timeout: float = 60
             return level
 
 
-def tcp_memory_kb() -> int:
+def tcp_memory_kb() -> Optional[int]:
     """KiB the kernel holds for every TCP socket of the machine (``/proc/net/sockstat``, ``TCP: ... mem``).
 
     Bytes a server leaves in its sockets' receive queues (the gateway's read
     mark holds a slow camera's few frames there) are memory too, outside
-    its RSS.
+    its RSS. None where the system does not say.
     """
     try:
         with open("/proc/net/sockstat") as f:
@@ -136,7 +136,7 @@ def tcp_memory_kb() -> int:
                     return int(fields[fields.index("mem") + 1]) * os.sysconf("SC_PAGE_SIZE") // 1024
     except (OSError, ValueError, IndexError):
         pass
-    return -1
+    return None
 
 
 def fd_count(pid: int) -> int:

@@ -99,8 +99,7 @@ def metrics(load: Load, r: dict[str, Any]) -> dict[str, Any]:
         m["server_fds_with_slow"] = ready.get("server_fds")
         before, during = r.get("idle_tcp_mem_kb"), ready.get("tcp_mem_kb")
         m["kernel_per_connection_KB"] = ((during - before) / slow["cameras"]
-                                         if slow["cameras"] and before is not None and during is not None
-                                         and before >= 0 and during >= 0 else None)
+                                         if slow["cameras"] and before is not None and during is not None else None)
         m["connect_seconds"] = ready["t"] - (_find(events, "started", group=slow["name"]) or ready)["t"]
     return m
 
@@ -184,12 +183,10 @@ def targets(table: dict[str, dict[str, Any]]) -> list[tuple[str, Optional[bool],
         peak = idle["peak_rss_MB"]
         out.append(("idle-10k gateway RSS <= 1 GB", peak <= 1024, f"peak {peak:.0f} MB{note}"))
         kb = idle["per_connection_KB"]
-        kernel = idle.get("kernel_per_connection_KB")
-        if kernel is None:
-            out.append(("idle-10k <= 100 KB per connection", kb <= 100, f"{kb:.1f} KB per connection"))
-        else:  # the kernel's receive queues count too (a read mark leaves a few frames there)
-            out.append(("idle-10k <= 100 KB per connection", kb + max(kernel, 0) <= 100,
-                        f"{kb:.1f} KB per connection + {kernel:.1f} KB in the kernel's TCP buffers"))
+        kernel = idle.get("kernel_per_connection_KB")  # the kernel's receive queues count too (read marks)
+        out.append(("idle-10k <= 100 KB per connection", kb + max(kernel or 0.0, 0.0) <= 100,
+                    f"{kb:.1f} KB per connection"
+                    + (f" + {kernel:.1f} KB in the kernel's TCP buffers" if kernel is not None else "")))
         if b100:
             keep = idle["MB/s"] / b100
             floor_idle = table.get("idle-10k", {}).get("floor", {}).get("MB/s")
