@@ -293,7 +293,8 @@ class ProgressBatchTests(TestCase):
 
 
 class Fake:
-    """An object with the given attributes."""
+    """An object with the given attributes, hashed by identity and weakly referable
+    (the reporter keeps sessions as weak keys: ``types.SimpleNamespace`` is neither)."""
 
     def __init__(self, **attributes: Any) -> None:
         self.__dict__.update(attributes)
