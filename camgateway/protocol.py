@@ -79,8 +79,13 @@ class CameraProtocol(Protocol, TimeoutMixin):
     # -- the Link the session talks to
 
     def send(self, data: bytes) -> None:
-        """Write to the camera (one ``send`` when nothing is queued: :func:`camgateway.sockets.write_now`)."""
-        write_now(self.transport, data)
+        """Write to the camera: at the end of this reactor turn with the others
+        (:class:`camgateway.sockets.TurnWriter`), or at once when the services have no writer."""
+        writer = self.services.writer
+        if writer is None:
+            write_now(self.transport, data)
+        else:
+            writer.write(self.transport, data)
 
     def set_read_mark(self, nbytes: int) -> bool:
         """Be reported readable once ``nbytes`` wait (plain TCP only: :func:`camgateway.sockets.set_read_mark`)."""
@@ -88,11 +93,17 @@ class CameraProtocol(Protocol, TimeoutMixin):
 
     def close(self) -> None:
         """Close after what was written is sent."""
+        self._flush()
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def abort(self) -> None:
-        """Drop the connection now."""
+        """Drop the connection now (what was written before goes first)."""
+        self._flush()
         self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _flush(self) -> None:
+        if self.services.writer is not None:
+            self.services.writer.flush()
 
     def pause(self) -> None:
         """Stop reading (the spool writes are behind); the idle timeout waits too."""

@@ -163,6 +163,9 @@ class Services:
     reserve: Any = None
     #: Which worker this process is (camgateway.workers.Shard), None with one process.
     shard: Any = None
+    #: Sends a reactor turn's replies together at its end (camgateway.sockets.TurnWriter);
+    #: None: each reply goes out as it is made.
+    writer: Any = None
 
     @property
     def own_store(self) -> bool:

@@ -1,0 +1,166 @@
+"""A reactor turn's replies, sent together at its end (camgateway.sockets.TurnWriter)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import TestCase
+
+from camgateway import sockets
+from camgateway.protocol import CameraProtocol
+from camgateway.sockets import TurnWriter
+from tests.support import make_services
+
+
+class Received(Protocol):
+    """The camera's end: keeps what arrives, and when the gateway's end closed."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed.callback(self.data)
+
+
+class RunningClock(Clock):
+    """A test clock that says whether "the reactor" runs, as a real one does."""
+
+    running = True
+
+
+class TurnWriterTests(TestCase):
+    """Real loopback connections; the writer's turns are a test clock's."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def pair(self) -> Any:
+        """``(server transport, client protocol)`` of a new loopback connection."""
+        made: defer.Deferred = defer.Deferred()
+
+        class Server(Protocol):
+            def connectionMade(self) -> None:
+                made.callback(self.transport)
+
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Server))
+        self.addCleanup(port.stopListening)
+        client = Received()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client)
+        transport = yield made
+        self.addCleanup(client.transport.loseConnection)
+        self.addCleanup(transport.loseConnection)
+        return transport, client
+
+    @defer.inlineCallbacks
+    def arrived(self, client: Received, expected: bytes) -> Any:
+        for _ in range(200):
+            if len(client.data) >= len(expected):
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(client.data, expected)
+
+    @defer.inlineCallbacks
+    def test_a_turns_writes_leave_at_its_end_in_order(self) -> Any:
+        (a, camera_a), (b, camera_b) = (yield self.pair()), (yield self.pair())
+        clock = RunningClock()
+        writer = TurnWriter(clock)
+        writer.write(a, b"first ")
+        writer.write(b, b"other")
+        writer.write(a, b"second")
+        self.assertEqual(writer.kept, 3)
+        yield deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual((camera_a.data, camera_b.data), (b"", b""))  # nothing sent during the turn
+        clock.advance(0)  # the turn ends
+        self.assertEqual(writer.kept, 0)
+        yield self.arrived(camera_a, b"first second")
+        yield self.arrived(camera_b, b"other")
+
+    def test_other_transports_are_written_at_once(self) -> None:
+        clock = RunningClock()
+        transport = StringTransport()
+        TurnWriter(clock).write(transport, b"now")
+        self.assertEqual(transport.value(), b"now")
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    @defer.inlineCallbacks
+    def test_once_the_reactor_has_stopped_writes_go_out_at_once_after_those_kept(self) -> Any:
+        a, camera = yield self.pair()
+        clock = RunningClock()
+        writer = TurnWriter(clock)
+        writer.write(a, b"kept ")
+        clock.running = False
+        writer.write(a, b"then this")
+        self.assertEqual(writer.kept, 0)
+        yield self.arrived(camera, b"kept then this")
+
+    @defer.inlineCallbacks
+    def test_a_write_that_fails_is_logged_and_the_others_still_go_out(self) -> Any:
+        (a, camera_a), (b, camera_b) = (yield self.pair()), (yield self.pair())
+        real = sockets.write_now
+
+        def failing(transport: Any, data: bytes) -> None:
+            if transport is a:
+                raise RuntimeError("broken")
+            real(transport, data)
+
+        self.patch(sockets, "write_now", failing)
+        clock = RunningClock()
+        writer = TurnWriter(clock)
+        writer.write(a, b"lost")
+        writer.write(b, b"still sent")
+        clock.advance(0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        yield self.arrived(camera_b, b"still sent")
+        self.assertEqual(camera_a.data, b"")
+
+
+class ProtocolTests(TestCase):
+    """The camera protocol's replies go through the services' writer."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def connection(self, clock: Clock) -> Any:
+        services = make_services(Path(self.mktemp()))
+        services.writer = TurnWriter(clock)
+        made: defer.Deferred = defer.Deferred()
+
+        class Gateway(Protocol):
+            def connectionMade(self) -> None:
+                made.callback(self.transport)
+
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Gateway))
+        self.addCleanup(port.stopListening)
+        camera = Received()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), camera)
+        transport = yield made
+        self.addCleanup(camera.transport.loseConnection)
+        protocol = CameraProtocol(services)
+        protocol.transport = transport  # the loopback connection's, written by the protocol's methods
+        return protocol, camera
+
+    @defer.inlineCallbacks
+    def test_a_closed_connections_last_reply_goes_before_its_end(self) -> Any:
+        protocol, camera = yield self.connection(RunningClock())  # a turn that never ends by itself
+        protocol.send(b"\x00\x09")
+        protocol.close()
+        received = yield camera.closed
+        self.assertEqual(received, b"\x00\x09")
+
+    @defer.inlineCallbacks
+    def test_a_dropped_connections_replies_go_first(self) -> Any:
+        protocol, camera = yield self.connection(RunningClock())
+        protocol.send(b"\x00\x09")
+        protocol.abort()
+        received = yield camera.closed
+        self.assertEqual(received, b"\x00\x09")
