@@ -23,6 +23,33 @@ VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
 NO_VECTORS = "../shared/vectors not present (real device captures are not shipped in the repo)"
 
 
+@defer.inlineCallbacks
+def loopback_pair(case: Any, client: Any = None) -> Any:
+    """A real TCP connection on 127.0.0.1: ``(the accepting side's transport, the connecting protocol)``.
+
+    The accepting side's transport is Twisted's own ``tcp.Server``; ``client``
+    (a plain Protocol if None) is the connecting side's protocol. The port and
+    both ends are closed by ``case``'s cleanups.
+    """
+    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+    from twisted.internet.protocol import Factory, Protocol
+
+    made: defer.Deferred = defer.Deferred()
+
+    class Accepting(Protocol):
+        def connectionMade(self) -> None:
+            made.callback(self.transport)
+
+    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Accepting))
+    case.addCleanup(port.stopListening)
+    client = client if client is not None else Protocol()
+    yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client)
+    transport = yield made
+    case.addCleanup(client.transport.loseConnection)
+    case.addCleanup(transport.loseConnection)
+    return transport, client
+
+
 def run_now(f: Any, *args: Any, **kwargs: Any) -> defer.Deferred:
     """A run_in_thread that runs at once (for StringTransport tests)."""
     return defer.maybeDeferred(f, *args, **kwargs)

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
@@ -18,7 +18,7 @@ from camgateway.session import State
 from camgateway.sim import ContentPool
 from camgateway.slow_reads import FRAME, MARK_MAX, MARK_MIN, READ_WAIT, SlowReads
 from camgateway.sockets import set_read_mark
-from tests.support import connect, make_services, stored_files
+from tests.support import connect, loopback_pair, make_services, stored_files
 from tests.test_integration import GatewayTestCase, camera
 from tests.test_session import IMEI, VIDEOF, data_frames
 
@@ -125,21 +125,7 @@ class SocketTests(TestCase):
 
     @defer.inlineCallbacks
     def test_the_mark_is_the_sockets(self) -> Any:
-        from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-        from twisted.internet.protocol import Factory, Protocol
-
-        made: defer.Deferred = defer.Deferred()
-
-        class Server(Protocol):
-            def connectionMade(self) -> None:
-                made.callback(self.transport)
-
-        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Server))
-        self.addCleanup(port.stopListening)
-        client = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol())
-        transport = yield made
-        self.addCleanup(client.transport.loseConnection)
-        self.addCleanup(transport.loseConnection)
+        transport, _ = yield loopback_pair(self)
         self.assertTrue(set_read_mark(transport, 5000))
         self.assertEqual(transport.socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT), 5000)
         self.assertTrue(set_read_mark(transport, 1))

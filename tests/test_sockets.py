@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
@@ -15,7 +14,7 @@ from twisted.trial.unittest import TestCase
 from camgateway import sockets
 from camgateway.protocol import CameraProtocol
 from camgateway.sockets import TurnWriter
-from tests.support import make_services
+from tests.support import loopback_pair, make_services
 
 
 class Received(Protocol):
@@ -43,23 +42,9 @@ class TurnWriterTests(TestCase):
 
     timeout = 30
 
-    @defer.inlineCallbacks
-    def pair(self) -> Any:
+    def pair(self) -> defer.Deferred:
         """``(server transport, client protocol)`` of a new loopback connection."""
-        made: defer.Deferred = defer.Deferred()
-
-        class Server(Protocol):
-            def connectionMade(self) -> None:
-                made.callback(self.transport)
-
-        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Server))
-        self.addCleanup(port.stopListening)
-        client = Received()
-        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client)
-        transport = yield made
-        self.addCleanup(client.transport.loseConnection)
-        self.addCleanup(transport.loseConnection)
-        return transport, client
+        return loopback_pair(self, Received())
 
     @defer.inlineCallbacks
     def arrived(self, client: Received, expected: bytes) -> Any:
@@ -133,18 +118,7 @@ class ProtocolTests(TestCase):
     def connection(self, clock: Clock) -> Any:
         services = make_services(Path(self.mktemp()))
         services.writer = TurnWriter(clock)
-        made: defer.Deferred = defer.Deferred()
-
-        class Gateway(Protocol):
-            def connectionMade(self) -> None:
-                made.callback(self.transport)
-
-        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Gateway))
-        self.addCleanup(port.stopListening)
-        camera = Received()
-        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), camera)
-        transport = yield made
-        self.addCleanup(camera.transport.loseConnection)
+        transport, camera = yield loopback_pair(self, Received())
         protocol = CameraProtocol(services)
         protocol.transport = transport  # the loopback connection's, written by the protocol's methods
         return protocol, camera
