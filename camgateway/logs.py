@@ -138,14 +138,22 @@ class TurnBuffer:
     after those still waiting, so the order never changes; lines still
     waiting when the reactor shuts down or the interpreter exits are written
     then. Only a ``kill -9`` can lose the lines of the turn it interrupts.
+
+    A signal handler runs on the thread it interrupts, between two bytecodes,
+    and Twisted's logs "Received SIGTERM": it may log while that thread is
+    inside :meth:`write` or :meth:`flush_now`. So the lock is re-entrant, and
+    a line written while this thread is writing the kept lines out is kept
+    too and written by that same flush, after them (a second write to the
+    stream from inside the first would fail or interleave).
     """
 
     def __init__(self, out: IO[str], reactor: Any = None) -> None:
         self.out = out
         self._reactor = reactor
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._lines: list[str] = []
         self._scheduled = False
+        self._writing = False  # this thread is in flush_now's write (others wait for the lock)
         self._thread = threading.get_ident()  # the reactor's (observers are made before it runs)
         atexit.register(self.flush_now)
         if reactor is None:
@@ -161,6 +169,8 @@ class TurnBuffer:
         running = reactor.running
         with self._lock:
             self._lines.append(text)
+            if self._writing:
+                return  # logged by a signal handler during this thread's flush: that flush writes it
             if running:
                 if self._scheduled:
                     return
@@ -176,17 +186,22 @@ class TurnBuffer:
         """Nothing to do now: the turn's lines are flushed together."""
 
     def flush_now(self) -> None:
-        """Write and flush every line kept."""
+        """Write and flush every line kept (and those kept meanwhile, see above)."""
         with self._lock:
-            lines, self._lines = self._lines, []
-            self._scheduled = False
-            if not lines:
-                return
+            if self._writing:
+                return  # a signal handler's, inside this thread's flush: that flush goes on
+            self._writing = True
             try:
-                self.out.write("".join(lines))
-                self.out.flush()
-            except (OSError, ValueError):  # a log line must never take the gateway down
-                pass
+                while self._lines:
+                    lines, self._lines = self._lines, []
+                    self._scheduled = False
+                    try:
+                        self.out.write("".join(lines))
+                        self.out.flush()
+                    except (OSError, ValueError):  # a log line must never take the gateway down
+                        pass
+            finally:
+                self._writing = False
 
 
 class AtomicLines:

@@ -208,6 +208,56 @@ class TurnBufferTests(TestCase):
         f(*args)
         self.assertEqual(out.getvalue(), "from a thread\n")
 
+    def flush_with_a_signal(self, running: bool, then_flush: bool = False) -> Any:
+        """A flush during which "a signal handler" logs (its first flush of the stream logs a line,
+        and with ``then_flush`` asks for a flush too).
+
+        Run on a thread of its own, so that a deadlock fails the test instead of hanging the suite.
+        """
+        import threading
+
+        clock = RunningClock()
+        clock.running = running
+
+        class Interrupted(CountingStream):
+            inside = reentered = False
+
+            def write(self, text: str) -> int:
+                self.reentered = self.reentered or self.inside
+                return super().write(text)
+
+            def flush(self) -> None:
+                super().flush()
+                if self.flushes == 1:
+                    self.inside = True
+                    buffered.write("Received SIGTERM\n")  # what Twisted's sigTerm logs
+                    if then_flush:
+                        buffered.flush_now()
+                    self.inside = False
+
+        out = Interrupted()
+        buffered = TurnBuffer(out, clock)
+        buffered._lines.append("kept\n")  # kept during the turn the signal interrupts
+        t = threading.Thread(target=buffered.flush_now, daemon=True)
+        t.start()
+        t.join(10)
+        self.assertFalse(t.is_alive(), "a line logged during a flush deadlocked the flush")
+        self.assertEqual((clock.calls, clock.from_threads), ([], []))  # nothing left for a later turn
+        self.assertFalse(out.reentered, "the stream was written from inside its own flush")
+        return out
+
+    def test_a_signal_handlers_line_during_a_flush_is_written_after_the_kept_ones(self) -> None:
+        out = self.flush_with_a_signal(running=True)
+        self.assertEqual((out.getvalue(), out.writes), ("kept\nReceived SIGTERM\n", 2))
+
+    def test_the_same_once_the_reactor_has_stopped(self) -> None:
+        out = self.flush_with_a_signal(running=False)
+        self.assertEqual((out.getvalue(), out.writes), ("kept\nReceived SIGTERM\n", 2))
+
+    def test_a_flush_asked_for_during_a_flush_leaves_it_to_that_flush(self) -> None:
+        out = self.flush_with_a_signal(running=True, then_flush=True)
+        self.assertEqual((out.getvalue(), out.writes), ("kept\nReceived SIGTERM\n", 2))
+
     def test_lines_waiting_at_exit_are_written(self) -> None:
         clock, out = RunningClock(), CountingStream()
         buffered = TurnBuffer(out, clock)
