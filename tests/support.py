@@ -50,6 +50,19 @@ def loopback_pair(case: Any, client: Any = None) -> Any:
     return transport, client
 
 
+class RunningClock(task.Clock):
+    """A Clock that says the reactor runs, and records callFromThread."""
+
+    running = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.from_threads: list[Any] = []
+
+    def callFromThread(self, f: Any, *args: Any) -> None:  # noqa: N802 - Twisted's name
+        self.from_threads.append((f, args))
+
+
 def run_now(f: Any, *args: Any, **kwargs: Any) -> defer.Deferred:
     """A run_in_thread that runs at once (for StringTransport tests)."""
     return defer.maybeDeferred(f, *args, **kwargs)

@@ -20,6 +20,7 @@ from twisted.trial.unittest import TestCase
 
 from camgateway.logs import JSONLineObserver, TurnBuffer, WatchedFile, event_record, observer_for
 from camgateway.sim import ContentPool
+from tests.support import RunningClock
 from tests.test_integration import GatewayTestCase, camera
 from tests.test_twistd import IMEI, Camera, twistd
 
@@ -141,19 +142,6 @@ class ChoiceTests(TestCase):
         self.assertIsInstance(to_file.out.out, WatchedFile)  # type: ignore[union-attr]
         self.assertIsInstance(observer_for("auto", folder / "gw.log", None, tty), JSONLineObserver)
         self.assertIsInstance(observer_for("text", folder / "gw.log", None, pipe), FileLogObserver)
-
-
-class RunningClock(task.Clock):
-    """A Clock that says the reactor runs, and records callFromThread."""
-
-    running = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.from_threads: list[Any] = []
-
-    def callFromThread(self, f: Any, *args: Any) -> None:  # noqa: N802 - Twisted's name
-        self.from_threads.append((f, args))
 
 
 class CountingStream(io.StringIO):

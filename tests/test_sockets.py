@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 from camgateway import sockets
 from camgateway.protocol import CameraProtocol
 from camgateway.sockets import TurnWriter
-from tests.support import loopback_pair, make_services
+from tests.support import RunningClock, loopback_pair, make_services
 
 
 class Received(Protocol):
@@ -29,12 +29,6 @@ class Received(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.closed.callback(self.data)
-
-
-class RunningClock(Clock):
-    """A test clock that says whether "the reactor" runs, as a real one does."""
-
-    running = True
 
 
 class TurnWriterTests(TestCase):
