@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from camgateway.codec import FrameDecoder, ProtocolError
 from camgateway.services import Services
 from camgateway.session import Session
-from camgateway.sockets import set_read_mark, write_now
+from camgateway.sockets import set_read_mark
 
 __all__ = ["CameraProtocol", "CameraFactory"]
 
@@ -79,13 +79,8 @@ class CameraProtocol(Protocol, TimeoutMixin):
     # -- the Link the session talks to
 
     def send(self, data: bytes) -> None:
-        """Write to the camera: at the end of this reactor turn with the others
-        (:class:`camgateway.sockets.TurnWriter`), or at once when the services have no writer."""
-        writer = self.services.writer
-        if writer is None:
-            write_now(self.transport, data)
-        else:
-            writer.write(self.transport, data)
+        """Write to the camera, at the end of this reactor turn with the others (:class:`camgateway.sockets.TurnWriter`)."""
+        self.services.writer.write(self.transport, data)
 
     def set_read_mark(self, nbytes: int) -> bool:
         """Be reported readable once ``nbytes`` wait (plain TCP only: :func:`camgateway.sockets.set_read_mark`)."""
@@ -93,17 +88,13 @@ class CameraProtocol(Protocol, TimeoutMixin):
 
     def close(self) -> None:
         """Close after what was written is sent."""
-        self._flush()
+        self.services.writer.flush()
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def abort(self) -> None:
         """Drop the connection now (what was written before goes first)."""
-        self._flush()
+        self.services.writer.flush()
         self.transport.abortConnection()  # type: ignore[union-attr]
-
-    def _flush(self) -> None:
-        if self.services.writer is not None:
-            self.services.writer.flush()
 
     def pause(self) -> None:
         """Stop reading (the spool writes are behind); the idle timeout waits too."""

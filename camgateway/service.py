@@ -24,7 +24,6 @@ from camgateway.protocol import CameraFactory
 from camgateway.reserve import SpoolReserve
 from camgateway.services import Services
 from camgateway.sinks import make_sinks
-from camgateway.sockets import TurnWriter
 from camgateway.spool import Spool, boot_id, reconcile_partial
 from camgateway.sqlite_store import SQLiteStore
 from camgateway.threads import WorkerPool
@@ -180,7 +179,6 @@ class GatewayService(Service):
             leases = RedisLeases(store)
         self.services = Services(config, store, spool, [], self.reactor, self._run_in_thread, boot_id())
         self.services.shard = shard
-        self.services.writer = TurnWriter(self.reactor)
         self.services.leases = leases
         self.services.spool_sync = GroupSync(spool.root, self.reactor, shared=batch_thread)
         self.services.batch_thread = batch_thread

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Iterator, Optional
 from twisted.internet.defer import Deferred
 
 from camgateway.config import Config
+from camgateway.sockets import TurnWriter
 from camgateway.spool import Spool
 
 if TYPE_CHECKING:
@@ -163,9 +164,12 @@ class Services:
     reserve: Any = None
     #: Which worker this process is (camgateway.workers.Shard), None with one process.
     shard: Any = None
-    #: Sends a reactor turn's replies together at its end (camgateway.sockets.TurnWriter);
-    #: None: each reply goes out as it is made.
-    writer: Any = None
+    #: Sends a reactor turn's replies to the cameras together at its end (made on :attr:`clock`).
+    writer: TurnWriter = dataclasses.field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.writer is None:
+            self.writer = TurnWriter(self.clock)
 
     @property
     def own_store(self) -> bool:

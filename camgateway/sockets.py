@@ -107,15 +107,8 @@ class TurnWriter:
             try:
                 write_now(transport, data)
             except Exception:
-                log.failure("a reply to {peer} could not be written", peer=_peer(transport))
-
-
-def _peer(transport: Any) -> str:
-    try:
-        address = transport.getPeer()
-        return f"{address.host}:{address.port}"
-    except Exception:
-        return "?"
+                address = transport.getPeer()  # (a plain TCP connection's: host and port)
+                log.failure("a reply to {peer} could not be written", peer=f"{address.host}:{address.port}")
 
 
 def set_read_mark(transport: Any, nbytes: int) -> bool:

@@ -110,8 +110,7 @@ class ProtocolTests(TestCase):
 
     @defer.inlineCallbacks
     def connection(self, clock: Clock) -> Any:
-        services = make_services(Path(self.mktemp()))
-        services.writer = TurnWriter(clock)
+        services = make_services(Path(self.mktemp()), clock)  # their writer keeps replies for that clock's turn
         transport, camera = yield loopback_pair(self, Received())
         protocol = CameraProtocol(services)
         protocol.transport = transport  # the loopback connection's, written by the protocol's methods
