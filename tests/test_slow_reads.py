@@ -230,7 +230,6 @@ class SessionTests(TestCase):
             self.protocol.dataReceived(b"".join(frames[i : i + 16]))
         self.assertEqual(self.marks.asked, [])
 
-
     def test_each_file_measures_its_rate_afresh(self) -> None:
         # A short file read at once (never held), a pause, then a slow file:
         # it is held from its first frame, its rate measured from its own SYNC,
@@ -244,6 +243,7 @@ class SessionTests(TestCase):
         self.clock.advance(1.0)
         self.protocol.dataReceived(frames[0])
         self.assertEqual((self.mark, self.marks.asked), (HELD, [HELD]))
+
 
 class LoopbackTests(GatewayTestCase):
     """Emulated slow cameras over TCP: held by the kernel, every file intact."""
