@@ -93,9 +93,12 @@ def reconcile(s: Services) -> Any:
 
 
 def flush_stale(s: Services) -> None:
-    """Write the few bytes slow cameras left pending (see :mod:`camgateway.transfer`)."""
+    """Write the few bytes slow cameras left pending (see :mod:`camgateway.transfer`).
+
+    Only the sessions due are looked at (:mod:`camgateway.due`).
+    """
     now = s.clock.seconds()
-    for session in list(s.sessions.values()):
+    for session in s.due.due(now):
         session.write_stale(now)
 
 
