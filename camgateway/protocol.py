@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from camgateway.codec import FrameDecoder, ProtocolError
 from camgateway.services import Services
 from camgateway.session import Session
-from camgateway.sockets import set_read_mark
+from camgateway.sockets import read_size, set_read_mark, widen_reads
 
 __all__ = ["CameraProtocol", "CameraFactory"]
 
@@ -32,6 +32,8 @@ class CameraProtocol(Protocol, TimeoutMixin):
     session: Optional[Session] = None
     decoder: Optional[FrameDecoder] = None
     _peer: Optional[str] = None
+    #: A read of this many bytes means more was waiting: read more at a time (0: never).
+    _full_read = 0
 
     def __init__(self, services: Services, factory: Optional["CameraFactory"] = None) -> None:
         self.services = services
@@ -45,6 +47,7 @@ class CameraProtocol(Protocol, TimeoutMixin):
         self.setTimeout(self.services.config.idle_timeout)
         self.session = Session(self.services, self)
         self.decoder = self.session.decoder = FrameDecoder(self.session)
+        self._full_read = read_size(self.transport)
 
     @property
     def peer(self) -> str:
@@ -59,6 +62,9 @@ class CameraProtocol(Protocol, TimeoutMixin):
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
+        if len(data) == self._full_read:  # the camera streams faster than the reads: wider ones
+            widen_reads(self.transport)
+            self._full_read = 0
         try:
             self.decoder.feed(data)  # type: ignore[union-attr]
         except ProtocolError as e:

@@ -1,4 +1,4 @@
-"""Plain TCP connections: one ``send(2)`` when nothing is queued, a turn's replies together, a read mark.
+"""Plain TCP connections: one ``send(2)`` when nothing is queued, a turn's replies together, read sizes.
 
 ``transport.write`` on an idle Twisted TCP connection queues the bytes,
 registers the socket for writing (an ``epoll_ctl``), sends in a later
@@ -10,7 +10,8 @@ thread, and most of the emulator's CPU for 10,000 slow cameras.
 
 :func:`set_read_mark` sets the socket's receive low-water mark, so that a
 slow camera's connection is read a few frames at a time
-(:mod:`camgateway.slow_reads`).
+(:mod:`camgateway.slow_reads`); :func:`widen_reads` lets a fast camera's be
+read in bigger pieces than Twisted's 64 KiB.
 
 :class:`TurnWriter` keeps the replies of a reactor turn and sends them one
 after another at its end. A ``send`` that wakes a peer asleep on another
@@ -28,12 +29,17 @@ from typing import Any
 from twisted.internet.tcp import Client, Server
 from twisted.logger import Logger
 
-__all__ = ["write_now", "set_read_mark", "TurnWriter"]
+__all__ = ["write_now", "set_read_mark", "TurnWriter", "WIDE_READ", "read_size", "widen_reads"]
 
 log = Logger(namespace="camgateway.sockets")
 
 _PLAIN_TCP = (Server, Client)
 _SO_RCVLOWAT: Any = getattr(socket, "SO_RCVLOWAT", None)
+#: The most a read takes from a connection whose reads came back full at
+#: Twisted's size (64 KiB): a camera streaming faster than the gateway reads.
+#: A quarter as many reads, each with its turn through the protocol, the
+#: decoder and the session (benchmarks/README.md, step 43).
+WIDE_READ = 256 * 1024
 
 
 def write_now(transport: Any, data: bytes) -> None:
@@ -109,6 +115,29 @@ class TurnWriter:
             except Exception:
                 address = transport.getPeer()  # (a plain TCP connection's: host and port)
                 log.failure("a reply to {peer} could not be written", peer=f"{address.host}:{address.port}")
+
+
+def read_size(transport: Any) -> int:
+    """What a read of ``transport`` asks for, if :func:`widen_reads` can widen it; else 0.
+
+    Only Twisted's own plain TCP connections read with ``bufferSize``; TLS
+    and other transports, and a connection already wide, give 0.
+    """
+    if type(transport) not in _PLAIN_TCP:
+        return 0
+    size = transport.bufferSize
+    return size if size < WIDE_READ else 0
+
+
+def widen_reads(transport: Any) -> None:
+    """Let each read of a plain TCP connection take up to :data:`WIDE_READ` bytes.
+
+    For a connection whose read came back full (:func:`read_size` bytes):
+    more was waiting. Memory stays bounded: a read's bytes are parsed and
+    let go in the same turn, and the session pauses the connection when its
+    writes fall behind.
+    """
+    transport.bufferSize = WIDE_READ
 
 
 def set_read_mark(transport: Any, nbytes: int) -> bool:

@@ -131,3 +131,76 @@ class ProtocolTests(TestCase):
         protocol.abort()
         received = yield camera.closed
         self.assertEqual(received, b"\x00\x09")
+
+
+class Sizes:
+    """A decoder that keeps only the size of each read it is fed."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def feed(self, data: bytes) -> None:
+        self.sizes.append(len(data))
+
+
+class ReadSizeTests(TestCase):
+    """A camera whose reads come back full is read in wider pieces (camgateway.sockets.widen_reads)."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def camera(self) -> Any:
+        """A CameraProtocol on the accepting end of a loopback connection, its decoder replaced by :class:`Sizes`."""
+        transport, client = yield loopback_pair(self)
+        protocol = CameraProtocol(make_services(Path(self.mktemp())))
+        transport.protocol = protocol  # the connection's reads now go to the camera protocol
+        protocol.makeConnection(transport)
+        protocol.decoder = Sizes()  # type: ignore[assignment]
+        return protocol, transport, client
+
+    @defer.inlineCallbacks
+    def received(self, sizes: Sizes, total: int) -> Any:
+        for _ in range(300):
+            if sum(sizes.sizes) >= total:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(sum(sizes.sizes), total)
+
+    @defer.inlineCallbacks
+    def test_a_camera_that_fills_a_read_is_read_wider(self) -> Any:
+        protocol, transport, client = yield self.camera()
+        default = transport.bufferSize
+        self.assertLess(default, sockets.WIDE_READ)
+        transport.pauseProducing()  # everything waits in the socket, as for a camera faster than the reads
+        client.transport.write(b"\x55" * (2 << 20))
+        yield deferLater(reactor, 0.2, lambda: None)
+        transport.resumeProducing()
+        yield self.received(protocol.decoder, 2 << 20)
+        sizes = protocol.decoder.sizes
+        self.assertEqual(sizes[0], default)  # full: more was waiting
+        self.assertEqual(transport.bufferSize, sockets.WIDE_READ)
+        self.assertGreater(max(sizes[1:]), default)
+        self.assertLessEqual(max(sizes), sockets.WIDE_READ)
+
+    @defer.inlineCallbacks
+    def test_a_camera_whose_reads_are_not_full_keeps_the_default(self) -> Any:
+        protocol, transport, client = yield self.camera()
+        default = transport.bufferSize
+        for _ in range(20):  # a frame at a time: each read brings what one write sent
+            client.transport.write(b"\x55" * 1030)
+            yield deferLater(reactor, 0.01, lambda: None)
+        yield self.received(protocol.decoder, 20 * 1030)
+        self.assertEqual(transport.bufferSize, default)
+
+    @defer.inlineCallbacks
+    def test_only_plain_tcp_connections_that_are_not_yet_wide(self) -> Any:
+        self.assertEqual(sockets.read_size(StringTransport()), 0)
+        transport, _ = yield loopback_pair(self)
+        self.assertEqual(sockets.read_size(transport), transport.bufferSize)
+        transport.bufferSize = 4 * sockets.WIDE_READ  # (never narrowed)
+        self.assertEqual(sockets.read_size(transport), 0)
+        protocol, string = CameraProtocol(make_services(Path(self.mktemp()))), StringTransport()
+        protocol.makeConnection(string)
+        protocol.decoder = Sizes()  # type: ignore[assignment]
+        protocol.dataReceived(b"\x55" * 65536)
+        self.assertFalse(hasattr(string, "bufferSize"))
