@@ -108,6 +108,13 @@ def machine_busy() -> float:
     return (sum(fields[:8]) - fields[3] - fields[4]) / _TICK
 
 
+def machine_steal() -> float:
+    """CPU seconds the hypervisor ran something else while this machine's CPUs wanted to run (``/proc/stat``)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / _TICK if len(fields) > 8 else 0.0
+
+
 def wait_for_quiet(limit: float = 0.25, window: float = 1.0, timeout: float = 60.0) -> float:
     """Wait (up to ``timeout`` s) for a ``window`` in which the machine's other
     processes use less than ``limit`` of one CPU; return the last level seen (CPUs busy)."""

@@ -68,6 +68,8 @@ def metrics(load: Load, r: dict[str, Any]) -> dict[str, Any]:
         "loadgen_busiest_process_pct": 100 * max(gen) / window if gen else 100 * g["loadgen_cpu"] / window,
         "loadgen_processes": len(gen) or 1,
         "others_cpu_pct": _others(start, done, window, server_cpu, gen),
+        # (part of others_cpu_pct: the hypervisor's, not this machine's)
+        "steal_cpu_pct": 100 * (done["steal"] - start["steal"]) / window if "steal" in start else None,
         "rss_idle_MB": _mb(idle.rss_kb) if idle else None,
         "peak_rss_MB": _mb(peak_kb),
         "rss_growth_MB": _mb(peak_kb - idle.rss_kb) if (peak_kb and idle) else None,
@@ -193,6 +195,9 @@ def targets(table: dict[str, dict[str, Any]]) -> list[tuple[str, Optional[bool],
             floor_b100 = table.get("bulk-100", {}).get("floor", {}).get("MB/s")
             context = (f"; the floor keeps {100 * floor_idle / floor_b100:.0f}% of its own"
                        if floor_idle and floor_b100 else "")
+            stolen = (idle.get("steal_cpu_pct"), gw("bulk-100").get("steal_cpu_pct"))
+            if None not in stolen:  # the host's share of the two windows: a reason the ratio moves
+                context += f"; the host took {stolen[1]:.0f}% of a CPU in bulk-100, {stolen[0]:.0f}% in idle-10k"
             out.append(("idle-10k fast cameras keep >= 80% of bulk-100", keep >= 0.8,
                         f"{idle['MB/s']:.1f} MB/s = {100 * keep:.0f}% of bulk-100's {b100:.1f}{context}"))
     bigs = sorted((label, row["gateway"]) for label, row in table.items()
@@ -226,7 +231,7 @@ def print_report(results: list[tuple[Load, dict[str, Any]]], context: dict[str, 
     table: dict[str, dict[str, Any]] = {}
     header = (f"{'load':<15} {'server':<7} {'cams':>5} {'MB':>7} {'s':>6} {'rate':>13} {'x floor':>7} "
               f"{'CPU s/GB':>8} {'CPU%':>5} {'main%':>5} {'rq%':>4} {'peak RSS MB':>11} {'p50 s':>6} {'p99 s':>6} "
-              f"{'gen CPU%':>8} {'other%':>6} {'ok':>3}")
+              f"{'gen CPU%':>8} {'other%':>6} {'steal%':>6} {'ok':>3}")
     lines += ["", header, "-" * len(header)]
     for load, runs in results:
         row: dict[str, Any] = {"unit": load.unit}
@@ -248,7 +253,8 @@ def print_report(results: list[tuple[Load, dict[str, Any]]], context: dict[str, 
                 f"{_fmt(m['reactor_runqueue_pct'], '.0f'):>4} "
                 f"{_fmt(m['peak_rss_MB'], '.0f'):>11} "
                 f"{_fmt(m['p50_s'], '.2f'):>6} {_fmt(m['p99_s'], '.2f'):>6} {m['loadgen_cpu_pct']:>8.0f} "
-                f"{_fmt(m['others_cpu_pct'], '.0f'):>6} {'yes' if m['verified'] else 'NO':>3}"
+                f"{_fmt(m['others_cpu_pct'], '.0f'):>6} {_fmt(m.get('steal_cpu_pct'), '.0f'):>6} "
+                f"{'yes' if m['verified'] else 'NO':>3}"
                 + (f"  runs: {m['rates']}" if m.get("runs", 1) > 1 else ""))
     lags = [f"{label} {m['sink_lag_s']:.2f} s" for label, row in table.items()
             for m in [row.get("gateway", {})] if (m.get("sink_lag_s") or 0) > 0.05]

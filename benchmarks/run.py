@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procs import (Server, fd_count, free_port, machine_busy, raise_nofile, sample, tcp_memory_kb,  # noqa: E402
+from procs import (Server, fd_count, free_port, machine_busy, machine_steal, raise_nofile, sample, tcp_memory_kb,  # noqa: E402
                    wait_for_quiet)
 from camgateway.transfer import FLUSH_AGE, TRICKLE_AGE  # noqa: E402
 from report import metrics, print_report, profile_top  # noqa: E402
@@ -112,6 +112,7 @@ class Events:
         ev["server"] = sample(self.server.pid)
         ev["loaders"] = [sample(p.pid) for p in self.loaders]
         ev["busy"] = machine_busy()
+        ev["steal"] = machine_steal()
         with self._lock:
             self.events.append(ev)
         return ev
@@ -305,7 +306,8 @@ def quick_figure(load: Load, r: dict[str, Any]) -> str:
         return ""
     return f"{m['rate']:8.1f} {load.unit:<7} (server CPU {m['server_cpu_pct'] or 0:.0f}%, " \
            f"main thread {m['reactor_cpu_pct'] or 0:.0f}% + {m['reactor_runqueue_pct'] or 0:.0f}% waiting for a CPU, " \
-           f"generator {m['loadgen_cpu_pct']:.0f}%, others {m['others_cpu_pct'] or 0:.0f}%)"
+           f"generator {m['loadgen_cpu_pct']:.0f}%, others {m['others_cpu_pct'] or 0:.0f}%, " \
+           f"stolen by the host {m['steal_cpu_pct'] or 0:.0f}%)"
 
 
 def code_digest() -> str:
