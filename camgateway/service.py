@@ -93,12 +93,9 @@ def reconcile(s: Services) -> Any:
 
 
 def flush_stale(s: Services) -> None:
-    """Write the few bytes slow cameras left pending (see :mod:`camgateway.transfer`).
-
-    Only the sessions due are looked at (:mod:`camgateway.due`).
-    """
+    """Write the few bytes slow cameras left pending (see :mod:`camgateway.transfer`)."""
     now = s.clock.seconds()
-    for session in s.due.due(now):
+    for session in list(s.sessions.values()):
         session.write_stale(now)
 
 

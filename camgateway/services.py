@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Iterator, Optional
 from twisted.internet.defer import Deferred
 
 from camgateway.config import Config
-from camgateway.due import DueQueue
 from camgateway.sockets import TurnWriter
 from camgateway.spool import Spool
 
@@ -167,8 +166,6 @@ class Services:
     shard: Any = None
     #: Sends a reactor turn's replies to the cameras together at its end (made on :attr:`clock`).
     writer: TurnWriter = dataclasses.field(default=None)  # type: ignore[assignment]
-    #: The sessions the half-second timer must look at, by when (camgateway.due).
-    due: DueQueue = dataclasses.field(default_factory=DueQueue)
 
     def __post_init__(self) -> None:
         if self.writer is None:

@@ -30,7 +30,8 @@ from camgateway.session_transfer import TransferSteps
 from camgateway.slow_reads import READ_WAIT, SlowReads
 from camgateway.states import S, State
 from camgateway.status_codes import status_meaning
-from camgateway.transfer import INLINE_WRITE_MAX, PENDING_MAX, WRITE_MIN, Transfer
+from camgateway.transfer import (FLUSH_AGE, INLINE_WRITE_MAX, PENDING_MAX, TRICKLE_AGE, TRICKLE_BYTES, WRITE_MIN,
+                                 Transfer)
 
 __all__ = ["State", "Session", "TRANSITIONS", "Link"]
 
@@ -259,10 +260,8 @@ class Session(TransferSteps):
             return
         if n >= WRITE_MIN:
             write_pending(self.s, transfer, self._written)
-        else:  # a slow camera: write_stale() writes these later
-            if transfer.pending_since is None:
-                transfer.pending_since = self.s.clock.seconds()
-            self.s.due.at(self, transfer.write_at())  # type: ignore[arg-type]
+        elif transfer.pending_since is None:  # a slow camera: write_stale() writes these later
+            transfer.pending_since = self.s.clock.seconds()
         self._checkpoint_due(transfer)
 
     def write_stale(self, now: float) -> None:
@@ -270,21 +269,15 @@ class Session(TransferSteps):
 
         Fewer than :data:`TRICKLE_BYTES` wait :data:`TRICKLE_AGE` seconds.
         A camera held by its read mark and not read for long is read at once.
-        The timer looks at a session only when it asked to be
-        (:mod:`camgateway.due`); each look asks again for the next time.
         """
-        self._write_stale(now)
-        if self.connected:
-            self._look_again()
-
-    def _write_stale(self, now: float) -> None:
         if self._reads.mark != 1:
             self._reads.stale(now)
         transfer = self.transfer
-        if transfer is None or transfer.writing or not self.connected:
+        if (transfer is None or transfer.writing or not transfer.pending or transfer.pending_since is None
+                or not self.connected):
             return
-        when = transfer.write_at()
-        if when is None or now < when:
+        age = now - transfer.pending_since
+        if age < FLUSH_AGE or (age < TRICKLE_AGE and len(transfer.pending) < TRICKLE_BYTES):
             return
         if len(transfer.pending) > INLINE_WRITE_MAX or not transfer.recorded:
             # (A file's first write waits for its partial's record, so that
@@ -297,16 +290,6 @@ class Session(TransferSteps):
                 self._write_failed(transfer, e)
                 return
         self._checkpoint_due(transfer)
-
-    def _look_again(self) -> None:
-        """Ask the timer to look at this session when what it waits for is due (see :meth:`write_stale`)."""
-        due = self.s.due
-        when = self._reads.stale_at()
-        if when is not None:
-            due.at(self, when)
-        when = self.transfer.write_at() if self.transfer is not None else None
-        if when is not None:
-            due.at(self, when)
 
     def _checkpoint_due(self, transfer: Transfer) -> None:
         """Checkpoint every ``checkpoint_bytes`` written, one checkpoint at a time."""
@@ -554,7 +537,6 @@ class Session(TransferSteps):
         """The connection is gone: persist any transfer; fire :attr:`finished` when done."""
         self.connected = False
         self._disarm()
-        self.s.due.discard(self)
         if self.decoder is not None:
             self.decoder.stop()
         if self.s.sessions.get(self.imei) is self:

@@ -22,9 +22,8 @@ even wake the reactor before), so the gateway reads several frames at once.
   the mark (:meth:`SlowReads.drop`).
 * A held connection not read for twice its wait (the camera slowed down, or
   sent a short frame such as STATUS in the middle of a file and waits for
-  the answer) loses its mark at the timer's next look after
-  :meth:`SlowReads.stale_at` (it looks twice a second, at the sessions due:
-  :mod:`camgateway.due`): what waits is read at once.
+  the answer) loses its mark at the next scan of the sessions
+  (:meth:`SlowReads.stale`, twice a second): what waits is read at once.
 
 A byte held by the kernel is a byte not yet received: the camera has been
 told nothing about it, and a crash or a closed connection loses it as it
@@ -105,12 +104,6 @@ class SlowReads:
         """The periodic scan: a held connection unread for twice its wait is read at once."""
         if self.mark != 1 and self._at is not None and now - self._at > 2 * self.wait:
             self.drop()
-
-    def stale_at(self) -> Optional[float]:
-        """When :meth:`stale` drops the mark in force, if no read comes first (None: no mark)."""
-        if self.mark == 1 or self._at is None:
-            return None
-        return self._at + 2 * self.wait
 
     def drop(self) -> None:
         """Read every byte as it comes again (leaving ``RECEIVING``, or stale)."""

@@ -348,17 +348,6 @@ class Transfer:
             self.written(buf)
         return n
 
-    def write_at(self) -> Optional[float]:
-        """When the half-second timer writes the pending bytes (None: none wait, or not noted yet).
-
-        :data:`FLUSH_AGE` after they began to wait, or :data:`TRICKLE_AGE`
-        while fewer than :data:`TRICKLE_BYTES` wait.
-        """
-        since = self.pending_since
-        if since is None or not self.pending:
-            return None
-        return since + (FLUSH_AGE if len(self.pending) >= TRICKLE_BYTES else TRICKLE_AGE)
-
     @property
     def needs_truncate(self) -> bool:
         """A rewind went behind what was written: the next write truncates first."""
