@@ -13,7 +13,7 @@ first bytes: 110,000-200,000 minor faults for 1.68 GB in bulk-100, against
 
 :func:`tune_malloc` raises both limits (``mallopt``), so these blocks come
 from the heap and go back to it: 25,000-41,000 faults, and about 6 % less
-CPU per GB (benchmarks/README.md, step 44). The cost is at most
+CPU per GB (benchmarks/README.md, step 43). The cost is at most
 :data:`TRIM_THRESHOLD` of free memory an arena keeps instead of returning.
 
 An operator's own ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_``

@@ -38,7 +38,7 @@ _SO_RCVLOWAT: Any = getattr(socket, "SO_RCVLOWAT", None)
 #: The most a read takes from a connection whose reads came back full at
 #: Twisted's size (64 KiB): a camera streaming faster than the gateway reads.
 #: A quarter as many reads, each with its turn through the protocol, the
-#: decoder and the session (benchmarks/README.md, step 43).
+#: decoder and the session (benchmarks/README.md, step 42).
 WIDE_READ = 256 * 1024
 
 

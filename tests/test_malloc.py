@@ -47,8 +47,8 @@ class TuneMallocTests(TestCase):
     def test_big_buffers_are_reused_instead_of_faulted_in_again(self) -> None:
         if malloc._libc() is None:
             raise SkipTest("not glibc: tune_malloc does nothing here")
-        self.assertEqual(self.faults("tune")[0], "True")
-        tuned, untuned = self.faults("tune")[1], self.faults("plain")[1]
+        (said, tuned), (_, untuned) = self.faults("tune"), self.faults("plain")
+        self.assertEqual(said, "True")
         # 500 buffers of 256 pages: glibc maps each afresh (about 128,000 faults); tuned, it reuses the heap.
         self.assertGreater(untuned, 50_000)
         self.assertLess(tuned, untuned // 20)

@@ -149,9 +149,14 @@ class ReadSizeTests(TestCase):
     timeout = 30
 
     @defer.inlineCallbacks
-    def camera(self) -> Any:
-        """A CameraProtocol on the accepting end of a loopback connection, its decoder replaced by :class:`Sizes`."""
+    def camera(self, read: int = 0) -> Any:
+        """A CameraProtocol on the accepting end of a loopback connection, its decoder replaced by :class:`Sizes`.
+
+        ``read``: the connection's read size before the protocol sees it (0: Twisted's).
+        """
         transport, client = yield loopback_pair(self)
+        if read:
+            transport.bufferSize = read
         protocol = CameraProtocol(make_services(Path(self.mktemp())))
         transport.protocol = protocol  # the connection's reads now go to the camera protocol
         protocol.makeConnection(transport)
@@ -168,24 +173,26 @@ class ReadSizeTests(TestCase):
 
     @defer.inlineCallbacks
     def test_a_camera_that_fills_a_read_is_read_wider(self) -> Any:
-        protocol, transport, client = yield self.camera()
-        default = transport.bufferSize
-        self.assertLess(default, sockets.WIDE_READ)
+        # Reads of 4 KiB to begin with, so that the first is surely full: a new
+        # socket's receive window (tcp_rmem's default, 128 KiB) may hold less
+        # than two of Twisted's 64 KiB reads.
+        protocol, transport, client = yield self.camera(read=4096)
         transport.pauseProducing()  # everything waits in the socket, as for a camera faster than the reads
         client.transport.write(b"\x55" * (2 << 20))
         yield deferLater(reactor, 0.2, lambda: None)
         transport.resumeProducing()
         yield self.received(protocol.decoder, 2 << 20)
         sizes = protocol.decoder.sizes
-        self.assertEqual(sizes[0], default)  # full: more was waiting
+        self.assertEqual(sizes[0], 4096)  # full: more was waiting
         self.assertEqual(transport.bufferSize, sockets.WIDE_READ)
-        self.assertGreater(max(sizes[1:]), default)
+        self.assertGreater(max(sizes[1:]), 4096)
         self.assertLessEqual(max(sizes), sockets.WIDE_READ)
 
     @defer.inlineCallbacks
     def test_a_camera_whose_reads_are_not_full_keeps_the_default(self) -> Any:
         protocol, transport, client = yield self.camera()
         default = transport.bufferSize
+        self.assertLess(default, sockets.WIDE_READ)
         for _ in range(20):  # a frame at a time: each read brings what one write sent
             client.transport.write(b"\x55" * 1030)
             yield deferLater(reactor, 0.01, lambda: None)
