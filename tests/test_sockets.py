@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 from camgateway import sockets
 from camgateway.protocol import CameraProtocol
 from camgateway.sockets import TurnWriter
-from tests.support import RunningClock, loopback_pair, make_services
+from tests.support import RunningClock, loopback_pair, make_services, poll
 
 
 class Received(Protocol):
@@ -42,10 +42,7 @@ class TurnWriterTests(TestCase):
 
     @defer.inlineCallbacks
     def arrived(self, client: Received, expected: bytes) -> Any:
-        for _ in range(200):
-            if len(client.data) >= len(expected):
-                break
-            yield deferLater(reactor, 0.01, lambda: None)
+        yield poll(lambda: len(client.data) >= len(expected), timeout=2.0, interval=0.01, what="the replies")
         self.assertEqual(client.data, expected)
 
     @defer.inlineCallbacks
@@ -165,10 +162,7 @@ class ReadSizeTests(TestCase):
 
     @defer.inlineCallbacks
     def received(self, sizes: Sizes, total: int) -> Any:
-        for _ in range(300):
-            if sum(sizes.sizes) >= total:
-                break
-            yield deferLater(reactor, 0.01, lambda: None)
+        yield poll(lambda: sum(sizes.sizes) >= total, timeout=3.0, interval=0.01, what=f"{total} bytes")
         self.assertEqual(sum(sizes.sizes), total)
 
     @defer.inlineCallbacks
