@@ -24,7 +24,6 @@ Elsewhere than glibc it does nothing either.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from typing import Any, Mapping, Optional
 
@@ -41,14 +40,12 @@ _ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def _libc() -> Optional[Any]:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """The C library this process already has loaded, if it is glibc (no search, no subprocess)."""
     try:
-        libc = ctypes.CDLL(name)
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") else None
+        libc = ctypes.CDLL(None)
     except OSError:
         return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") else None
 
 
 def tune_malloc(environ: Mapping[str, str] = os.environ, libc: Optional[Any] = None) -> bool:

@@ -18,6 +18,7 @@ from camgateway.config import Config
 from camgateway.durability import GroupSync
 from camgateway.groupcommit import BatchThread
 from camgateway.leases import LeaseKeeper
+from camgateway.malloc import tune_malloc
 from camgateway.outbox import Outbox
 from camgateway.progress import ProgressReporter
 from camgateway.protocol import CameraFactory
@@ -269,7 +270,12 @@ def make_gateway(config: Config, reactor: Any = None, shard: Optional[Shard] = N
     ``shard``: a child worker's place (:mod:`camgateway.worker`); ``twistd_logfile``:
     twistd's ``--logfile``; ``forward_logs``: child workers send their log events
     here (when this process logs through twistd's own log file or syslog).
+
+    Every process that serves cameras makes its gateway here (twistd's, and
+    each child worker's), so this is where the process's allocator is tuned
+    (:func:`camgateway.malloc.tune_malloc`).
     """
+    tune_malloc()
     top = MultiService()
     gateway = GatewayService(config, reactor, shard, twistd_logfile, forward_logs)
     gateway.setServiceParent(top)

@@ -13,7 +13,6 @@ from twisted.python.components import Componentized
 
 from camgateway.config import DEFAULT_CONFIG_PATH, Config, ConfigError, check_workers, load_config
 from camgateway.logs import AtomicLines, observer_for
-from camgateway.malloc import tune_malloc
 from camgateway.service import make_gateway
 from camgateway.workers import children_needed
 
@@ -115,7 +114,6 @@ class _LoggedGateway(MultiService):
 
 def makeService(options: Options) -> IService:
     """The gateway service for ``options``, with the log output its configuration asks for."""
-    tune_malloc()  # (each worker does the same in its own process)
     config: Any = options["parsed"]
     twistd = getattr(options, "parent", None) or {}
     logfile = twistd.get("logfile") or (None if twistd.get("nodaemon", True) else "twistd.log")

@@ -36,7 +36,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from twisted.internet.interfaces import IFileDescriptorReceiver
 
-from camgateway.malloc import tune_malloc
 from camgateway.workers import READY, TAKEN, parse_handoff, worker_spool
 
 __all__ = ["Receiver", "forwarded_line", "main", "read_settings", "tagged"]
@@ -205,7 +204,6 @@ def _remove_folder(spool: Path) -> None:
 def main() -> int:
     """Run one worker until the gateway stops it."""
     settings = read_settings()
-    tune_malloc()
     from twisted.internet import epollreactor
 
     epollreactor.install()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from camgateway import malloc
+from camgateway import malloc, service
+from camgateway.config import Config
 
 #: Grows and frees 1 MiB buffers 256 KiB at a time, as a streaming camera's reads fill a spool write; prints
 #: whether the allocator was tuned and the minor page faults.
@@ -45,7 +48,7 @@ class TuneMallocTests(TestCase):
         return out[0], int(out[1])
 
     def test_big_buffers_are_reused_instead_of_faulted_in_again(self) -> None:
-        if malloc._libc() is None:
+        if platform.libc_ver()[0] != "glibc":
             raise SkipTest("not glibc: tune_malloc does nothing here")
         (said, tuned), (_, untuned) = self.faults("tune"), self.faults("plain")
         self.assertEqual(said, "True")
@@ -70,3 +73,12 @@ class TuneMallocTests(TestCase):
                 return 0
 
         self.assertFalse(malloc.tune_malloc({}, Refusing()))
+
+    def test_every_process_that_makes_a_gateway_tunes_its_allocator(self) -> None:
+        # twistd's process and each child worker both build theirs with make_gateway.
+        calls: list[None] = []
+        self.patch(service, "tune_malloc", lambda: calls.append(None))
+        root = Path(self.mktemp())
+        service.make_gateway(Config(listen=("tcp:0:interface=127.0.0.1",), spool=root / "spool",
+                                    sinks=({"type": "disk", "root": str(root / "files")},), min_free_bytes=0))
+        self.assertEqual(len(calls), 1)
