@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["Sample", "sample", "free_port", "raise_nofile", "nofile_hard", "Server", "fd_count", "machine_busy",
+__all__ = ["Sample", "sample", "free_port", "raise_nofile", "nofile_hard", "Server", "fd_count", "machine_cpu",
            "wait_for_quiet", "tcp_memory_kb"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -100,19 +100,16 @@ def _sample_one(pid: int) -> Optional[Sample]:
                   main_wait)
 
 
-def machine_busy() -> float:
-    """CPU seconds every CPU of the machine spent busy since boot (``/proc/stat``)."""
+def machine_cpu() -> tuple[float, float]:
+    """CPU seconds since boot, every CPU together (``/proc/stat``): ``(busy, steal)``.
+
+    Busy is all but idle and iowait; steal (a part of busy) is what the
+    hypervisor ran elsewhere while this machine's CPUs wanted to run.
+    """
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
-    # user nice system idle iowait irq softirq steal ...: all but idle and iowait
-    return (sum(fields[:8]) - fields[3] - fields[4]) / _TICK
-
-
-def machine_steal() -> float:
-    """CPU seconds the hypervisor ran something else while this machine's CPUs wanted to run (``/proc/stat``)."""
-    with open("/proc/stat") as f:
-        fields = f.readline().split()
-    return int(fields[8]) / _TICK if len(fields) > 8 else 0.0
+    # user nice system idle iowait irq softirq steal ...
+    return (sum(fields[:8]) - fields[3] - fields[4]) / _TICK, (fields[7] if len(fields) > 7 else 0) / _TICK
 
 
 def wait_for_quiet(limit: float = 0.25, window: float = 1.0, timeout: float = 60.0) -> float:
@@ -121,9 +118,9 @@ def wait_for_quiet(limit: float = 0.25, window: float = 1.0, timeout: float = 60
     deadline = time.monotonic() + timeout
     level = 0.0
     while True:
-        before = machine_busy()
+        before = machine_cpu()[0]
         time.sleep(window)
-        level = (machine_busy() - before) / window
+        level = (machine_cpu()[0] - before) / window
         if level < limit or time.monotonic() >= deadline:
             return level
 

@@ -253,7 +253,7 @@ def print_report(results: list[tuple[Load, dict[str, Any]]], context: dict[str, 
                 f"{_fmt(m['reactor_runqueue_pct'], '.0f'):>4} "
                 f"{_fmt(m['peak_rss_MB'], '.0f'):>11} "
                 f"{_fmt(m['p50_s'], '.2f'):>6} {_fmt(m['p99_s'], '.2f'):>6} {m['loadgen_cpu_pct']:>8.0f} "
-                f"{_fmt(m['others_cpu_pct'], '.0f'):>6} {_fmt(m.get('steal_cpu_pct'), '.0f'):>6} "
+                f"{_fmt(m['others_cpu_pct'], '.0f'):>6} {_fmt(m['steal_cpu_pct'], '.0f'):>6} "
                 f"{'yes' if m['verified'] else 'NO':>3}"
                 + (f"  runs: {m['rates']}" if m.get("runs", 1) > 1 else ""))
     lags = [f"{label} {m['sink_lag_s']:.2f} s" for label, row in table.items()

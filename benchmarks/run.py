@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procs import (Server, fd_count, free_port, machine_busy, machine_steal, raise_nofile, sample, tcp_memory_kb,  # noqa: E402
+from procs import (Server, fd_count, free_port, machine_cpu, raise_nofile, sample, tcp_memory_kb,  # noqa: E402
                    wait_for_quiet)
 from camgateway.transfer import FLUSH_AGE, TRICKLE_AGE  # noqa: E402
 from report import metrics, print_report, profile_top  # noqa: E402
@@ -111,8 +111,7 @@ class Events:
     def _stamp(self, ev: dict[str, Any]) -> dict[str, Any]:
         ev["server"] = sample(self.server.pid)
         ev["loaders"] = [sample(p.pid) for p in self.loaders]
-        ev["busy"] = machine_busy()
-        ev["steal"] = machine_steal()
+        ev["busy"], ev["steal"] = machine_cpu()
         with self._lock:
             self.events.append(ev)
         return ev
