@@ -12,11 +12,14 @@ with the epoll reactor, as ``twistd camgateway`` does. Per connection it:
   source order), so the emulator sends exactly the same bytes to both;
 * looks only at the few control frames it must answer (init, PATH,
   METADATA, START, SYNC: a length field each). The DATA stream is never
-  framed, CRC-checked or copied: after SYNC the floor counts
-  ``size + 6 bytes per 1024-byte frame`` (START says how many) and then
-  treats the file as complete. (A DualCam START gives packets, not bytes,
-  so the floor assumes full 1024-byte packets: the benchmark's sizes are
-  multiples of 1024.)
+  framed, CRC-checked or copied: after SYNC the floor counts the bytes the
+  file takes on the wire and then treats it as complete. A path-flow START
+  gives the size in bytes: ``size + 6 bytes per frame of up to 1024``. A
+  DualCam START gives packets, of which only the last may be short: the
+  floor counts ``1030 bytes`` for each but the last, then reads the last
+  frame's 4-byte header for its length (one header per file, so any size
+  works, as real photos and videos need: the benchmark's own sizes are
+  whole packets, but an independent load generator's need not be).
 * makes the file durable before acknowledging it: ``fdatasync`` in a
   thread, then REPEAT INIT. The gateway also acknowledges only after the
   file is on stable storage, so completion times compare like with like.
@@ -67,9 +70,13 @@ class FloorProtocol(Protocol):
         self.fd = -1
         self.control = bytearray()
         self.data_left = 0
+        #: After ``data_left``, the header of a DualCam file's last frame is still to come.
+        self.last_header = False
+        self.header = b""
         self.identifier = b""
         self.dualcam = True
         self.expect = 0
+        self.expect_last = False
 
     def connectionMade(self) -> None:
         self.factory.connections += 1
@@ -91,17 +98,29 @@ class FloorProtocol(Protocol):
                 return
             self.data_left = 0
             data = data[left:]
-            self._file_done()
-            if not data:
+            if not self.last_header:
+                self._file_done()
+        if self.last_header:  # a DualCam file's last frame: its header says how long it is
+            got = self.header + data[: 4 - len(self.header)]
+            data = data[4 - len(self.header) :]
+            if len(got) < 4:
+                self.header = got
                 return
-        self.control += data
-        self._control()
+            self.header, self.last_header = b"", False
+            self.data_left = _u16.unpack_from(got, 2)[0]  # the payload and its CRC
+            if self.data_left:
+                self._take(data)
+                return
+            self._file_done()
+        if data:
+            self.control += data
+            self._control()
 
     # -- the few control frames
 
     def _control(self) -> None:
         buf = self.control
-        while len(buf) >= 4 and not self.data_left:
+        while len(buf) >= 4 and not (self.data_left or self.last_header):
             if buf[0] == 0 and buf[1] == 0:  # init packet, 16 bytes
                 if len(buf) < 16:
                     return
@@ -152,17 +171,17 @@ class FloorProtocol(Protocol):
             if total == 0:
                 self.transport.write(REPEAT_INIT)
                 return
-            if self.dualcam:
-                self.expect = total * (FRAME + 6)
+            if self.dualcam:  # packets: whole ones, then the last, whose header gives its length
+                self.expect, self.expect_last = (total - 1) * (FRAME + 6), True
                 self.transport.write(_frame(0x0002, _u32.pack(1)))
-            else:
-                self.expect = total + 6 * -(-total // FRAME)
+            else:  # bytes
+                self.expect, self.expect_last = total + 6 * -(-total // FRAME), False
                 self.transport.write(_frame(0x0002, _u32.pack(0)))
         else:  # STATUS or anything unexpected: the file is over
             self.transport.write(REPEAT_INIT)
 
     def _stream(self, rest: bytes) -> None:
-        self.data_left = self.expect
+        self.data_left, self.last_header = self.expect, self.expect_last
         if rest:
             self._take(rest)
 
