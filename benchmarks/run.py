@@ -388,7 +388,10 @@ def main() -> None:
     names = [n.strip() for n in opts.scenarios.split(",") if n.strip() and n.strip() != "none"]
     loads = plan(names, opts.quick, max_slow)
     Path(opts.results).mkdir(parents=True, exist_ok=True)
-    base = Path(tempfile.mkdtemp(prefix="camgw-bench-", dir=opts.workdir))
+    # Absolute: each server runs in its own directory, and its config names the paths.
+    workroot = Path(opts.workdir).resolve()
+    workroot.mkdir(parents=True, exist_ok=True)
+    base = Path(tempfile.mkdtemp(prefix="camgw-bench-", dir=workroot))
     try:
         run_all(opts, loads, base, max_slow, nofile)
     finally:
