@@ -1,7 +1,7 @@
 """The floor: the least a Twisted receiver must do for the benchmark's byte exchange.
 
 ``python benchmarks/floor.py --port PORT --root DIR`` listens on 127.0.0.1
-with the epoll reactor, as ``twistd camgateway`` does. Per connection it:
+(``--interface`` for another address) with the epoll reactor, as ``twistd camgateway`` does. Per connection it:
 
 * appends **every byte received**, unparsed, to one file
   (``DIR/<imei>-<n>.bin``, opened when the init arrives), one ``os.write``
@@ -77,6 +77,8 @@ class FloorProtocol(Protocol):
         self.dualcam = True
         self.expect = 0
         self.expect_last = False
+        self.total = 0  # START's size: packets (DualCam) or bytes
+        self.file_bytes = 0  # the file's own bytes, once known
 
     def connectionMade(self) -> None:
         self.factory.connections += 1
@@ -108,6 +110,7 @@ class FloorProtocol(Protocol):
                 return
             self.header, self.last_header = b"", False
             self.data_left = _u16.unpack_from(got, 2)[0]  # the payload and its CRC
+            self.file_bytes = (self.total - 1) * FRAME + max(0, self.data_left - 2)
             if self.data_left:
                 self._take(data)
                 return
@@ -167,7 +170,7 @@ class FloorProtocol(Protocol):
         elif cmd == 0x000B:  # METADATA
             self.transport.write(_frame(0x0008, self.identifier))
         elif cmd == 0x0001:  # START
-            total = _u32.unpack_from(payload, 0)[0]
+            total = self.total = _u32.unpack_from(payload, 0)[0]
             if total == 0:
                 self.transport.write(REPEAT_INIT)
                 return
@@ -176,6 +179,7 @@ class FloorProtocol(Protocol):
                 self.transport.write(_frame(0x0002, _u32.pack(1)))
             else:  # bytes
                 self.expect, self.expect_last = total + 6 * -(-total // FRAME), False
+                self.file_bytes = total
                 self.transport.write(_frame(0x0002, _u32.pack(0)))
         else:  # STATUS or anything unexpected: the file is over
             self.transport.write(REPEAT_INIT)
@@ -193,6 +197,7 @@ class FloorProtocol(Protocol):
 
     def _acknowledge(self) -> None:
         self.factory.files_done += 1
+        self.factory.file_bytes += self.file_bytes
         if self.transport is not None and self.connected:
             self.transport.write(REPEAT_INIT)
 
@@ -217,19 +222,21 @@ class FloorFactory(Factory):
         self.connections = 0
         self.files = 0
         self.files_done = 0
+        #: The acknowledged files' own bytes (without the frames' headers and CRCs).
+        self.file_bytes = 0
 
     def buildProtocol(self, addr: object) -> FloorProtocol:
         return FloorProtocol(self)
 
 
-def _listen_shared(port: int, backlog: int, factory: FloorFactory) -> object:
-    """Listen on 127.0.0.1:port with SO_REUSEPORT: the kernel spreads connections over the processes."""
+def _listen_shared(port: int, backlog: int, factory: FloorFactory, interface: str = "127.0.0.1") -> object:
+    """Listen on interface:port with SO_REUSEPORT: the kernel spreads connections over the processes."""
     import socket
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("127.0.0.1", port))
+    sock.bind((interface, port))
     sock.listen(backlog)
     sock.setblocking(False)
     listening = reactor.adoptStreamPort(sock.fileno(), socket.AF_INET, factory)
@@ -240,6 +247,7 @@ def _listen_shared(port: int, backlog: int, factory: FloorFactory) -> object:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--interface", default="127.0.0.1")
     parser.add_argument("--root", required=True)
     parser.add_argument("--backlog", type=int, default=1024)
     parser.add_argument("--processes", type=int, default=1,
@@ -252,13 +260,13 @@ def main() -> None:
     factory = FloorFactory(args.root)
     children: list = []
     if args.processes > 1 or args.child:
-        port = _listen_shared(args.port, args.backlog, factory)
+        port = _listen_shared(args.port, args.backlog, factory, args.interface)
         if not args.child:
             import subprocess
 
             for _ in range(args.processes - 1):
                 child = subprocess.Popen([sys.executable, __file__, "--port", str(args.port), "--root", args.root,
-                                          "--backlog", str(args.backlog), "--child"], stdout=subprocess.PIPE,
+                                          "--interface", args.interface, "--backlog", str(args.backlog), "--child"], stdout=subprocess.PIPE,
                                          text=True)
                 child.stdout.readline()  # its "floor listening" line
                 children.append(child)
@@ -271,12 +279,13 @@ def main() -> None:
 
             reactor.addSystemEventTrigger("before", "shutdown", stop_children)
     else:
-        port = reactor.listenTCP(args.port, factory, backlog=args.backlog, interface="127.0.0.1")
+        port = reactor.listenTCP(args.port, factory, backlog=args.backlog, interface=args.interface)
     reactor.suggestThreadPoolSize(10)  # the gateway's threads: twistd's default pool
     print(f"floor listening on {port.getHost()} with {type(reactor).__name__}, RLIMIT_NOFILE {hard},"
           f" {args.processes} process(es)", flush=True)
     reactor.run()
-    print(f"floor stopped: {factory.connections} connections, {factory.files_done} files", flush=True)
+    print(f"floor stopped: {factory.connections} connections, {factory.files_done} files,"
+          f" {factory.file_bytes} file bytes", flush=True)
 
 
 if __name__ == "__main__":

@@ -192,6 +192,8 @@ class Server:
         self.proc: Optional[subprocess.Popen] = None
         self.output = cwd / f"{name}.out"
         self.starts_failed = 0
+        #: Start it in a session of its own, so that a terminal's Ctrl-C reaches only its parent.
+        self.detach = False
 
     @property
     def pid(self) -> int:
@@ -224,7 +226,7 @@ class Server:
     def _start(self, timeout: float) -> None:
         with open(self.output, "wb") as out:
             self.proc = subprocess.Popen(self.argv, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT,
-                                         preexec_fn=raise_nofile)
+                                         preexec_fn=raise_nofile, start_new_session=self.detach)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.ready_pattern in self.log_text():

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["verify_gateway", "verify_floor", "scan_gateway_log"]
+__all__ = ["scan_sink", "verify_gateway", "verify_floor", "scan_gateway_log"]
 
 
 def _sha256(path: Path) -> str:
@@ -29,8 +29,13 @@ def _sha256(path: Path) -> str:
             h.update(chunk)
 
 
-def verify_gateway(root: Path, expected: list[list[Any]]) -> dict[str, Any]:
-    """Compare the sink's files with ``expected`` ``[imei, identifier, size, sha256]`` rows."""
+def scan_sink(root: Path) -> tuple[collections.Counter, list[str], int]:
+    """Every media file under the disk sink's ``root``, checked against its sidecar.
+
+    Returns the multiset of ``(imei, size, sha256)`` found, the problems (a
+    file without sidecar or whose size or SHA-256 differ from it, a sidecar
+    without its file) and how many temporary files are left.
+    """
     problems: list[str] = []
     found: collections.Counter = collections.Counter()
     temps = 0
@@ -55,6 +60,12 @@ def verify_gateway(root: Path, expected: list[list[Any]]) -> dict[str, Any]:
                 problems.append(f"{media}: {size} bytes sha256 {digest[:12]}, sidecar says "
                                 f"{side['size']} / {side['sha256'][:12]}")
             found[(str(side["imei"]), size, digest)] += 1
+    return found, problems, temps
+
+
+def verify_gateway(root: Path, expected: list[list[Any]]) -> dict[str, Any]:
+    """Compare the sink's files with ``expected`` ``[imei, identifier, size, sha256]`` rows."""
+    found, problems, temps = scan_sink(root)
     wanted = collections.Counter((str(imei), size, sha) for imei, _, size, sha in expected)
     missing = wanted - found
     extra = found - wanted

@@ -93,7 +93,8 @@ class FloorTests(TestCase):
         # Each connection's file holds exactly the bytes its camera sent.
         self.assertEqual(sorted(len(data) for data in self.floor.files().values()),
                          sorted(r["bytes_sent"] for r in results))
-        self.assertIn("4 connections, 12 files", self.floor.stop())
+        # 4 cameras x (2 x 30,001 + 100,001) bytes of their own, without frame headers and CRCs.
+        self.assertIn("4 connections, 12 files, 640012 file bytes", self.floor.stop())
 
     def test_one_byte_files(self) -> None:
         """A file of one packet: the floor reads its only frame's header at once."""
@@ -103,7 +104,7 @@ class FloorTests(TestCase):
              "--idle-timeout", "10", "--no-reconnect", "-q"],
             capture_output=True, text=True, timeout=60)
         self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
-        self.assertIn("1 connections, 2 files", self.floor.stop())
+        self.assertIn("1 connections, 2 files, 1025 file bytes", self.floor.stop())
 
     def replay(self, name: str) -> tuple[bytes, bytes]:
         """A real capture, sent as its camera did: the file, then (once acknowledged) the last init."""
@@ -127,4 +128,4 @@ class FloorTests(TestCase):
         self.assertEqual(sorted(len(data) for data in self.floor.files().values()),
                          sorted(len(capture_stream(name)) for name in
                                 ("dualcam-photo-front-a.json", "dualcam-photo-front-b.json")))
-        self.assertIn("2 connections, 2 files", self.floor.stop())
+        self.assertIn("2 connections, 2 files, 58221 file bytes", self.floor.stop())  # 29,395 + 28,826
