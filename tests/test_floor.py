@@ -106,23 +106,45 @@ class FloorTests(TestCase):
         self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
         self.assertIn("1 connections, 2 files, 1025 file bytes", self.floor.stop())
 
-    def replay(self, name: str) -> tuple[bytes, bytes]:
-        """A real capture, sent as its camera did: the file, then (once acknowledged) the last init."""
-        stream = capture_stream(name)
+    def replay(self, stream: bytes, last_frame: int) -> tuple[bytes, bytes]:
+        """A camera's stream, sent as the camera does: the file, then (once acknowledged) its last init.
+
+        The file goes in two writes a moment apart, cut inside the header of
+        its last frame (``last_frame`` bytes long), which the floor reads.
+        """
         file_part, last_init = stream[:-16], stream[-16:]
+        cut = len(file_part) - last_frame + 2
         with socket.create_connection(("127.0.0.1", self.floor.port), timeout=15) as sock:
-            sock.sendall(file_part)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(file_part[:cut])
+            time.sleep(0.2)
+            sock.sendall(file_part[cut:])
             replies = receive_until(sock, codec.repeat_init())
             sock.sendall(last_init)
             replies += receive_until(sock, None)
         return stream, replies
 
+    def test_last_frame_header_cut(self) -> None:
+        """A DualCam file whose last frame's header arrives in two reads: the floor waits for the rest."""
+        for n, size in enumerate((1, 1025, 3000, 2048)):
+            imei = 352093080000100 + n
+            content = bytes(i % 251 for i in range(size))
+            packets = [content[i : i + 1024] for i in range(0, size, 1024)]
+            stream = (codec.init_packet(5, imei, 0x04000400) + codec.metadata(b"\x03" + bytes(31))
+                      + codec.start(len(packets)) + codec.sync(1)
+                      + b"".join(codec.data(p, 0) for p in packets)  # (the floor checks no CRC)
+                      + codec.init_packet(5, imei, 0x40000400))
+            sent, replies = self.replay(stream, 4 + len(packets[-1]) + 2)
+            self.assertEqual(replies, codec.metadata_request(b"%photof") + codec.file_request(b"%photof")
+                             + codec.resume(1) + codec.repeat_init() + codec.close(), size)
+        self.assertIn(f"4 connections, 4 files, {1 + 1025 + 3000 + 2048} file bytes", self.floor.stop())
+
     def test_real_photos(self) -> None:
         """The real DualCam photos (29,395 and 28,826 bytes): the gateway's answers, every byte kept."""
         if not VECTORS.is_dir():
             raise SkipTest(NO_VECTORS)
-        for name in ("dualcam-photo-front-a.json", "dualcam-photo-front-b.json"):
-            stream, replies = self.replay(name)
+        for name, size in (("dualcam-photo-front-a.json", 29395), ("dualcam-photo-front-b.json", 28826)):
+            stream, replies = self.replay(capture_stream(name), 4 + size % 1024 + 2)
             self.assertEqual(replies, codec.metadata_request(b"%photof") + codec.file_request(b"%photof")
                              + codec.resume(1) + codec.repeat_init() + codec.close())
         self.assertEqual(sorted(len(data) for data in self.floor.files().values()),
