@@ -280,7 +280,8 @@ def print_report(results: list[tuple[Load, dict[str, Any]]], context: dict[str, 
     for what, met, measured in targets(table):
         lines.append(f"  [{'MET ' if met else 'MISS'}] {what}: {measured}")
     if profile and profile.get("threads"):
-        lines += ["", f"profile of the gateway during {profile['load']} (a separate run, py-spy --idle, "
+        scale = f", {profile['scale']} times its files" if profile.get("scale", 1) > 1 else ""
+        lines += ["", f"profile of the gateway during {profile['load']} (a separate run{scale}, py-spy --idle, "
                       f"{profile['samples_per_thread']} samples per thread); % of wall time of one thread "
                       "(self = in the function itself, total = with what it calls):"]
         for kind in ("reactor", "pool threads", "store thread"):

@@ -32,7 +32,7 @@ from procs import (Server, fd_count, free_port, machine_cpu, raise_nofile, sampl
                    wait_for_quiet)
 from camgateway.transfer import FLUSH_AGE, TRICKLE_AGE  # noqa: E402
 from report import metrics, print_report, profile_top  # noqa: E402
-from scenarios import SCENARIOS, Load, plan  # noqa: E402
+from scenarios import SCENARIOS, Load, plan, scaled  # noqa: E402
 from verify import scan_gateway_log, verify_floor, verify_gateway  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -363,6 +363,9 @@ def main() -> None:
     parser.add_argument("--profile", nargs="?", const="bulk-100", default=None, metavar="LOAD",
                         help="after the measured runs, run this load (default bulk-100) once more against "
                              "the gateway under py-spy, and print its hot spots")
+    parser.add_argument("--profile-scale", type=int, default=5, metavar="N",
+                        help="the profiled run carries N times the files per camera of LOAD (default 5),"
+                             " so that py-spy at 100 Hz gets enough samples of a load that lasts seconds")
     parser.add_argument("--repeat", type=int, default=None,
                         help="run each load N times against each server and report the median run "
                              "(default: 1 in quick mode; in full mode 3 for bulk and photos, 1 for the others)")
@@ -453,13 +456,16 @@ def run_all(opts: argparse.Namespace, loads: list[Load], base: Path, max_slow: i
             sys.exit(f"--profile: no load named {opts.profile!r}")
         raw = Path(opts.results) / f"profile-{opts.profile}.raw"
         raw.unlink(missing_ok=True)
-        print(f"  {opts.profile:<14} gateway  under py-spy", end=" ", flush=True)
-        r = run_one(chosen[0], "gateway", base, opts, profile_to=raw)
-        print(quick_figure(chosen[0], r), flush=True)
+        load = scaled(chosen[0], max(1, opts.profile_scale))
+        print(f"  {opts.profile:<14} gateway  under py-spy, x{max(1, opts.profile_scale)} files", end=" ",
+              flush=True)
+        r = run_one(load, "gateway", base, opts, profile_to=raw)
+        print(quick_figure(load, r), flush=True)
         if raw.exists():
             profile = profile_top(raw, 12)
             profile["load"] = opts.profile
-            profile["rate"] = metrics(chosen[0], r).get("rate")
+            profile["scale"] = max(1, opts.profile_scale)
+            profile["rate"] = metrics(load, r).get("rate")
     digests = {r.get("code") for _, runs in results for rs in runs.values() for r in rs if r.get("code")}
     if len(digests) > 1:
         context["code_changed_during_run"] = sorted(digests)

@@ -93,6 +93,13 @@ def _big(quick: bool) -> list[Load]:
                  "camera", "MB/s", deadline=300) for size in sizes]
 
 
+def scaled(load: Load, factor: int) -> Load:
+    """``load`` with ``factor`` times the files per camera in its measured group (a longer run, same shape)."""
+    groups = [dict(g, photos=g.get("photos", 0) * factor, videos=g.get("videos", 0) * factor)
+              if g["name"] == load.measured else g for g in load.groups]
+    return dataclasses.replace(load, groups=groups, deadline=load.deadline * factor)
+
+
 def plan(names: list[str], quick: bool, max_slow: Optional[int] = None) -> list[Load]:
     """The loads of the named scenarios, in the order given.
 
