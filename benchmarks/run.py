@@ -44,6 +44,12 @@ BIN = Path(sys.executable).parent
 SETTLE = TRICKLE_AGE + FLUSH_AGE + 1.0
 
 
+def py_spy() -> Optional[str]:
+    """The py-spy next to this Python (the venv's), else on PATH; None if neither."""
+    local = BIN / "py-spy"
+    return str(local) if local.exists() else shutil.which("py-spy")
+
+
 def gateway_config(workdir: Path, port: int, workers: str = "1") -> Path:
     """The gateway's YAML: everything under ``workdir``, listening on 127.0.0.1:port.
 
@@ -126,7 +132,7 @@ class Events:
             if (ev["event"] == "started" and ev.get("group") == self.measured
                     and self.profile_to is not None and self.profiler is None):
                 self.profiler = subprocess.Popen(
-                    [str(BIN / "py-spy"), "record", "--pid", str(self.server.pid), "--rate", "100",
+                    [py_spy() or "py-spy", "record", "--pid", str(self.server.pid), "--rate", "100",
                      "--threads", "--idle", "--nonblocking", "--format", "raw", "-o", str(self.profile_to),
                      *os.environ.get("CAMGW_BENCH_PYSPY", "").split()],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -379,6 +385,8 @@ def main() -> None:
                         help="receiving processes of the floor (SO_REUSEPORT; default 1: the minimal receiver)")
     parser.add_argument("--targets", default="gateway,floor", help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if opts.profile and py_spy() is None:
+        parser.error(f"--profile needs py-spy: {BIN / 'pip'} install py-spy")
 
     raise_nofile()
     import resource
