@@ -1,7 +1,8 @@
 """The floor: the least a Twisted receiver must do for the benchmark's byte exchange.
 
 ``python benchmarks/floor.py --port PORT --root DIR`` listens on 127.0.0.1
-(``--interface`` for another address) with the epoll reactor, as ``twistd camgateway`` does. Per connection it:
+(``--interface`` for another address) with the epoll reactor, as
+``twistd camgateway`` does. Per connection it:
 
 * appends **every byte received**, unparsed, to one file
   (``DIR/<imei>-<n>.bin``, opened when the init arrives), one ``os.write``
@@ -266,8 +267,8 @@ def main() -> None:
 
             for _ in range(args.processes - 1):
                 child = subprocess.Popen([sys.executable, __file__, "--port", str(args.port), "--root", args.root,
-                                          "--interface", args.interface, "--backlog", str(args.backlog), "--child"], stdout=subprocess.PIPE,
-                                         text=True)
+                                          "--interface", args.interface, "--backlog", str(args.backlog), "--child"],
+                                         stdout=subprocess.PIPE, text=True)
                 child.stdout.readline()  # its "floor listening" line
                 children.append(child)
 

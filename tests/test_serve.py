@@ -29,9 +29,10 @@ class ServeTests(TestCase):
         try:
             line = proc.stdout.readline()  # type: ignore[union-attr]
             match = re.search(r"listening on 127\.0\.0\.1:(\d+) ", line)
-            self.assertIsNotNone(match, line)
+            if match is None:
+                self.fail(f"serve.py did not start: {line!r}")
             sim = subprocess.run(
-                [sys.executable, "-m", "camgateway.sim", "-c", f"tcp:127.0.0.1:{match.group(1)}", "-n", "5",  # type: ignore[union-attr]
+                [sys.executable, "-m", "camgateway.sim", "-c", f"tcp:127.0.0.1:{match.group(1)}", "-n", "5",
                  "--photos", "3", "--videos", "1", "--photo-size", "30001", "--video-size", "1M",
                  "--no-reconnect", "-q"],
                 capture_output=True, text=True, timeout=120)
