@@ -77,7 +77,6 @@ class FloorProtocol(Protocol):
         self.identifier = b""
         self.dualcam = True
         self.expect = 0
-        self.expect_last = False
         self.total = 0  # START's size: packets (DualCam) or bytes
         self.file_bytes = 0  # the file's own bytes, once known
 
@@ -176,17 +175,17 @@ class FloorProtocol(Protocol):
                 self.transport.write(REPEAT_INIT)
                 return
             if self.dualcam:  # packets: whole ones, then the last, whose header gives its length
-                self.expect, self.expect_last = (total - 1) * (FRAME + 6), True
+                self.expect = (total - 1) * (FRAME + 6)
                 self.transport.write(_frame(0x0002, _u32.pack(1)))
             else:  # bytes
-                self.expect, self.expect_last = total + 6 * -(-total // FRAME), False
+                self.expect = total + 6 * -(-total // FRAME)
                 self.file_bytes = total
                 self.transport.write(_frame(0x0002, _u32.pack(0)))
         else:  # STATUS or anything unexpected: the file is over
             self.transport.write(REPEAT_INIT)
 
     def _stream(self, rest: bytes) -> None:
-        self.data_left, self.last_header = self.expect, self.expect_last
+        self.data_left, self.last_header = self.expect, self.dualcam
         if rest:
             self._take(rest)
 

@@ -42,6 +42,8 @@ BIN = Path(sys.executable).parent
 #: per file: TRICKLE_AGE after its first bytes, at the next scan), so that idle-10k measures slow
 #: links as they run for hours, not the seconds after 10,000 cameras connected.
 SETTLE = TRICKLE_AGE + FLUSH_AGE + 1.0
+#: Where the runs' directories go by default: a real disk (/tmp is tmpfs on many systems).
+DEFAULT_WORKDIR = "/var/tmp" if os.path.isdir("/var/tmp") else tempfile.gettempdir()
 
 
 def py_spy() -> Optional[str]:
@@ -154,14 +156,21 @@ class Events:
         sink after), then sample as event ``stored``."""
         if self.sink is None:
             return
-        deadline = time.monotonic() + self.sink_timeout
-        n = 0
-        while time.monotonic() < deadline:
-            n = count_sidecars(self.sink)
-            if n >= self.sink_files:
-                break
-            time.sleep(0.02)
+        n = wait_for_sidecars(self.sink, self.sink_files, self.sink_timeout)
         self._stamp({"event": "stored", "t": time.monotonic(), "files": n, "proc": self.measured_proc})
+
+
+def wait_for_sidecars(root: Path, files: int, timeout: float, stall: Optional[float] = None) -> int:
+    """Wait until the disk sink under ``root`` holds ``files`` files, at most ``timeout`` s (or, with
+    ``stall``, until its count has not moved for that long); how many it holds."""
+    deadline = time.monotonic() + timeout
+    n, moved = count_sidecars(root), time.monotonic()
+    while n < files and time.monotonic() < deadline and (stall is None or time.monotonic() - moved < stall):
+        time.sleep(0.02)
+        now = count_sidecars(root)
+        if now != n:
+            n, moved = now, time.monotonic()
+    return n
 
 
 def count_sidecars(root: Path) -> int:
@@ -360,7 +369,7 @@ def main() -> None:
                         help=f"comma-separated, from {', '.join(SCENARIOS)} (default: all; 'none' with "
                              "--profile to profile only)")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke check in 1-2 minutes")
-    parser.add_argument("--workdir", default="/var/tmp" if os.path.isdir("/var/tmp") else tempfile.gettempdir(),
+    parser.add_argument("--workdir", default=DEFAULT_WORKDIR,
                         help="where spools, stored files and logs go: a real disk, not tmpfs (default /var/tmp:"
                              " /tmp is tmpfs on many systems)")
     parser.add_argument("--results", default=str(HERE / "results"), help="where profiles and the report go")

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import signal
@@ -46,9 +45,9 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procs import Server, fd_count, free_port, machine_cpu, sample  # noqa: E402
-from run import make_server  # noqa: E402
-from verify import scan_sink  # noqa: E402
+from procs import fd_count, free_port, machine_cpu, sample  # noqa: E402
+from run import DEFAULT_WORKDIR, make_server, wait_for_sidecars  # noqa: E402
+from verify import scan_gateway_log, scan_sink  # noqa: E402
 
 #: Seconds between samples of the server (the busy window's resolution).
 INTERVAL = 0.2
@@ -64,28 +63,6 @@ def gateway_files(workdir: Path) -> tuple[int, int, list[str]]:
     return sum(found.values()), sum(size * n for (_, size, _), n in found.items()), problems
 
 
-def sidecars(workdir: Path) -> int:
-    """Sidecars in the gateway's sink: one per file stored."""
-    return sum(1 for _, _, names in os.walk(workdir / "files") for n in names if n.endswith(".json"))
-
-
-def settle(workdir: Path, acknowledged: int, timeout: float = 120.0) -> int:
-    """Wait until the sink holds ``acknowledged`` files, or stops growing for 2 s; how many it holds."""
-    deadline = time.monotonic() + timeout
-    count, since = sidecars(workdir), time.monotonic()
-    while count < acknowledged and time.monotonic() < deadline and time.monotonic() - since < 2.0:
-        time.sleep(0.2)
-        now = sidecars(workdir)
-        if now != count:
-            count, since = now, time.monotonic()
-    return count
-
-
-def acknowledged(server: Server) -> int:
-    """Files the gateway logged as received (acknowledged to their cameras)."""
-    return server.log_text().count("file received:")
-
-
 def floor_files(text: str) -> tuple[int, int]:
     """Files the floor acknowledged and their own bytes (its last line)."""
     match = re.search(r"floor stopped: \d+ connections, (\d+) files, (\d+) file bytes", text)
@@ -98,7 +75,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="TCP port (default: a free one)")
     parser.add_argument("--interface", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--workers", default="auto", help="the gateway's workers (default auto)")
-    parser.add_argument("--workdir", default="/var/tmp" if os.path.isdir("/var/tmp") else tempfile.gettempdir(),
+    parser.add_argument("--workdir", default=DEFAULT_WORKDIR,
                         help="where the run's directory goes (a real disk; default /var/tmp)")
     parser.add_argument("--seconds", type=float, default=None, help="stop after this many seconds")
     parser.add_argument("--keep", action="store_true", help="keep the run's directory (config, log, files)")
@@ -140,9 +117,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 break
             n += 1  # (descriptors each second: listing 20,000 of them costs the server CPU)
             samples.append((now, machine_cpu()[1], fd_count(server.pid) if n % 5 == 0 else 0))
-        files_acked = acknowledged(server) if args.target == "gateway" else 0
-        if args.target == "gateway":
-            settle(workdir, files_acked)
+        files_acked = 0
+        if args.target == "gateway":  # acknowledged to the cameras; the sink may trail: wait (2 s without one more)
+            files_acked = scan_gateway_log(server.log_text())["files_received_logged"]
+            wait_for_sidecars(workdir / "files", files_acked, timeout=120.0, stall=2.0)
         last = sample(server.pid)
         if last is not None:
             samples.append((last, machine_cpu()[1], fd_count(server.pid)))
