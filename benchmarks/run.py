@@ -52,8 +52,8 @@ def py_spy() -> Optional[str]:
     return str(local) if local.exists() else shutil.which("py-spy")
 
 
-def gateway_config(workdir: Path, port: int, workers: str = "1") -> Path:
-    """The gateway's YAML: everything under ``workdir``, listening on 127.0.0.1:port.
+def gateway_config(workdir: Path, port: int, workers: str = "1", interface: str = "127.0.0.1") -> Path:
+    """The gateway's YAML: everything under ``workdir``, listening on interface:port.
 
     The log is JSON lines, as in production under systemd (there to standard
     output, here to ``gateway.log``: the same observer).
@@ -61,7 +61,7 @@ def gateway_config(workdir: Path, port: int, workers: str = "1") -> Path:
     path = workdir / "camgateway.yaml"
     path.write_text(
         "# written by benchmarks/run.py\n"
-        f'listen: ["tcp:{port}:interface=127.0.0.1:backlog=1024"]\n'
+        f'listen: ["tcp:{port}:interface={interface}:backlog=1024"]\n'
         f"workers: {workers}\n"
         "storage:\n"
         f"  spool: {workdir / 'spool'}\n"
@@ -74,14 +74,16 @@ def gateway_config(workdir: Path, port: int, workers: str = "1") -> Path:
     return path
 
 
-def make_server(target: str, workdir: Path, port: int, workers: str = "1", floor_processes: int = 1) -> Server:
+def make_server(target: str, workdir: Path, port: int, workers: str = "1", floor_processes: int = 1,
+                interface: str = "127.0.0.1") -> Server:
+    """The gateway (``twistd -n camgateway``) or the floor, in ``workdir``, to listen on interface:port."""
     if target == "gateway":
-        config = gateway_config(workdir, port, workers)
+        config = gateway_config(workdir, port, workers, interface)
         log = workdir / "gateway.log"
         argv = [str(BIN / "twistd"), "-n", "--pidfile=", "camgateway", "--config", str(config)]
         return Server("gateway", argv, log, "listening for cameras", workdir)
     argv = [sys.executable, str(HERE / "floor.py"), "--port", str(port), "--root", str(workdir / "floor"),
-            "--processes", str(floor_processes)]
+            "--processes", str(floor_processes), "--interface", interface]
     return Server("floor", argv, workdir / "floor.out", "floor listening", workdir)
 
 

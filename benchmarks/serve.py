@@ -85,14 +85,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     workroot = Path(args.workdir).resolve()  # absolute: the server runs in the directory its config names
     workroot.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"camgw-serve-{args.target}-", dir=workroot))
-    server = make_server(args.target, workdir, port, args.workers)
+    server = make_server(args.target, workdir, port, args.workers, interface=args.interface)
     server.detach = True  # Ctrl-C is for this script: it stops the server once the sink has every file
-    if args.interface != "127.0.0.1":
-        if args.target == "gateway":
-            config = workdir / "camgateway.yaml"
-            config.write_text(config.read_text().replace("interface=127.0.0.1", f"interface={args.interface}"))
-        else:
-            server.argv += ["--interface", args.interface]
     stop = {"now": False}
 
     def request_stop(signum: int, frame: Any) -> None:

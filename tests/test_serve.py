@@ -20,19 +20,20 @@ SERVE = Path(__file__).resolve().parents[1] / "benchmarks" / "serve.py"
 class ServeTests(TestCase):
     """Started, driven by the emulator, stopped by Ctrl-C: what it received, verified, and its cost."""
 
-    def serve(self, target: str, *extra: str) -> dict[str, Any]:
+    def serve(self, target: str, *extra: str, host: str = "127.0.0.1") -> dict[str, Any]:
         workdir = Path(self.mktemp())
         workdir.mkdir()
-        proc = subprocess.Popen([sys.executable, str(SERVE), target, "--workdir", str(workdir), *extra],
+        proc = subprocess.Popen([sys.executable, str(SERVE), target, "--workdir", str(workdir), "--interface", host,
+                                 *extra],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)  # a process group of its own, as in a terminal
         try:
             line = proc.stdout.readline()  # type: ignore[union-attr]
-            match = re.search(r"listening on 127\.0\.0\.1:(\d+) ", line)
+            match = re.search(rf"listening on {re.escape(host)}:(\d+) ", line)
             if match is None:
                 self.fail(f"serve.py did not start: {line!r}")
             sim = subprocess.run(
-                [sys.executable, "-m", "camgateway.sim", "-c", f"tcp:127.0.0.1:{match.group(1)}", "-n", "5",
+                [sys.executable, "-m", "camgateway.sim", "-c", f"tcp:{host}:{match.group(1)}", "-n", "5",
                  "--photos", "3", "--videos", "1", "--photo-size", "30001", "--video-size", "1M",
                  "--no-reconnect", "-q"],
                 capture_output=True, text=True, timeout=120)
@@ -69,7 +70,7 @@ class ServeTests(TestCase):
         self.assertEqual(report["exit_status"], -signal.SIGTERM)  # twistd's clean stop
 
     def test_floor(self) -> None:
-        """The floor: its files and their bytes, from its own count."""
-        report = self.serve("floor")
+        """The floor, on another address (--interface): its files and their bytes, from its own count."""
+        report = self.serve("floor", host="127.0.0.2")
         self.check(report, "floor")
         self.assertEqual(report["exit_status"], 0)
