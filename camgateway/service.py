@@ -94,9 +94,12 @@ def reconcile(s: Services) -> Any:
 
 
 def flush_stale(s: Services) -> None:
-    """Write the few bytes slow cameras left pending (see :mod:`camgateway.transfer`)."""
+    """Write the few bytes slow cameras left pending, drop stale read marks (the half-second scan).
+
+    Only the sessions whose filed moment has come are visited (:mod:`camgateway.due`).
+    """
     now = s.clock.seconds()
-    for session in list(s.sessions.values()):
+    for session in s.due.take(now):
         session.write_stale(now)
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Iterator, Optional
 from twisted.internet.defer import Deferred
 
 from camgateway.config import Config
+from camgateway.due import DueSessions
 from camgateway.sockets import TurnWriter
 from camgateway.spool import Spool
 
@@ -152,6 +153,8 @@ class Services:
     #: The latest stored files (ReceivedFile, where each sink put it), newest last.
     recent: RecentFiles = dataclasses.field(default_factory=RecentFiles)
     heads: FileHeads = dataclasses.field(default_factory=FileHeads)
+    #: The sessions the half-second scan visits, each when something of its own comes due.
+    due: DueSessions = dataclasses.field(default_factory=DueSessions)
     #: The latest failures: dicts with time, imei, peer, what and why, newest last.
     failures: Deque[dict[str, Any]] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=RECENT))
     #: Flushes the spool's filesystem for many finishing files at once

@@ -247,8 +247,11 @@ class Session(TransferSteps):
                 self._write(transfer)
             if self.state is S.RECEIVING:
                 held = transfer.held
-                self._reads.read(self.s.clock.seconds(), held,
-                                 transfer.done_at - held - self.decoder.buffered)  # type: ignore[union-attr]
+                reads = self._reads
+                reads.read(self.s.clock.seconds(), held,
+                           transfer.done_at - held - self.decoder.buffered)  # type: ignore[union-attr]
+                if reads.mark != 1:  # held: the scan looks once it may be stale
+                    self.s.due.at(self, reads.stale_at())  # type: ignore[arg-type]
 
     def _write(self, transfer: Transfer) -> None:
         """The write policy (see :mod:`camgateway.transfer`): batch, bound, pause."""
@@ -260,24 +263,38 @@ class Session(TransferSteps):
             return
         if n >= WRITE_MIN:
             write_pending(self.s, transfer, self._written)
-        elif transfer.pending_since is None:  # a slow camera: write_stale() writes these later
-            transfer.pending_since = self.s.clock.seconds()
+        else:  # a slow camera: write_stale() writes these later
+            if transfer.pending_since is None:
+                transfer.pending_since = self.s.clock.seconds()
+            self._file_pending(transfer)
         self._checkpoint_due(transfer)
 
+    def _file_pending(self, transfer: Transfer) -> None:
+        """Have the scan visit once the pending bytes are old enough to write (sooner as they grow)."""
+        wait = FLUSH_AGE if len(transfer.pending) >= TRICKLE_BYTES else TRICKLE_AGE
+        self.s.due.at(self, transfer.pending_since + wait)  # type: ignore[operator]
+
     def write_stale(self, now: float) -> None:
-        """Write pending bytes that have waited :data:`FLUSH_AGE` seconds (called by a timer).
+        """Write pending bytes that have waited :data:`FLUSH_AGE` seconds (the scan's visit).
 
         Fewer than :data:`TRICKLE_BYTES` wait :data:`TRICKLE_AGE` seconds.
         A camera held by its read mark and not read for long is read at once.
+        The scan calls this when the moment the session filed itself for has
+        come (:mod:`camgateway.due`); what is not due yet files it again.
         """
-        if self._reads.mark != 1:
-            self._reads.stale(now)
-        transfer = self.transfer
-        if (transfer is None or transfer.writing or not transfer.pending or transfer.pending_since is None
-                or not self.connected):
+        if not self.connected:
             return
+        reads = self._reads
+        if reads.mark != 1:
+            reads.stale(now)
+            if reads.mark != 1:  # read since it was filed: not stale yet
+                self.s.due.at(self, reads.stale_at())  # type: ignore[arg-type]
+        transfer = self.transfer
+        if transfer is None or transfer.writing or not transfer.pending or transfer.pending_since is None:
+            return  # (bytes behind a write in flight: _written() files them)
         age = now - transfer.pending_since
         if age < FLUSH_AGE or (age < TRICKLE_AGE and len(transfer.pending) < TRICKLE_BYTES):
+            self._file_pending(transfer)
             return
         if len(transfer.pending) > INLINE_WRITE_MAX or not transfer.recorded:
             # (A file's first write waits for its partial's record, so that
@@ -537,6 +554,7 @@ class Session(TransferSteps):
         """The connection is gone: persist any transfer; fire :attr:`finished` when done."""
         self.connected = False
         self._disarm()
+        self.s.due.discard(self)
         if self.decoder is not None:
             self.decoder.stop()
         if self.s.sessions.get(self.imei) is self:

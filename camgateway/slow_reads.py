@@ -105,6 +105,12 @@ class SlowReads:
         if self.mark != 1 and self._at is not None and now - self._at > 2 * self.wait:
             self.drop()
 
+    def stale_at(self) -> Optional[float]:
+        """When a held connection not read again becomes stale (None: not held)."""
+        if self.mark == 1 or self._at is None:
+            return None
+        return self._at + 2 * self.wait
+
     def drop(self) -> None:
         """Read every byte as it comes again (leaving ``RECEIVING``, or stale)."""
         self._at = None
