@@ -7,8 +7,8 @@ no byte from the camera: its pending bytes, written :data:`FLUSH_AGE` or
 connection has not been read for twice its wait (:mod:`camgateway.slow_reads`).
 The scan (``flush_stale``, twice a second) used to ask every session of the
 worker. With 9,850 slow cameras on two workers that was 19,700 visits a
-second, most of them finding nothing due, about a sixth of what the slow
-cameras cost the gateway (``benchmarks/README.md``, the fourteenth session).
+second, most of them finding nothing due: 0.013 of a core, of the 0.08-0.10
+the slow cameras cost the gateway (``benchmarks/README.md``, step 44).
 
 Now a session files itself here for the earliest moment something of its own
 may come due (:meth:`DueSessions.at`), and the scan takes only those whose
