@@ -250,8 +250,8 @@ class Session(TransferSteps):
                 reads = self._reads
                 reads.read(self.s.clock.seconds(), held,
                            transfer.done_at - held - self.decoder.buffered)  # type: ignore[union-attr]
-                if reads.mark != 1:  # held: the scan looks once it may be stale
-                    self.s.due.at(self, reads.stale_at())  # type: ignore[arg-type]
+                if reads.mark != 1:  # held (the one comparison a fast camera's read pays)
+                    self._file_mark()
 
     def _write(self, transfer: Transfer) -> None:
         """The write policy (see :mod:`camgateway.transfer`): batch, bound, pause."""
@@ -269,6 +269,12 @@ class Session(TransferSteps):
             self._file_pending(transfer)
         self._checkpoint_due(transfer)
 
+    def _file_mark(self) -> None:
+        """Have the scan visit once the held read mark may be stale."""
+        at = self._reads.stale_at()
+        if at is not None:
+            self.s.due.at(self, at)
+
     def _file_pending(self, transfer: Transfer) -> None:
         """Have the scan visit once the pending bytes are old enough to write (sooner as they grow)."""
         wait = FLUSH_AGE if len(transfer.pending) >= TRICKLE_BYTES else TRICKLE_AGE
@@ -284,11 +290,8 @@ class Session(TransferSteps):
         """
         if not self.connected:
             return
-        reads = self._reads
-        if reads.mark != 1:
-            reads.stale(now)
-            if reads.mark != 1:  # read since it was filed: not stale yet
-                self.s.due.at(self, reads.stale_at())  # type: ignore[arg-type]
+        self._reads.stale(now)
+        self._file_mark()  # (read since it was filed: not stale yet)
         transfer = self.transfer
         if transfer is None or transfer.writing or not transfer.pending or transfer.pending_since is None:
             return  # (bytes behind a write in flight: _written() files them)

@@ -102,7 +102,8 @@ class SlowReads:
 
     def stale(self, now: float) -> None:
         """The periodic scan: a held connection unread for twice its wait is read at once."""
-        if self.mark != 1 and self._at is not None and now - self._at > 2 * self.wait:
+        at = self.stale_at()
+        if at is not None and now > at:
             self.drop()
 
     def stale_at(self) -> Optional[float]:
