@@ -20,7 +20,7 @@ from camgateway.groupcommit import BatchThread
 from camgateway.leases import LeaseKeeper
 from camgateway.malloc import tune_malloc
 from camgateway.outbox import Outbox
-from camgateway.progress import ProgressReporter
+from camgateway.progress import PROGRESS_SPREAD, ProgressReporter
 from camgateway.protocol import CameraFactory
 from camgateway.reserve import SpoolReserve
 from camgateway.services import Services
@@ -302,7 +302,8 @@ def make_gateway(config: Config, reactor: Any = None, shard: Optional[Shard] = N
     if reactor is not None:
         writer.clock = reactor
     writer.setServiceParent(top)
-    progress = TimerService(config.progress_interval, ProgressReporter(lambda: gateway.services))
+    reporter = ProgressReporter(lambda: gateway.services, spread=PROGRESS_SPREAD * config.progress_interval)
+    progress = TimerService(config.progress_interval, reporter)
     if reactor is not None:
         progress.clock = reactor
     progress.setServiceParent(top)

@@ -330,6 +330,85 @@ class ProgressBatchTests(TestCase):
         self.assertEqual(len(self.events), 599 + 256)
 
 
+class ProgressSpreadTests(TestCase):
+    """With ``spread``, a tick's events come a slice at a time over that many seconds, not in one burst."""
+
+    def setUp(self) -> None:
+        import camgateway.progress as progress
+
+        self.progress = progress
+        self.events: list[dict[str, Any]] = []
+        self.patch(progress, "log", Logger(namespace="camgateway.progress", observer=self.events.append))
+        self.clock = task.Clock()
+        self.clock.advance(1000)
+        self.services = Fake(sessions={}, clock=self.clock)
+
+    def add(self, n: int, transferring: bool = True) -> None:
+        for _ in range(n):
+            i = len(self.services.sessions)
+            transfer = Fake(held=5000, resumed_from=0, limit=10_000) if transferring else None
+            offer = Fake(printable=f"file{i}", camera="dualcam")
+            self.services.sessions[str(i)] = Fake(imei=i, transfer=transfer, offer=offer, connected=True,
+                                                  file_started_at=990.0, link=Fake(peer="127.0.0.1:1"))
+
+    def test_spread_over_the_time_given(self) -> None:
+        self.add(600)
+        self.add(50, transferring=False)  # between two files: no event, and no share of the spread
+        reporter = self.progress.ProgressReporter(lambda: self.services, batch=256, spread=24.0)
+        size, gap = reporter.slicing(600)
+        self.assertEqual(size, self.progress.PROGRESS_SMALL)
+        self.assertAlmostEqual(gap, 24.0 * size / 600)
+        reporter()
+        self.assertEqual(len(self.events), size)  # not 256: the rest are spread
+        seen = [len(self.events)]
+        for _ in range(60):
+            self.clock.advance(gap)
+            seen.append(len(self.events))
+        self.assertEqual(len(self.events), 600)
+        self.assertEqual(sorted(e["imei"] for e in self.events), list(range(600)))  # each once
+        steps = [b - a for a, b in zip(seen, seen[1:]) if b != a]
+        self.assertLessEqual(max(steps), size)
+        last = seen.index(600) * gap
+        self.assertLessEqual(last, 24.0)  # done within the spread, before the next tick
+        self.assertGreater(last, 20.0)  # and not in a burst at its start
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(30 - last)
+        reporter()  # the next tick starts afresh, each transfer's rate over its own 30 s
+        self.assertEqual(len(self.events), 600 + size)
+        self.assertEqual(self.events[-1]["rate"], 0)  # nothing more held since its last event
+
+    def test_slices_grow_with_the_transfers_but_stay_bounded(self) -> None:
+        reporter = self.progress.ProgressReporter(lambda: self.services, batch=32, spread=24.0)
+        self.assertEqual(reporter.slicing(16), (32, 0.0))  # a few: all at once
+        size, gap = reporter.slicing(5000)
+        self.assertEqual(size, 21)  # 5,000 over 24 s, a slice about every 0.1 s
+        self.assertAlmostEqual(gap, 24.0 * 21 / 5000)
+        size, gap = reporter.slicing(100_000)
+        self.assertEqual(size, 32)  # never more than the batch to a turn
+        self.assertAlmostEqual(gap * 100_000 / 32, 24.0)
+
+    def test_a_few_transfers_at_once(self) -> None:
+        self.add(10)
+        reporter = self.progress.ProgressReporter(lambda: self.services, spread=24.0)
+        reporter()
+        self.assertEqual(len(self.events), 10)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_the_gateway_spreads_over_most_of_the_interval(self) -> None:
+        from camgateway.config import parse_config
+        from camgateway.service import make_gateway
+
+        work = Path(self.mktemp()).resolve()
+        work.mkdir(parents=True)
+        config = parse_config({"listen": ["tcp:0:interface=127.0.0.1"], "log": {"progress_interval": "20s"}},
+                              base=work)
+        top = make_gateway(config, reactor=task.Clock())
+        [reporter] = [s.call[0] for s in top if isinstance(getattr(s, "call", (None,))[0],
+                                                             self.progress.ProgressReporter)]
+        self.assertEqual(reporter._spread, self.progress.PROGRESS_SPREAD * 20)
+        self.assertLess(reporter._spread, 20)
+
+
 class Fake:
     """An object with the given attributes, hashed by identity and weakly referable
     (the reporter keeps sessions as weak keys: ``types.SimpleNamespace`` is neither)."""
