@@ -79,13 +79,23 @@ def metrics(load: Load, r: dict[str, Any]) -> dict[str, Any]:
         "p99_s": g["p99"],
         "verified": bool(r.get("verify", {}).get("ok")),
         "verify": r.get("verify"),
-        "log": r.get("log"),
+        "log": {k: v for k, v in r["log"].items() if k != "progress_times"} if r.get("log") else r.get("log"),
         "errors": g["errors"][:5],
         "stop_seconds": r.get("stop_seconds"),
         "busy_before_cpus": r.get("busy_before"),
         "exit_status": r.get("exit_status"),
     }
     m["rate"] = m[load.unit]
+    warmed = next((ev for ev in events if "warm_s" in ev), None)
+    if warmed is not None:
+        m["warm_MiB"], m["warm_s"] = warmed["warm_mib"], warmed["warm_s"]
+    if r.get("reported_kib") is not None:
+        m["reported_MiB"] = r["reported_kib"] / 1024  # free memory the machine gave its host during the run
+    progress = (r.get("log") or {}).get("progress_times")
+    if progress is not None and "clock_offset" in r:
+        # transfer_progress events logged while the measured cameras ran (a
+        # burst of them there is CPU the fast cameras did not get)
+        m["progress_events_in_window"] = sum(start["t"] <= t - r["clock_offset"] <= done["t"] for t in progress)
     ready = _find(events, "ready")
     slow = next((x for x in groups.values() if x.get("background")), None)
     if ready is not None and slow is not None and idle is not None:
@@ -274,7 +284,9 @@ def print_report(results: list[tuple[Load, dict[str, Any]]], context: dict[str, 
                 f"= {m['per_connection_KB']:.1f} KB per connection, {m['server_fds_with_slow']} fds; "
                 + (f"kernel TCP buffers {m['kernel_per_connection_KB']:+.1f} KB per connection; "
                    if m.get("kernel_per_connection_KB") is not None else "") +
-                f"peak {m['peak_rss_MB']:.0f} MB with the 100 fast ones")
+                f"peak {m['peak_rss_MB']:.0f} MB with the 100 fast ones"
+                + (f"; {m['progress_events_in_window']} progress events logged in the window"
+                   if m.get("progress_events_in_window") is not None else ""))
     lines.append("")
     lines.append("targets:")
     for what, met, measured in targets(table):

@@ -28,11 +28,11 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procs import (Server, fd_count, free_port, machine_cpu, raise_nofile, sample, tcp_memory_kb,  # noqa: E402
-                   wait_for_quiet)
+from procs import (Server, available_mib, fd_count, free_port, machine_cpu, raise_nofile, reported_kib,  # noqa: E402
+                   sample, tcp_memory_kb, wait_for_quiet, warm_memory)
 from camgateway.transfer import FLUSH_AGE, TRICKLE_AGE  # noqa: E402
 from report import metrics, print_report, profile_top  # noqa: E402
-from scenarios import SCENARIOS, Load, plan, scaled  # noqa: E402
+from scenarios import SCENARIOS, Load, MiB, plan, scaled  # noqa: E402
 from verify import scan_gateway_log, verify_floor, verify_gateway  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -100,8 +100,14 @@ class Events:
 
     def __init__(self, server: Server, loaders: list[subprocess.Popen], measured_proc: int,
                  go_file: Optional[Path], stop_file: Path, sink: Optional[Path], sink_files: int,
-                 measured: str, profile_to: Optional[Path], sink_timeout: float = 180.0) -> None:
+                 measured: str, profile_to: Optional[Path], sink_timeout: float = 180.0,
+                 warm_mib: int = 0, background: bool = False) -> None:
         self.server = server
+        #: MiB of memory warmed just before the go file (:func:`procs.warm_memory`).
+        self.warm_mib = warm_mib
+        #: Whether slow cameras must be ready first (the go file follows their ``ready``,
+        #: not the measured generator's ``precomputed``).
+        self.background = background
         self.loaders = loaders
         self.measured_proc = measured_proc
         self.go_file = go_file
@@ -140,17 +146,28 @@ class Events:
                      "--threads", "--idle", "--nonblocking", "--format", "raw", "-o", str(self.profile_to),
                      *os.environ.get("CAMGW_BENCH_PYSPY", "").split()],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            if ev["event"] == "ready" and self.go_file is not None:
+            if ev["event"] == "ready" and self.go_file is not None and self.background:
                 time.sleep(SETTLE)
                 ev["settled"] = sample(self.server.pid)
                 ev["server_fds"] = fd_count(self.server.pid)
                 ev["tcp_mem_kb"] = tcp_memory_kb()
-                self.go_file.touch()
+                self._go(ev)
+            if (ev["event"] == "precomputed" and proc == self.measured_proc and self.go_file is not None
+                    and not self.background):
+                self._go(ev)
             if ev["event"] == "done" and proc == self.measured_proc:
                 self._wait_for_sink()
                 if self.profiler is not None:
                     self.profiler.send_signal(2)  # SIGINT: py-spy writes its output and exits
                 self.stop_file.touch()
+
+    def _go(self, ev: dict[str, Any]) -> None:
+        """Warm the memory the run is about to write into, then let the measured cameras start."""
+        assert self.go_file is not None
+        if self.warm_mib:
+            ev["warm_s"] = warm_memory(self.warm_mib)
+            ev["warm_mib"] = self.warm_mib
+        self.go_file.touch()
 
     def _wait_for_sink(self) -> None:
         """The cameras are done: wait until every file is in the sink (a gateway may
@@ -214,14 +231,20 @@ def run_one(load: Load, target: str, base: Path, opts: argparse.Namespace,
         out["idle"] = sample(server.pid)
         out["idle_fds"] = fd_count(server.pid)
         out["idle_tcp_mem_kb"] = tcp_memory_kb()
-        go_file = workdir / "go" if any(g.get("phase") for g in load.groups) else None
+        # Every load's measured cameras start on the go file: after the slow
+        # cameras are ready (idle-10k), or once their generator has precomputed
+        # its frames; just before it, the memory the run will write into is warmed.
+        go_file = workdir / "go"
+        groups_run = [dict(g, phase=g.get("phase", 1)) for g in load.groups]
+        background = any(g.get("background") for g in load.groups)
+        reported_before = reported_kib()
         stop_file = workdir / "stop"
         procs = sorted({g.get("process", 0) for g in load.groups})
         loaders = []
         for proc in procs:
             spec = {"host": "127.0.0.1", "port": port, "seed": 1 + proc, "out": str(workdir / f"load-{proc}.json"),
                     "go_file": str(go_file) if go_file else None, "stop_file": str(stop_file),
-                    "deadline": load.deadline, "groups": [g for g in load.groups if g.get("process", 0) == proc]}
+                    "deadline": load.deadline, "groups": [g for g in groups_run if g.get("process", 0) == proc]}
             (workdir / f"load-spec-{proc}.json").write_text(json.dumps(spec))
             with open(workdir / f"load-{proc}.err", "wb") as err:
                 loaders.append(subprocess.Popen(
@@ -230,7 +253,8 @@ def run_one(load: Load, target: str, base: Path, opts: argparse.Namespace,
         measured = load.group(load.measured)
         files = measured["cameras"] * (measured.get("photos", 0) + measured.get("videos", 0))
         events = Events(server, loaders, procs.index(measured.get("process", 0)), go_file, stop_file,
-                        workdir / "files" if target == "gateway" else None, files, load.measured, profile_to)
+                        workdir / "files" if target == "gateway" else None, files, load.measured, profile_to,
+                        warm_mib=warm_size(load, opts.warm), background=background)
         deadline = time.monotonic() + load.deadline + 120
         for loader in loaders:
             try:
@@ -244,6 +268,9 @@ def run_one(load: Load, target: str, base: Path, opts: argparse.Namespace,
         out["end"] = sample(server.pid)
         out["end_fds"] = fd_count(server.pid)
         out["events"] = events.events
+        reported_after = reported_kib()
+        if reported_before is not None and reported_after is not None:
+            out["reported_kib"] = reported_after - reported_before  # returned to the host during the run
         if events.profiler is not None:
             try:
                 events.profiler.wait(30)
@@ -269,6 +296,7 @@ def run_one(load: Load, target: str, base: Path, opts: argparse.Namespace,
     if target == "gateway":
         out["verify"] = verify_gateway(workdir / "files", measured.get("expected", []))
         out["log"] = scan_gateway_log(server.log_text())
+        out["clock_offset"] = time.time() - time.monotonic()  # the log's wall clock to the events' monotonic one
     else:
         out["verify"] = verify_floor(workdir / "floor", measured.get("per_camera_bytes_sent", {}))
         out["log"] = {"reactor": "EPollReactor" if "EPollReactor" in server.log_text() else "?"}
@@ -279,6 +307,22 @@ def run_one(load: Load, target: str, base: Path, opts: argparse.Namespace,
         retire(workdir)
     os.sync()
     return out
+
+
+def load_bytes(load: Load) -> int:
+    """File bytes the load's foreground cameras send."""
+    return sum(g["cameras"] * (g.get("photos", 0) * g.get("photo_size", 0)
+                               + g.get("videos", 0) * g.get("video_size", 0))
+               for g in load.groups if not g.get("background"))
+
+
+def warm_size(load: Load, warm: str) -> int:
+    """MiB to warm before ``load``'s measured cameras start (``--warm``: auto, 0, or MiB)."""
+    if warm != "auto":
+        return int(warm)
+    # Twice what the run writes (its files in the page cache, and the sockets'
+    # and processes' buffers), and a margin; never a third of what is free.
+    return min(2 * load_bytes(load) // MiB + 256, available_mib() // 3)
 
 
 def retire(workdir: Path) -> None:
@@ -323,7 +367,9 @@ def quick_figure(load: Load, r: dict[str, Any]) -> str:
     return f"{m['rate']:8.1f} {load.unit:<7} (server CPU {m['server_cpu_pct'] or 0:.0f}%, " \
            f"main thread {m['reactor_cpu_pct'] or 0:.0f}% + {m['reactor_runqueue_pct'] or 0:.0f}% waiting for a CPU, " \
            f"generator {m['loadgen_cpu_pct']:.0f}%, others {m['others_cpu_pct'] or 0:.0f}%, " \
-           f"stolen by the host {m['steal_cpu_pct'] or 0:.0f}%)"
+           f"stolen by the host {m['steal_cpu_pct'] or 0:.0f}%" + \
+           (f"; {m['warm_MiB']} MiB warmed in {m['warm_s']:.1f} s" if m.get("warm_MiB") else "") + \
+           (f"; {m['reported_MiB']:.0f} MiB returned to the host" if m.get("reported_MiB") else "") + ")"
 
 
 def code_digest() -> str:
@@ -394,6 +440,11 @@ def main() -> None:
                         help="the gateway's workers setting (default auto: one process per core; 1: one process)")
     parser.add_argument("--floor-processes", type=int, default=1, metavar="N",
                         help="receiving processes of the floor (SO_REUSEPORT; default 1: the minimal receiver)")
+    parser.add_argument("--warm", default="auto", metavar="MIB",
+                        help="MiB of memory to write and free just before each run's measured cameras start"
+                             " (default auto: twice the run's bytes + 256; 0: none). On a VM that returns free"
+                             " memory to its host, that memory costs a host fault per page when next written;"
+                             " see benchmarks/README.md")
     parser.add_argument("--targets", default="gateway,floor", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.profile and py_spy() is None:
@@ -436,6 +487,8 @@ def run_all(opts: argparse.Namespace, loads: list[Load], base: Path, max_slow: i
         "code": code_version(),
         "gateway_workers": opts.workers,
         "floor_processes": opts.floor_processes,
+        "warm": opts.warm,
+        "reported_kib": reported_kib(),
     }
     print(f"camgateway benchmark ({context['mode']}) of {context['code']}: {len(loads)} loads x gateway"
           f" (workers: {opts.workers}) + floor ({opts.floor_processes} process(es)); "
@@ -447,6 +500,12 @@ def run_all(opts: argparse.Namespace, loads: list[Load], base: Path, max_slow: i
               " one when a file is created; every figure will be low, the gateway's most (it creates two files"
               " per photo). Wait a few minutes after removing many files there, or use another --workdir.",
               flush=True)
+    if context["reported_kib"] is not None:
+        given = context["reported_kib"] / 2**20
+        print(f"this machine returns free memory to its host (free page reporting: {given:.1f} GiB since boot):"
+              " writing into memory the host took back costs a host fault per page; "
+              + ("each run starts on memory warmed just before (--warm)" if opts.warm != "0" else
+                 "--warm 0: runs start on whatever memory the machine has"), flush=True)
     if context["workdir_fs"] in ("tmpfs", "ramfs"):
         print(f"WARNING: {base} is in memory ({context['workdir_fs']}): nothing reaches a disk and fsync is free, so"
               " every figure flatters both servers; use --workdir on a real disk", flush=True)

@@ -10,6 +10,7 @@ bytes the camera wrote.
 from __future__ import annotations
 
 import collections
+import datetime
 import hashlib
 import json
 import os
@@ -95,8 +96,13 @@ def verify_floor(root: Path, bytes_sent: dict[str, int]) -> dict[str, Any]:
 
 
 def scan_gateway_log(text: str) -> dict[str, Any]:
-    """What the gateway's log says (JSON lines, or twistd's text): reactor, files stored, errors."""
+    """What the gateway's log says (JSON lines, or twistd's text): reactor, files stored, errors.
+
+    ``progress_times``: when each ``transfer_progress`` event was logged (seconds
+    since the epoch, JSON logs only), to count those in a measured window.
+    """
     reactor = ""
+    progress: list[float] = []
     messages: list[str] = []
     lowered: list[str] = []
     for line in text.splitlines():
@@ -108,6 +114,8 @@ def scan_gateway_log(text: str) -> dict[str, Any]:
             message = str(record.get("message", ""))
             if record.get("level") in ("error", "critical") or "traceback" in record:
                 lowered.append(line)
+            if record.get("event") == "transfer_progress" and record.get("time"):
+                progress.append(datetime.datetime.fromisoformat(record["time"]).timestamp())
         else:
             message = line
             if "#error]" in line or "#critical]" in line or "Traceback" in line or "Unhandled" in line:
@@ -122,4 +130,5 @@ def scan_gateway_log(text: str) -> dict[str, Any]:
         "files_received_logged": joined.count("file received:"),
         "errors_logged": len(lowered),
         "first_errors": lowered[:5],
+        "progress_times": progress,
     }
