@@ -44,6 +44,7 @@ from camgateway.sim import (
 )
 from camgateway.sim.frames import FileStream, FramePlan
 from camgateway.sim.pacer import PacedCall, Pacer, pacer_for
+from camgateway.sim.sender import Sender
 
 IMEI = 863719061653375
 BASE_BITS = 0x40000400
@@ -876,6 +877,85 @@ class PacerTests(unittest.TestCase):
     def test_one_pacer_per_clock(self) -> None:
         self.assertIs(pacer_for(self.clock), pacer_for(self.clock))
         self.assertIsNot(pacer_for(self.clock), pacer_for(Clock()))
+
+    def test_call_at_a_time_on_the_clock(self) -> None:
+        self.clock.advance(10.0)
+        self.pacer.call_at(10.5, lambda: self.made.append(("at", self.clock.seconds())))
+        self.pacer.call_at(9.0, lambda: self.made.append(("past", self.clock.seconds())))  # due: the next run
+        self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()], [10.0])
+        self.clock.advance(0)
+        self.assertEqual(self.made, [("past", 10.0)])
+        self.clock.advance(0.5)
+        self.assertEqual(self.made, [("past", 10.0), ("at", 10.5)])
+
+
+class _Chunks:
+    """A FrameSource of given chunks, one a take."""
+
+    def __init__(self, *chunks: bytes) -> None:
+        self.chunks = list(chunks)
+        self.finished = not self.chunks
+        self.drop_requested = False
+
+    def take(self, max_frames: int) -> bytes:
+        chunk = self.chunks.pop(0)
+        self.finished = not self.chunks
+        return chunk
+
+
+class PacedSenderTests(unittest.TestCase):
+    """A rate-limited camera's frames: one at a time, each after the last one's bytes at its rate."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.transport = SegmentRecordingTransport()
+        self.written: list[int] = []
+        self.sender = Sender(self.transport, self.clock, slow_bps=1000, on_write=self.written.append)
+
+    def sent(self) -> list[bytes]:
+        return [bytes(w) for w in self.transport.writes]
+
+    def test_frames_paced_by_their_size(self) -> None:
+        self.sender.stream(_Chunks(b"a" * 500, b"b" * 1000, b"c" * 10))
+        self.clock.advance(0)
+        self.assertEqual(self.sent(), [b"a" * 500])
+        self.clock.advance(0.49)
+        self.assertEqual(len(self.sent()), 1)  # 500 bytes at 1,000 B/s: half a second
+        self.clock.advance(0.01)
+        self.assertEqual(self.sent()[-1], b"b" * 1000)
+        self.clock.advance(0.99)
+        self.assertEqual(len(self.sent()), 2)
+        self.clock.advance(0.01)
+        self.assertEqual(self.sent()[-1], b"c" * 10)
+        self.assertEqual(self.written, [500, 1000, 10])
+        self.assertFalse(self.sender.streaming)  # the source is done
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_the_rate_holds_into_the_next_stream(self) -> None:
+        self.sender.stream(_Chunks(b"a" * 1000))
+        self.clock.advance(0)
+        self.sender.stream(_Chunks(b"b" * 100))  # the next file, at once
+        self.clock.advance(0.5)
+        self.assertEqual(self.sent(), [b"a" * 1000])  # not before the first one's second is over
+        self.clock.advance(0.5)
+        self.assertEqual(self.sent(), [b"a" * 1000, b"b" * 100])
+
+    def test_paused_then_resumed(self) -> None:
+        self.sender.stream(_Chunks(b"a" * 100, b"b" * 100))
+        self.clock.advance(0)
+        self.sender.pauseProducing()
+        self.clock.advance(1.0)
+        self.assertEqual(self.sent(), [b"a" * 100])
+        self.sender.resumeProducing()
+        self.clock.advance(0)
+        self.assertEqual(self.sent(), [b"a" * 100, b"b" * 100])
+
+    def test_a_stopped_stream_sends_nothing_more(self) -> None:
+        self.sender.stream(_Chunks(b"a" * 100, b"b" * 100))
+        self.clock.advance(0)
+        self.sender.stop_stream()
+        self.clock.advance(1.0)
+        self.assertEqual(self.sent(), [b"a" * 100])
 
 
 class LoopbackTests(LoopbackMixin, unittest.TestCase):

@@ -56,7 +56,10 @@ class Pacer:
 
     def call_later(self, delay: float, func: Callable[[], object]) -> PacedCall:
         """Call ``func()`` in ``delay`` seconds (or up to one tick sooner)."""
-        when = self._clock.seconds() + delay
+        return self.call_at(self._clock.seconds() + delay, func)
+
+    def call_at(self, when: float, func: Callable[[], object]) -> PacedCall:
+        """Call ``func()`` at ``when`` on the clock (or up to one tick sooner; at once if it is past)."""
         call = PacedCall(func)
         heapq.heappush(self._heap, (when, next(self._order), call))
         if not self._running and (self._timer is None or when < self._timer_at):
