@@ -173,14 +173,15 @@ def warm_memory(mib: int) -> float:
 
     On a VM that returns free memory to its host (:func:`reported_kib`), the
     first write to a page the host took back stops the virtual CPU while the
-    host supplies it: on the fourteenth and fifteenth sessions' VM about
-    2.2 us per 4 KiB page, against 0.25 us for a page freed a moment ago; so
-    writing 400 MB into new files cost 0.9-1.25 s of kernel CPU or 0.1 s,
-    depending only on how long the machine had been idle before. Pages freed
-    here go back to the kernel's free lists, first in line for the next
-    allocations (reported pages are taken last), until the host is told of
-    them again (a few seconds later): the run that starts now gets memory
-    as warm as a machine that never gives any back.
+    host supplies it: on the fifteenth session's VM, touching 1.5 GiB here
+    took 3.4 s (about 9 us a 4 KiB page) when the host had taken it back,
+    0.5 s for 1 GiB when it had not, and writing 400 MB into new files cost
+    0.9-1.25 s of kernel CPU or 0.1 s, depending only on what the machine
+    had done in the seconds before. Pages freed here go back to the kernel's
+    free lists, first in line for the next allocations (reported pages are
+    taken last), until the host is told of them again (a few seconds
+    later): the run that starts now gets memory as warm as a machine that
+    never gives any back.
     """
     n = mib << 20
     page = os.sysconf("SC_PAGE_SIZE")

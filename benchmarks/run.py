@@ -447,6 +447,8 @@ def main() -> None:
                              " see benchmarks/README.md")
     parser.add_argument("--targets", default="gateway,floor", help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if opts.warm != "auto" and not opts.warm.isdigit():
+        parser.error(f"--warm: auto, 0 or a number of MiB, not {opts.warm!r}")
     if opts.profile and py_spy() is None:
         parser.error(f"--profile needs py-spy: {BIN / 'pip'} install py-spy")
 
