@@ -71,8 +71,7 @@ class Sender:
         self._not_before = 0.0
         self._queue = bytearray()
         self._pump_call: Optional[IDelayedCall] = None
-        # A rate-limited camera's frames, one at a time: the reactor's one pacer (see _produce_paced).
-        self._pacer = pacer_for(clock) if slow_bps is not None and segment_sizes is None else None
+        self._pacer: Optional[Pacer] = None  # (the reactor's, looked up once: see _schedule)
 
     # -- IPushProducer (called by the transport)
 
@@ -159,14 +158,22 @@ class Sender:
         self._transport.unregisterProducer()  # type: ignore[attr-defined]
         self._transport.loseConnection()
 
-    def _schedule(self) -> None:
+    def _schedule(self, now: Optional[float] = None) -> None:
+        """Have :meth:`_produce` run: at once, or (a rate-limited camera) at ``_not_before``.
+
+        ``now``: the clock as the caller just read it (one reading a frame:
+        10,000 slow cameras are 10,000 frames a second, and the benchmark's
+        slow generator shares the machine with the gateway it measures).
+        """
         if self._tick is not None or self._source is None or self._paused or self._stopped:
             return
         if self._queue:
             return  # the pump reschedules once the pieces are out
-        delay = self._not_before - self._clock.seconds()
-        if delay > 0:  # a rate-limited camera's next frame: one timer for them all
-            self._tick = pacer_for(self._clock).call_later(delay, self._produce)
+        if self._not_before - (self._clock.seconds() if now is None else now) > 0:
+            # A rate-limited camera's next frame: the reactor's one timer for them all.
+            if self._pacer is None:
+                self._pacer = pacer_for(self._clock)
+            self._tick = self._pacer.call_at(self._not_before, self._produce)
         else:
             self._tick = self._clock.callLater(0, self._produce)
 
@@ -175,43 +182,19 @@ class Sender:
         source = self._source
         if source is None or self._paused or self._stopped:
             return
-        if self._pacer is not None:
-            self._produce_paced(source, self._pacer)
-            return
         paced = self._slow_bps is not None or self._segments is not None
         data = source.take(1 if paced else self._batch)
         self.write(data)
+        now = None
         if self._slow_bps is not None:
-            self._not_before = self._clock.seconds() + len(data) / self._slow_bps
+            now = self._clock.seconds()
+            self._not_before = now + len(data) / self._slow_bps
         if source.drop_requested:
             self.close()
         elif source.finished:
             self._source = None
         else:
-            self._schedule()
-
-    def _produce_paced(self, source: FrameSource, pacer: Pacer) -> None:
-        """:meth:`_produce` for a rate-limited camera whose bytes go out whole: one frame, the next one paced.
-
-        The same steps as :meth:`write` and :meth:`_schedule` with one clock
-        reading: 10,000 slow cameras are 10,000 of these a second, and the
-        benchmark's slow generator shares the machine with the gateway it
-        measures.
-        """
-        data = source.take(1)
-        if data and not self._closing:
-            if self._on_write is not None:
-                self._on_write(len(data))
-            write_now(self._transport, data)
-        self._not_before = self._clock.seconds() + len(data) / self._slow_bps  # type: ignore[operator]
-        if source.drop_requested:
-            self.close()
-        elif source.finished:
-            self._source = None
-        elif data and not self._paused and not self._stopped:  # (the write may have paused this producer)
-            self._tick = pacer.call_at(self._not_before, self._produce)
-        else:
-            self._schedule()
+            self._schedule(now)
 
     def _pump(self) -> None:
         self._pump_call = None
