@@ -79,7 +79,7 @@ def metrics(load: Load, r: dict[str, Any]) -> dict[str, Any]:
         "p99_s": g["p99"],
         "verified": bool(r.get("verify", {}).get("ok")),
         "verify": r.get("verify"),
-        "log": {k: v for k, v in r["log"].items() if k != "progress_times"} if r.get("log") else r.get("log"),
+        "log": r.get("log"),
         "errors": g["errors"][:5],
         "stop_seconds": r.get("stop_seconds"),
         "busy_before_cpus": r.get("busy_before"),
@@ -91,7 +91,7 @@ def metrics(load: Load, r: dict[str, Any]) -> dict[str, Any]:
         m["warm_MiB"], m["warm_s"] = warmed["warm_mib"], warmed["warm_s"]
     if r.get("reported_kib") is not None:
         m["reported_MiB"] = r["reported_kib"] / 1024  # free memory the machine gave its host during the run
-    progress = (r.get("log") or {}).get("progress_times")
+    progress = r.get("progress_times")
     if progress is not None and "clock_offset" in r:
         # transfer_progress events logged while the measured cameras ran (a
         # burst of them there is CPU the fast cameras did not get)

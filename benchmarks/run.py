@@ -99,7 +99,7 @@ class Events:
     """
 
     def __init__(self, server: Server, loaders: list[subprocess.Popen], measured_proc: int,
-                 go_file: Optional[Path], stop_file: Path, sink: Optional[Path], sink_files: int,
+                 go_file: Path, stop_file: Path, sink: Optional[Path], sink_files: int,
                  measured: str, profile_to: Optional[Path], sink_timeout: float = 180.0,
                  warm_mib: int = 0, background: bool = False) -> None:
         self.server = server
@@ -146,14 +146,13 @@ class Events:
                      "--threads", "--idle", "--nonblocking", "--format", "raw", "-o", str(self.profile_to),
                      *os.environ.get("CAMGW_BENCH_PYSPY", "").split()],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            if ev["event"] == "ready" and self.go_file is not None and self.background:
+            if ev["event"] == "ready" and self.background:
                 time.sleep(SETTLE)
                 ev["settled"] = sample(self.server.pid)
                 ev["server_fds"] = fd_count(self.server.pid)
                 ev["tcp_mem_kb"] = tcp_memory_kb()
                 self._go(ev)
-            if (ev["event"] == "precomputed" and proc == self.measured_proc and self.go_file is not None
-                    and not self.background):
+            if ev["event"] == "precomputed" and proc == self.measured_proc and not self.background:
                 self._go(ev)
             if ev["event"] == "done" and proc == self.measured_proc:
                 self._wait_for_sink()
@@ -163,7 +162,6 @@ class Events:
 
     def _go(self, ev: dict[str, Any]) -> None:
         """Warm the memory the run is about to write into, then let the measured cameras start."""
-        assert self.go_file is not None
         if self.warm_mib:
             ev["warm_s"] = warm_memory(self.warm_mib)
             ev["warm_mib"] = self.warm_mib
@@ -243,7 +241,7 @@ def run_one(load: Load, target: str, base: Path, opts: argparse.Namespace,
         loaders = []
         for proc in procs:
             spec = {"host": "127.0.0.1", "port": port, "seed": 1 + proc, "out": str(workdir / f"load-{proc}.json"),
-                    "go_file": str(go_file) if go_file else None, "stop_file": str(stop_file),
+                    "go_file": str(go_file), "stop_file": str(stop_file),
                     "deadline": load.deadline, "groups": [g for g in groups_run if g.get("process", 0) == proc]}
             (workdir / f"load-spec-{proc}.json").write_text(json.dumps(spec))
             with open(workdir / f"load-{proc}.err", "wb") as err:
@@ -296,6 +294,7 @@ def run_one(load: Load, target: str, base: Path, opts: argparse.Namespace,
     if target == "gateway":
         out["verify"] = verify_gateway(workdir / "files", measured.get("expected", []))
         out["log"] = scan_gateway_log(server.log_text())
+        out["progress_times"] = out["log"].pop("progress_times")
         out["clock_offset"] = time.time() - time.monotonic()  # the log's wall clock to the events' monotonic one
     else:
         out["verify"] = verify_floor(workdir / "floor", measured.get("per_camera_bytes_sent", {}))

@@ -111,7 +111,7 @@ PROGRESS_BATCH = 256
 PROGRESS_SPREAD = 0.8
 #: Seconds between two slices of a spread tick, at most (more events, larger slices).
 PROGRESS_STEP = 0.1
-#: A tick with at most this many transfers logs them all at once.
+#: A tick with at most this many transfers logs them all at once; a spread one's slices are no smaller.
 PROGRESS_SMALL = 16
 
 
