@@ -184,8 +184,7 @@ class GatewayService(Service):
         self.services = Services(config, store, spool, [], self.reactor, self._run_in_thread, boot_id())
         self.services.shard = shard
         self.services.leases = leases
-        self.services.spool_sync = GroupSync(spool.root, self.reactor, directory=spool.partials,
-                                               shared=batch_thread)
+        self.services.spool_sync = GroupSync(spool.root, self.reactor, shared=batch_thread)
         self.services.batch_thread = batch_thread
         if self.services.own_store and not (shard is not None and shard.drain):
             # (see camgateway.reserve: needs the start-up reconcile; a drain worker takes no files)

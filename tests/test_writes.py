@@ -22,7 +22,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from camgateway import codec, transfer
 from camgateway import files as files_module
-from camgateway.durability import HAVE_SYNCFS, FlushSet, GroupSync, syncfs
+from camgateway.durability import HAVE_SYNCFS, GroupSync, syncfs
 from camgateway.files import record_partial
 from camgateway.protocol import CameraFactory
 from camgateway.resume_store import Partial
@@ -407,8 +407,6 @@ class HeldFlushes:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
-        #: The files whose writeback was started (not held).
-        self.started: list[int] = []
         self.errors: list[BaseException] = []
         self._entered = threading.Semaphore(0)
         self._release = threading.Semaphore(0)
@@ -427,9 +425,6 @@ class HeldFlushes:
     def syncfs(self, root: Path) -> None:
         self._flush("syncfs", root)
 
-    def fsync_dir(self, path: str) -> None:
-        self._flush("fsync_dir", path)
-
     def entered(self) -> None:
         """Wait until the thread is inside its next flush."""
         if not self._entered.acquire(timeout=10):
@@ -441,18 +436,17 @@ class HeldFlushes:
         self._release.release()
 
 
-def group_sync(test: TestCase, root: Path, directory: Path | None = None) -> tuple[GroupSync, HeldFlushes]:
+def group_sync(test: TestCase, root: Path) -> tuple[GroupSync, HeldFlushes]:
     held = HeldFlushes()
-    group = GroupSync(root, reactor, directory=directory, fdatasync=held.fdatasync, fsync_dir=held.fsync_dir,
-                      start_writeback=held.started.append, syncfs=held.syncfs)
+    group = GroupSync(root, reactor, fdatasync=held.fdatasync, syncfs=held.syncfs)
     test.addCleanup(lambda: (held.let_go(), held.let_go(), group.close())[2])
     return group, held
 
 
-def busy_group_sync(test: TestCase, directory: Path | None = None) -> tuple[GroupSync, HeldFlushes, defer.Deferred]:
+def busy_group_sync(test: TestCase) -> tuple[GroupSync, HeldFlushes, defer.Deferred]:
     """A GroupSync whose thread is held in a first flush (its caller's Deferred is the third item):
     the calls made next wait together for the one flush after it."""
-    group, held = group_sync(test, Path(test.mktemp()), directory)
+    group, held = group_sync(test, Path(test.mktemp()))
     blocker = group.sync(1)
     held.entered()
     return group, held, blocker
@@ -520,16 +514,13 @@ class GroupSyncTests(TestCase):
         held.let_go()
         held.entered()
         self.assertEqual(order, ["a on camgateway-group-sync", "b on camgateway-group-sync"])  # before it
-        self.assertEqual(held.calls[1:], [("fdatasync", 2)])  # b's write failed: not its file
-        held.let_go()
-        held.entered()
-        self.assertEqual(held.calls[2:], [("fdatasync", 4)])
+        self.assertEqual(held.calls[1:], [("syncfs", group.root)])
         held.let_go()
         yield defer.gatherResults([blocker, a, c])
         yield self.assertFailure(b, OSError)  # its caller alone
         lone = group.sync(5, write("lone", fail=True))
         yield self.assertFailure(lone, OSError)
-        self.assertEqual(len(held.calls), 3)  # every last write failed: nothing to flush
+        self.assertEqual(len(held.calls), 2)  # every last write failed: nothing to flush
 
     @defer.inlineCallbacks
     def test_after_steps_run_once_the_flush_succeeded(self) -> Any:
@@ -544,72 +535,15 @@ class GroupSyncTests(TestCase):
         held.entered()
         self.assertEqual(order, ["b write: 1 flushes begun"])  # last writes before the flush, no after yet
         held.let_go()
-        held.entered()  # c's file
-        self.assertEqual(order, ["b write: 1 flushes begun"])  # no after before every file is flushed
-        held.let_go()
         yield defer.gatherResults([blocker, a])
         yield self.assertFailure(b, OSError)
         yield self.assertFailure(c, OSError)  # its own after failed: its caller alone
-        self.assertEqual(order, ["b write: 1 flushes begun", "a: 3 flushes begun", "c: 3 flushes begun"])
+        self.assertEqual(order, ["b write: 1 flushes begun", "a: 2 flushes begun", "c: 2 flushes begun"])
         failed = group.sync(5, None, step("never"))
         held.entered()
         held.let_go(OSError(errno.EIO, "Input/output error"))  # the flush itself fails: no after
         yield self.assertFailure(failed, OSError)
-        self.assertNotIn("never: 4 flushes begun", order)
-
-    @defer.inlineCallbacks
-    def test_a_group_flushes_its_own_files_and_folder_never_the_filesystem(self) -> Any:
-        partials = Path(self.mktemp())
-        group, held, blocker = busy_group_sync(self, partials)
-        self.assertEqual(held.started, [])  # a lone file: nothing to start ahead of its fdatasync
-        waiting = [group.sync(fd) for fd in (2, 3, 4)]
-        held.let_go()  # the blocker's file; its folder next
-        held.entered()
-        self.assertEqual(held.calls, [("fdatasync", 1), ("fsync_dir", os.fspath(partials))])
-        held.let_go()
-        for _ in range(4):  # three files, then their folder once
-            held.entered()
-            held.let_go()
-        yield defer.gatherResults([blocker] + waiting)
-        self.assertEqual(held.started, [2, 3, 4])  # every file's writeback started before the first fdatasync
-        self.assertEqual(held.calls[2:], [("fdatasync", 2), ("fdatasync", 3), ("fdatasync", 4),
-                                          ("fsync_dir", os.fspath(partials))])
-        self.assertNotIn("syncfs", [name for name, _ in held.calls])
-        self.assertEqual((group.flushes, group.served), (2, 4))
-
-    @defer.inlineCallbacks
-    def test_a_file_that_fails_to_flush_fails_its_caller_alone(self) -> Any:
-        group, held, blocker = busy_group_sync(self)
-        order: list[str] = []
-        step = steps(order, lambda: "", errno.EIO)
-        a, b, c = group.sync(2, None, step("a")), group.sync(3, None, step("b")), group.sync(4, None, step("c"))
-        held.let_go()
-        held.entered()
-        held.let_go()
-        held.entered()
-        held.let_go(OSError(errno.EIO, "Input/output error"))  # b's file
-        held.entered()
-        held.let_go()
-        yield defer.gatherResults([blocker, a, c])
-        yield self.assertFailure(b, OSError)
-        self.assertEqual(order, ["a", "c"])  # no after for the file that is not durable
-
-    @defer.inlineCallbacks
-    def test_a_folder_that_fails_to_flush_fails_every_file_in_it(self) -> Any:
-        group, held, blocker = busy_group_sync(self, Path(self.mktemp()))
-        held.let_go()
-        held.entered()
-        held.let_go()  # the blocker's folder
-        yield blocker
-        a, b = group.sync(2), group.sync(3)
-        for _ in range(2):
-            held.entered()
-            held.let_go()
-        held.entered()
-        self.assertEqual(held.calls[-1][0], "fsync_dir")
-        held.let_go(OSError(errno.EIO, "Input/output error"))
-        yield self.assertFailure(a, OSError)
-        yield self.assertFailure(b, OSError)
+        self.assertNotIn("never: 3 flushes begun", order)
 
     @defer.inlineCallbacks
     def test_close_flushes_what_was_asked_then_refuses(self) -> Any:
@@ -624,62 +558,6 @@ class GroupSyncTests(TestCase):
         yield defer.gatherResults([a, b, closed])
         self.assertEqual(held.calls, [("fdatasync", 3), ("fdatasync", 4)])
         yield self.assertFailure(group.sync(5), RuntimeError)
-
-    def test_flush_set_syncs_each_file_and_folder_once_and_names_who_failed(self) -> None:
-        root = Path(self.mktemp())
-        (root / "f").mkdir(parents=True)
-        fds = [os.open(root / "f" / name, os.O_RDWR | os.O_CREAT, 0o600) for name in "abc"]
-        for fd in fds:
-            os.write(fd, b"x" * 5000)
-        started: list[int] = []
-        synced: list[int] = []
-        folders: list[str] = []
-
-        def fdatasync(fd: int) -> None:
-            synced.append(fd)
-            if fd == fds[1]:
-                raise OSError(errno.EIO, "Input/output error")
-            os.fdatasync(fd)
-
-        def fsync_dir(path: str) -> None:
-            folders.append(path)
-            if path.endswith("bad"):
-                raise OSError(errno.EIO, "Input/output error")
-
-        flush = FlushSet(fdatasync, fsync_dir, started.append)
-        self.assertFalse(flush)
-        flush.add_file(fds[0], "a", close=True)
-        flush.add_file(fds[1], "b", close=True)
-        flush.add_file(fds[2], "c")
-        for owner in "abc":
-            flush.add_folder(os.fspath(root / "f"), owner)
-        flush.add_folder("/nowhere/bad", "c")
-        self.assertTrue(flush)
-        failed = flush.run()
-        self.assertEqual(started, fds)  # every writeback started before the first fdatasync
-        self.assertEqual(synced, fds)
-        self.assertEqual(folders, [os.fspath(root / "f"), "/nowhere/bad"])  # each folder once
-        self.assertEqual(sorted(failed), ["b", "c"])
-        failed["b"].trap(OSError)
-        for fd in fds[:2]:  # closed as asked, even the one that failed
-            with self.assertRaises(OSError):
-                os.fstat(fd)
-        os.fstat(fds[2])  # left open
-        os.close(fds[2])
-
-    def test_flush_set_really_runs(self) -> None:
-        root = Path(self.mktemp())
-        root.mkdir()
-        flush = FlushSet()
-        for name in "ab":
-            fd = os.open(root / name, os.O_RDWR | os.O_CREAT, 0o600)
-            os.write(fd, b"y" * 10000)
-            flush.add_file(fd, name, close=True)
-            flush.add_folder(os.fspath(root), name)
-        self.assertEqual(flush.run(), {})
-        flush = FlushSet()
-        flush.add_folder(os.fspath(root / "missing"), "m")
-        self.assertEqual(list(flush.run()), ["m"])
 
     def test_syncfs_really_runs(self) -> None:
         folder = Path(self.mktemp())
@@ -752,22 +630,13 @@ class DiskSinkGroupTests(TestCase):
 
 
 class DiskSinkBatchTests(TestCase):
-    """On the spool's filesystem: deliveries stored in batches on the sink's thread, one flush each."""
+    """On the spool's filesystem: deliveries stored in batches on the sink's thread, one syncfs each."""
 
     def setUp(self) -> None:
         self.root = Path(self.mktemp())
         self.root.mkdir()
-        self.held = held = HeldFlushes()
-        #: What each batch's FlushSet held: its files and folders.
-        self.sets: list[FlushSet] = []
-
-        class Held(FlushSet):
-            def run(flush) -> dict[Any, Failure]:
-                self.sets.append(flush)
-                held._flush("flush", len(self.sets))
-                return FlushSet.run(flush)
-
-        self.patch(disk_module, "FlushSet", Held)
+        self.held = HeldFlushes()
+        self.patch(disk_module, "syncfs", self.held.syncfs)
         self.sink = DiskSink(self.root / "files", run_now, batched_on=reactor)
         self.addCleanup(lambda: (self.held.let_go(), self.held.let_go(), self.sink.close())[2])
 
@@ -789,13 +658,7 @@ class DiskSinkBatchTests(TestCase):
         paths = [Path(p) for p in (yield defer.gatherResults([first] + later))]
         self.assertEqual([p.read_bytes()[2] for p in paths], [0, 1, 2, 3])
         self.assertTrue(all(p.with_name(p.name + ".json").exists() for p in paths))
-        self.assertEqual(self.held.calls, [("flush", 1), ("flush", 2)])  # one flush a batch, no syncfs
-        folder = os.fspath(self.root / "files" / str(IMEI) / "2026-01-01")
-        # The first made the camera's folders: those and their parents; the three after it, one folder.
-        self.assertEqual(list(self.sets[0]._folders),
-                         [folder, os.path.dirname(folder), os.fspath(self.root / "files")])
-        self.assertEqual(self.sets[1]._folders, {folder: [0, 1, 2]})
-        self.assertEqual([len(flush._files) for flush in self.sets], [1, 3])  # each sidecar
+        self.assertEqual(self.held.calls, [("syncfs", self.root / "files")] * 2)
         self.assertEqual((self.sink._batches.batches, self.sink._batches.served), (2, 4))
 
     @defer.inlineCallbacks
@@ -812,7 +675,6 @@ class DiskSinkBatchTests(TestCase):
         self.assertEqual([ok for ok, _ in outcomes], [True, False, True])
         outcomes[1][1].trap(FileNotFoundError)
         self.assertEqual(len(self.held.calls), 2)  # one flush for the batch of three
-        self.assertEqual(len(self.sets[1]._files), 2)  # the sidecars stored
         self.assertEqual(self.sink._batches.batches, 2)
 
     @defer.inlineCallbacks
@@ -826,29 +688,6 @@ class DiskSinkBatchTests(TestCase):
         self.held.let_go()
         self.assertEqual(len((yield defer.gatherResults(later))), 2)
 
-    @defer.inlineCallbacks
-    def test_a_sidecar_that_fails_to_flush_fails_its_delivery_alone(self) -> Any:
-        before = self.sink.deliver(self.photo(9))
-        self.held.entered()
-        results = [self.sink.deliver(self.photo(n)) for n in (0, 1, 2)]
-        self.held.let_go()
-        yield before
-        self.held.entered()  # the batch of three, stored: the second's sidecar will not sync
-        flush = self.sets[1]
-        sidecar = flush._files[1][0]
-        real = flush._fdatasync
-
-        def fdatasync(fd: int) -> None:
-            if fd == sidecar:
-                raise OSError(errno.EIO, "Input/output error")
-            real(fd)
-
-        flush._fdatasync = fdatasync
-        self.held.let_go()
-        outcomes = yield defer.DeferredList(results, consumeErrors=True)
-        self.assertEqual([ok for ok, _ in outcomes], [True, False, True])
-        outcomes[1][1].trap(OSError)
-
     def test_chosen_on_the_spool_s_filesystem_only(self) -> None:
         from types import SimpleNamespace
 
@@ -860,10 +699,10 @@ class DiskSinkBatchTests(TestCase):
         elsewhere = SimpleNamespace(spool=SimpleNamespace(root=Path("/proc")), run_in_thread=run_now, clock=reactor)
         batched, pooled = make({"root": str(self.root / "files")}, here), make({"root": str(self.root / "f")}, elsewhere)
         self.addCleanup(lambda: defer.gatherResults([d for d in (batched.close(), pooled.close()) if d]))
-        self.assertIsNotNone(batched._batches)  # (its flushes need no syncfs)
-        self.assertIsNone(pooled._batches)
         if not HAVE_SYNCFS:
-            raise SkipTest("no syncfs here: every delivery elsewhere fsyncs its own files")
+            raise SkipTest("no syncfs here: every delivery fsyncs its own files")
+        self.assertIsNotNone(batched._batches)
+        self.assertIsNone(pooled._batches)
         self.assertIsNotNone(pooled.group)
 
 

@@ -14,19 +14,15 @@ Delivery is atomic and durable: the sidecar is written to a temporary name
 and linked under its final name; then the media file is hard-linked from the
 spool (copied and fsynced first when the spool is on another filesystem)
 beside it. A reader that sees a media file therefore finds it complete, with
-its sidecar. Before a delivery is reported done, all of it is made durable.
-On the spool's filesystem the deliveries waiting are stored together on a
-thread (in the gateway, the one its store and spool flushes use:
-camgateway.groupcommit.BatchThread), then flushed together: ``fdatasync``
-of every sidecar and ``fsync`` of every folder they were placed in, once
-(:class:`~camgateway.durability.FlushSet`), so at hundreds of files a second
-a batch costs one journal commit, not three per file, and no other file on
-the filesystem is written back for it (a slow camera's partial in the spool,
-say). On another filesystem (where a store copies the file) each is stored
-on the shared pool, then the sink's filesystem is flushed for every
-delivery stored meanwhile by one ``syncfs``
-(:class:`~camgateway.durability.GroupSync`). Where ``syncfs`` is missing,
-those deliveries fsync their own sidecar and folders.
+its sidecar. Before a delivery is reported done, all of it is made durable
+by one ``syncfs`` shared with every delivery that finished meanwhile: at
+hundreds of files a second that is one journal commit per batch instead of
+three fsyncs per file. On the spool's filesystem the deliveries waiting are
+stored together on a thread (in the gateway, the one its store and spool
+flushes use: camgateway.groupcommit.BatchThread), then flushed; on another
+filesystem (where a store copies the file) each is stored on the shared
+pool, then flushed by :class:`~camgateway.durability.GroupSync`. Where
+``syncfs`` is missing, the sidecar and the folders are fsynced file by file.
 """
 
 from __future__ import annotations
@@ -46,7 +42,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from camgateway.config import ConfigError
-from camgateway.durability import HAVE_SYNCFS, FlushSet, GroupSync, fsync_dir
+from camgateway.durability import HAVE_SYNCFS, GroupSync, syncfs
 from camgateway.groupcommit import BatchThread, GroupCommitThread
 from camgateway.ids import new_id
 from camgateway.sinks import IFileSink, ReceivedFile
@@ -73,12 +69,12 @@ def make(config: Mapping[str, Any], services: Any) -> "DiskSink":
     """
     root = Path(config["root"])
     heads = getattr(services, "heads", None)
+    if not HAVE_SYNCFS:
+        return DiskSink(root, services.run_in_thread, heads=heads)
     spool = getattr(services, "spool", None)
     if spool is not None and _same_filesystem(root, spool.root):
         return DiskSink(root, services.run_in_thread, batched_on=services.clock,
                         shared=getattr(services, "batch_thread", None), heads=heads)
-    if not HAVE_SYNCFS:
-        return DiskSink(root, services.run_in_thread, heads=heads)
     return DiskSink(root, services.run_in_thread, group=GroupSync(root, services.clock, name="camgateway-disk-sync"),
                     heads=heads)
 
@@ -171,6 +167,14 @@ def indented_json(value: Any, indent: str = "") -> str:
     return json.dumps(value)  # NaN and infinities, empty containers, anything else
 
 
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @implementer(IFileSink)
 class DiskSink:
     """Stores files and sidecars under a root directory."""
@@ -185,7 +189,7 @@ class DiskSink:
         self.group = group
         #: With ``batched_on`` (a reactor), deliveries are stored on a thread
         #: of this sink's own, every delivery asked meanwhile in one batch with
-        #: one flush after it: a thread step per batch instead of a pool
+        #: one ``syncfs`` after it: a thread step per batch instead of a pool
         #: call and a group flush per file.
         self._batches: Optional[GroupCommitThread[ReceivedFile]] = (
             GroupCommitThread(self._store_batch, batched_on, "camgateway-disk-sink", shared)
@@ -215,14 +219,11 @@ class DiskSink:
         d.addCallback(lambda target: group.sync().addCallback(lambda _: target))
         return d
 
-    def store(self, received: ReceivedFile, durable: bool = True, flush: Optional[FlushSet] = None,
-              owner: Any = None) -> str:
+    def store(self, received: ReceivedFile, durable: bool = True) -> str:
         """The blocking work of :meth:`deliver` (runs in a thread).
 
-        With ``durable`` False nothing is fsynced: the caller makes the
-        filesystem durable afterwards (a ``syncfs``), or, with ``flush``, runs
-        that :class:`FlushSet`, to which the sidecar and the folders are added
-        for ``owner``. Until then the file may be lost in a crash.
+        With ``durable`` False the caller makes the filesystem durable
+        afterwards (a ``syncfs``); until then the file may be lost in a crash.
         """
         # Paths are plain strings here: pathlib objects cost more Python per
         # file than the system calls they name, on a thread sharing the GIL.
@@ -235,54 +236,42 @@ class DiskSink:
         ext = extension_for(received, head)
         payload = indented_json(received.sidecar()).encode() + b"\n"
         temps: list[str] = []
-        fd = -1  # the sidecar's, open until it is fsynced (here, or by ``flush``)
         try:
             sidecar = self._temp(folder, stem, temps)
             try:
-                fd = _write_new(sidecar, payload)
+                _write_new(sidecar, payload, durable)
             except FileNotFoundError:  # the folder was removed since it was made: make it again
                 self._folders.discard(folder)
                 created = self._ensure(folder) or created
-                fd = _write_new(sidecar, payload)
-            if durable:
-                os.fsync(fd)
+                _write_new(sidecar, payload, durable)
             target = self._place(media, sidecar, folder, stem, ext, temps)
-            if flush is not None:
-                flush.add_file(fd, owner, close=True)
-                fd = -1
         finally:
-            if fd >= 0:
-                os.close(fd)
             for temp in temps:
                 try:
                     os.unlink(temp)
                 except FileNotFoundError:
                     pass
-        folders = [folder]
+        if not durable:
+            return target
+        _fsync_dir(folder)
         if created:
             parent = os.path.dirname(folder)
-            folders += [parent, os.path.dirname(parent)]
-        if flush is not None:
-            for path in folders:
-                flush.add_folder(path, owner)
-        elif durable:
-            for path in folders:
-                fsync_dir(path)
+            _fsync_dir(parent)
+            _fsync_dir(os.path.dirname(parent))
         return target
 
     def _store_batch(self, batch: list[ReceivedFile]) -> list[Any]:
-        """On the sink's thread: store each, then flush them together (a failure is its delivery's alone)."""
+        """On the sink's thread: store each (a failure is that delivery's alone), then one ``syncfs``."""
         outcomes: list[Any] = []
-        flush = FlushSet()
-        for i, received in enumerate(batch):
+        for received in batch:
             try:
-                outcomes.append(self.store(received, durable=False, flush=flush, owner=i))
+                outcomes.append(self.store(received, durable=False))
             except Exception:
                 failure = Failure()
                 failure.cleanFailure()
                 outcomes.append(failure)
-        for i, failure in flush.run().items():  # (that delivery fails, and is retried)
-            outcomes[i] = failure
+        if not all(isinstance(outcome, Failure) for outcome in outcomes):
+            syncfs(self.root)  # if it fails, every delivery of the batch fails (and is retried)
         return outcomes
 
     def _ensure(self, folder: str) -> bool:
@@ -349,17 +338,17 @@ def _head(path: str) -> bytes:
         os.close(fd)
 
 
-def _write_new(path: str, data: bytes) -> int:
-    """Create ``path`` (it must not exist) holding ``data``; its descriptor, still open."""
+def _write_new(path: str, data: bytes, durable: bool) -> None:
+    """Create ``path`` (it must not exist) holding ``data``; fsync it if ``durable``."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-    except BaseException:
+        if durable:
+            os.fsync(fd)
+    finally:
         os.close(fd)
-        raise
-    return fd
 
 
 def _claim(source: str, target: str) -> bool:
