@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 from camgateway import __version__
 from camgateway.config import Config
-from camgateway.durability import GroupSync
+from camgateway.durability import WRITEBACK_BYTES, GroupSync
 from camgateway.groupcommit import BatchThread
 from camgateway.leases import LeaseKeeper
 from camgateway.malloc import tune_malloc
@@ -184,7 +184,8 @@ class GatewayService(Service):
         self.services = Services(config, store, spool, [], self.reactor, self._run_in_thread, boot_id())
         self.services.shard = shard
         self.services.leases = leases
-        self.services.spool_sync = GroupSync(spool.root, self.reactor, shared=batch_thread)
+        self.services.spool_sync = GroupSync(spool.root, self.reactor, shared=batch_thread,
+                                               writeback_bytes=WRITEBACK_BYTES)
         self.services.batch_thread = batch_thread
         if self.services.own_store and not (shard is not None and shard.drain):
             # (see camgateway.reserve: needs the start-up reconcile; a drain worker takes no files)

@@ -196,6 +196,15 @@ class Services:
             return self.run_in_thread(_write_then_sync, fd, before, after)
         return self.spool_sync.sync(fd, before, after)
 
+    def trickled(self, nbytes: int) -> None:
+        """A slow camera's ``nbytes`` were written to its spool file, to wait there until the file ends.
+
+        The spool's group sync counts them, and flushes the spool's filesystem
+        once enough piled up (:meth:`GroupSync.written`).
+        """
+        if self.spool_sync is not None:
+            self.spool_sync.written(nbytes)
+
     def failed(self, imei: str, peer: str, what: str, why: str) -> None:
         """Remember a failure for operators (it is logged separately)."""
         self.failures.append({"time": self.clock.seconds(), "imei": imei, "peer": peer, "what": what, "why": why})

@@ -299,7 +299,8 @@ class Session(TransferSteps):
         if age < FLUSH_AGE or (age < TRICKLE_AGE and len(transfer.pending) < TRICKLE_BYTES):
             self._file_pending(transfer)
             return
-        if len(transfer.pending) > INLINE_WRITE_MAX or not transfer.recorded:
+        stale = len(transfer.pending)
+        if stale > INLINE_WRITE_MAX or not transfer.recorded:
             # (A file's first write waits for its partial's record, so that
             # bytes in the spool are always bytes a restart resumes from.)
             write_pending(self.s, transfer, self._written)
@@ -309,6 +310,7 @@ class Session(TransferSteps):
             except OSError as e:
                 self._write_failed(transfer, e)
                 return
+        self.s.trickled(stale)  # (no flush of its own until the file ends)
         self._checkpoint_due(transfer)
 
     def _checkpoint_due(self, transfer: Transfer) -> None:

@@ -18,6 +18,7 @@ from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 
 from camgateway.config import Config
+from camgateway.durability import WRITEBACK_BYTES
 from camgateway.service import make_gateway
 from camgateway.sim import CameraSpec, ContentPool, make_files, run_cameras
 
@@ -152,6 +153,7 @@ class FaultTests(GatewayTestCase):
         self.assertEqual({id(lane._runner) for lane in lanes}, {id(s.batch_thread)})
         self.assertTrue(all(lane.served for lane in lanes))  # each did its part of every file
         self.assertEqual(s.batch_thread._thread.name, "camgateway-disk")
+        self.assertEqual(s.spool_sync.writeback_bytes, WRITEBACK_BYTES)  # slow cameras' bytes are flushed too
 
     @defer.inlineCallbacks
     def test_bad_crc_frames(self) -> Any:

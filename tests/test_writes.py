@@ -14,13 +14,16 @@ import os
 import random
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 from twisted.internet import defer, reactor
+from twisted.logger import LogLevel, Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
 from camgateway import codec, transfer
+from camgateway import durability as durability_module
 from camgateway import files as files_module
 from camgateway.durability import HAVE_SYNCFS, GroupSync, syncfs
 from camgateway.files import record_partial
@@ -220,6 +223,26 @@ class WritePolicyTests(TestCase):
         flush_stale(self.services)
         self.assertEqual(self.written(), self.content[: 3 * 1024])
         self.assertEqual(self.jobs.calls, [])
+
+    def test_stale_bytes_are_reported_to_the_spool_s_group_sync(self) -> None:
+        reported: list[int] = []
+        self.services.spool_sync = SimpleNamespace(written=reported.append)
+        self.recorded()
+        clock = self.services.clock
+        self.send(3)
+        clock.advance(TRICKLE_AGE)
+        flush_stale(self.services)
+        self.assertEqual(reported, [3 * 1024])  # written inline, flushed by no one until the file ends
+        frames = WRITE_MIN // 1024 - 1
+        self.send(frames)  # a batch under WRITE_MIN, gone stale: written by a step, reported too
+        clock.advance(FLUSH_AGE)
+        flush_stale(self.services)
+        self.assertEqual(self.jobs.names(), ["write_chunk"])
+        self.assertEqual(reported, [3 * 1024, frames * 1024])
+        self.jobs.run_all()
+        self.send(WRITE_MIN // 1024)  # a full batch: written at once, not stale, not reported
+        self.assertEqual(self.jobs.names(), ["write_chunk"])
+        self.assertEqual(reported, [3 * 1024, frames * 1024])
 
     def photo_session(self) -> tuple[bytes, Any]:
         """A fresh camera sending a whole 5 KiB file in one read (setUp's transfer is left alone)."""
@@ -558,6 +581,56 @@ class GroupSyncTests(TestCase):
         yield defer.gatherResults([a, b, closed])
         self.assertEqual(held.calls, [("fdatasync", 3), ("fdatasync", 4)])
         yield self.assertFailure(group.sync(5), RuntimeError)
+
+    @defer.inlineCallbacks
+    def test_bytes_no_caller_flushes_are_flushed_once_enough_piled_up(self) -> Any:
+        held = HeldFlushes()
+        group = GroupSync(Path(self.mktemp()), reactor, fdatasync=held.fdatasync, syncfs=held.syncfs,
+                          writeback_bytes=100)
+        self.addCleanup(lambda: (held.let_go(), group.close())[1])
+        group.written(60)
+        self.assertEqual((held.calls, group.writebacks), ([], 0))
+        group.written(50)  # 110: the filesystem is flushed
+        held.entered()
+        self.assertEqual(held.calls, [("syncfs", group.root)])
+        writeback = group._writeback
+        group.written(500)  # while it runs: counted for the next, no second one queued
+        self.assertEqual(group.writebacks, 1)
+        held.let_go()
+        yield writeback
+        group.written(1)  # 501 since the first was asked: the next
+        held.entered()
+        writeback = group._writeback
+        held.let_go()
+        yield writeback
+        self.assertEqual(held.calls, [("syncfs", group.root)] * 2)
+        self.assertEqual(group.writebacks, 2)
+        group.written(99)
+        self.assertEqual(group.writebacks, 2)
+
+    @defer.inlineCallbacks
+    def test_a_failed_writeback_is_logged_and_fails_no_caller(self) -> Any:
+        events: list[dict[str, Any]] = []
+        self.patch(durability_module, "log", Logger(observer=events.append))
+        group, held = group_sync(self, Path(self.mktemp()))
+        group.writeback_bytes = 10
+        group.written(10)
+        held.entered()
+        writeback = group._writeback
+        later = group.sync(4)
+        held.let_go(OSError(errno.EIO, "Input/output error"))
+        yield writeback
+        self.assertEqual([e["log_level"] for e in events], [LogLevel.warn])
+        self.assertIn("Input/output error", formatEvent(events[0]))
+        held.entered()
+        held.let_go()
+        yield later  # the caller after it has its own flush
+        self.assertIsNone(group._writeback)
+
+    def test_without_writeback_bytes_nothing_is_flushed_for_bytes_written(self) -> None:
+        group, held = group_sync(self, Path(self.mktemp()))
+        group.written(10**12)
+        self.assertEqual((held.calls, group.writebacks), ([], 0))
 
     def test_syncfs_really_runs(self) -> None:
         folder = Path(self.mktemp())
