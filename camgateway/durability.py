@@ -19,8 +19,8 @@ What no caller flushes builds up meanwhile: a slow camera's bytes trickle
 into its partial file every few seconds and wait there, dirty, until the
 file ends. The next ``syncfs`` writes all of them back, and its callers wait
 for that: in the benchmark's idle-10k, 9,850 slow cameras' 10-20 seconds of
-bytes met the fast cameras' first flushes, the kernel's writeback took a
-fifth of a CPU from them, and they kept 68-71 % of their bulk-100 rate
+bytes met the fast cameras' first flushes, the kernel's writeback took
+about a sixth of a CPU from them, and they kept 68-71 % of their bulk-100 rate
 (84 % with the backlog flushed just before). So the writers of such bytes
 report them (:meth:`GroupSync.written`), and once ``writeback_bytes`` of
 them are counted the filesystem is flushed as if a caller had asked: no
@@ -112,7 +112,7 @@ class GroupSync:
         self.writeback_bytes = writeback_bytes
         self._unflushed = 0  # bytes reported by written() since the last writeback was asked
         self._writeback: Optional[defer.Deferred] = None
-        #: Flushes asked by written() (for tests and metrics).
+        #: Flushes asked by written() (for tests).
         self.writebacks = 0
 
     @property
