@@ -296,10 +296,10 @@ class Session(TransferSteps):
         if transfer is None or transfer.writing or not transfer.pending or transfer.pending_since is None:
             return  # (bytes behind a write in flight: _written() files them)
         age = now - transfer.pending_since
-        if age < FLUSH_AGE or (age < TRICKLE_AGE and len(transfer.pending) < TRICKLE_BYTES):
+        stale = len(transfer.pending)
+        if age < FLUSH_AGE or (age < TRICKLE_AGE and stale < TRICKLE_BYTES):
             self._file_pending(transfer)
             return
-        stale = len(transfer.pending)
         if stale > INLINE_WRITE_MAX or not transfer.recorded:
             # (A file's first write waits for its partial's record, so that
             # bytes in the spool are always bytes a restart resumes from.)
