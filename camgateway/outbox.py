@@ -10,6 +10,12 @@ instead. An entry moves along the chain one sink at a time and is removed,
 with its spool file, after the last one; a crash or restart resumes it at the
 sink it had reached, so nothing is lost and nothing half-made is delivered.
 
+A delivery is recorded only after the sink confirmed it, so a crash, or a
+store that cannot record (a full disk), between the two repeats it. The
+entry's id is the file's :attr:`~camgateway.sinks.ReceivedFile.id`, the same
+on every attempt and along the whole chain (files a sink makes get ids
+derived from it, see :func:`derived_id`): sinks recognise a repeat by it.
+
 A failed delivery is retried with exponential backoff and jitter. A permanent
 failure (:class:`~camgateway.sinks.PermanentFailure`, e.g. an HTTP 400), or a
 transient one that lasts longer than ``outbox.give_up_after``, goes to the
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -37,7 +44,7 @@ from camgateway.sinks import PermanentFailure, ReceivedFile, Transformed
 if TYPE_CHECKING:
     from camgateway.services import Services
 
-__all__ = ["OutboxEntry", "IOutboxStore", "Outbox", "backoff", "write_dead_letter", "remove_files"]
+__all__ = ["OutboxEntry", "IOutboxStore", "Outbox", "backoff", "derived_id", "write_dead_letter", "remove_files"]
 
 log = Logger(namespace="camgateway.outbox")
 
@@ -93,6 +100,16 @@ class IOutboxStore(Interface):
 def backoff(attempts: int, rng: random.Random, base: float = 1.0, cap: float = 300.0) -> float:
     """Seconds before the next try: exponential, capped, with ±50 % jitter."""
     return min(cap, base * 2 ** max(0, attempts - 1)) * rng.uniform(0.5, 1.5)
+
+
+def derived_id(parent: str, index: int) -> str:
+    """The id of the ``index``-th file a sink made from entry ``parent`` (32 hex digits).
+
+    The same on every run of that sink: when a crash repeats a transforming
+    step, the files it makes again keep the ids the first run's had, so the
+    sinks after it see a repeat (same id), not a new file.
+    """
+    return hashlib.blake2b(f"{parent}/{index}".encode(), digest_size=16).hexdigest()
 
 
 def remove_files(paths: Sequence[str]) -> list[tuple[str, str]]:
@@ -178,9 +195,15 @@ class Outbox:
         return defer.DeferredList(list(self.in_flight.values()), consumeErrors=True)
 
     def add(self, received: ReceivedFile, partial_id: Optional[str]) -> defer.Deferred:
-        """Record a finished file (its partial forgotten in the same step) and deliver it."""
+        """Record a finished file (its partial forgotten in the same step) and deliver it.
+
+        The entry's id is ``received.id`` if it has one, else a new one; the
+        file recorded and delivered carries it (:attr:`ReceivedFile.id`).
+        """
         now = self.s.clock.seconds()
-        entry = OutboxEntry(new_id(), received.path.name, 0, 0, now, None, received.to_record(), now)
+        if not received.id:
+            received = dataclasses.replace(received, id=new_id())
+        entry = OutboxEntry(received.id, received.path.name, 0, 0, now, None, received.to_record(), now)
         d = self.s.store.enqueue(entry, partial_id)
         d.addCallback(lambda _: self._start_new(entry, received))
         return d
@@ -270,6 +293,8 @@ class Outbox:
         sink = s.sinks[entry.sink]
         if received is None:
             received = ReceivedFile.from_record(entry.record, s.spool.path(entry.spool_name))
+            if not received.id:  # recorded before files carried their entry's id
+                received = dataclasses.replace(received, id=entry.id)
         try:
             result = yield defer.maybeDeferred(sink.deliver, received)
         except Exception:
@@ -281,9 +306,14 @@ class Outbox:
         if places is not None:
             places.append(result)
         if isinstance(result, Transformed):
-            yield self._advance(entry, [dataclasses.replace(entry, id=new_id(), spool_name=f.path.name,
-                                                            record=f.to_record(), attempts=0, last_error=None)
-                                        for f in result.files])
+            made = []
+            for index, f in enumerate(result.files):
+                made_id = derived_id(entry.id, index)
+                record = f.to_record()
+                record["id"] = made_id
+                made.append(dataclasses.replace(entry, id=made_id, spool_name=f.path.name, record=record,
+                                                attempts=0, last_error=None))
+            yield self._advance(entry, made)
         else:
             yield self._advance(entry, [entry])
 

@@ -174,12 +174,12 @@ class SidecarTests(SinkTestCase):
     """The JSON sidecar beside each file holds every field of ReceivedFile.sidecar()."""
 
     def test_dualcam_sidecar(self) -> None:
-        received = self.received()
+        received = self.received(id="e1")
         stored = self.store(received)
         sidecar = json.loads(stored.with_name(stored.name + ".json").read_text())
         self.assertEqual(set(sidecar), set(received.sidecar()))
         self.assertEqual(sidecar, {
-            "imei": IMEI, "protocol_id": 5, "camera": "dualcam", "flow": "dualcam",
+            "id": "e1", "imei": IMEI, "protocol_id": 5, "camera": "dualcam", "flow": "dualcam",
             "source": "photof", "device_path": None, "media": "photo", "size": len(JPEG),
             "sha256": hashlib.sha256(JPEG).hexdigest(),
             "start": {"total": 29, "crc": 0, "unit": "packets"}, "computed_crc": 0x1234,
@@ -275,13 +275,134 @@ class CollisionTests(SinkTestCase):
         self.assertStored(stored, received, JPEG)
 
     def test_same_spool_file_twice(self) -> None:
-        """Delivering the same record again makes a second copy, not an overwrite."""
+        """A record without an id (an old one) delivered again makes a second copy, not an overwrite."""
         received = self.received()
         first = self.store(received)
         second = self.store(received)
         self.assertNotEqual(first, second)
         self.assertEqual(first.read_bytes(), second.read_bytes())
         self.assertTrue(received.path.exists())
+
+
+class RepeatTests(SinkTestCase):
+    """The same file (same id and sha256) delivered again is stored once: a crash cannot make copies."""
+
+    def stored(self) -> list[str]:
+        """Every name under the root (media and sidecars)."""
+        return sorted(p.name for p in self.all_entries() if p.is_file())
+
+    def test_same_file_twice_is_stored_once(self) -> None:
+        received = self.received(id="e1")
+        d1, d2 = self.sink.deliver(received), self.sink.deliver(received)
+        first, second = self.successResultOf(d1), self.successResultOf(d2)
+        self.assertEqual(first, second)
+        self.assertEqual(self.stored(), ["20241029T235958Z_photof.jpg", "20241029T235958Z_photof.jpg.json"])
+        self.assertStored(Path(first), received, JPEG)
+        self.assertNoTemporaries()
+
+    def test_found_under_a_later_name(self) -> None:
+        """Another file took the first name: the repeat finds this one's own at ``-2``."""
+        other, received = self.received(JPEG + b"other", id="e0"), self.received(id="e1")
+        self.store(other)
+        first = self.store(received)
+        self.assertEqual(first.name, "20241029T235958Z_photof-2.jpg")
+        self.assertEqual(self.store(received), first)
+        self.assertEqual(len(self.stored()), 4)
+        self.assertNoTemporaries()
+
+    def test_sidecar_alone_is_completed(self) -> None:
+        """A kill between the sidecar's link and the media's leaves the sidecar alone: the repeat links the media."""
+        received = self.received(id="e1")
+        stored = self.store(received)
+        stored.unlink()
+        self.assertEqual(self.store(received), stored)
+        self.assertStored(stored, received, JPEG)
+        self.assertEqual(stored.stat().st_ino, received.path.stat().st_ino)
+        self.assertEqual(len(self.stored()), 2)
+        self.assertNoTemporaries()
+
+    def test_sidecar_alone_is_completed_across_filesystems(self) -> None:
+        real_link = os.link
+
+        def link(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+            if Path(src).parent == self.spool:
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            real_link(src, dst, *args, **kwargs)
+
+        self.patch(os, "link", link)
+        received = self.received(id="e1")
+        stored = self.store(received)
+        self.assertEqual(self.store(received), stored)  # a copy held the name: recognised by its bytes
+        stored.unlink()
+        self.assertEqual(self.store(received), stored)
+        self.assertStored(stored, received, JPEG)
+        self.assertEqual(len(self.stored()), 2)
+        self.assertNoTemporaries()
+
+    def test_another_id_or_content_gets_the_next_name(self) -> None:
+        received = self.received(id="e1")
+        self.store(received)
+        same_bytes_other_id = self.received(id="e2")
+        same_id_other_bytes = self.received(JPEG + b"x", id="e1")
+        self.assertEqual(self.store(same_bytes_other_id).name, "20241029T235958Z_photof-2.jpg")
+        self.assertEqual(self.store(same_id_other_bytes).name, "20241029T235958Z_photof-3.jpg")
+        self.assertEqual(self.store(self.received(id="")).name, "20241029T235958Z_photof-4.jpg")
+        self.assertNoTemporaries()
+
+    def test_own_sidecar_beside_another_file_takes_the_next_name(self) -> None:
+        """The sidecar is this file's but the media name holds something else: that is left, the sidecar goes."""
+        received = self.received(id="e1")
+        stored = self.store(received)
+        stored.unlink()
+        stored.write_bytes(b"someone else's file")
+        again = self.store(received)
+        self.assertEqual(again.name, "20241029T235958Z_photof-2.jpg")
+        self.assertStored(again, received, JPEG)
+        self.assertEqual(stored.read_bytes(), b"someone else's file")
+        self.assertFalse(stored.with_name(stored.name + ".json").exists())
+
+    def test_foreign_or_broken_sidecars_are_not_ours(self) -> None:
+        folder = self.root / IMEI / "2024-10-29"
+        folder.mkdir(parents=True)
+        (folder / "20241029T235958Z_photof.jpg.json").write_text('{"id": "e1", "sha256": "trunc')
+        (folder / "20241029T235958Z_photof-2.jpg.json").write_text('["e1"]')
+        received = self.received(id="e1")
+        self.assertEqual(self.store(received).name, "20241029T235958Z_photof-3.jpg")
+
+    def test_the_same_delivery_linking_first_elsewhere_is_not_undone(self) -> None:
+        """Two runs of one delivery at once: the one whose media link finds the other's keeps the pair."""
+        received = self.received(id="e1")
+        target = self.root / IMEI / "2024-10-29" / "20241029T235958Z_photof.jpg"
+        real_link = os.link
+
+        def link(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+            if Path(dst) == target and not target.exists():
+                real_link(src, dst)  # the other run, between this one's two links
+            real_link(src, dst, *args, **kwargs)
+
+        self.patch(os, "link", link)
+        self.assertEqual(self.store(received), target)
+        self.assertStored(target, received, JPEG)
+        self.assertEqual(len(self.stored()), 2)
+
+    def test_a_first_delivery_pays_nothing(self) -> None:
+        """No collision: no sidecar read, no stat; only the two links (and the sidecar's write)."""
+        def never(*args: Any) -> Any:
+            raise AssertionError("looked for a repeat with no name taken")
+
+        self.patch(disk_module, "_describes", never)
+        self.patch(disk_module, "_holds", never)
+        calls: list[str] = []
+        for name in ("stat", "lstat", "open", "link", "unlink", "fstat"):
+            real = getattr(os, name)
+            self.patch(os, name, lambda *a, _real=real, _name=name, **kw: (calls.append(_name), _real(*a, **kw))[1])
+        self.store(self.received(id="e0"))  # (the folder is made)
+        del calls[:]
+        self.store(self.received(JPEG + b"2", source="photor", id="e1"))
+        # The head, the temporary sidecar, the sidecar's and the media's links,
+        # the temporary's unlink, the folder's fsync: as before files had ids.
+        self.assertEqual(calls, ["open", "open", "link", "link", "unlink", "open"])
+        self.assertNoTemporaries()
 
 
 class ExtensionTests(SinkTestCase):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import errno
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -13,9 +16,9 @@ from twisted.trial.unittest import TestCase
 
 from camgateway import outbox as outbox_module
 from camgateway.cli import dead_letters, retry_dead_letter
-from camgateway.outbox import Outbox, backoff
+from camgateway.outbox import Outbox, OutboxEntry, backoff, derived_id
 from camgateway.sinks import PermanentFailure, ReceivedFile, Transformed
-from tests.support import make_services
+from tests.support import make_services, stored_files
 
 
 class Recorder:
@@ -25,8 +28,10 @@ class Recorder:
         self.name = name
         self.failures = list(failures or [])
         self.got: list[bytes] = []
+        self.ids: list[str] = []  # of every attempt, failed or not
 
     def deliver(self, received: ReceivedFile) -> Any:
+        self.ids.append(received.id)
         if self.failures:
             raise self.failures.pop(0)
         self.got.append(received.path.read_bytes())
@@ -40,13 +45,17 @@ class Doubler:
 
     def __init__(self, services: Any) -> None:
         self.s = services
+        self.ids: list[str] = []
 
     def deliver(self, received: ReceivedFile) -> Any:
+        self.ids.append(received.id)
         made = []
         for tag in (b"a", b"b"):
             path = self.s.spool.path(self.s.spool.new_name())
-            path.write_bytes(received.path.read_bytes() + tag)
-            made.append(ReceivedFile(**{**received.__dict__, "path": path, "derived": tag.decode()}))
+            content = received.path.read_bytes() + tag
+            path.write_bytes(content)
+            made.append(ReceivedFile(**{**received.__dict__, "path": path, "derived": tag.decode(),
+                                        "size": len(content), "sha256": hashlib.sha256(content).hexdigest()}))
         return Transformed(made)
 
 
@@ -75,7 +84,7 @@ class OutboxTests(TestCase):
         now = datetime.datetime(2024, 10, 30, tzinfo=datetime.timezone.utc)
         return ReceivedFile(path=path, imei="1", peer="p", protocol_id=5, camera="dualcam", flow="dualcam",
                             source="photof", identifier=b"%photof", media="photo", metadata={}, size=len(content),
-                            sha256="x", start_total=1, start_crc=0, computed_crc=0, received_at=now,
+                            sha256=hashlib.sha256(content).hexdigest(), start_total=1, start_crc=0, computed_crc=0, received_at=now,
                             capture_time=None, resumed_from=0, crc_errors=0)
 
     def test_chain_in_order_then_spool_file_removed(self) -> None:
@@ -176,6 +185,12 @@ class OutboxTests(TestCase):
         received = self.received()
         again = ReceivedFile.from_record(json.loads(json.dumps(received.to_record())), received.path)
         self.assertEqual(again, received)
+        with_id = dataclasses.replace(received, id="e1")
+        self.assertEqual(ReceivedFile.from_record(json.loads(json.dumps(with_id.to_record())), received.path),
+                         with_id)
+        old = received.to_record()
+        del old["id"]  # a record from before files had ids
+        self.assertEqual(ReceivedFile.from_record(old, received.path).id, "")
 
     @defer.inlineCallbacks
     def test_idle_fires_when_drained(self) -> Any:
@@ -281,3 +296,131 @@ class DirectDeliveryTests(OutboxTests):
         self.s.outbox.start()
         self.s.outbox.add(self.received(b"x"), None)
         self.assertEqual(b.got, [b"x"])  # without waiting for the 5 s poll
+
+
+class IdTests(OutboxTests):
+    """Every file carries its outbox entry's id, the same on every attempt and all along the chain."""
+
+    def test_ids_are_assigned_and_kept_along_a_chain_with_a_transforming_step(self) -> None:
+        first, doubler = Recorder("first", [RuntimeError("down")]), Doubler(self.s)
+        last = Recorder("last", [RuntimeError("down"), RuntimeError("down")])
+        self.s.sinks = [first, doubler, last]
+        self.s.outbox.start()
+        self.s.outbox.add(self.received(b"v"), None)
+        [entry] = self.s.store.outbox.values()
+        self.assertEqual(len(entry.id), 32)
+        self.assertEqual(entry.record["id"], entry.id)  # recorded with the file
+        self.assertEqual(first.ids, [entry.id])
+        self.s.clock.advance(5)
+        self.assertEqual(first.ids, [entry.id, entry.id])  # the retry: the same id
+        self.assertEqual(doubler.ids, [entry.id])  # and the next sink of the chain too
+        made = {derived_id(entry.id, 0), derived_id(entry.id, 1)}
+        self.assertEqual(len(made), 2)
+        self.assertEqual(set(self.s.store.outbox), made)  # each made file's entry, both failed at "last"
+        for made_entry in self.s.store.outbox.values():
+            self.assertEqual(made_entry.record["id"], made_entry.id)
+        self.assertEqual(set(last.ids), made)
+        for _ in range(20):
+            self.s.clock.advance(5)
+        self.assertEqual(sorted(last.got), [b"va", b"vb"])
+        self.assertEqual(set(last.ids), made)  # retried under the same ids
+        self.assertEqual(len(last.ids), 4)
+        self.assertEqual(self.s.store.outbox, {})
+
+    def test_a_file_with_an_id_keeps_it(self) -> None:
+        sink = Recorder("a", [RuntimeError("down")])
+        self.s.sinks = [sink]
+        self.s.outbox.start()
+        self.s.outbox.add(dataclasses.replace(self.received(), id="given"), None)
+        self.assertEqual(list(self.s.store.outbox), ["given"])
+        self.assertEqual(sink.ids, ["given"])
+
+    def test_an_entry_recorded_without_an_id_delivers_its_entry_id(self) -> None:
+        received = self.received()
+        record = received.to_record()
+        del record["id"]  # recorded by a gateway from before files had ids
+        self.s.store.enqueue(OutboxEntry("old-entry", received.path.name, 0, 0, 0.0, None, record, 0.0), None)
+        sink = Recorder("a")
+        self.s.sinks = [sink]
+        self.s.outbox.start()
+        self.assertEqual((sink.ids, sink.got), (["old-entry"], [b"photo"]))
+
+
+class FailingReplace:
+    """Wraps a store: its ``replace`` fails (a full spool filesystem) or never answers (a kill -9)."""
+
+    def __init__(self, store: Any, failures: int = 0, hang: bool = False) -> None:
+        self.store = store
+        self.failures = failures
+        self.hang = hang
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def replace(self, *args: Any, **kwargs: Any) -> defer.Deferred:
+        if self.hang:
+            return defer.Deferred()  # the gateway is killed before the delivery is recorded
+        if self.failures:
+            self.failures -= 1
+            return defer.fail(OSError(errno.ENOSPC, "No space left on device"))
+        return self.store.replace(*args, **kwargs)
+
+
+class ExactlyOnceOnDiskTests(OutboxTests):
+    """The disk sink stores a file once even when its delivery is repeated (the bugs found in the field)."""
+
+    def assertOneCopy(self, *contents: bytes) -> None:
+        stored = stored_files(self.root)
+        self.assertEqual(sorted(p.read_bytes() for p in stored), sorted(contents))
+        sidecars = sorted((self.root / "files").rglob("*.json"))
+        self.assertEqual(sidecars, sorted(p.with_name(p.name + ".json") for p in stored))
+        self.assertFalse([p for p in stored if "-2" in p.name], stored)
+
+    def test_a_store_that_cannot_record_the_delivery(self) -> None:
+        """A full spool filesystem: the record fails after the disk sink stored the file; the retry stores none."""
+        disk = self.s.sinks[0]
+        delivered: list[str] = []
+        real = disk.deliver
+        self.patch(disk, "deliver", lambda received: real(received).addCallback(
+            lambda path: (delivered.append(path), path)[1]))
+        self.s.store = FailingReplace(self.s.store, failures=3)
+        self.s.outbox.start()
+        self.s.outbox.add(self.received(b"\xff\xd8 photo"), None)
+        for _ in range(4):
+            self.s.clock.advance(5)  # the outbox's poll finds the entry again
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 3)
+        self.assertEqual(len(delivered), 4)
+        self.assertEqual(len(set(delivered)), 1)  # the same path every time
+        self.assertOneCopy(b"\xff\xd8 photo")
+        self.assertEqual(self.s.store.outbox, {})
+        self.assertEqual(self.s.spool.names(), set())
+
+    def test_a_kill_between_the_delivery_and_its_record(self) -> None:
+        """kill -9 after the disk sink stored the file, before the outbox recorded it: the restart stores none."""
+        store = self.s.store
+        self.s.store = FailingReplace(store, hang=True)
+        self.s.outbox.start()
+        self.s.outbox.add(self.received(b"\xff\xd8 photo"), None)
+        self.assertOneCopy(b"\xff\xd8 photo")
+        self.assertEqual(len(store.outbox), 1)  # never recorded as delivered
+        self.s.outbox.stop()
+        self.s.store = store  # the restart: a new outbox over what the store kept
+        self.s.outbox = Outbox(self.s, poll=5.0)
+        self.s.outbox.start()
+        self.assertEqual(store.outbox, {})
+        self.assertOneCopy(b"\xff\xd8 photo")
+        self.assertEqual(self.s.spool.names(), set())
+
+    def test_a_chain_run_again_through_a_transforming_step(self) -> None:
+        """A dead letter retried before a transforming sink: the files it makes again keep their ids."""
+        refusing = Recorder("refusing", [PermanentFailure("HTTP 400: bad")])
+        self.s.sinks = [refusing, Doubler(self.s), self.s.sinks[0]]
+        self.s.outbox.start()
+        self.s.outbox.add(self.received(b"v"), None)
+        self.assertOneCopy(b"va", b"vb")
+        [letter] = dead_letters(self.s.spool)
+        retry_dead_letter(self.s.spool, self.s.store, letter["id"], self.s.clock.seconds())
+        self.s.clock.advance(5)
+        self.assertEqual(refusing.got, [b"v"])
+        self.assertEqual(self.s.store.outbox, {})
+        self.assertOneCopy(b"va", b"vb")

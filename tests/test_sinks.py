@@ -111,6 +111,32 @@ class HTTPSinkTests(TestCase):
         self.assertEqual(json.loads(request["headers"].getRawHeaders("x-camgateway-metadata")[0])["size"], 3004)
 
     @defer.inlineCallbacks
+    def test_idempotency_key_on_post_and_put(self) -> Any:
+        """The file's id goes with every request: as Idempotency-Key, in the metadata and as {id}."""
+        endpoint = self.serve([503, 200, 200])
+        post = self.sink()
+        received = received_file(self.file, id="0123456789abcdef0123456789abcdef")
+        yield self.assertFailure(post.deliver(received), RuntimeError)
+        yield post.deliver(received)  # the outbox's retry
+        put = self.sink(method="PUT", url=f"http://127.0.0.1:{self.port}/files/{{id}}")
+        url = yield put.deliver(received)
+        self.assertTrue(url.endswith("/files/0123456789abcdef0123456789abcdef"))
+        self.assertEqual([r["method"] for r in endpoint.requests], [b"POST", b"POST", b"PUT"])
+        for request in endpoint.requests:
+            self.assertEqual(request["headers"].getRawHeaders("idempotency-key"), [received.id])
+        for request in endpoint.requests[:2]:
+            self.assertEqual(json.loads(request["args"][b"metadata"][0])["id"], received.id)
+        put_metadata = endpoint.requests[2]["headers"].getRawHeaders("x-camgateway-metadata")[0]
+        self.assertEqual(json.loads(put_metadata)["id"], received.id)
+
+    @defer.inlineCallbacks
+    def test_no_idempotency_key_without_an_id(self) -> Any:
+        endpoint = self.serve([200])
+        yield self.sink().deliver(received_file(self.file))
+        [request] = endpoint.requests
+        self.assertIsNone(request["headers"].getRawHeaders("idempotency-key"))
+
+    @defer.inlineCallbacks
     def test_status_classes(self) -> Any:
         self.serve([503, 429, 408, 400, 404])
         sink = self.sink()
@@ -155,6 +181,7 @@ class CommandSinkTests(TestCase):
             shutil.copy(sys.argv[-1], os.path.join(out, "copied"))
             open(os.path.join(out, "stdin.json"), "w").write(sys.stdin.read())
             open(os.path.join(out, "args"), "w").write(" ".join(sys.argv[1:-1]))
+            open(os.path.join(out, "file_id"), "w").write(os.environ.get("CAMGATEWAY_FILE_ID", "<unset>"))
             code = int(open(os.path.join(out, "code")).read()) if os.path.exists(os.path.join(out, "code")) else 0
             sys.stderr.write("ingest says hi")
             sys.exit(code)
@@ -171,6 +198,17 @@ class CommandSinkTests(TestCase):
         self.assertEqual((self.work / "copied").read_bytes(), self.file.read_bytes())
         self.assertEqual(json.loads((self.work / "stdin.json").read_text())["imei"], "863719061653375")
         self.assertEqual((self.work / "args").read_text(), "--fleet north")
+
+    @defer.inlineCallbacks
+    def test_file_id_in_the_environment(self) -> Any:
+        received = received_file(self.file, id="0123456789abcdef0123456789abcdef")
+        yield self.sink.deliver(received)
+        self.assertEqual((self.work / "file_id").read_text(), received.id)
+        self.assertEqual(json.loads((self.work / "stdin.json").read_text())["id"], received.id)
+        os.environ["CAMGATEWAY_FILE_ID"] = "the gateway's own"
+        self.addCleanup(os.environ.pop, "CAMGATEWAY_FILE_ID")
+        yield self.sink.deliver(received_file(self.file))  # no id: none, not one inherited
+        self.assertEqual((self.work / "file_id").read_text(), "<unset>")
 
     @defer.inlineCallbacks
     def test_exit_codes(self) -> Any:
@@ -368,4 +406,8 @@ class RestartTests(TestCase):
         self.assertEqual(len(endpoint.requests), failed + 1)
         [content] = [f.content for f in spec.files]
         self.assertEqual(endpoint.requests[-1]["args"][b"file"], [content])
+        keys = {tuple(r["headers"].getRawHeaders("idempotency-key") or ()) for r in endpoint.requests}
+        self.assertEqual(len(keys), 1)  # every attempt, before and after the restart, under one key
+        [[key]] = keys
+        self.assertEqual(json.loads(endpoint.requests[-1]["args"][b"metadata"][0])["id"], key)
         self.assertEqual(gw.spool_leftovers(work), [])

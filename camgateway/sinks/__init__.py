@@ -7,6 +7,12 @@ cannot help. Sinks form a chain (see :mod:`camgateway.outbox`): a sink passes
 the file on, or returns :class:`Transformed` files that the following sinks
 get instead. Sinks must not modify or move the file they are given.
 
+A sink may be given the same file again: the outbox records a delivery only
+after the sink confirmed it, so a crash (or a failure to record) in between
+repeats it. Every file carries its outbox entry's :attr:`ReceivedFile.id`,
+the same on every attempt: a sink that can, recognises a repeat by it (the
+disk sink does); the others pass it on for their receivers to de-duplicate.
+
 Sink types are found by name in ``sinks:`` (:mod:`camgateway.sinks.registry`):
 the shipped ``disk``, ``http``, ``command`` and ``mp4``, and third-party ones
 registered under the entry point group ``camgateway.sinks``.
@@ -54,6 +60,10 @@ class ReceivedFile:
     resumed_from: int  # bytes already held when this connection's transfer began
     crc_errors: int
     derived: Optional[str] = None  # made by a sink from the camera's file: "mp4", "poster"...
+    #: The file's outbox entry id, stable across retries and restarts: a sink
+    #: that is given the same id (and sha256) again is seeing the same delivery
+    #: again. Empty only for files no outbox has recorded (old records).
+    id: str = ""
 
     @property
     def device_path(self) -> Optional[str]:
@@ -65,6 +75,7 @@ class ReceivedFile:
     def sidecar(self) -> dict[str, Any]:
         """The JSON record stored beside the file (documented in README.md)."""
         return {
+            "id": self.id,
             "imei": self.imei,
             "protocol_id": self.protocol_id,
             "camera": self.camera,
@@ -86,7 +97,6 @@ class ReceivedFile:
             "peer": self.peer,
             "metadata": dict(self.metadata),
         }
-
 
     def to_record(self) -> dict[str, Any]:
         """Everything but the path, as JSON-safe values (for the outbox)."""

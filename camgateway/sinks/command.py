@@ -6,11 +6,16 @@ Configuration::
       command: [/usr/local/bin/ingest, --fleet, north]   # the file's path is appended
       timeout: 300                                       # seconds, then the program is killed
 
-The program gets the file's path as its last argument and the sidecar JSON
-on its standard input. Exit status 0 means delivered; 100 means "never
-retry" (the file goes to the dead-letter folder); anything else, a signal or
-the timeout is retried by the outbox. The program runs without blocking the
+The program gets the file's path as its last argument, the sidecar JSON on
+its standard input and the file's id in ``CAMGATEWAY_FILE_ID`` (the
+sidecar's ``id``). Exit status 0 means delivered; 100 means "never retry"
+(the file goes to the dead-letter folder); anything else, a signal or the
+timeout is retried by the outbox. The program runs without blocking the
 gateway (``spawnProcess``); its stderr (the first 2 KB) is kept for the log.
+
+A program may be given the same file again, with the same id: after a crash
+of the gateway, or a timeout that killed a program that had done its work.
+It de-duplicates on the id.
 """
 
 from __future__ import annotations
@@ -29,9 +34,12 @@ from camgateway.config import ConfigError, parse_duration
 from camgateway.sinks import IFileSink, PermanentFailure, ReceivedFile
 from camgateway.sinks.registry import check_keys
 
-__all__ = ["CommandSink", "validate", "make", "PERMANENT_EXIT"]
+__all__ = ["CommandSink", "validate", "make", "PERMANENT_EXIT", "FILE_ID"]
 
 PERMANENT_EXIT = 100
+
+#: The environment variable that holds the file's id.
+FILE_ID = "CAMGATEWAY_FILE_ID"
 
 
 def validate(config: Mapping[str, Any], key: str, base: Path) -> Mapping[str, Any]:
@@ -89,11 +97,15 @@ class CommandSink:
 
     @defer.inlineCallbacks
     def deliver(self, received: ReceivedFile) -> Any:
-        """Run the program; fire when it exits 0."""
+        """Run the program (the file's id in ``CAMGATEWAY_FILE_ID``); fire when it exits 0."""
         done: defer.Deferred = defer.Deferred()
         run = _Run(json.dumps(received.sidecar()).encode() + b"\n", done)
-        process = self.reactor.spawnProcess(run, self.command[0], self.command + [str(received.path)],
-                                            env=dict(os.environ))
+        env = dict(os.environ)
+        if received.id:
+            env[FILE_ID] = received.id
+        else:  # a file no outbox recorded: no id, rather than one inherited from the gateway's environment
+            env.pop(FILE_ID, None)
+        process = self.reactor.spawnProcess(run, self.command[0], self.command + [str(received.path)], env=env)
         killer = self.reactor.callLater(self.timeout, _kill, process)
         ended = yield done
         if killer.active():

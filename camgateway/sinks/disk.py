@@ -10,6 +10,12 @@ The time is the capture time from the metadata, else the arrival time (UTC).
 name is taken, so two files never collide. The extension comes from the
 content (JPEG, PTMF, MP4) or a known extension of the device path.
 
+A file is stored once: a delivery repeated (a crash, or an outbox that could
+not record it, after the sink had stored it) finds its own sidecar (the same
+``id`` and ``sha256``) under the name, completes it if the media file is
+missing, and reports that path. Only a name already taken pays for that
+look; a file without an id (an old record) gets the next name as any other.
+
 Delivery is atomic and durable: the sidecar is written to a temporary name
 and linked under its final name; then the media file is hard-linked from the
 spool (copied and fsynced first when the spool is on another filesystem)
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import hashlib
 import json
 import math
 import os
@@ -244,7 +251,7 @@ class DiskSink:
                 self._folders.discard(folder)
                 created = self._ensure(folder) or created
                 _write_new(sidecar, payload, durable)
-            target = self._place(media, sidecar, folder, stem, ext, temps)
+            target = self._place(received, media, sidecar, folder, stem, ext, temps)
         finally:
             for temp in temps:
                 try:
@@ -291,7 +298,8 @@ class DiskSink:
         temps.append(temp)
         return temp
 
-    def _place(self, media: str, sidecar: str, folder: str, stem: str, ext: str, temps: list[str]) -> str:
+    def _place(self, received: ReceivedFile, media: str, sidecar: str, folder: str, stem: str, ext: str,
+               temps: list[str]) -> str:
         """Put sidecar then media under the first free name; never overwrite.
 
         The sidecar is in place before the media file appears, so a reader
@@ -299,30 +307,67 @@ class DiskSink:
         which fails if the name exists. When the spool is on another
         filesystem the media is first copied (and fsynced) to a temporary
         name in ``folder`` and linked from there.
+
+        A name taken by this very file (a sidecar with its id and sha256: an
+        earlier delivery of it that the outbox could not record) is this
+        delivery's: its media file is linked if it is missing, and no ``-n``
+        copy is made. Only a taken name costs that look.
         """
         n = 1
         while True:
             target = f"{folder}/{stem}.{ext}" if n == 1 else f"{folder}/{stem}-{n}.{ext}"
             meta = target + ".json"
             if not _claim(sidecar, meta):
+                if received.id and _describes(meta, received):
+                    media, done = self._complete(received, media, target, meta, folder, stem, temps)
+                    if done:
+                        return target
                 n += 1
                 continue
             placed = False
             try:
-                placed = _claim(media, target)
-            except OSError as e:
-                if e.errno != errno.EXDEV or media in temps:
-                    raise
-                copy = self._temp(folder, stem, temps)
-                _copy_durably(media, copy)
-                media = copy
-                n -= 1  # try this name again with the copy
+                media, placed = self._link(media, target, folder, stem, temps)
+                if not placed and received.id and _holds(target, media, received):
+                    placed = True  # the same delivery, running at once elsewhere, linked it first
             finally:
                 if not placed:
                     os.unlink(meta)
             if placed:
                 return target
             n += 1
+
+    def _link(self, media: str, target: str, folder: str, stem: str, temps: list[str]) -> tuple[str, bool]:
+        """Link ``media`` as ``target`` (copied into ``folder`` first across filesystems).
+
+        Returns the file linked from (the copy, once made) and whether
+        ``target`` was free.
+        """
+        try:
+            return media, _claim(media, target)
+        except OSError as e:
+            if e.errno != errno.EXDEV or media in temps:
+                raise
+        copy = self._temp(folder, stem, temps)
+        _copy_durably(media, copy)
+        return copy, _claim(copy, target)
+
+    def _complete(self, received: ReceivedFile, media: str, target: str, meta: str, folder: str, stem: str,
+                  temps: list[str]) -> tuple[str, bool]:
+        """``meta`` is ``received``'s sidecar, from an earlier delivery: make ``target`` its media file.
+
+        Returns the file linked from and whether ``target`` now holds this
+        file. If another file holds the name, the sidecar (a leftover of a
+        delivery cut between its two links) is removed and the next name is
+        the caller's.
+        """
+        media, placed = self._link(media, target, folder, stem, temps)
+        if placed or _holds(target, media, received):
+            return media, True
+        try:
+            os.unlink(meta)
+        except FileNotFoundError:
+            pass
+        return media, False
 
 
 #: Folders remembered by a DiskSink (a camera's folder per day) before it forgets them all.
@@ -358,6 +403,40 @@ def _claim(source: str, target: str) -> bool:
         return True
     except FileExistsError:
         return False
+
+
+def _describes(meta: str, received: ReceivedFile) -> bool:
+    """Whether the sidecar at ``meta`` is ``received``'s: the same id and sha256."""
+    try:
+        with open(meta, "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    if received.id.encode() not in data:  # another file's (the usual collision): no parse
+        return False
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and record.get("id") == received.id and record.get("sha256") == received.sha256
+
+
+def _holds(target: str, media: str, received: ReceivedFile) -> bool:
+    """Whether ``target`` is ``received``'s file: a link of ``media``, or the same bytes."""
+    try:
+        held = os.stat(target)
+    except FileNotFoundError:
+        return False
+    ours = os.stat(media)
+    if (held.st_ino, held.st_dev) == (ours.st_ino, ours.st_dev):
+        return True
+    if held.st_size != received.size:
+        return False
+    digest = hashlib.sha256()
+    with open(target, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest() == received.sha256
 
 
 def _copy_durably(source: str, target: str) -> None:

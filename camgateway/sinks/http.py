@@ -12,14 +12,20 @@ Configuration::
       timeout: 60             # seconds for the whole request
       ca: /etc/camgateway/ca.pem   # optional: trust this CA instead of the system's
 
-URL placeholders: ``{imei} {name} {ext} {kind} {source} {media} {date} {sha256}``
-(``kind`` is the camera kind; ``name`` is the file name the disk sink would
-use). TLS is always verified (service-identity). Header values given as
-``env``/``file`` are secrets: read at start, never logged.
+URL placeholders: ``{imei} {name} {ext} {kind} {source} {media} {date}
+{sha256} {id}`` (``kind`` is the camera kind; ``name`` is the file name the
+disk sink would use; ``id`` the file's id, see below). TLS is always verified
+(service-identity). Header values given as ``env``/``file`` are secrets: read
+at start, never logged.
 
 A 2xx answer is a delivery. 408, 429 and 5xx, timeouts and connection
 errors are retried by the outbox; any other status is permanent (the file goes
 to the dead-letter folder with the status as the reason).
+
+A file may be sent again: after a crash, or a timeout whose request did reach
+the server. Every request carries the file's id (the same on every attempt)
+as ``Idempotency-Key`` and in the metadata's ``id``: the receiver
+de-duplicates on it.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from camgateway.sinks.registry import check_keys
 __all__ = ["HTTPSink", "validate", "make", "RETRYABLE"]
 
 RETRYABLE = {408, 429}
-_FIELDS = {"imei", "name", "ext", "kind", "source", "media", "date", "sha256"}
+_FIELDS = {"imei", "name", "ext", "kind", "source", "media", "date", "sha256", "id"}
 
 
 def _secret(value: Any, key: str, base: Path) -> Any:
@@ -154,15 +160,18 @@ class HTTPSink:
         date, stem = build_stem(received)
         ext = extension_for(received, head)
         values = {"imei": received.imei, "name": f"{stem}.{ext}", "ext": ext, "kind": received.camera,
-                  "source": received.source, "media": received.media, "date": date, "sha256": received.sha256}
+                  "source": received.source, "media": received.media, "date": date, "sha256": received.sha256,
+                  "id": received.id}
         return self.url.format(**{k: quote(str(v), safe="") for k, v in values.items()})
 
     @defer.inlineCallbacks
     def deliver(self, received: ReceivedFile) -> Any:
-        """Send the file; fire with the URL on a 2xx answer."""
+        """Send the file, keyed by its id (``Idempotency-Key``); fire with the URL on a 2xx answer."""
         url = self.url_for(received)
         sidecar = json.dumps(received.sidecar(), separators=(",", ":"))
         headers = {k: [v] for k, v in self.headers.items()}
+        if received.id:
+            headers["Idempotency-Key"] = [received.id]
         with open(received.path, "rb") as body:
             name = url.rsplit("/", 1)[-1] or "file"
             if self.method == "PUT":
