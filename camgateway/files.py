@@ -18,8 +18,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from camgateway.deferreds import after
+from camgateway.health import SPOOL, STORE
 from camgateway.ids import new_id
 from camgateway.metadata import capture_time
+from camgateway.outbox import OutboxEntry
 from camgateway.resume_store import Partial
 from camgateway.sinks import ReceivedFile
 from camgateway.spool import reconcile_partial
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
     from camgateway.session import Session
 
 __all__ = ["FileOffer", "Refused", "open_transfer", "record_partial", "write_pending", "checkpoint",
-           "release_transfer", "finish_transfer"]
+           "release_transfer", "drop_transfer", "finish_transfer"]
 
 log = Logger(namespace="camgateway.files")
 
@@ -115,6 +117,11 @@ def _meta_timestamp(offer: FileOffer) -> Optional[str]:
 @defer.inlineCallbacks
 def _open_or_create(partial: Optional[Partial], s: "Services", offer: FileOffer) -> Any:
     stamp = _meta_timestamp(offer)
+    if partial is not None and s.journal is not None and s.journal.holds(partial.spool_name):
+        # A complete file waiting for the store to record it, whose partial
+        # record the store could not forget yet: never resumed into, never removed.
+        yield s.store.remove(partial.id)
+        partial = None
     if partial is not None and not partial.matches(offer.total, offer.start_crc, stamp):
         log.info("camera {imei}: {id} changed (START {total}/{crc:#06x}, was {old_total}/{old_crc:#06x});"
                  " discarding the old partial of {held} bytes", imei=offer.imei, id=offer.printable,
@@ -292,6 +299,20 @@ def release_transfer(s: "Services", transfer: Transfer) -> defer.Deferred:
     return transfer.busy
 
 
+def drop_transfer(s: "Services", transfer: Transfer) -> defer.Deferred:
+    """A transfer opened for a file that is over before it was used: give it up.
+
+    A new spool file that nothing was written to and no record names is
+    removed; anything else (a resumed partial) is released as a lost
+    connection's would be (:func:`release_transfer`), so what it held stays
+    resumable.
+    """
+    if transfer.recorded or transfer.held or _has_unwritten(transfer):
+        return release_transfer(s, transfer)
+    transfer.close()
+    return s.run_in_thread(s.spool.unlink, transfer.partial.spool_name)
+
+
 def _finishing(s: "Services", key: tuple[str, str, bytes], d: defer.Deferred) -> None:
     """Until ``d`` fires, a new offer of the file ``key`` waits for it (:func:`open_transfer`)."""
     s.finishing[key] = d
@@ -351,10 +372,17 @@ def finish_transfer(s: "Services", session: "Session", offer: FileOffer, transfe
     return result
 
 
+def _reason(error: BaseException) -> str:
+    """An error in words (its message, else its type)."""
+    return str(error) or type(error).__name__
+
+
 @defer.inlineCallbacks
 def _keep(failure: Failure, s: "Services", transfer: Transfer) -> Any:
     """The file could not be made durable: close it and keep it, recorded, for the camera's next offer."""
     transfer.close()
+    if failure.check(OSError):
+        s.health.failing(SPOOL, f"cannot write to the spool: {failure.getErrorMessage()}")
     try:
         yield _record(s, transfer)
     except Exception:
@@ -363,27 +391,58 @@ def _keep(failure: Failure, s: "Services", transfer: Transfer) -> Any:
 
 
 @defer.inlineCallbacks
+def _record_again(s: "Services", transfer: Transfer) -> Any:
+    """After a finish that recorded nothing: the partial's record, with every byte held (best effort)."""
+    try:
+        yield _record(s, transfer)
+        yield s.store.checkpoint(transfer.partial.id, transfer.held, s.boot_id, s.clock.seconds())
+    except Exception as e:
+        s.health.failing(STORE, f"cannot record files: {_reason(e)}")
+        log.warn("the partial {id} of a complete file could not be recorded either ({error})",
+                 id=transfer.partial.id, error=_reason(e))
+
+
+@defer.inlineCallbacks
 def _to_outbox(digest: Any, s: "Services", session: "Session", offer: FileOffer, transfer: Transfer) -> Any:
     partial = transfer.partial
+    partial_id = partial.id if transfer.recorded else None
+    transfer.close()  # (closed already by the flush's thread when the writes gave the digest)
+    now = datetime.datetime.fromtimestamp(s.clock.seconds(), datetime.timezone.utc)
+    received = ReceivedFile(
+        path=s.spool.path(partial.spool_name), imei=offer.imei, peer=session.link.peer,
+        protocol_id=offer.protocol_id, camera=offer.camera, flow=offer.flow, source=offer.source,
+        identifier=offer.identifier, media=offer.media, metadata=offer.metadata, size=digest.size,
+        sha256=digest.sha256, start_total=offer.total, start_crc=offer.start_crc,
+        computed_crc=digest.crc, received_at=now, capture_time=capture_time(offer.metadata),
+        resumed_from=transfer.resumed_from, crc_errors=transfer.crc_errors, id=new_id())
+    s.recent.append(received)
+    if transfer.head is not None:
+        s.heads.put(str(received.path), transfer.head)
     try:
-        transfer.close()  # (closed already by the flush's thread when the writes gave the digest)
-        now = datetime.datetime.fromtimestamp(s.clock.seconds(), datetime.timezone.utc)
-        received = ReceivedFile(
-            path=s.spool.path(partial.spool_name), imei=offer.imei, peer=session.link.peer,
-            protocol_id=offer.protocol_id, camera=offer.camera, flow=offer.flow, source=offer.source,
-            identifier=offer.identifier, media=offer.media, metadata=offer.metadata, size=digest.size,
-            sha256=digest.sha256, start_total=offer.total, start_crc=offer.start_crc,
-            computed_crc=digest.crc, received_at=now, capture_time=capture_time(offer.metadata),
-            resumed_from=transfer.resumed_from, crc_errors=transfer.crc_errors)
-        s.recent.append(received)
-        if transfer.head is not None:
-            s.heads.put(str(received.path), transfer.head)
         # Durable from here: the partial (if it was ever recorded) is gone.
-        yield s.outbox.add(received, partial.id if transfer.recorded else None)
-    except BaseException:
-        yield _record(s, transfer)
-        yield s.store.checkpoint(partial.id, transfer.held, s.boot_id, s.clock.seconds())
-        raise
+        yield s.outbox.add(received, partial_id)
+    except Exception as e:
+        if s.journal is None:
+            yield _record_again(s, transfer)
+            raise
+        reason = _reason(e)
+        # The file is complete and flushed: keep it with a durable note, for the store later.
+        entry = OutboxEntry(received.id, partial.spool_name, 0, 0, s.clock.seconds(), None, received.to_record(),
+                            s.clock.seconds())
+        try:
+            yield s.journal.write(entry, partial_id, reason)
+        except Exception as note_error:
+            log.error("camera {imei}: {id} is complete in spool file {name}, but neither the store ({error}) nor"
+                      " the spool ({note_error}) can record it", imei=offer.imei, id=offer.printable,
+                      name=partial.spool_name, error=reason, note_error=_reason(note_error))
+            yield _record_again(s, transfer)
+            raise
+        log.warn("camera {imei}: {id} is complete ({size} bytes sha256 {sha256}) but the store cannot record it"
+                 " ({error}): kept in spool file {name} with a durable note; it goes to the outbox once the"
+                 " store answers", imei=offer.imei, id=offer.printable, size=digest.size, sha256=digest.sha256,
+                 error=reason, name=partial.spool_name, event="file_held_for_store")
+    else:
+        s.health.working(STORE)
     if offer.flow == "path" and offer.start_crc != digest.crc:
         log.warn("camera {imei}: {id} CRC {crc:#06x} differs from START's {start:#06x} (file kept)",
                  imei=offer.imei, id=offer.printable, crc=digest.crc, start=offer.start_crc)

@@ -129,6 +129,16 @@ class GatewayCollector:
         yield failures
         yield counter("delivery_failures", "Failed deliveries of files, all sinks", stats.delivery_failures)
         yield gauge("outbox_depth", "Files waiting in the outbox for a sink", self.outbox_depth)
+        health = getattr(services, "health", None)
+        problems = health.problems() if health is not None else {}
+        degraded = GaugeMetricFamily("camgateway_degraded", "1 while a part of the gateway cannot record files"
+                                     " (the reason is in /healthz)", labels=["part"])
+        for part in ("store", "spool"):
+            degraded.add_metric([part], 1 if part in problems else 0)
+        yield degraded
+        journal = getattr(services, "journal", None)
+        yield gauge("files_awaiting_store", "Complete files kept in the spool until the store can record them",
+                    len(journal.notes) if journal is not None else 0)
         files, size = spool_usage(services.spool)
         yield gauge("spool_files", "Files in the spool (partial transfers and files awaiting delivery)", files)
         yield gauge("spool_bytes", "Bytes in the spool (partial transfers and files awaiting delivery)", size)

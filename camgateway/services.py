@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred
 
 from camgateway.config import Config
 from camgateway.due import DueSessions
+from camgateway.health import Health
 from camgateway.sockets import TurnWriter
 from camgateway.spool import Spool
 
@@ -167,6 +168,10 @@ class Services:
     reserve: Any = None
     #: Which worker this process is (camgateway.workers.Shard), None with one process.
     shard: Any = None
+    #: What keeps the gateway from recording files now (/healthz, /metrics).
+    health: Health = dataclasses.field(default_factory=Health)
+    #: Notes of finished files the store could not record yet (camgateway.journal.FinishJournal), or None.
+    journal: Any = None
     #: Sends a reactor turn's replies to the cameras together at its end (made on :attr:`clock`).
     writer: TurnWriter = dataclasses.field(default=None)  # type: ignore[assignment]
 

@@ -15,7 +15,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from camgateway import codec
-from camgateway.files import FileOffer, Refused, finish_transfer, open_transfer, release_transfer
+from camgateway.files import FileOffer, Refused, drop_transfer, finish_transfer, open_transfer, release_transfer
+from camgateway.health import SPOOL, STORE
 from camgateway.states import S, State
 from camgateway.status_codes import status_meaning
 from camgateway.transfer import Transfer
@@ -55,27 +56,45 @@ class TransferSteps:
         offer.total, offer.start_crc = total, crc
 
         def open_it() -> None:
+            # Opens run one after another on one chain (a file offered again
+            # waits for the open before it), each result bound to its offer.
             d = self._predecessor.addBoth(lambda _: open_transfer(self.s, self, offer))
-            d.addCallbacks(self._prepared, self._prepare_failed)
+            d.addCallbacks(self._prepared, self._prepare_failed, callbackArgs=(offer,), errbackArgs=(offer,))
             self._opening = d
 
         self._then(open_it)
         return S.PREPARING
 
-    def _prepared(self, transfer: Transfer) -> Optional[defer.Deferred]:
-        if self.state is not S.PREPARING:  # the connection went away meanwhile
-            return release_transfer(self.s, transfer)
+    def _owns(self, offer: FileOffer, state: State) -> bool:
+        """Whether an asynchronous result started for ``offer`` may be applied now.
+
+        Only while the session is still in ``state`` for that very offer:
+        a result for an offer that is over (the camera gave the file up, the
+        connection went away, another file is being opened) is never applied.
+        """
+        return self.state is state and self.offer is offer
+
+    def _prepared(self, transfer: Transfer, offer: FileOffer) -> Optional[defer.Deferred]:
+        if not self._owns(offer, S.PREPARING):  # the file was given up, or the connection went away
+            log.info("camera {imei}: {id} was opened after it was given up; its transfer is released",
+                     imei=self.imei, id=offer.printable)
+            d = drop_transfer(self.s, transfer)
+            d.addErrback(lambda f: log.failure("camera {imei}: releasing the transfer of {id} failed", f,
+                                               imei=self.imei, id=offer.printable))
+            return d
         self._guard(self._input, "prepared", transfer)
         return None
 
-    def _prepare_failed(self, failure: Failure) -> None:
-        if self.state is S.PREPARING:
+    def _prepare_failed(self, failure: Failure, offer: FileOffer) -> None:
+        if self._owns(offer, S.PREPARING):
             self._guard(self._input, "prepare_failed", failure)
         elif not failure.check(Refused):
-            log.failure("camera {imei}: opening a transfer failed", failure, imei=self.imei)
+            log.failure("camera {imei}: opening {id} failed after it was given up", failure,
+                        imei=self.imei, id=offer.printable)
 
     def _on_prepared(self, transfer: Transfer) -> State:
         self.transfer = transfer
+        self.s.health.working(SPOOL)
         self.file_started_at = self.s.clock.seconds()
         if transfer.complete:  # held everything before: fetch the last unit again
             transfer.rewind(transfer.offset_of(transfer.position() - 1) if transfer.dualcam
@@ -89,8 +108,13 @@ class TransferSteps:
 
     def _on_prepare_failed(self, failure: Failure) -> State:
         if failure.check(Refused):  # a refusal with a reason (disk low...)
+            self.s.health.failing(SPOOL, str(failure.value))
             log.warn("camera {imei}: {why}; closing", imei=self.imei, why=failure.value)
             return self._close()
+        if failure.check(OSError):
+            self.s.health.failing(SPOOL, f"cannot open spool files: {failure.getErrorMessage()}")
+        else:
+            self.s.health.failing(STORE, f"cannot look up partial transfers: {failure.getErrorMessage()}")
         log.failure("camera {imei}: cannot open a transfer; closing", failure, imei=self.imei)
         return self._close()
 
@@ -153,19 +177,19 @@ class TransferSteps:
 
         def finish() -> None:
             d = self.s.track(finish_transfer(self.s, self, offer, transfer))
-            d.addCallbacks(lambda received: self._guard(self._stored, received),
-                           lambda f: self._guard(self._store_failed, f))
+            d.addCallbacks(lambda received: self._guard(self._stored, received, offer),
+                           lambda f: self._guard(self._store_failed, f, offer))
 
         self._then(finish)
         return S.STORING
 
-    def _stored(self, received: Any) -> None:
+    def _stored(self, received: Any, offer: FileOffer) -> None:
         self.files_done += 1
         self.s.stats.files_received += 1
-        if self.state is S.STORING:
+        if self._owns(offer, S.STORING):
             if self.connected:
                 self._input("stored", received)
-            else:  # stored, but the camera is gone: it will offer the file again
+            else:  # held in full, but the camera is gone before it was told: it may offer the file again
                 self.state = S.CLOSED
 
     def _on_stored(self, received: Any) -> State:
@@ -173,25 +197,32 @@ class TransferSteps:
         self.send(codec.repeat_init())
         return self._await(S.AWAIT_INIT)
 
-    def _store_failed(self, failure: Failure) -> None:
+    def _store_failed(self, failure: Failure, offer: FileOffer) -> None:
+        """The file could not be made safe: the camera is not told it is done (it keeps the file)."""
         self.s.stats.delivery_failures += 1
-        self.s.failed(self.imei, self.link.peer, "store " + (self.offer.printable if self.offer else "?"),
-                      failure.getErrorMessage())
-        what = self.offer.printable if self.offer else "?"
+        self.s.failed(self.imei, self.link.peer, "store " + offer.printable, failure.getErrorMessage())
         if failure.check(OSError):  # the disk's answer (full, I/O error), not a bug: no traceback
-            log.error("camera {imei}: could not store {id} ({error}); the partial is kept and the camera will"
-                      " offer it again", imei=self.imei, id=what, error=failure.getErrorMessage())
+            log.error("camera {imei}: could not make {id} safe ({error}); the connection is dropped without"
+                      " telling the camera the file is done: the camera still holds it",
+                      imei=self.imei, id=offer.printable, error=failure.getErrorMessage())
         else:
-            log.failure("camera {imei}: could not store {id}; the partial is kept and the camera will offer it"
-                        " again", failure, imei=self.imei, id=what)
-        if self.state is S.STORING:
+            log.failure("camera {imei}: could not make {id} safe; the connection is dropped without telling the"
+                        " camera the file is done: the camera still holds it", failure,
+                        imei=self.imei, id=offer.printable)
+        if self._owns(offer, S.STORING):
             if self.connected:
                 self._input("store_failed", failure)
             else:
                 self.state = S.CLOSED
 
     def _on_store_failed(self, failure: Failure) -> State:
-        return self._close()
+        # No CLOSE and no REPEAT INIT: either would tell the camera the file was taken.
+        self._disarm()
+        self.connected = False
+        if self.decoder is not None:
+            self.decoder.stop()
+        self.link.abort()
+        return S.CLOSED
 
     def _file_ended(self, offer: FileOffer) -> State:
         """The file was empty or the camera could not send it: go on with the next."""

@@ -12,7 +12,8 @@ Routes (every one read-only, GET or HEAD)::
     /api/failures      the latest failures, with reasons
     /files/<id>        a stored file, by the id /api/files gives (never by path)
     /metrics           Prometheus text format
-    /healthz           200 when accepting cameras, else 503 (no token needed)
+    /healthz           200 when accepting cameras and recording files, else 503
+                       with ``problems`` saying why (no token needed)
 
 With ``http.token`` set, every route but ``/healthz`` wants
 ``Authorization: Bearer <token>`` or HTTP basic auth as user ``camgateway``
@@ -284,6 +285,11 @@ class _Health(Resource):
             body["workers"] = self.root.peers.state()
             if not all(w["ready"] for w in body["workers"] if not w["drain"]):
                 body["status"] = "degraded"
+        problems = services.health.problems()
+        if problems:  # files cannot be recorded as they should: say why, and fail the check
+            body["status"] = "degraded"
+            body["problems"] = problems
+            return _json(request, body, 503)
         return _json(request, body)
 
 
