@@ -5,18 +5,20 @@ from __future__ import annotations
 import gc
 import sys
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from camgateway import __version__
 from camgateway.config import Config
 from camgateway.durability import WRITEBACK_BYTES, GroupSync
 from camgateway.groupcommit import BatchThread
+from camgateway.journal import FinishJournal
 from camgateway.leases import LeaseKeeper
 from camgateway.malloc import tune_malloc
 from camgateway.outbox import Outbox
@@ -31,7 +33,7 @@ from camgateway.threads import WorkerPool
 from camgateway.transfer import FLUSH_AGE
 from camgateway.workers import DispatchFactory, Shard, Workers, children_needed
 
-__all__ = ["GatewayService", "make_gateway", "reconcile", "sweep_expired", "flush_stale"]
+__all__ = ["GatewayService", "make_gateway", "reconcile", "sweep_expired", "flush_stale", "periodic"]
 
 log = Logger(namespace="camgateway.service")
 
@@ -64,6 +66,8 @@ def reconcile(s: Services) -> Any:
     partials = yield s.store.all()
     outbox = yield s.store.pending()
     known = {entry.spool_name for entry in outbox}
+    if s.journal is not None:
+        known |= s.journal.spool_names  # complete files waiting for the store (camgateway.journal)
     shard = s.shard
     moved = 0
     for partial in partials:
@@ -97,10 +101,49 @@ def flush_stale(s: Services) -> None:
     """Write the few bytes slow cameras left pending, drop stale read marks (the half-second scan).
 
     Only the sessions whose filed moment has come are visited (:mod:`camgateway.due`).
+    A visit that raises is a bug in that session: it is logged with the
+    camera's IMEI and that connection is dropped (what it held is kept, as
+    after any internal error), and the scan goes on with the other sessions
+    due; :meth:`DueSessions.take` has already unfiled them all, so one that
+    was skipped would not come due again.
     """
     now = s.clock.seconds()
     for session in s.due.take(now):
-        session.write_stale(now)
+        try:
+            session.write_stale(now)
+        except Exception:
+            _visit_failed(session, Failure())
+
+
+def _visit_failed(session: Any, failure: Failure) -> None:
+    """The scan's visit of ``session`` raised: log it with the camera, drop that connection."""
+    try:
+        session.internal_error(failure)  # (log.failure with the camera's IMEI, peer and state; then closes)
+    except Exception:
+        imei = getattr(session, "imei", "?")
+        log.failure("the half-second scan: visiting the session of camera {imei} failed", failure, imei=imei)
+        log.failure("the half-second scan: closing the session of camera {imei} failed too", imei=imei)
+
+
+def periodic(what: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` for a :class:`TimerService`: what it raises, or a Deferred it returns fails with, is logged.
+
+    A LoopingCall stops for good on the first exception or failed Deferred
+    of its function (TimerService only logs that it stopped); wrapped, the
+    error is logged as ``what`` failing and the next tick runs as usual. A
+    Deferred is still returned, so a tick that takes long delays the next.
+    """
+    def tick() -> Any:
+        try:
+            result = fn()
+        except Exception:
+            log.failure("{what} failed; it runs again at its next tick", what=what)
+            return None
+        if isinstance(result, defer.Deferred):
+            result.addErrback(lambda f: log.failure("{what} failed; it runs again at its next tick", f, what=what))
+        return result
+
+    return tick
 
 
 @defer.inlineCallbacks
@@ -197,20 +240,25 @@ class GatewayService(Service):
         sinks = self.services.sinks = make_sinks(config.sinks, self.services)
         self.services.outbox = Outbox(self.services, config.outbox_concurrency,
                                       give_up_after=config.outbox_give_up_after)
+        self.services.journal = FinishJournal(self.services)
         self.factory = CameraFactory(self.services)
         log.info("camgateway {version}: configuration from {source}; spool {spool}; files go to: {sinks}",
                  version=__version__, source=config.source, spool=spool.root.resolve(),
                  sinks=", ".join(sink.name for sink in sinks))
+        # Files finished while the store could not record them: into the store
+        # first (the reconcile would take their spool files for orphans).
+        d = self.services.journal.load()
+        d.addCallback(lambda _: self.services.journal.replay())  # type: ignore[union-attr]
         if leases is None:
-            d = reconcile(self.services)
+            d.addCallback(lambda _: reconcile(self.services))
             if self.services.reserve is not None:
                 d.addCallback(lambda _: self.services.reserve.start())  # type: ignore[union-attr]
         else:
             log.info("shared store {url} as instance {instance}: spool files are checked when resumed",
                      url=config.resume.split("@")[-1], instance=self.services.instance)
-            d = defer.succeed(None)
             d.addCallback(lambda _: self.keeper.start())  # type: ignore[union-attr]
         d.addCallback(lambda _: self.services.outbox.start())  # type: ignore[union-attr]
+        d.addCallback(lambda _: self.services.journal.start())  # type: ignore[union-attr]
         if self.workers is not None:  # listen once the other workers can take their cameras
             d.addCallback(lambda _: self.workers.wait_ready())  # type: ignore[union-attr]
         d.addCallback(lambda _: self._listen())
@@ -256,6 +304,7 @@ class GatewayService(Service):
         if self.services is not None:
             if self.services.reserve is not None:
                 yield self.services.reserve.close()
+            yield self.services.journal.stop()
             yield self.services.outbox.stop()
             for sink in self.services.sinks:
                 if hasattr(sink, "close"):
@@ -284,26 +333,28 @@ def make_gateway(config: Config, reactor: Any = None, shard: Optional[Shard] = N
     gateway = GatewayService(config, reactor, shard, twistd_logfile, forward_logs)
     gateway.setServiceParent(top)
 
+    # The periodic jobs are wrapped (periodic()): an error in one tick is
+    # logged, and the next tick runs; unwrapped, it would stop its loop for good.
     def sweep() -> Any:
         if gateway.services is None:
             return None
-        d = sweep_expired(gateway.services)
-        d.addErrback(lambda f: log.failure("partial sweep failed", f))
-        return d
+        return sweep_expired(gateway.services)
 
-    timer = TimerService(min(3600.0, config.partial_ttl / 4), sweep)
+    timer = TimerService(min(3600.0, config.partial_ttl / 4), periodic("the partial sweep", sweep))
     if reactor is not None:
         timer.clock = reactor
     timer.setServiceParent(top)
+
     def write_stale() -> None:
         if gateway.services is not None:
             flush_stale(gateway.services)
 
-    writer = TimerService(FLUSH_AGE / 2, write_stale)
+    writer = TimerService(FLUSH_AGE / 2, periodic("the half-second scan", write_stale))
     if reactor is not None:
         writer.clock = reactor
     writer.setServiceParent(top)
     reporter = ProgressReporter(lambda: gateway.services, spread=PROGRESS_SPREAD * config.progress_interval)
+    # (Not wrapped: ProgressReporter catches and logs its own errors, per slice of a tick.)
     progress = TimerService(config.progress_interval, reporter)
     if reactor is not None:
         progress.clock = reactor

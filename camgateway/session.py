@@ -23,6 +23,7 @@ from camgateway import codec
 from camgateway.codec import ProtocolError
 from camgateway.deferreds import after
 from camgateway.files import FileOffer, checkpoint, release_transfer, write_pending
+from camgateway.health import SPOOL
 from camgateway.leases import instance_of
 from camgateway.metadata import decode_metadata
 from camgateway.services import Services
@@ -333,6 +334,7 @@ class Session(TransferSteps):
 
     def _write_failed(self, transfer: Transfer, error: BaseException) -> None:
         self.s.failed(self.imei, self.link.peer, "spool write", str(error))
+        self.s.health.failing(SPOOL, f"cannot write to the spool: {error}")
         log.error("camera {imei}: writing {id} to the spool failed ({error}); closing, partial kept"
                   " up to its last checkpoint", imei=self.imei,
                   id=self.offer.printable if self.offer else "?", error=error)
@@ -361,35 +363,73 @@ class Session(TransferSteps):
                      imei=imei_text, peer=self.link.peer, protocol_id=protocol_id, settings=settings)
             if self.s.leases is not None:
                 self.lease_token = f"{self.s.instance}|{uuid.uuid4().hex[:12]}"
-                self._then(lambda: self._lease_loop().addErrback(
-                    lambda f: self._guard(self._input, "lease_refused", f.getErrorMessage())))
+                # (_lease_loop handles the store's errors itself: what escapes it is a bug.)
+                self._then(lambda: self._lease_loop().addErrback(self.internal_error))
                 return S.LEASING
         return self._next_file(new_init=True)
 
     @defer.inlineCallbacks
     def _lease_loop(self) -> Any:
-        """Take the camera's lease, asking another instance to let go if it holds it."""
+        """Take the camera's lease, asking another instance to let go if it holds it.
+
+        While the lease is held elsewhere, says so at once: which instance
+        holds it, and that this session waits up to ``storage.lease_ttl`` for
+        it (a holder that is down never lets go; its lease expires). A store
+        error closes the connection, logged as such (not as the camera's
+        protocol error). A result that comes once the session is over is
+        dropped, and a lease taken meanwhile is given back.
+        """
         leases, clock, ttl = self.s.leases, self.s.clock, self.config.lease_ttl
         yield self._predecessor  # a local older session releases its lease as it ends
-        deadline = clock.seconds() + ttl + 5.0
-        asked = None
+        began = clock.seconds()
+        deadline = began + ttl + 5.0
+        asked, told = None, None  # the instance asked to let go; the holder the log named
         while self.state is S.LEASING:
-            if (yield leases.acquire(self.imei, self.lease_token, ttl)):
-                self.leased = True
+            try:
+                taken = yield leases.acquire(self.imei, self.lease_token, ttl)
+                holder = None
+                if not taken and self.state is S.LEASING:
+                    holder = yield leases.holder(self.imei)
+                owner = instance_of(holder)
+                if holder and owner != asked and owner != self.s.instance and self.state is S.LEASING:
+                    yield leases.request_takeover(self.imei, owner)
+                    asked = owner
+            except Exception as e:
+                why = f"the store answered {type(e).__name__}: {e}"
                 if self.state is S.LEASING:
-                    self._guard(self._input, "leased")
-                else:  # the connection went away meanwhile
-                    yield leases.release(self.imei, self.lease_token)
+                    self._guard(self._input, "lease_refused", why)
+                else:
+                    log.info("camera {imei}: the lease store answered after the connection closed ({why});"
+                             " dropped", imei=self.imei, why=why)
                 return
-            holder = yield leases.holder(self.imei)
-            owner = instance_of(holder)
-            if holder and owner != asked and owner != self.s.instance:
-                log.info("camera {imei} is held by instance {owner}: asking it to let go",
-                         imei=self.imei, owner=owner)
-                yield leases.request_takeover(self.imei, owner)
-                asked = owner
+            if taken:
+                if self.state is not S.LEASING:  # the connection went away meanwhile
+                    try:
+                        yield leases.release(self.imei, self.lease_token)
+                    except Exception as e:
+                        log.warn("releasing the lease of camera {imei} failed: {e}", imei=self.imei, e=e)
+                    return
+                self.leased = True
+                if told is not None:
+                    log.info("camera {imei}: lease taken after {t:.1f} s", imei=self.imei, t=clock.seconds() - began)
+                self._guard(self._input, "leased")
+                return
+            if self.state is not S.LEASING:
+                return
+            if holder and holder != told:
+                told = holder
+                if owner == self.s.instance:  # (not asked: that would stop this very session)
+                    log.warn("camera {imei} is held by an earlier session of this instance ({holder}: from before"
+                             " a restart, or its release failed): waiting up to {ttl:g} s (storage.lease_ttl)"
+                             " for its lease to expire", imei=self.imei, holder=holder, ttl=ttl)
+                else:
+                    log.info("camera {imei} is held by instance {owner}: asking it to let go; if it is down,"
+                             " waiting up to {ttl:g} s (storage.lease_ttl) for its lease to expire",
+                             imei=self.imei, owner=owner, ttl=ttl)
             if clock.seconds() > deadline:
-                self._guard(self._input, "lease_refused", f"instance {owner or '?'} still holds it")
+                self._guard(self._input, "lease_refused",
+                            f"instance {owner or '?'} still holds it after {clock.seconds() - began:.0f} s"
+                            " (it keeps renewing its lease and did not let go)")
                 return
             yield task.deferLater(clock, 0.2, lambda: None)
 
@@ -397,7 +437,8 @@ class Session(TransferSteps):
         return self._next_file(new_init=True)
 
     def _on_lease_refused(self, why: str) -> State:
-        log.warn("camera {imei} ({peer}): could not take its lease ({why}); closing, it will retry",
+        self.s.failed(self.imei, self.link.peer, "lease", why)
+        log.warn("could not take the lease of camera {imei} ({peer}): {why}; closing (the camera will retry)",
                  imei=self.imei, peer=self.link.peer, why=why)
         return self._close()
 
