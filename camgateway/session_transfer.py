@@ -107,16 +107,20 @@ class TransferSteps:
         return self._send_resume(S.AWAIT_SYNC)
 
     def _on_prepare_failed(self, failure: Failure) -> State:
+        # The connection is dropped with no CLOSE: CLOSE after START would end the file for the camera.
         if failure.check(Refused):  # a refusal with a reason (disk low...)
             self.s.health.failing(SPOOL, str(failure.value))
-            log.warn("camera {imei}: {why}; closing", imei=self.imei, why=failure.value)
-            return self._close()
+            log.warn("camera {imei}: {why}; dropping the connection without CLOSE (the camera keeps {id})",
+                     imei=self.imei, why=failure.value, id=self.offer.printable)  # type: ignore[union-attr]
+            return self._drop()
         if failure.check(OSError):
             self.s.health.failing(SPOOL, f"cannot open spool files: {failure.getErrorMessage()}")
         else:
             self.s.health.failing(STORE, f"cannot look up partial transfers: {failure.getErrorMessage()}")
-        log.failure("camera {imei}: cannot open a transfer; closing", failure, imei=self.imei)
-        return self._close()
+        log.failure("camera {imei}: cannot open a transfer for {id}; dropping the connection without CLOSE"
+                    " (the camera keeps the file)", failure, imei=self.imei,
+                    id=self.offer.printable)  # type: ignore[union-attr]
+        return self._drop()
 
     # -- SYNC, DATA, errors
 
@@ -216,7 +220,10 @@ class TransferSteps:
                 self.state = S.CLOSED
 
     def _on_store_failed(self, failure: Failure) -> State:
-        # No CLOSE and no REPEAT INIT: either would tell the camera the file was taken.
+        return self._drop()
+
+    def _drop(self) -> State:
+        """End the connection with no CLOSE and no REPEAT INIT: either would tell the camera the file was taken."""
         self._disarm()
         self.connected = False
         if self.decoder is not None:

@@ -171,3 +171,22 @@ class JournalTests(TestCase):
         doc = json.loads(body)
         self.assertEqual(doc["status"], "degraded")
         self.assertIn("Connection refused", doc["problems"]["store"])
+
+
+class RefusalTests(TestCase):
+    """A file the gateway cannot take is never ended for the camera with CLOSE."""
+
+    def test_a_full_spool_drops_the_connection_without_close(self) -> None:
+        root = Path(self.mktemp())
+        root.mkdir()
+        s = make_services(root, metadata=False)
+        import dataclasses
+
+        s.config = dataclasses.replace(s.config, min_free_bytes=10**18)  # "the disk is full"
+        protocol, transport = connect(s)
+        protocol.dataReceived(codec.init_packet(5, IMEI, PHOTOF))
+        transport.clear()
+        protocol.dataReceived(codec.start(3, 0))
+        self.assertEqual(transport.value(), b"")  # no CLOSE, no RESUME
+        self.assertTrue(transport.disconnecting)
+        self.assertIn("min_free_bytes", s.health.problem(SPOOL))
