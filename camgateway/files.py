@@ -302,15 +302,19 @@ def release_transfer(s: "Services", transfer: Transfer) -> defer.Deferred:
 def drop_transfer(s: "Services", transfer: Transfer) -> defer.Deferred:
     """A transfer opened for a file that is over before it was used: give it up.
 
-    A new spool file that nothing was written to and no record names is
-    removed; anything else (a resumed partial) is released as a lost
-    connection's would be (:func:`release_transfer`), so what it held stays
-    resumable.
+    A transfer that holds nothing is removed, record and spool file;
+    anything else (a resumed partial) is released as a lost connection's
+    would be (:func:`release_transfer`), so what it held stays resumable.
     """
-    if transfer.recorded or transfer.held or _has_unwritten(transfer):
+    if transfer.held or _has_unwritten(transfer):
         return release_transfer(s, transfer)
     transfer.close()
-    return s.run_in_thread(s.spool.unlink, transfer.partial.spool_name)
+    partial = transfer.partial
+    d = s.store.remove(partial.id) if transfer.recorded else defer.succeed(None)
+    d.addCallback(lambda _: s.run_in_thread(s.spool.unlink, partial.spool_name))
+    if partial.key not in s.finishing:  # a new offer of the same file waits for the removal
+        _finishing(s, partial.key, after(d))
+    return d
 
 
 def _finishing(s: "Services", key: tuple[str, str, bytes], d: defer.Deferred) -> None:

@@ -136,6 +136,9 @@ class Session(TransferSteps):
         self.lease_token: Optional[str] = None
         self.leased = False
         self._opening: defer.Deferred = defer.succeed(None)
+        #: Within the read that brought START, and an open that completed in it (see batch_end).
+        self._reading_start = False
+        self._opened_in_read: Optional[tuple[Transfer, FileOffer]] = None
         self._after: Optional[Callable[[], None]] = None
         #: The camera's socket is paused until a write is over.
         self._paused = False
@@ -148,6 +151,8 @@ class Session(TransferSteps):
     # -- the table
 
     def _input(self, name: str, *args: Any) -> None:
+        if self._opened_in_read is not None and name != "status":
+            self._end_start_read()  # the open comes first; only a STATUS in the same read gives the file up
         old = self.state
         row = TRANSITIONS.get((old, name))
         if row is None:
@@ -211,6 +216,7 @@ class Session(TransferSteps):
         self._input("metadata", payload)
 
     def start(self, total: int, crc: int) -> None:
+        self._reading_start = True  # (until batch_end: see TransferSteps._prepared)
         self._input("start", total, crc)
 
     def sync(self, position: int) -> None:
@@ -242,6 +248,8 @@ class Session(TransferSteps):
 
     def batch_end(self) -> None:
         """Once per read: hand what was received to a writer, checkpoint now and then, pace slow reads."""
+        if self._reading_start:
+            self._end_start_read()
         transfer = self.transfer
         if transfer is not None:
             if transfer.pending:
@@ -253,6 +261,13 @@ class Session(TransferSteps):
                            transfer.done_at - held - self.decoder.buffered)  # type: ignore[union-attr]
                 if reads.mark != 1:  # held (the one comparison a fast camera's read pays)
                     self._file_mark()
+
+    def _end_start_read(self) -> None:
+        """The read that brought START is over: apply an open that completed within it."""
+        self._reading_start = False
+        opened, self._opened_in_read = self._opened_in_read, None
+        if opened is not None:
+            self._prepared(*opened)
 
     def _write(self, transfer: Transfer) -> None:
         """The write policy (see :mod:`camgateway.transfer`): batch, bound, pause."""
@@ -606,6 +621,8 @@ class Session(TransferSteps):
         if self.s.sessions.get(self.imei) is self:
             del self.s.sessions[self.imei]
         d = self._opening  # an open in flight releases its transfer itself
+        if self._opened_in_read is not None:  # (the read ended in an error: no batch_end)
+            self._end_start_read()
         transfer, self.transfer = self.transfer, None
         if transfer is not None:
             log.info("camera {imei}: connection lost during {id} at {held} of {total} bytes; partial kept",

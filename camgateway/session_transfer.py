@@ -38,6 +38,8 @@ class TransferSteps:
     offer: Optional[FileOffer]
     transfer: Optional[Transfer]
     state: State
+    _reading_start: bool
+    _opened_in_read: Optional[tuple[Transfer, FileOffer]]
 
     # -- START, opening the transfer
 
@@ -75,6 +77,12 @@ class TransferSteps:
         return self.state is state and self.offer is offer
 
     def _prepared(self, transfer: Transfer, offer: FileOffer) -> Optional[defer.Deferred]:
+        if self._reading_start:
+            # Opened within the read that brought START: the RESUME waits for
+            # the end of that read, where a STATUS in the same read gives the
+            # file up first (batch_end applies this).
+            self._opened_in_read = (transfer, offer)
+            return None
         if not self._owns(offer, S.PREPARING):  # the file was given up, or the connection went away
             log.info("camera {imei}: {id} was opened after it was given up; its transfer is released",
                      imei=self.imei, id=offer.printable)

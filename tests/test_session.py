@@ -166,6 +166,23 @@ class DualCamFlowTests(SessionTestCase):
         [partial] = self.services.store.partials.values()
         self.assertEqual(partial.held, 2048)  # the two good packets are kept
 
+    def test_status_in_the_same_read_as_start_gets_no_resume(self) -> None:
+        """A DualCam gives a file up with START and STATUS in one write: no RESUME, nothing kept."""
+        self.gateway(metadata=False)
+        photo = b"\xff\xd8" + os.urandom(3000)
+        self.feed(codec.init_packet(5, IMEI, VIDEOR | PHOTOF))
+        self.assertEqual(self.sent(), codec.file_request(b"%videor"))
+        self.feed(codec.start(9, 0), codec.status(6))  # the open completes within this read
+        self.assertEqual(self.sent(), codec.file_request(b"%photof"))
+        self.assertEqual(self.services.store.partials, {})
+        self.assertEqual(self.services.spool.names(), set())
+        self.feed(codec.start(3, 0))
+        self.assertEqual(self.sent(), codec.resume(1))
+        self.feed(codec.sync(1), *data_frames(photo))
+        self.assertEqual(self.sent(), codec.repeat_init())
+        [stored] = stored_files(self.root)
+        self.assertEqual(stored.read_bytes(), photo)
+
     def test_status_instead_of_start(self) -> None:
         self.gateway(metadata=False)
         self.feed(codec.init_packet(5, IMEI, PHOTOF | PHOTOR))
