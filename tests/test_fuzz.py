@@ -2,16 +2,21 @@
 
 No exception escapes the codec or a session (a logged failure fails a trial
 test, so internal errors are caught too), nothing is written outside the spool
-and the files root, and a good camera's transfer survives garbage on other
-connections.
+and the files root, every stored file holds bytes the camera sent (exactly the
+file's content when its transfer was not tampered with), and a good camera's
+transfer survives garbage on other connections.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
+from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.trial.unittest import TestCase
@@ -117,10 +122,20 @@ inits = st.builds(codec.init_packet, st.integers(0, 10), st.just(IMEI),
 
 
 def valid_script(flow: str, content: bytes, path: bytes) -> list[bytes]:
-    """What a well-behaved camera sends for one file (metadata answered)."""
+    """What a well-behaved camera sends for one file (metadata answered).
+
+    ``given_up``: a DualCam that first answers the FILE REQUEST of its rear
+    video with START and STATUS 6 in one write (it gives the video up), then
+    sends ``content`` as its front photo.
+    """
+    packets = (len(content) + 1023) // 1024
     if flow == "dualcam":
         head = [codec.init_packet(5, IMEI, 0x44000400), codec.metadata(b"\x03" + bytes(31)),
-                codec.start((len(content) + 1023) // 1024, 0), codec.sync(1)]
+                codec.start(packets, 0), codec.sync(1)]
+    elif flow == "given_up":
+        head = [codec.init_packet(5, IMEI, 0x64000400), codec.metadata(b"\x03" + bytes(31)),
+                codec.start(packets + 2, 0) + codec.status(6), codec.metadata(b"\x03" + bytes(31)),
+                codec.start(packets, 0), codec.sync(1)]
     else:
         head = [codec.init_packet(5, IMEI, 0x42000400), codec.path(path), codec.metadata(bytes(26)),
                 codec.start(len(content), crc16(content)), codec.sync(0)]
@@ -129,6 +144,54 @@ def valid_script(flow: str, content: bytes, path: bytes) -> list[bytes]:
         crc = crc16(content[i : i + 1024], crc)
         head.append(codec.data(content[i : i + 1024], crc))
     return head + [codec.init_packet(5, IMEI, 0x40000400)]
+
+
+def payloads_in(stream: bytes) -> list[bytes]:
+    """Every run of ``stream`` a decoder could take for a DATA or ENHANCED DATA payload,
+    however it framed the stream (after garbage, a bit flip, a discard): the
+    bytes behind each ``00 04`` or ``00 0E`` that a length field covers."""
+    out = []
+    for cmd, skip in ((b"\x00\x04", 0), (b"\x00\x0e", 4)):
+        i = stream.find(cmd)
+        while i >= 0:
+            length = int.from_bytes(stream[i + 2 : i + 4], "big")
+            if length > skip + 2 and i + 4 + length <= len(stream):
+                out.append(stream[i + 4 + skip : i + 4 + length - 2])
+            i = stream.find(cmd, i + 1)
+    return out
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def made_of(data: bytes, flow: str, payloads: list[bytes]) -> bool:
+    """Whether a stored file can be built from ``payloads`` as the gateway builds files.
+
+    DualCam: whole packets of 1024 bytes (the last may be shorter), each one
+    payload, since a SYNC rewinds to a packet boundary. Path flow: a SYNC
+    rewinds to any byte, so the file is a run of payload prefixes.
+    """
+    if flow == "dualcam":
+        whole = set(payloads)
+        return all(data[i : i + 1024] in whole for i in range(0, len(data), 1024))
+    starting: dict[int, list[bytes]] = defaultdict(list)
+    for payload in payloads:
+        starting[payload[0]].append(payload)
+    reach = 0  # every byte before this is covered
+    for i in range(len(data)):
+        if i > reach:
+            return False
+        for payload in starting.get(data[i], ()):
+            reach = max(reach, i + _common_prefix(payload, data[i : i + len(payload)]))
+    return reach >= len(data)
 
 
 mutation = st.tuples(st.integers(0, 100), st.sampled_from(["drop", "dup", "insert", "flip", "swap"]),
@@ -159,8 +222,12 @@ def mutate(script: list[bytes], mutations: list[tuple[int, str, bytes, int]]) ->
 class SessionFuzzTests(TestCase):
     """Sessions take any frames in any order, on any segmentation, with time passing."""
 
-    def play(self, mode: str, script: list[tuple[bytes, int, float]]) -> None:
-        """Feed ``script`` (frame, pieces, seconds after) to one session; check the filesystem."""
+    def play(self, mode: str, script: list[tuple[bytes, int, float]], content: Optional[bytes] = None) -> None:
+        """Feed ``script`` (frame, pieces, seconds after) to one session; check the filesystem.
+
+        Every stored file must be made of payloads the script sent, and, when
+        ``content`` is given (a transfer nobody tampered with), be exactly it.
+        """
         root = Path(tempfile.mkdtemp())
         try:
             services = make_services(root, mode=mode, metadata_timeout=5.0, step_timeout=30.0)
@@ -174,8 +241,16 @@ class SessionFuzzTests(TestCase):
             for path in root.rglob("*"):
                 rel = path.relative_to(root)
                 self.assertIn(rel.parts[0], ("files", "spool"), path)
+            payloads = payloads_in(b"".join(frame for frame, _, _ in script))
             for stored in stored_files(root):
                 self.assertTrue(stored.resolve().is_relative_to((root / "files").resolve()))
+                data = stored.read_bytes()
+                sidecar = json.loads(stored.with_name(stored.name + ".json").read_text())
+                self.assertEqual((sidecar["size"], sidecar["sha256"]), (len(data), hashlib.sha256(data).hexdigest()))
+                self.assertTrue(made_of(data, sidecar["flow"], payloads),
+                                f"{stored.name}: {len(data)} bytes that the camera never sent")
+                if content is not None:
+                    self.assertEqual(data, content, stored.name)
         finally:
             shutil.rmtree(root)
 
@@ -186,15 +261,16 @@ class SessionFuzzTests(TestCase):
         self.play(mode, [(init, 0, 0.0)] + script)
 
     @FUZZ
-    @given(st.sampled_from(["dualcam", "path"]), st.binary(min_size=1, max_size=4000), paths,
+    @given(st.sampled_from(["dualcam", "path", "given_up"]), st.binary(min_size=1, max_size=4000), paths,
            st.lists(mutation, max_size=6), st.lists(st.integers(0, 3), min_size=1),
            st.lists(st.sampled_from([0.0, 0.0, 0.0, 3.0, 6.0, 40.0]), min_size=1),
            st.sampled_from(["auto", "dualcam", "dsm", "adas"]))
     def test_mutated_transfers(self, flow: str, content: bytes, path: bytes, mutations: list, pieces: list[int],
                                advances: list[float], mode: str) -> None:
-        script = mutate(valid_script(flow, content, path[:512] or b"\0"), mutations)
+        valid = valid_script(flow, content, path[:512] or b"\0")
+        script = mutate(valid, mutations)
         self.play(mode, [(frame, pieces[i % len(pieces)], advances[i % len(advances)])
-                         for i, frame in enumerate(script)])
+                         for i, frame in enumerate(script)], content if script == valid else None)
 
     @FUZZ
     @given(st.lists(st.tuples(st.integers(0, 2), st.binary(min_size=1, max_size=200)), max_size=30),

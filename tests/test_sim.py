@@ -22,6 +22,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -493,6 +494,10 @@ class ContentTests(unittest.TestCase):
         self.assertRaises(ValueError, CameraSpec, IMEI, "dsm", (photo("photof"),))
         self.assertRaises(ValueError, CameraSpec, IMEI, "dualcam", (photo("photof"),), protocol_id=6)
         self.assertRaises(ValueError, CameraSpec, IMEI, "dsm", (), enhanced_data=True)
+        self.assertRaises(ValueError, CameraSpec, IMEI, status_instead_of_start={"videor"},
+                          status_after_start={"videor"})
+        self.assertRaises(ValueError, CameraSpec, IMEI, status_after_start={"videor"}, status_after_start_code=0)
+        self.assertEqual(CameraSpec(IMEI, status_after_start=["videor"]).status_after_start, frozenset({"videor"}))
 
 
 class FramePlanTests(unittest.TestCase):
@@ -748,6 +753,58 @@ class FaultTests(unittest.TestCase):
         h.send(codec.repeat_init())
         self.assertEqual(settings_of(h.take()[0][1]), BASE_BITS | 0x10000000)
         self.assertEqual((h.camera.result.refused, h.camera.result.errors), (["photof"], []))
+
+    def test_status_after_start(self) -> None:
+        video, still = photo("videor", 3000, 2), photo("photof", 2500, 3)
+        h = Harness(CameraSpec(IMEI, files=(video, still), status_after_start=frozenset({"videor"})))
+        h.take()
+        h.transport.writes.clear()
+        h.send(codec.file_request(b"%videor"))
+        # START and STATUS 6 leave in one write, as the real DualCam sent them.
+        self.assertEqual(h.transport.writes, [codec.start(3, 0) + codec.status(6)])
+        self.assertEqual(h.take(), [(codec.Cmd.START, struct.pack(">IH", 3, 0)), (codec.Cmd.STATUS, _u32.pack(6))])
+        h.send(codec.resume(1))  # a gateway that answered the START before it read the STATUS
+        h.pump()
+        self.assertEqual(h.take(), [])
+        h.send(codec.file_request(b"%photof") + codec.resume(1))  # the camera goes on with the next file
+        h.pump()
+        frames = h.take()
+        self.assertEqual(frames[:2], [(codec.Cmd.START, struct.pack(">IH", 3, 0)), (codec.Cmd.SYNC, _u32.pack(1))])
+        check_data_run(frames[2:], still.content, 0)
+        h.send(codec.repeat_init())
+        self.assertEqual(settings_of(h.take()[0][1]), BASE_BITS)  # the video is not offered again
+        r = h.camera.result
+        self.assertEqual((r.given_up, r.delivered, r.refused, r.starts, r.errors),
+                         (["videor"], [("photof", 2500)], [], 2, []))
+        h.send(codec.close())
+        self.assertTrue(r.ok)
+
+    def test_status_after_start_path_flow_and_code(self) -> None:
+        f = photo("/sdcard/dsm/video_1730288144_0.mp4", 2500)
+        h = Harness(CameraSpec(IMEI, "dsm", (f,), status_after_start=frozenset({f.identifier}),
+                               status_after_start_code=13))
+        h.take()
+        h.send(codec.path_request())
+        h.take()
+        h.transport.writes.clear()
+        h.send(codec.file_request(f.wire_path))
+        self.assertEqual(h.transport.writes, [codec.start(2500, crc16(f.content)) + codec.status(13)])
+        h.take()
+        h.send(codec.repeat_init())
+        self.assertEqual(settings_of(h.take()[0][1]), BASE_BITS)
+        h.lose()
+        h.connect()  # the next connection: the given-up file is not offered again
+        self.assertEqual(settings_of(h.take()[0][1]), BASE_BITS)
+        self.assertEqual((h.camera.result.given_up, h.camera.result.pending, h.camera.result.errors),
+                         ([f.identifier], [], []))
+
+    def test_a_resume_after_the_next_request_is_for_the_next_file(self) -> None:
+        h = Harness(CameraSpec(IMEI, files=(photo("videor"), photo("photof")),
+                               status_after_start=frozenset({"videor"})))
+        h.send(codec.file_request(b"%videor") + codec.repeat_init())
+        h.take()
+        h.send(codec.resume(1))  # the file was given up and a new init sent: nothing to resume
+        self.assertEqual(len(h.camera.result.errors), 1)
 
     def test_tiny_segments(self) -> None:
         f = photo("photof", 2100)
@@ -1079,6 +1136,22 @@ class LoopbackTests(LoopbackMixin, unittest.TestCase):
         self.assertEqual((gateway.garbage_seen, results[1].closed_by_peer), (1, 1))
 
     @defer.inlineCallbacks
+    def test_status_after_start(self) -> Any:
+        gateway = self.start_gateway(metadata=False)
+        files = (photo("videor", 9000, 1), photo("photof", 3000, 2))
+        specs = [CameraSpec(IMEI + n, "dualcam", files, status_after_start=frozenset({"videor"}),
+                            status_after_start_code=6) for n in range(3)]
+        results = yield self.run_sim(specs)
+        self.assertTrue(all(r.ok for r in results), [r.errors for r in results])
+        self.assertEqual(gateway.errors, [])
+        self.assertEqual(sorted(gateway.statuses), [(IMEI + n, "videor", 6) for n in range(3)])
+        for spec, result in zip(specs, results):
+            self.assertEqual(gateway.stored_by_name(spec.imei), {"photof": files[1].content})
+            self.assertEqual((result.given_up, result.delivered, result.connections),
+                             (["videor"], [("photof", 3000)], 1))
+            self.assertEqual(result.resumes, [1, 1])  # the fake gateway's answer to the video's START, ignored
+
+    @defer.inlineCallbacks
     def test_complete_ends_session_and_camera_reconnects(self) -> Any:
         gateway = self.start_gateway(finish_with="complete")
         files = tuple(photo(f"/sdcard/dashcam/{i}.mp4", 3000, i) for i in range(3))
@@ -1162,6 +1235,30 @@ class CommandLineTests(LoopbackMixin, unittest.TestCase):
         self.assertIn(b"4 bad CRCs", out)
         self.assertEqual((len(gateway.stored), gateway.garbage_seen, gateway.errors), (8, 1, []))
         self.assertEqual(len(json.loads(out[out.index(b"\n["):])), 5)
+
+    @defer.inlineCallbacks
+    def test_status_after_start(self) -> Any:
+        gateway = self.start_gateway(metadata=False)
+        out, err, code = yield self.sim("--cameras", "2", "--photos", "1", "--videos", "1", "--photo-size", "3K",
+                                        "--video-size", "5K", "--status-after-start", "videof",
+                                        "--status-after-start-code", "9", "--seed", "3", "-q")
+        self.assertEqual(code, 0, out + err)
+        self.assertIn(b"files: 2/4 delivered, 0 refused, 2 given up, 0 pending", out)
+        self.assertEqual(sorted((name, status) for _, name, status in gateway.statuses), [("videof", 9)] * 2)
+        self.assertEqual(sorted(name for _, name, _ in gateway.stored), ["photof", "photof"])
+
+    def test_status_after_start_options(self) -> None:
+        from camgateway.sim.cli import Options, build_specs
+
+        options = Options()
+        options.parseOptions(["--cameras", "3", "--photos", "2", "--videos", "1", "--photo-size", "1K",
+                              "--video-size", "2K", "--status-after-start", "videof,1", "--faulty", "2"])
+        specs = build_specs(options)
+        self.assertEqual([s.status_after_start for s in specs],
+                         [frozenset({"videof", "photor"})] * 2 + [frozenset()])
+        self.assertEqual({s.status_after_start_code for s in specs}, {6})
+        with self.assertRaises(usage.UsageError):
+            Options().parseOptions(["--status-after-start", "videof", "--status-after-start-code", "0"])
 
     @defer.inlineCallbacks
     def test_failure_exits_non_zero(self) -> Any:

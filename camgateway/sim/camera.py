@@ -81,6 +81,12 @@ class Camera:
             self.pending.remove(index)
             self.result.refused.append(self.spec.files[index].identifier)
 
+    def gave_up(self, index: int) -> None:
+        """The camera sent START then STATUS for this file: it is dropped, as on a real device."""
+        if index in self.pending:
+            self.pending.remove(index)
+            self.result.given_up.append(self.spec.files[index].identifier)
+
     def finish(self, now: float) -> CameraResult:
         """Close the record: list what is still pending."""
         self.result.pending = [self.spec.files[i].identifier for i in self.pending]
@@ -92,6 +98,10 @@ class Camera:
     def status_fault(self, index: int) -> bool:
         """Whether to answer STATUS 0x11 instead of START for this file."""
         return self.spec.files[index].identifier in self.spec.status_instead_of_start
+
+    def status_after_start_fault(self, index: int) -> bool:
+        """Whether to follow START with STATUS for this file (the file is then given up)."""
+        return self.spec.files[index].identifier in self.spec.status_after_start
 
     def take_bad_crc(self, index: int, frame: int) -> bool:
         """Whether frame ``frame`` of file ``index`` gets a wrong CRC now."""

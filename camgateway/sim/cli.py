@@ -5,6 +5,7 @@ Examples::
     camgateway-sim --connect tcp:host=127.0.0.1:port=5000 --cameras 50 --kind mixed
     camgateway-sim --connect tls:host=gw.example.com:port=5001 --kind dsm --videos 2 --video-size 5M
     camgateway-sim --cameras 20 --drop-after 10 --bad-crc 3,40 --faulty 5
+    camgateway-sim --cameras 100 --photos 1 --videos 1 --status-after-start videor
 
 Exits 0 when every camera delivered all its files (a ``--garbage`` camera:
 when the gateway closed its connection), 1 otherwise, 2 on bad options.
@@ -29,7 +30,7 @@ from twisted.internet.task import react
 from twisted.python import usage
 
 from camgateway.sim.content import DEFAULT_TIMESTAMP, ContentPool, files_from_dir, make_files, parse_size
-from camgateway.sim.model import KINDS, CameraSpec, SimFile
+from camgateway.sim.model import KINDS, STATUS_INVALID_RESUME, CameraSpec, SimFile
 from camgateway.sim.result import CameraResult
 from camgateway.sim.runner import run_cameras
 
@@ -69,6 +70,12 @@ class Options(usage.Options):
         ["status-for", None, None,
          "Fault: answer STATUS 0x11 instead of START for these files: DualCam sources, "
          "paths, or 0-based file numbers, comma-separated."],
+        ["status-after-start", None, None,
+         "Fault: answer START and, in the same write, STATUS (--status-after-start-code) for these "
+         "files (as --status-for), then give them up and go on with the next, as a real DualCam did."],
+        ["status-after-start-code", None, STATUS_INVALID_RESUME,
+         "The STATUS code sent after START by --status-after-start (default 6, invalid response to resume).",
+         int],
         ["faulty", None, None, "Apply the faults to the first N cameras only (default all).", int],
         ["garbage", None, 0, "Fault: add N cameras that send random bytes instead of an init.", int],
     ]
@@ -92,6 +99,8 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{key} must not be negative")
         if self["max-connections"] < 1:
             raise usage.UsageError("--max-connections must be at least 1")
+        if not 0 < self["status-after-start-code"] <= 0xFFFFFFFF:
+            raise usage.UsageError("--status-after-start-code must be 1..4294967295 (0 is success: it ends no file)")
         if self["enhanced-data"] and self["protocol-id"] < 6:
             raise usage.UsageError("--enhanced-data needs --protocol-id 6 or more")
         try:
@@ -158,6 +167,9 @@ def build_specs(options: Options) -> list[CameraSpec]:
                 slow_bps=options["slow"] if faulty else None,
                 segment_sizes=(1, 7) if faulty and options["tiny-segments"] else None,
                 status_instead_of_start=_status_identifiers(options["status-for"], files) if faulty else frozenset(),
+                status_after_start=(_status_identifiers(options["status-after-start"], files) if faulty
+                                    else frozenset()),
+                status_after_start_code=options["status-after-start-code"],
             )
         )
     for extra in range(options["garbage"]):
@@ -172,6 +184,7 @@ def summarize(results: Sequence[CameraResult], elapsed: float) -> str:
     total = sum(r.files_total for r in results)
     delivered = sum(len(r.delivered) for r in results)
     refused = sum(len(r.refused) for r in results)
+    given_up = sum(len(r.given_up) for r in results)
     pending = sum(len(r.pending) for r in results)
     sent = sum(r.bytes_sent for r in results)
     data = sum(r.data_bytes_sent for r in results)
@@ -180,7 +193,7 @@ def summarize(results: Sequence[CameraResult], elapsed: float) -> str:
     rate = data / elapsed / 1e6 if elapsed > 0 else 0.0
     lines = [
         f"cameras: {len(results)} ({len(results) - len(failed)} ok, {len(failed)} failed) in {elapsed:.2f} s",
-        f"files: {delivered}/{total} delivered, {refused} refused, {pending} pending",
+        f"files: {delivered}/{total} delivered, {refused} refused, {given_up} given up, {pending} pending",
         f"sent: {sent / 1e6:.2f} MB ({data / 1e6:.2f} MB file data), {rate:.2f} MB/s",
         f"connections: {connections} ({sum(r.connect_failures for r in results)} failed to connect, "
         f"{sum(r.closed_by_peer for r in results)} closed by the gateway), "

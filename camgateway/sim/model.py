@@ -18,6 +18,7 @@ __all__ = [
     "PATH_FILE_BIT",
     "ALWAYS_SET_BITS",
     "KINDS",
+    "STATUS_INVALID_RESUME",
     "SimFile",
     "CameraSpec",
 ]
@@ -41,6 +42,10 @@ PATH_FILE_BIT = 0x02000000
 
 #: Bits 30 and 10, which real devices always set.
 ALWAYS_SET_BITS = 0x40000400
+
+#: Device STATUS 6, "invalid response to resume" (PROTOCOL.md section 7): what a
+#: real DualCam sent right after START when it gave a file up.
+STATUS_INVALID_RESUME = 6
 
 #: The camera kinds the emulator plays.
 KINDS: tuple[str, ...] = ("dualcam", "dsm", "adas", "dashcam")
@@ -104,6 +109,13 @@ class CameraSpec:
       ``lo..hi`` bytes sent ``segment_delay`` seconds apart (TCP_NODELAY on).
     * ``status_instead_of_start``: identifiers (DualCam source or path)
       answered with STATUS 0x11 instead of START; the file is then dropped.
+    * ``status_after_start``: identifiers answered with START and, in the
+      same TCP write, STATUS ``status_after_start_code`` (default 6,
+      "invalid response to resume"), as a real DualCam did; the camera
+      gives the file up (it is not offered again, and not expected to be
+      stored) and goes on with the next FILE REQUEST. A RESUME that reaches
+      the camera before that request (a gateway that answered the START
+      before reading the STATUS) is ignored.
     * ``garbage``: send random bytes instead of an init and wait for the
       gateway to close the connection.
 
@@ -123,6 +135,8 @@ class CameraSpec:
     segment_sizes: Optional[tuple[int, int]] = None
     segment_delay: float = 0.0005
     status_instead_of_start: frozenset[str] = frozenset()
+    status_after_start: frozenset[str] = frozenset()
+    status_after_start_code: int = STATUS_INVALID_RESUME
     garbage: bool = False
 
     def __post_init__(self) -> None:
@@ -130,6 +144,7 @@ class CameraSpec:
         object.__setattr__(self, "files", tuple(self.files))
         object.__setattr__(self, "bad_crc_frames", frozenset(self.bad_crc_frames))
         object.__setattr__(self, "status_instead_of_start", frozenset(self.status_instead_of_start))
+        object.__setattr__(self, "status_after_start", frozenset(self.status_after_start))
         if not 0 <= self.imei < 1 << 64:
             raise ValueError(f"IMEI {self.imei} does not fit in 64 bits")
         if self.kind not in KINDS:
@@ -156,3 +171,9 @@ class CameraSpec:
                 raise ValueError(f"segment_sizes must be (lo, hi) with 1 <= lo <= hi, not {self.segment_sizes}")
         if any(i < 0 for i in self.bad_crc_frames):
             raise ValueError("bad_crc_frames must be frame indexes >= 0")
+        both = self.status_instead_of_start & self.status_after_start
+        if both:
+            raise ValueError(f"{', '.join(sorted(both))}: in both status_instead_of_start and status_after_start")
+        if not 0 < self.status_after_start_code <= 0xFFFFFFFF:
+            # STATUS 0 is "success": it would not end the file (PROTOCOL.md section 7).
+            raise ValueError(f"status_after_start_code must be 1..0xFFFFFFFF, not {self.status_after_start_code}")

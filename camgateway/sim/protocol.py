@@ -12,9 +12,11 @@ METADATA REQ 0x0A   METADATA 0x0B of the named DualCam source or of the path
                     last offered; nothing if the firmware never answers
 FILE REQUEST 0x08   finish the current file; START (DualCam: packet count,
                     crc 0; path: size, crc16 of the file); STATUS 0x11 if
-                    the file is unknown or a fault says so
+                    the file is unknown or a fault says so; START and STATUS
+                    in one write if a fault says so (the file is given up)
 RESUME 0x02         SYNC to the position (DualCam 0 → 1; beyond the file →
-                    the start) and stream DATA from it, CRC chain from 0
+                    the start) and stream DATA from it, CRC chain from 0;
+                    ignored right after a file was given up
 REPEAT INIT 00 09   finish the current file; a fresh init with what is left
 CLOSE / COMPLETE    finish the current file; disconnect
 ==================  ==========================================================
@@ -96,6 +98,8 @@ class CameraProtocol(Protocol):
         self._decoder = ServerFrameDecoder()
         self._transfer: Optional[_Transfer] = None
         self._offered: Optional[int] = None
+        #: The file just given up (START then STATUS), until the next request.
+        self._given_up: Optional[int] = None
         self._ending = False
         self._idle: Optional[IDelayedCall] = None
         self._handlers: dict[int, Callable[[bytes], None]] = {
@@ -178,6 +182,7 @@ class CameraProtocol(Protocol):
 
     def _on_path_request(self, payload: bytes) -> None:
         self._finish_current()
+        self._given_up = None
         index = self.camera.next_path()
         self._offered = index
         self._send(codec.path(b"\0" if index is None else self.camera.file(index).wire_path))
@@ -206,6 +211,7 @@ class CameraProtocol(Protocol):
 
     def _on_file_request(self, payload: bytes) -> None:
         self._finish_current()
+        self._given_up = None
         name = payload.decode("utf-8", "replace")
         dualcam = len(name) == 7 and name.startswith("%") and name[1:] in SOURCE_BITS
         identifier = name[1:] if dualcam else name[:-1] if name.endswith("\0") else name
@@ -219,17 +225,23 @@ class CameraProtocol(Protocol):
             self._send(codec.status(STATUS_FILE_NOT_AVAILABLE))
             return
         plan = self.plans.get(self.camera.file(index).content)
-        self._transfer = _Transfer(index, plan, dualcam)
         self.camera.result.starts += 1
-        if dualcam:
-            self._send(codec.start(plan.count, 0))
-        else:
-            self._send(codec.start(plan.size, plan.file_crc))
+        start = codec.start(plan.count, 0) if dualcam else codec.start(plan.size, plan.file_crc)
+        if self.camera.status_after_start_fault(index):
+            # As a real DualCam did: START, then in the same write a STATUS that gives the file up.
+            self.camera.gave_up(index)
+            self._given_up = index
+            self._send(start + codec.status(self.camera.spec.status_after_start_code))
+            return
+        self._transfer = _Transfer(index, plan, dualcam)
+        self._send(start)
 
     def _on_resume(self, payload: bytes) -> None:
         position = _u32.unpack(payload)[0] if len(payload) == 4 else -1
         self.camera.result.resumes.append(position)
         transfer = self._transfer
+        if transfer is None and self._given_up is not None and position >= 0:
+            return  # the gateway answered the START before it read the STATUS
         if transfer is None or position < 0:
             self._error(f"RESUME {payload.hex()} with no file requested" if transfer is None
                         else f"RESUME with a {len(payload)}-byte payload")
@@ -309,6 +321,7 @@ class CameraProtocol(Protocol):
     def _send_init(self) -> None:
         spec = self.camera.spec
         self._offered = None
+        self._given_up = None
         self._send(codec.init_packet(spec.protocol_id, spec.imei, self.camera.settings()))
 
     def _garbage(self) -> bytes:

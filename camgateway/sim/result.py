@@ -20,6 +20,9 @@ class CameraResult:
     delivered: list[tuple[str, int]] = field(default_factory=list)
     #: Identifiers answered with STATUS 0x11 instead of START (a fault).
     refused: list[str] = field(default_factory=list)
+    #: Identifiers answered with START then, in the same write, STATUS (a fault):
+    #: the camera gave them up, so they are neither delivered nor pending.
+    given_up: list[str] = field(default_factory=list)
     #: Identifiers still held when the camera stopped.
     pending: list[str] = field(default_factory=list)
     #: Every RESUME position received, in order.
@@ -63,7 +66,7 @@ class CameraResult:
     def ok(self) -> bool:
         """The camera did what it came for.
 
-        A normal camera delivered (or, by fault, refused) every file without
+        A normal camera delivered (or, by fault, refused or gave up) every file without
         errors; a garbage camera saw the gateway close the connection (or
         send CLOSE).
         """
