@@ -84,6 +84,7 @@ class HeldStore:
     """The store's face of :class:`Held`: every statement queued, run when released."""
 
     shared = False
+    unreadable = None  # (a store of this instance's own: every spool file is here)
 
     def __init__(self, held: Held) -> None:
         self._held = held

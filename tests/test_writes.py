@@ -645,7 +645,8 @@ def photo(path: Path) -> ReceivedFile:
     """A received photo whose bytes are at ``path``."""
     return ReceivedFile(
         path=path, imei=str(IMEI), peer="10.0.0.1:1", protocol_id=5, camera="dualcam", flow="dualcam",
-        source="photof", identifier=b"%photof", media="photo", metadata={}, size=path.stat().st_size, sha256="x",
+        source="photof", identifier=b"%photof", media="photo", metadata={}, size=path.stat().st_size,
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
         start_total=1, start_crc=0, computed_crc=0,
         received_at=datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
         capture_time=None, resumed_from=0, crc_errors=0)
