@@ -1,30 +1,41 @@
-"""The ``camgateway`` command: check a configuration, look at the outbox, retry dead letters.
+"""The camgateway command: check a configuration, look at the outbox, retry dead letters.
 
-    camgateway check-config [--config PATH]
-    camgateway outbox [--config PATH]
-    camgateway dead-letters [--config PATH]                 list them
-    camgateway dead-letters --retry ID [ID ...] | --retry-all
+  check-config                        validate the configuration and print it
+  outbox [--json]                     list the files waiting for a sink
+  dead-letters [--json]               list the files a sink refused, with the reasons
+  dead-letters --retry ID [ID ...]    send these again to the sink that refused them
+  dead-letters --retry-all            send every dead letter again
 
-A retried dead letter goes back into the outbox at the sink that refused it;
-a running gateway picks it up within seconds (it polls the outbox).
+A retried dead letter goes back into the outbox for the sink that refused it
+(found by its name), and only that sink: the file went on along the chain
+when it was refused. A running gateway picks it up within seconds (it polls
+the outbox).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from types import SimpleNamespace
+from typing import Any, Optional, Sequence
 
+from camgateway import __version__
 from camgateway.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from camgateway.outbox import OutboxEntry
+from camgateway.outbox import RETRY, OutboxEntry
+from camgateway.progress import iso
 from camgateway.spool import Spool
 
-__all__ = ["main", "dead_letters", "retry_dead_letter"]
+__all__ = ["main", "dead_letters", "retry_dead_letter", "DeadLetterError"]
+
+
+class DeadLetterError(Exception):
+    """A dead letter that cannot be retried as asked (the message says why)."""
 
 
 def _config(path: Optional[str]) -> Config:
@@ -32,8 +43,13 @@ def _config(path: Optional[str]) -> Config:
     return load_config(Path(path) if explicit else DEFAULT_CONFIG_PATH, explicit=explicit)
 
 
+def _time(value: Any) -> Optional[str]:
+    """A dead letter's time as ISO 8601 UTC (older letters hold seconds since the epoch)."""
+    return iso(float(value)) if isinstance(value, (int, float)) else value
+
+
 def dead_letters(spool: Spool) -> list[dict[str, Any]]:
-    """Every dead letter, oldest first."""
+    """Every dead letter, oldest first: its ``dead-letter.json`` and its ``id`` (the folder's name)."""
     out = []
     if spool.dead.is_dir():
         for folder in sorted(spool.dead.iterdir()):
@@ -41,38 +57,91 @@ def dead_letters(spool: Spool) -> list[dict[str, Any]]:
             if info_path.is_file():
                 info = json.loads(info_path.read_text())
                 info["id"] = folder.name
+                info["time"] = _time(info.get("time"))
+                entry = info.get("entry", {})
+                info.setdefault("attempts", entry.get("attempts", 0) + 1)  # (older letters)
+                for key in ("next_attempt", "created"):
+                    if key in entry:
+                        entry[key] = _time(entry[key])
                 out.append(info)
-    return sorted(out, key=lambda i: i.get("time", 0))
+    return sorted(out, key=lambda i: i.get("time") or "")
 
 
-def retry_dead_letter(spool: Spool, store: Any, letter_id: str, now: float) -> Any:
-    """Put a dead letter back into the outbox (returns the store's Deferred)."""
+def _refusing_sink(info: dict[str, Any], names: Optional[Sequence[str]]) -> int:
+    """The index, in the chain configured now, of the sink that refused a dead letter."""
+    index, name = int(info["sink"]), info.get("sink_name")
+    if names is None:
+        return index
+    if name in names:
+        return list(names).index(name)
+    if "attempts" not in info and 0 <= index < len(names):  # written before sinks had names
+        return index
+    raise DeadLetterError(f"refused by sink {name!r}, which the configuration no longer has"
+                          f" (sinks: {', '.join(names)}): give that sink its name again to retry")
+
+
+def retry_dead_letter(spool: Spool, store: Any, letter_id: str, now: float,
+                      names: Optional[Sequence[str]] = None) -> Any:
+    """Put a dead letter back into the outbox for the sink that refused it, only (returns the store's Deferred).
+
+    ``names`` are the configured sinks' names: the refusing sink is found by
+    its name (else by its index). The file keeps its id; the entry's record
+    carries :data:`~camgateway.outbox.RETRY`, so it ends at that sink.
+    """
     folder = spool.dead / letter_id
     info = json.loads((folder / "dead-letter.json").read_text())
-    entry = OutboxEntry(**info["entry"])
+    if not (folder / "file").is_file():
+        raise DeadLetterError(f"its file was lost (no instance had it): only its record is kept in {folder}")
+    index = _refusing_sink(info, names)
+    entry = info["entry"]
+    record = dict(entry["record"])
+    record["id"] = record.get("id") or entry["id"]
+    record[RETRY] = {"sink": index, "sink_name": info.get("sink_name")}
     name = spool.new_name()
     os.link(folder / "file", spool.path(name))
-    entry = OutboxEntry(entry.id, name, int(info["sink"]), 0, now, None, entry.record, entry.created)
-    d = store.enqueue(entry, None)
+    # The same id if this letter is retried again after a crash: the store keeps one entry for it.
+    retry_id = hashlib.blake2b(f"{letter_id}/retry".encode(), digest_size=16).hexdigest()
+    d = store.enqueue(OutboxEntry(retry_id, name, index, 0, now, None, record, now), None)
     d.addCallback(lambda _: shutil.rmtree(folder))
     return d
 
 
-def _when(t: float) -> str:
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+def _when(t: Optional[str]) -> str:
+    """An ISO time, shorter, for the text listings."""
+    if not t:
+        return "-"
+    moment = datetime.datetime.fromisoformat(t.replace("Z", "+00:00"))
+    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _parser() -> argparse.ArgumentParser:
+    summary, _, rest = (__doc__ or "").partition("\n\n")
+    parser = argparse.ArgumentParser(prog="camgateway", usage="%(prog)s [-h] [--version] [--config PATH] COMMAND ...",
+                                     description=summary, epilog="commands:\n" + rest,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    config_help = f"YAML configuration (default {DEFAULT_CONFIG_PATH} if present)"
+    parser.add_argument("--config", metavar="PATH", help=config_help)
+    parser.add_argument("--version", action="version", version=f"camgateway {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS)
+    commands = (("check-config", "validate the configuration and print it"),
+                ("outbox", "list the files waiting for a sink"),
+                ("dead-letters", "list the files a sink refused, or retry them"))
+    made = {}
+    for name, text in commands:
+        made[name] = sub.add_parser(name, help=text, description=text)
+        made[name].add_argument("--config", metavar="PATH", help=config_help, default=argparse.SUPPRESS)
+    for name in ("outbox", "dead-letters"):
+        made[name].add_argument("--json", action="store_true", help="print JSON (a list of objects)")
+    dead = made["dead-letters"]
+    dead.add_argument("--retry", nargs="+", metavar="ID",
+                      help="send these dead letters again to the sink that refused them")
+    dead.add_argument("--retry-all", action="store_true", help="send every dead letter again")
+    return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the ``camgateway`` command."""
-    parser = argparse.ArgumentParser(prog="camgateway", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help=f"YAML configuration (default {DEFAULT_CONFIG_PATH} if present)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("check-config", help="validate the configuration and print it")
-    sub.add_parser("outbox", help="list files waiting for delivery")
-    dead = sub.add_parser("dead-letters", help="list dead letters, or retry them")
-    dead.add_argument("--retry", nargs="+", metavar="ID", help="put these dead letters back into the outbox")
-    dead.add_argument("--retry-all", action="store_true", help="put every dead letter back into the outbox")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     try:
         config = _config(args.config)
     except ConfigError as e:
@@ -88,51 +157,91 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"camgateway: configuration error: {e}", file=sys.stderr)
             return 2
         return 0
+    if not spool.root.is_dir():
+        print(f"camgateway: no spool at {spool.root} (storage.spool of {config.source}): nothing was received"
+              " with this configuration; is --config the gateway's?", file=sys.stderr)
+        return 2
     if args.command == "dead-letters" and not (args.retry or args.retry_all):
         letters = dead_letters(spool)
+        if args.json:
+            print(json.dumps(letters, indent=2))
+            return 0
         for info in letters:
             record = info["entry"]["record"]
             print(f"{info['id']}  {_when(info['time'])}  {info['sink_name']}  camera {record.get('imei')}"
-                  f" {record.get('source')} {record.get('size')} bytes: {info['reason']}")
+                  f" {record.get('source')} {record.get('size')} bytes, {info['attempts']} attempt(s):"
+                  f" {info['reason']}")
         print(f"{len(letters)} dead letter(s) in {spool.dead}")
         return 0
-    return _with_store(args, spool)
+    return _with_store(args, config, spool)
 
 
-def _with_store(args: Any, spool: Spool) -> int:
+def _open_store(config: Config, spool: Spool, reactor: Any) -> Any:
+    """The outbox's store: the spool's SQLite file, or the Redis of several instances."""
+    if config.resume == "sqlite":
+        from camgateway.sqlite_store import SQLiteStore
+
+        return SQLiteStore(spool.store_path, reactor)
+    from camgateway.redis_store import RedisStore
+
+    return RedisStore(config.resume, reactor, instance=f"camgateway-cli-{os.getpid()}",
+                      claim_ttl=config.outbox_claim_ttl)
+
+
+def _with_store(args: Any, config: Config, spool: Spool) -> int:
     from twisted.internet import defer, task
 
-    from camgateway.sqlite_store import SQLiteStore
+    from camgateway.sinks.registry import sink_names
+    from camgateway.web.views import outbox_view
     from camgateway.workers import worker_folders, worker_spool
 
+    names = sink_names(config.sinks)
+    sinks = [SimpleNamespace(name=name) for name in names]  # (what outbox_view reads of a sink)
     result = {"code": 0}
 
     @defer.inlineCallbacks
     def run(reactor: Any) -> Any:
         if args.command == "outbox":  # every worker's (see camgateway.workers)
-            total = 0
-            for index in [0, *worker_folders(spool.root)]:
-                store = SQLiteStore(Spool(worker_spool(spool.root, index)).store_path, reactor)
+            listed = []
+            workers = [0, *worker_folders(spool.root)] if config.resume == "sqlite" else [0]
+            for index in workers:
+                worker = Spool(worker_spool(spool.root, index))
+                if config.resume == "sqlite" and not worker.store_path.exists():
+                    continue  # (made by the gateway when it starts)
+                store = _open_store(config, worker, reactor)
                 try:
                     entries = yield store.pending()
                 finally:
                     yield store.close()
                 for e in entries:
-                    print(f"{e.id}  sink {e.sink}  attempts {e.attempts}  next {_when(e.next_attempt)}"
-                          f"  camera {e.record.get('imei')} {e.record.get('source')}: {e.last_error or '-'}"
-                          + (f"  (worker {index})" if index else ""))
-                total += len(entries)
-            print(f"{total} file(s) in the outbox")
+                    view = outbox_view(e, sinks, ())
+                    view.pop("in_flight", None)  # (only the gateway knows)
+                    view["worker"] = index
+                    listed.append(view)
+            if args.json:
+                print(json.dumps(listed, indent=2))
+                return
+            for view in listed:
+                print(f"{view['id']}  sink {view['sink']}  attempts {view['attempts']}"
+                      f"  next {_when(view['next_attempt'])}"
+                      f"  camera {view['imei']} {view['source']}: {view['last_error'] or '-'}"
+                      + (f"  (worker {view['worker']})" if view["worker"] else ""))
+            print(f"{len(listed)} file(s) in the outbox")
             return
-        store = SQLiteStore(spool.store_path, reactor)
+        store = _open_store(config, spool, reactor)
         try:
             ids = [i["id"] for i in dead_letters(spool)] if args.retry_all else args.retry
             for letter_id in ids:
                 if not (spool.dead / letter_id / "dead-letter.json").is_file():
-                    print(f"no dead letter {letter_id}", file=sys.stderr)
+                    print(f"camgateway: no dead letter {letter_id} in {spool.dead}", file=sys.stderr)
                     result["code"] = 1
                     continue
-                yield retry_dead_letter(spool, store, letter_id, reactor.seconds())
+                try:
+                    yield retry_dead_letter(spool, store, letter_id, reactor.seconds(), names)
+                except DeadLetterError as e:
+                    print(f"camgateway: {letter_id}: {e}", file=sys.stderr)
+                    result["code"] = 1
+                    continue
                 print(f"{letter_id}: back in the outbox")
         finally:
             yield store.close()

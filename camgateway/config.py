@@ -1,7 +1,9 @@
 """Configuration: the YAML file, its defaults and its validation.
 
 Every error names the key at fault (``timeouts.idle: must be a positive
-number``). The keys of the public contract are documented in README.md and in
+number``), and validation reports every error it finds at once: it goes on
+after each one, then raises one :class:`ConfigError` carrying them all. The
+keys of the public contract are documented in README.md and in
 ``etc/camgateway.yaml``.
 """
 
@@ -11,8 +13,10 @@ import dataclasses
 import math
 import os
 import re
+import stat
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import yaml
 
@@ -24,7 +28,13 @@ __all__ = [
     "DUALCAM_SOURCES",
     "MODES",
     "LOG_FORMATS",
+    "DuplicateKeyError",
+    "UniqueKeyLoader",
+    "check_endpoint_strings",
+    "check_workers",
+    "effective",
     "load_config",
+    "mask_url",
     "parse_config",
     "parse_duration",
     "parse_size",
@@ -39,11 +49,57 @@ LOG_FORMATS = ("auto", "text", "json")
 
 
 class ConfigError(ValueError):
-    """A configuration value is wrong; ``key`` is its dotted path."""
+    """A configuration value is wrong; ``key`` is its dotted path.
+
+    Validation raises one ConfigError for everything it found: ``errors``
+    holds each error (a ConfigError naming its own key), in the order of the
+    file's sections; ``key`` and ``message`` are the first one's. A single
+    error's ``errors`` is itself, and its text is ``key: message``.
+    """
 
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"{key}: {message}")
         self.key = key
+        self.message = message
+        self.errors: tuple[ConfigError, ...] = (self,)
+
+    @classmethod
+    def several(cls, errors: Iterable["ConfigError"]) -> "ConfigError":
+        """One error carrying all of ``errors`` (that error itself when there is one).
+
+        Its text is one line per error, after a count: ``2 errors:\\n  listen[0]: ...``.
+        """
+        flat = [each for error in errors for each in error.errors]
+        if len(flat) == 1:
+            return flat[0]
+        combined = cls(flat[0].key, flat[0].message)
+        combined.errors = tuple(flat)
+        combined.args = (f"{len(flat)} errors:\n" + "\n".join(f"  {error}" for error in flat),)
+        return combined
+
+
+class _Errors:
+    """The errors found so far: validation goes on after each, to report them all at once."""
+
+    def __init__(self) -> None:
+        self.found: list[ConfigError] = []
+
+    def add(self, key: str, message: str) -> None:
+        """Keep an error."""
+        self.found.append(ConfigError(key, message))
+
+    def check(self, convert: Callable[..., Any], *args: Any, default: Any = None) -> Any:
+        """``convert(*args)``; or ``default``, keeping the ConfigError it raised."""
+        try:
+            return convert(*args)
+        except ConfigError as e:
+            self.found.extend(e.errors)
+            return default
+
+    def raise_any(self) -> None:
+        """Raise one ConfigError for every error kept, if any."""
+        if self.found:
+            raise ConfigError.several(self.found)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +132,8 @@ class Config:
     outbox_give_up_after: float = 7 * 86400.0
     #: Several instances: a delivery claimed by an instance that died is taken over after this.
     outbox_claim_ttl: float = 300.0
+    #: /healthz says degraded once every delivery attempt to a sink has failed for this long.
+    outbox_degraded_after: float = 600.0
     #: The status web service (camgateway.web): endpoints (none = off) and its token.
     http_listen: tuple[str, ...] = ()
     http_token: Optional[str] = None
@@ -139,10 +197,10 @@ def _mapping(value: object, key: str) -> Mapping[str, Any]:
 
 
 def _known(section: Mapping[str, Any], key: str, names: tuple[str, ...]) -> None:
-    for name in section:
-        if name not in names:
-            raise ConfigError(f"{key}.{name}" if key else str(name),
-                              f"unknown key (known: {', '.join(names)})")
+    errors = [ConfigError(f"{key}.{name}" if key else str(name), f"unknown key (known: {', '.join(names)})")
+              for name in section if name not in names]
+    if errors:
+        raise ConfigError.several(errors)
 
 
 def _bool(value: object, key: str) -> bool:
@@ -157,114 +215,155 @@ def _string_list(value: object, key: str) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ConfigError(key, f"must be a list, got {type(value).__name__}")
     out = []
+    errors = []
     for i, item in enumerate(value):
         if isinstance(item, bool) or not isinstance(item, (str, int)):
-            raise ConfigError(f"{key}[{i}]", f"must be a string, got {item!r}")
+            errors.append(ConfigError(f"{key}[{i}]", f"must be a string, got {item!r}"))
         out.append(str(item))
+    if errors:
+        raise ConfigError.several(errors)
     return tuple(out)
 
 
-def _take(section: Mapping[str, Any], name: str, key: str, convert: Callable[[Any, str], Any],
-          default: Any) -> Any:
-    return convert(section[name], f"{key}.{name}") if name in section else default
+class _Section:
+    """One mapping of the document (``storage``, ``timeouts``...): its values, checked, errors kept."""
+
+    def __init__(self, errors: _Errors, value: object, key: str, names: tuple[str, ...],
+                 where: Optional[str] = None) -> None:
+        self.errors = errors
+        self.key = key
+        self.values: Mapping[str, Any] = errors.check(_mapping, value, where or key, default={})
+        errors.check(_known, self.values, key, names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.values
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The raw value of ``name``."""
+        return self.values.get(name, default)
+
+    def take(self, name: str, convert: Callable[[Any, str], Any], default: Any) -> Any:
+        """``name`` converted (``convert(value, "section.name")``), or ``default`` if absent or wrong."""
+        if name not in self.values:
+            return default
+        return self.errors.check(convert, self.values[name], f"{self.key}.{name}", default=default)
+
+
+#: The length of an IMEI (14 digits and a check digit).
+IMEI_DIGITS = 15
 
 
 def parse_config(raw: object, source: str = "<config>", base: Path | None = None) -> Config:
     """Validate a parsed YAML document into a :class:`Config`.
 
     Relative paths are resolved against ``base`` (the working directory).
+    Every error found is reported: one :class:`ConfigError` carries them all.
     """
     base = base or Path.cwd()
-    doc = _mapping(raw, "(top level)")
-    _known(doc, "", ("listen", "workers", "storage", "sinks", "devices", "timeouts", "download", "limits",
-                   "outbox", "http", "log"))
+    errors = _Errors()
+    doc = _Section(errors, raw, "", ("listen", "workers", "storage", "sinks", "devices", "timeouts", "download",
+                                     "limits", "outbox", "http", "log"), where="(top level)")
     d = Config()
     values: dict[str, Any] = {"source": source}
 
     if "listen" in doc:
-        listen = _string_list(doc["listen"], "listen")
-        if not listen:
-            raise ConfigError("listen", "needs at least one endpoint, e.g. tcp:5000")
-        values["listen"] = listen
+        listen = errors.check(_string_list, doc.get("listen"), "listen")
+        if listen == ():
+            errors.add("listen", "needs at least one endpoint, e.g. tcp:5000")
+        elif listen is not None:
+            values["listen"] = listen
 
-    storage = _mapping(doc.get("storage"), "storage")
-    _known(storage, "storage", ("spool", "partial_ttl", "checkpoint_bytes", "resume", "instance", "lease_ttl"))
+    storage = _Section(errors, doc.get("storage"), "storage",
+                       ("spool", "partial_ttl", "checkpoint_bytes", "resume", "instance", "lease_ttl"))
     resume = storage.get("resume", "sqlite")
     if not isinstance(resume, str) or not (resume == "sqlite" or resume.startswith(("redis://", "rediss://",
                                                                                       "unix://"))):
-        raise ConfigError("storage.resume", f"must be sqlite or a redis:// URL, got {resume!r}")
-    values["resume"] = resume
+        shown = mask_url(resume) if isinstance(resume, str) else resume
+        errors.add("storage.resume", f"must be sqlite or a redis:// URL, got {shown!r}")
+    else:
+        values["resume"] = resume
     instance = storage.get("instance")
     if instance is not None and (not isinstance(instance, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}",
                                                                                   instance)):
-        raise ConfigError("storage.instance", f"must be a short name (letters, digits, _.:-), got {instance!r}")
-    values["instance"] = instance
-    values["lease_ttl"] = _take(storage, "lease_ttl", "storage", parse_duration, d.lease_ttl)
-    values["spool"] = _take(storage, "spool", "storage", _path(base), base / d.spool)
-    values["partial_ttl"] = _take(storage, "partial_ttl", "storage", parse_duration, d.partial_ttl)
-    values["checkpoint_bytes"] = _take(storage, "checkpoint_bytes", "storage", parse_size,
-                                       d.checkpoint_bytes)
+        errors.add("storage.instance", f"must be a short name (letters, digits, _.:-), got {instance!r}")
+    else:
+        values["instance"] = instance
+    values["lease_ttl"] = storage.take("lease_ttl", parse_duration, d.lease_ttl)
+    values["spool"] = storage.take("spool", _directory(base), base / d.spool)
+    values["partial_ttl"] = storage.take("partial_ttl", parse_duration, d.partial_ttl)
+    values["checkpoint_bytes"] = storage.take("checkpoint_bytes", parse_size, d.checkpoint_bytes)
 
     if "sinks" in doc:
-        values["sinks"] = _sinks(doc["sinks"], base)
-    else:
-        values["sinks"] = ({"type": "disk", "root": str(base / DEFAULT_DATA_DIR / "files")},)
+        sinks = errors.check(_sinks, doc.get("sinks"), base)
+    else:  # the built-in chain: MP4s with sound beside the originals when ffmpeg is installed, else disk alone
+        from camgateway.sinks.mp4 import default_sinks
 
-    devices = _mapping(doc.get("devices"), "devices")
-    _known(devices, "devices", ("allow",))
-    allow = _take(devices, "allow", "devices", _string_list, ())
+        sinks = errors.check(_sinks, default_sinks(str(DEFAULT_DATA_DIR / "files")), base)
+    if sinks is not None:
+        values["sinks"] = sinks
+        for i, sink in enumerate(sinks):  # (the disk sink makes its root: one under a file never works)
+            if sink.get("type") == "disk" and isinstance(sink.get("root"), str):
+                errors.check(_directory(base), sink["root"], f"sinks[{i}].root")
+
+    devices = _Section(errors, doc.get("devices"), "devices", ("allow",))
+    allow = devices.take("allow", _string_list, ())
+    raw_allow = devices.get("allow")
     for i, imei in enumerate(allow):
-        if not (imei.isascii() and imei.isdigit()) or len(imei) > 20:
-            raise ConfigError(f"devices.allow[{i}]", f"must be a decimal IMEI, got {imei!r}")
+        if not (imei.isascii() and imei.isdigit()) or len(imei) != IMEI_DIGITS:
+            number = isinstance(raw_allow, list) and isinstance(raw_allow[i], int)
+            errors.add(f"devices.allow[{i}]", f"must be an IMEI of {IMEI_DIGITS} digits, got {imei!r}"
+                                              + (" (write IMEIs in quotes: YAML misreads a number that starts"
+                                                 " with 0)" if number else ""))
+    # Cameras send the IMEI as a number: compared as str(int), without leading zeros.
     values["allow"] = frozenset(imei.lstrip("0") or "0" for imei in allow)
 
-    timeouts = _mapping(doc.get("timeouts"), "timeouts")
-    _known(timeouts, "timeouts", ("idle", "metadata", "step"))
-    values["idle_timeout"] = _take(timeouts, "idle", "timeouts", parse_duration, d.idle_timeout)
-    values["metadata_timeout"] = _take(timeouts, "metadata", "timeouts", parse_duration,
-                                       d.metadata_timeout)
-    values["step_timeout"] = _take(timeouts, "step", "timeouts", parse_duration, d.step_timeout)
+    timeouts = _Section(errors, doc.get("timeouts"), "timeouts", ("idle", "metadata", "step"))
+    values["idle_timeout"] = timeouts.take("idle", parse_duration, d.idle_timeout)
+    values["metadata_timeout"] = timeouts.take("metadata", parse_duration, d.metadata_timeout)
+    values["step_timeout"] = timeouts.take("step", parse_duration, d.step_timeout)
 
-    download = _mapping(doc.get("download"), "download")
-    _known(download, "download", ("mode", "metadata", "dualcam_sources", "resume_retries"))
+    download = _Section(errors, doc.get("download"), "download",
+                        ("mode", "metadata", "dualcam_sources", "resume_retries"))
     mode = download.get("mode", d.mode)
     if mode not in MODES:
-        raise ConfigError("download.mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
-    values["mode"] = mode
-    values["metadata"] = _take(download, "metadata", "download", _bool, d.metadata)
-    if "dualcam_sources" in download:
-        sources = _string_list(download["dualcam_sources"], "download.dualcam_sources")
-        for i, source_name in enumerate(sources):
-            if source_name not in DUALCAM_SOURCES:
-                raise ConfigError(f"download.dualcam_sources[{i}]",
-                                  f"must be one of {', '.join(DUALCAM_SOURCES)}, got {source_name!r}")
-        if len(set(sources)) != len(sources):
-            raise ConfigError("download.dualcam_sources", "lists a source twice")
-        values["dualcam_sources"] = sources
-    values["resume_retries"] = _take(download, "resume_retries", "download", _positive_int,
-                                     d.resume_retries)
+        errors.add("download.mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+    else:
+        values["mode"] = mode
+    values["metadata"] = download.take("metadata", _bool, d.metadata)
+    values["dualcam_sources"] = download.take("dualcam_sources", _dualcam_sources, d.dualcam_sources)
+    values["resume_retries"] = download.take("resume_retries", _positive_int, d.resume_retries)
 
-    limits = _mapping(doc.get("limits"), "limits")
-    _known(limits, "limits", ("max_connections", "max_file_bytes", "min_free_bytes"))
-    values["max_connections"] = _take(limits, "max_connections", "limits", _positive_int,
-                                      d.max_connections)
-    values["max_file_bytes"] = _take(limits, "max_file_bytes", "limits", parse_size, d.max_file_bytes)
-    values["min_free_bytes"] = _take(limits, "min_free_bytes", "limits", _size_or_zero,
-                                     d.min_free_bytes)
+    limits = _Section(errors, doc.get("limits"), "limits", ("max_connections", "max_file_bytes", "min_free_bytes"))
+    values["max_connections"] = limits.take("max_connections", _positive_int, d.max_connections)
+    values["max_file_bytes"] = limits.take("max_file_bytes", parse_size, d.max_file_bytes)
+    values["min_free_bytes"] = limits.take("min_free_bytes", _size_or_zero, d.min_free_bytes)
 
-    outbox = _mapping(doc.get("outbox"), "outbox")
-    _known(outbox, "outbox", ("concurrency", "give_up_after", "claim_ttl"))
-    values["outbox_claim_ttl"] = _take(outbox, "claim_ttl", "outbox", parse_duration, d.outbox_claim_ttl)
-    values["outbox_concurrency"] = _take(outbox, "concurrency", "outbox", _positive_int, d.outbox_concurrency)
-    values["outbox_give_up_after"] = _take(outbox, "give_up_after", "outbox", parse_duration,
-                                           d.outbox_give_up_after)
-    values.update(_http(_mapping(doc.get("http"), "http"), base))
-    values.update(_log(_mapping(doc.get("log"), "log"), base, d))
+    outbox = _Section(errors, doc.get("outbox"), "outbox", ("concurrency", "give_up_after", "claim_ttl",
+                                                            "degraded_after"))
+    values["outbox_claim_ttl"] = outbox.take("claim_ttl", parse_duration, d.outbox_claim_ttl)
+    values["outbox_concurrency"] = outbox.take("concurrency", _positive_int, d.outbox_concurrency)
+    values["outbox_give_up_after"] = outbox.take("give_up_after", parse_duration, d.outbox_give_up_after)
+    values["outbox_degraded_after"] = outbox.take("degraded_after", parse_duration, d.outbox_degraded_after)
+    values.update(_http(_Section(errors, doc.get("http"), "http", ("listen", "token", "token_file")), base))
+    values.update(_log(_Section(errors, doc.get("log"), "log", ("format", "file", "progress_interval")), base, d))
     if "workers" in doc:
-        values["workers"] = _workers(doc["workers"])
+        values["workers"] = errors.check(_workers, doc.get("workers"), default=d.workers)
     config = Config(**values)
-    check_workers(config)
+    errors.found.extend(check_endpoint_strings(config))
+    errors.check(check_workers, config)
+    errors.raise_any()
     return config
+
+
+def _dualcam_sources(value: object, key: str) -> tuple[str, ...]:
+    sources = _string_list(value, key)
+    errors = [ConfigError(f"{key}[{i}]", f"must be one of {', '.join(DUALCAM_SOURCES)}, got {name!r}")
+              for i, name in enumerate(sources) if name not in DUALCAM_SOURCES]
+    if not errors and len(set(sources)) != len(sources):
+        errors.append(ConfigError(key, "lists a source twice"))
+    if errors:
+        raise ConfigError.several(errors)
+    return sources
 
 
 #: At most this many worker processes (``workers: auto`` takes one per core up to it).
@@ -286,18 +385,77 @@ def _workers(value: object) -> int:
 
 def check_workers(config: Config) -> None:
     """What ``workers`` > 1 needs of the rest (also after ``--listen`` replaced the endpoints)."""
+    errors = []
     if config.workers > 1:
         if config.resume != "sqlite":
-            raise ConfigError("workers", "several workers need storage.resume: sqlite (with a shared Redis"
-                                         " store, run several instances instead)")
+            errors.append(ConfigError("workers", "several workers need storage.resume: sqlite (with a shared"
+                                                 " Redis store, run several instances instead)"))
         for i, description in enumerate(config.listen):
             kind = description.split(":", 1)[0].lower()
             inner = description.split(":", 2)[1].lower() if kind == "haproxy" and ":" in description else "tcp"
             if kind not in _HANDOVER_ENDPOINTS or inner not in ("tcp", "tcp6"):
-                raise ConfigError(f"listen[{i}]", f"{description!r}: with workers > 1 every camera endpoint must"
-                                                  " be plain TCP (tcp:, tcp6:, haproxy:tcp:, systemd:), since a"
-                                                  " connection is handed to its worker process; terminate TLS in"
-                                                  " front (HAProxy) or use workers: 1")
+                errors.append(ConfigError(
+                    f"listen[{i}]", f"{description!r}: with workers > 1 every camera endpoint must be plain TCP"
+                                    " (tcp:, tcp6:, haproxy:tcp:, systemd:), since a connection is handed to its"
+                                    " worker process; terminate TLS in front (HAProxy) or use workers: 1"))
+    if errors:
+        raise ConfigError.several(errors)
+
+
+#: Endpoint types that listen on a TCP port: its number is their first argument, or ``port=``.
+_TCP_ENDPOINTS = ("tcp", "tcp6", "ssl")
+
+
+def _tcp_address(description: str) -> Optional[tuple[str, str, str]]:
+    """``(family, port, interface)`` of an endpoint string listening on TCP, else None (``unix:``...)."""
+    parts = [part.replace("\\", "") for part in re.split(r"(?<!\\):", description)]
+    kind = parts[0].lower()
+    if kind == "haproxy" and len(parts) > 1:
+        parts = parts[1:]
+        kind = parts[0].lower()
+    if kind not in _TCP_ENDPOINTS:
+        return None
+    args = [part for part in parts[1:] if "=" not in part]
+    kwargs = dict(part.split("=", 1) for part in parts[1:] if "=" in part)
+    port = kwargs.get("port", args[0] if args else "")
+    interface = kwargs.get("interface", args[1] if kind != "ssl" and len(args) > 1 else "")
+    family = "tcp6" if kind == "tcp6" else "tcp"
+    if interface in ("", "0.0.0.0", "::"):
+        interface = "*"
+    return family, port, interface
+
+
+def check_endpoint_strings(config: Config) -> list[ConfigError]:
+    """The errors of ``listen`` and ``http.listen`` as strings: a TCP port out of range, an address twice.
+
+    (:func:`camgateway.tap.check_endpoints` then has Twisted parse each one
+    and load its TLS keys.)
+    """
+    errors = []
+    seen: dict[tuple[str, str, str], str] = {}
+    for key, descriptions in (("listen", config.listen), ("http.listen", config.http_listen)):
+        for i, description in enumerate(descriptions):
+            where = f"{key}[{i}]"
+            address = _tcp_address(description)
+            if address is not None:
+                port = address[1]
+                if not port.isdigit():
+                    errors.append(ConfigError(where, f"{description!r}: the port must be a number from 0 to 65535,"
+                                                     f" got {port!r}"))
+                    continue
+                if int(port) > 65535:
+                    errors.append(ConfigError(where, f"{description!r}: port {int(port)} is out of range (0 to"
+                                                     " 65535)"))
+                    continue
+                # (port 0 is any free port: the same string twice is still a mistake)
+                address = (address[0], str(int(port)) if int(port) else description, address[2])
+            same = address if address is not None else ("", description, "")
+            if same in seen:
+                errors.append(ConfigError(where, f"{description!r} is the address of {seen[same]} already: each"
+                                                 " endpoint can be listened on once"))
+            else:
+                seen[same] = where
+    return errors
 
 
 def _positive_int(value: object, key: str) -> int:
@@ -318,12 +476,42 @@ def _path(base: Path) -> Callable[[Any, str], Path]:
     return convert
 
 
+def _directory(base: Path) -> Callable[[Any, str], Path]:
+    """A path as :func:`_path`, that is a directory or can be made one (the gateway makes the folders).
+
+    Refused: a path that is a file, or lies under one. Whether the gateway
+    may write there is found out when it starts (it may run as another user).
+    """
+    as_path = _path(base)
+
+    def convert(value: Any, key: str) -> Path:
+        path = as_path(value, key)
+        for candidate in (path, *path.parents):
+            try:
+                mode = candidate.stat().st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError:
+                break  # cannot look (permissions): the start will tell
+            if not stat.S_ISDIR(mode):
+                raise ConfigError(key, f"{path} is a file, not a directory" if candidate == path else
+                                       f"{path} cannot be made: {candidate} is a file, not a directory")
+            break
+        return path
+    return convert
+
+
 def _sinks(value: object, base: Path) -> tuple[Mapping[str, Any], ...]:
     from camgateway.sinks import validate_sink_config  # sinks know their own keys
 
     if not isinstance(value, list) or not value:
         raise ConfigError("sinks", "must be a non-empty list of sinks, e.g. [{type: disk, root: ...}]")
-    return tuple(validate_sink_config(item, f"sinks[{i}]", base) for i, item in enumerate(value))
+    from camgateway.sinks.registry import checked_chain  # names, and output some sink stores
+
+    errors = _Errors()
+    validated = [errors.check(validate_sink_config, item, f"sinks[{i}]", base) for i, item in enumerate(value)]
+    errors.raise_any()
+    return checked_chain(validated)
 
 
 def _read_text(path: Path, key: str) -> str:
@@ -347,24 +535,99 @@ def load_config(path: Path | None, *, explicit: bool = True, base: Path | None =
         return parse_config({}, "built-in defaults", base)
     text = _read_text(path, "--config")
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)
+    except DuplicateKeyError as e:
+        mark = e.problem_mark
+        raise ConfigError(e.key_path, f"given twice in {path} (line {e.first_line} and line {mark.line + 1}):"
+                                      " YAML would silently keep only the last") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        context = ""
+        if e.context:
+            since = e.context_mark
+            context = f" ({e.context}" + (f" at line {since.line + 1}" if since is not None else "") + ")"
+        raise ConfigError("--config", f"{where}: not valid YAML: {e.problem}{context}") from None
     except yaml.YAMLError as e:
         raise ConfigError("--config", f"{path} is not valid YAML: {e}") from None
     return parse_config(raw, str(path), base)
 
 
-def _http(http: Mapping[str, Any], base: Path) -> dict[str, Any]:
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping of the YAML document has a key twice; ``key_path`` is its dotted path."""
+
+    def __init__(self, key_path: str, first_line: int, context_mark: Any, problem_mark: Any) -> None:
+        super().__init__("while constructing a mapping", context_mark,
+                         f"found {key_path} a second time (first at line {first_line})", problem_mark)
+        self.key_path = key_path
+        self.first_line = first_line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently).
+
+    Raises :class:`DuplicateKeyError`. Merge keys (``<<: *defaults``) still
+    work: a mapping's own key may override one it merges.
+    """
+
+    def get_single_node(self) -> Any:
+        self.root_node = super().get_single_node()
+        return self.root_node
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    earlier = first.setdefault(key, key_node)
+                except TypeError:
+                    continue  # an unhashable key: SafeConstructor refuses it itself
+                if earlier is not key_node:
+                    where = _node_path(self.root_node, node)
+                    raise DuplicateKeyError(f"{where}.{key}" if where else str(key), earlier.start_mark.line + 1,
+                                            node.start_mark, key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _node_path(root: Any, target: Any) -> str:
+    """The dotted path (``sinks[1].headers``) of ``target`` in a YAML node tree."""
+    stack = [(root, "")]
+    seen = set()
+    while stack:
+        node, path = stack.pop()
+        if node is target:
+            return path
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value in node.value:
+                name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                stack.append((value, f"{path}.{name}" if path else str(name)))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((value, f"{path}[{i}]") for i, value in enumerate(node.value))
+    return ""
+
+
+def _http(http: _Section, base: Path) -> dict[str, Any]:
     """The ``http`` section: the status web service (off unless ``listen`` is given)."""
-    _known(http, "http", ("listen", "token", "token_file"))
-    out: dict[str, Any] = {"http_listen": _take(http, "listen", "http", _string_list, ())}
+    out: dict[str, Any] = {"http_listen": http.take("listen", _string_list, ())}
     if "token" in http and "token_file" in http:
-        raise ConfigError("http.token_file", "give either http.token or http.token_file, not both")
-    if "token" in http:
-        out["http_token"] = _token(http["token"], "http.token")
+        http.errors.add("http.token_file", "give either http.token or http.token_file, not both")
+    elif "token" in http:
+        out["http_token"] = http.take("token", _token, None)
     elif "token_file" in http:
-        text = _read_text(_path(base)(http["token_file"], "http.token_file"), "http.token_file")
-        out["http_token"] = _token(text.strip(), "http.token_file")
+        out["http_token"] = http.take("token_file", _token_file(base), None)
     return out
+
+
+def _token_file(base: Path) -> Callable[[Any, str], str]:
+    def convert(value: Any, key: str) -> str:
+        return _token(_read_text(_path(base)(value, key), key).strip(), key)
+    return convert
 
 
 def _token(value: object, key: str) -> str:
@@ -376,18 +639,108 @@ def _token(value: object, key: str) -> str:
     return value
 
 
-def _log(section: Mapping[str, Any], base: Path, d: Config) -> dict[str, Any]:
+def _log(section: _Section, base: Path, d: Config) -> dict[str, Any]:
     """The ``log`` section: format, an optional file, the interval of progress events."""
-    _known(section, "log", ("format", "file", "progress_interval"))
     fmt = section.get("format", d.log_format)
     if fmt not in LOG_FORMATS:
-        raise ConfigError("log.format", f"must be one of {', '.join(LOG_FORMATS)}, got {fmt!r}")
-    log_file = None
-    if "file" in section:
-        value = section["file"]
+        section.errors.add("log.format", f"must be one of {', '.join(LOG_FORMATS)}, got {fmt!r}")
+        fmt = d.log_format
+
+    def log_file(value: Any, key: str) -> Path:
         if not isinstance(value, str) or not value or value.endswith("/"):
-            raise ConfigError("log.file", f"must be a file path, got {value!r}")
-        log_file = base / os.path.expanduser(value)
-    return {"log_format": fmt, "log_file": log_file,
-            "progress_interval": _take(section, "progress_interval", "log", parse_duration,
-                                       d.progress_interval)}
+            raise ConfigError(key, f"must be a file path, got {value!r}")
+        return base / os.path.expanduser(value)
+
+    return {"log_format": fmt, "log_file": section.take("file", log_file, None),
+            "progress_interval": section.take("progress_interval", parse_duration, d.progress_interval)}
+
+
+#: Keys whose values are secrets, in a sink's entry (of any type) or a URL's query.
+_SECRET = re.compile(r"pass|secret|token|credential|auth|api[_-]?key|private", re.IGNORECASE)
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its user information and secret-looking query values shown as ``***``.
+
+    ``redis://:hunter2@host:6379/0`` -> ``redis://:***@host:6379/0``.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    masked = url
+    if "@" in parts.netloc:
+        userinfo, host = parts.netloc.rsplit("@", 1)
+        user, colon, _ = userinfo.partition(":")
+        masked = masked.replace(parts.netloc, f"{user}:***@{host}" if colon else f"***@{host}", 1)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if any(_SECRET.search(name) for name, _ in pairs):
+        query = urlencode([(name, "***" if _SECRET.search(name) else value) for name, value in pairs], safe="*{}")
+        masked = masked.replace(f"?{parts.query}", f"?{query}", 1)
+    return masked
+
+
+def _masked_sink(sink: Mapping[str, Any]) -> dict[str, Any]:
+    """A validated sink entry with its secrets shown as ``***`` (header values, URL passwords...)."""
+    out: dict[str, Any] = {}
+    for name, value in sink.items():
+        if name == "headers" and isinstance(value, Mapping):  # {env: NAME} and {file: PATH} are no secret
+            value = {header: "***" if isinstance(given, str) else dict(given) for header, given in value.items()}
+        elif isinstance(value, str) and _SECRET.search(str(name)):
+            value = "***"
+        elif isinstance(value, str) and "://" in value:
+            value = mask_url(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[name] = value
+    return out
+
+
+def _duration_text(seconds: float) -> Any:
+    """A duration as the file may write it: ``7d``, ``2h``, ``30s`` (a fraction stays a number)."""
+    if seconds != int(seconds):
+        return seconds
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{int(seconds) // size}{unit}"
+    return f"{int(seconds)}s"
+
+
+def _size_text(size: int) -> Any:
+    """A size as the file may write it: ``4MiB``, ``200MB``, or a number of bytes."""
+    for unit in ("TiB", "GiB", "MiB", "KiB", "TB", "GB", "MB", "KB"):
+        if size and size % _UNITS[unit.lower()] == 0:
+            return f"{size // _UNITS[unit.lower()]}{unit}"
+    return size
+
+
+def effective(config: Config) -> dict[str, Any]:
+    """``config`` in the file's shape, every key with the value in effect, secrets shown as ``***``.
+
+    Defaults are filled in, ``workers: auto`` is the count it gave, paths are
+    absolute. Read back by :func:`parse_config` it gives ``config`` again
+    (but for the secrets): what ``check-config`` prints, as YAML.
+    """
+    return {
+        "listen": list(config.listen),
+        "workers": config.workers,
+        "storage": {"spool": str(config.spool), "partial_ttl": _duration_text(config.partial_ttl),
+                    "checkpoint_bytes": _size_text(config.checkpoint_bytes), "resume": mask_url(config.resume),
+                    **({"instance": config.instance} if config.instance is not None else {}),
+                    "lease_ttl": _duration_text(config.lease_ttl)},
+        "sinks": [_masked_sink(sink) for sink in config.sinks],
+        "devices": {"allow": sorted(imei.zfill(IMEI_DIGITS) for imei in config.allow)},
+        "timeouts": {"idle": _duration_text(config.idle_timeout), "metadata": _duration_text(config.metadata_timeout),
+                     "step": _duration_text(config.step_timeout)},
+        "download": {"mode": config.mode, "metadata": config.metadata,
+                     "dualcam_sources": list(config.dualcam_sources), "resume_retries": config.resume_retries},
+        "limits": {"max_connections": config.max_connections, "max_file_bytes": _size_text(config.max_file_bytes),
+                   "min_free_bytes": _size_text(config.min_free_bytes)},
+        "outbox": {"concurrency": config.outbox_concurrency,
+                   "give_up_after": _duration_text(config.outbox_give_up_after),
+                   "claim_ttl": _duration_text(config.outbox_claim_ttl),
+                   "degraded_after": _duration_text(config.outbox_degraded_after)},
+        "http": {"listen": list(config.http_listen), **({"token": "***"} if config.http_token else {})},
+        "log": {"format": config.log_format, **({"file": str(config.log_file)} if config.log_file else {}),
+                "progress_interval": _duration_text(config.progress_interval)},
+    }

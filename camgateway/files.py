@@ -451,6 +451,7 @@ def _to_outbox(digest: Any, s: "Services", session: "Session", offer: FileOffer,
         log.warn("camera {imei}: {id} CRC {crc:#06x} differs from START's {start:#06x} (file kept)",
                  imei=offer.imei, id=offer.printable, crc=digest.crc, start=offer.start_crc)
     elapsed = s.clock.seconds() - (session.file_started_at or s.clock.seconds())
+    s.stats.file_stored(elapsed, s.clock.seconds())
     log.info("file received: camera {imei} {id} {size} bytes sha256 {sha256} in {seconds:.1f} s",
              imei=offer.imei, id=offer.printable, size=digest.size, sha256=digest.sha256, seconds=elapsed,
              peer=session.link.peer, camera=offer.camera, source=offer.source, media=offer.media,

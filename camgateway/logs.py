@@ -11,12 +11,19 @@ only decides how events are written:
   so no ``--logger`` flag is needed);
 - :class:`WatchedFile` is a log file that notices when logrotate moved it
   away and reopens its path, so rotation needs no signal and loses no line;
-- :class:`TurnBuffer` writes the lines of one reactor turn together.
+- :class:`TurnBuffer` writes the lines of one reactor turn together;
+- :func:`quiet_pool` is an HTTP connection pool whose connections log nothing.
 
 The JSON record: ``time`` (ISO 8601 UTC, milliseconds), ``level``,
-``namespace``, ``message`` (the formatted text), then every field the event
-was logged with (a field named like one of those four gets a ``field_``
-prefix); a logged failure adds ``error`` and ``traceback``.
+``priority`` (syslog's, for journald), ``namespace``, ``message`` (the
+formatted text), ``event`` (a stable snake_case name: the one the event was
+logged with, else made from its format's words), then every field the event
+was logged with (a field named like one of the top ones gets a ``field_``
+prefix); a logged failure adds ``error`` and ``traceback``. Twisted's own
+"<Factory> starting on <port>" and "(TCP Port <port> Closed)" lines are left
+out: the gateway logs what it listens on itself. Under systemd, with standard
+output the journal (``JOURNAL_STREAM`` names it), each line starts with the
+priority as ``<N>`` (sd-daemon(3)), so ``journalctl -p warning`` filters.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import datetime
 import json
 import math
 import os
+import re
 import select
 import sys
 import threading
@@ -36,9 +44,11 @@ from twisted.logger import ILogObserver, formatEvent, textFileLogObserver
 from zope.interface import implementer
 
 __all__ = ["AtomicLines", "JSONLineObserver", "TurnBuffer", "WatchedFile", "event_record", "json_observer",
-           "observer_for"]
+           "observer_for", "PRIORITY", "to_journal", "quiet_pool"]
 
-_TOP = frozenset({"time", "level", "namespace", "message", "error", "traceback"})
+_TOP = frozenset({"time", "level", "priority", "namespace", "message", "error", "traceback"})
+#: syslog's priority of each level (sd-daemon(3): ``<N>`` before a line journald reads).
+PRIORITY = {"critical": 2, "error": 3, "warn": 4, "info": 6, "debug": 7}
 #: Keys of legacy (twisted.python.log) events that are not fields.
 _LEGACY = {"message", "isError", "system", "time", "format", "why", "failure", "printed", "logLevel"}
 
@@ -98,17 +108,54 @@ def _time(t: float) -> str:
 
 _PLAIN = frozenset({str, int, bool, type(None)})
 
+_PLACEHOLDER = re.compile(r"\{[^{}]*\}")
+_WORD = re.compile(r"[a-z][a-z0-9]*")
+#: Event names made from formats, by (namespace, format): formats are few and fixed.
+_NAMES: dict[tuple[str, str], str] = {}
+#: The lines a listening port logs (twisted.python.log) when it starts and stops.
+_PORT_NOISE = re.compile(r"\S.* starting on \S.*|\((?:TCP |UDP |UNIX |SSL )?Port .* Closed\)", re.DOTALL)
+
+
+def _name(words: list[str], fallback: str) -> str:
+    return "_".join(words[:5]) or fallback
+
+
+def _event_name(event: dict[str, Any], namespace: str, legacy: bool) -> str:
+    """A stable snake_case name for an event logged without ``event``: its format's first words."""
+    fmt = event.get("log_format")
+    if legacy or type(fmt) is not str:  # the text of a twisted.python.log line: its words that are words
+        text = str(event.get("log_text") or "")[:200].lower()
+        return _name(_WORD.findall(text.split("\n", 1)[0]), "twisted_error" if event.get("isError") else "twisted")
+    key = (namespace, fmt)
+    name = _NAMES.get(key)
+    if name is None:
+        name = _name(_WORD.findall(_PLACEHOLDER.sub(" ", fmt).lower()), "_".join(_WORD.findall(namespace.lower())))
+        if len(_NAMES) < 4096:
+            _NAMES[key] = name
+    return name
+
+
+def _is_port_noise(event: dict[str, Any]) -> bool:
+    """Whether ``event`` is a listening port's "starting on"/"Closed" line (twisted.python.log)."""
+    return (event.get("log_namespace") == "log_legacy" and not event.get("isError")
+            and _PORT_NOISE.fullmatch(str(event.get("log_text", ""))) is not None)
+
 
 def event_record(event: dict[str, Any]) -> dict[str, Any]:
     """The JSON-ready record of a ``twisted.logger`` event."""
-    level = event.get("log_level")
+    level = getattr(event.get("log_level"), "name", "info")
+    legacy = "isError" in event and "message" in event  # from twisted.python.log
+    namespace = event.get("log_namespace", "?")
+    if namespace == "log_legacy":
+        namespace = "twisted"
     record: dict[str, Any] = {
         "time": _time(event.get("log_time") or 0.0),
-        "level": getattr(level, "name", "info"),
-        "namespace": event.get("log_namespace", "?"),
+        "level": level,
+        "priority": PRIORITY.get(level, 6),
+        "namespace": namespace,
         "message": _message(event),
+        "event": None,
     }
-    legacy = "isError" in event and "message" in event  # from twisted.python.log
     isfinite = math.isfinite
     for key, value in event.items():
         if key.startswith("log_") or (legacy and key in _LEGACY):
@@ -117,6 +164,9 @@ def event_record(event: dict[str, Any]) -> dict[str, Any]:
         if kind not in _PLAIN and not (kind is float and isfinite(value)):
             value = _jsonable(value)
         record["field_" + key if key in _TOP else key] = value
+    name = record["event"]
+    if type(name) is not str or not name:
+        record["event"] = _event_name(event, namespace, legacy)
     failure = event.get("log_failure")
     if failure is not None:
         record["error"] = f"{getattr(failure.type, '__name__', failure.type)}: {failure.getErrorMessage()}"
@@ -237,6 +287,10 @@ class AtomicLines:
     def flush(self) -> None:
         """Nothing is buffered."""
 
+    def fileno(self) -> int:
+        """The descriptor."""
+        return self.fd
+
     def isatty(self) -> bool:
         """Whether the descriptor is a terminal."""
         return os.isatty(self.fd)
@@ -249,17 +303,28 @@ _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 @implementer(ILogObserver)
 class JSONLineObserver:
-    """Writes one JSON object per event and line to a text stream, flushed each time."""
+    """Writes one JSON object per event and line to a text stream, flushed each time.
 
-    def __init__(self, out: IO[str]) -> None:
+    ``journal``: start each line with its priority as ``<N>`` (for journald,
+    which then records the line's JSON at that priority).
+    """
+
+    def __init__(self, out: IO[str], journal: bool = False) -> None:
         self.out = out
+        self.journal = journal
 
     def __call__(self, event: dict[str, Any]) -> None:
+        if "isError" in event and _is_port_noise(event):
+            return
         try:
-            line = _encode(event_record(event))
+            record = event_record(event)
+            line = _encode(record)
         except Exception as e:  # a log line must never take the gateway down
-            line = json.dumps({"time": None, "level": "error", "namespace": "camgateway.logs",
-                               "message": f"unloggable event: {e!r}"})
+            record = {"time": None, "level": "error", "priority": 3, "namespace": "camgateway.logs",
+                      "message": f"unloggable event: {e!r}", "event": "unloggable_event"}
+            line = json.dumps(record)
+        if self.journal:
+            line = f"<{record['priority']}>{line}"
         try:
             self.out.write(line + "\n")
             self.out.flush()
@@ -269,7 +334,24 @@ class JSONLineObserver:
 
 def json_observer() -> JSONLineObserver:
     """The observer factory of ``twistd --logger=camgateway.logs.json_observer`` (standard output)."""
-    return JSONLineObserver(TurnBuffer(sys.stdout))  # type: ignore[arg-type]
+    return JSONLineObserver(TurnBuffer(sys.stdout), to_journal(sys.stdout))  # type: ignore[arg-type]
+
+
+def to_journal(stream: Any, environ: Optional[dict[str, str]] = None) -> bool:
+    """Whether ``stream`` is the journal's stream that systemd gave this process.
+
+    systemd sets ``JOURNAL_STREAM`` to the device and inode of the stream it
+    connected standard output (and error) to; a process whose standard output
+    was redirected elsewhere since, a terminal or a file, inherits the variable
+    but not the stream, so both are compared (sd-daemon(3), systemd.exec(5)).
+    """
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in value.split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, AttributeError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
 
 
 class WatchedFile:
@@ -326,7 +408,9 @@ def observer_for(fmt: str, log_file: Optional[Path], twistd_logfile: Optional[st
     ``twistd_logfile`` is where twistd itself would log (its ``--logfile``, or
     ``twistd.log`` when daemonised; None or ``"-"`` for standard output).
     ``auto`` writes text to a terminal and to twistd's ``--logfile``, and JSON
-    lines to anything else (journald, a pipe, ``log.file``).
+    lines to anything else (journald, a pipe, ``log.file``). JSON lines to a
+    standard output that is the journal start with their priority
+    (:func:`to_journal`); in a file, never.
     """
     to_stdout = twistd_logfile in (None, "", "-")
     if log_file is not None:
@@ -336,8 +420,9 @@ def observer_for(fmt: str, log_file: Optional[Path], twistd_logfile: Optional[st
         return None
     if fmt == "auto" and (not to_stdout or _isatty(stdout)):
         return None
-    target = stdout if to_stdout else WatchedFile(Path(twistd_logfile))  # type: ignore[arg-type]
-    return JSONLineObserver(TurnBuffer(target))  # type: ignore[arg-type]
+    if not to_stdout:
+        return JSONLineObserver(TurnBuffer(WatchedFile(Path(twistd_logfile))))  # type: ignore[arg-type]
+    return JSONLineObserver(TurnBuffer(stdout), to_journal(stdout))  # type: ignore[arg-type]
 
 
 def _isatty(stream: IO[str]) -> bool:
@@ -345,3 +430,22 @@ def _isatty(stream: IO[str]) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+_QuietFactory: Any = None
+
+
+def quiet_pool(reactor: Any, persistent: bool = True) -> Any:
+    """An ``HTTPConnectionPool`` whose connections do not log "Starting factory"/"Stopping factory".
+
+    Twisted's HTTP client makes a factory per connection, and a factory logs
+    its start and stop unless it is quiet: two lines per request otherwise.
+    """
+    global _QuietFactory
+    from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+
+    if _QuietFactory is None:
+        _QuietFactory = type("_QuietHTTP11ClientFactory", (_HTTP11ClientFactory,), {"noisy": False})
+    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    pool._factory = _QuietFactory
+    return pool

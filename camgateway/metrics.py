@@ -3,22 +3,27 @@
 Nothing here runs per frame: :class:`GatewayCollector` reads
 :class:`~camgateway.services.Stats`, the live sessions and the spool when
 Prometheus scrapes ``/metrics``. The metric names are listed in README.md
-(Operations, Metrics).
+(Operations, Metrics). With ``workers: N`` the gateway's site merges every
+worker's answer (:func:`camgateway.web.merge.merge_metrics`).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                    InfoMetricFamily, Metric)
+from prometheus_client.utils import floatToGoString
 from twisted.internet import defer
 
 from camgateway import __version__
 from camgateway.progress import camera_kind
+from camgateway.services import DURATION_BOUNDS
 
-__all__ = ["GatewayCollector", "Metrics", "outbox_depth", "spool_usage", "CAMERA_KINDS", "PROTOCOL_ERROR_KINDS"]
+__all__ = ["GatewayCollector", "Metrics", "outbox_depth", "outbox_state", "spool_usage", "dead_letter_count",
+           "CAMERA_KINDS", "PROTOCOL_ERROR_KINDS"]
 
 CAMERA_KINDS = ("dualcam", "dashcam", "dsm", "adas", "unknown")
 #: ProtocolError kinds (camgateway.codec), always exported so rates start at 0.
@@ -26,20 +31,41 @@ PROTOCOL_ERROR_KINDS = ("length", "unknown_command", "unexpected", "size", "iden
 
 
 def spool_usage(spool: Any) -> tuple[int, int]:
-    """(files, bytes) in the spool's partials folder: one ``scandir``, no reads."""
+    """(files, bytes) of the partial transfers and files awaiting delivery: one ``scandir``, no reads.
+
+    Empty files are not counted: they are the files made ahead for new
+    transfers (camgateway.reserve), or a transfer's before its first bytes.
+    """
     files = size = 0
     try:
         with os.scandir(spool.partials) as entries:
             for entry in entries:
                 try:
                     if entry.is_file(follow_symlinks=False):
-                        files += 1
-                        size += entry.stat(follow_symlinks=False).st_size
+                        held = entry.stat(follow_symlinks=False).st_size
+                        if held:
+                            files += 1
+                            size += held
                 except OSError:
                     continue
     except OSError:
         pass
     return files, size
+
+
+def dead_letter_count(spool: Any) -> int:
+    """The dead letters (one folder each, see camgateway.outbox) in the spool's dead-letter folder."""
+    count = 0
+    try:
+        with os.scandir(spool.dead) as entries:
+            for entry in entries:
+                try:
+                    count += entry.is_dir(follow_symlinks=False)
+                except OSError:
+                    continue
+    except OSError:
+        pass
+    return count
 
 
 def outbox_depth(services: Any) -> defer.Deferred:
@@ -60,13 +86,29 @@ def outbox_depth(services: Any) -> defer.Deferred:
     return defer.succeed(0)
 
 
+def outbox_state(services: Any) -> defer.Deferred:
+    """``(files waiting for a sink, when the oldest was recorded or None)``.
+
+    The oldest comes from the store's ``pending()`` entries; without them
+    (an outbox that only says its ``depth``) it is None.
+    """
+    outbox = getattr(services, "outbox", None)
+    pending = getattr(services.store, "pending", None)
+    if outbox is None or getattr(outbox, "depth", None) is not None or not callable(pending):
+        return outbox_depth(services).addCallback(lambda depth: (depth, None))
+    return defer.maybeDeferred(pending).addCallback(
+        lambda entries: (len(entries), min((entry.created for entry in entries), default=None)))
+
+
 class GatewayCollector:
     """A custom collector over a running gateway (anything with ``services`` and ``factory``)."""
 
     def __init__(self, gateway: Any) -> None:
         self.gateway = gateway
-        #: Set by :meth:`Metrics.scrape` just before collecting (it needs a Deferred).
-        self.outbox_depth = 0
+        #: Set by :meth:`Metrics.scrape` just before collecting (they need a Deferred):
+        #: the files in the outbox, and when the oldest was recorded (None: no file).
+        self.outbox_depth: Optional[int] = 0
+        self.outbox_oldest: Optional[float] = None
 
     def describe(self) -> list[Metric]:
         """Nothing up front: the families depend on the running gateway."""
@@ -128,13 +170,24 @@ class GatewayCollector:
         yield deliveries
         yield failures
         yield counter("delivery_failures", "Failed deliveries of files, all sinks", stats.delivery_failures)
-        yield gauge("outbox_depth", "Files waiting in the outbox for a sink", self.outbox_depth)
+        if self.outbox_depth is not None:  # (None: the store did not answer; the figures are left out)
+            yield gauge("outbox_depth", "Files waiting in the outbox for a sink", self.outbox_depth)
+            oldest = self.outbox_oldest
+            yield gauge("outbox_oldest_age_seconds",
+                        "Seconds the oldest file in the outbox has waited (0: none waits)",
+                        max(0.0, services.clock.seconds() - oldest) if oldest is not None else 0)
+        outbox = getattr(services, "outbox", None)
+        yield counter("dead_lettered", "Files put in the dead-letter folder (refused for good, or failing too long)",
+                      getattr(outbox, "dead_letters", 0))
+        yield gauge("dead_letters", "Files in the dead-letter folder now (camgateway dead-letters)",
+                    dead_letter_count(services.spool))
         health = getattr(services, "health", None)
         problems = health.problems() if health is not None else {}
         degraded = GaugeMetricFamily("camgateway_degraded", "1 while a part of the gateway cannot record files"
                                      " (the reason is in /healthz)", labels=["part"])
-        for part in ("store", "spool"):
-            degraded.add_metric([part], 1 if part in problems else 0)
+        warnings = health.warnings() if health is not None else {}
+        for part in ("store", "spool", "shared_spool"):
+            degraded.add_metric([part], 1 if part in problems or part in warnings else 0)
         yield degraded
         journal = getattr(services, "journal", None)
         yield gauge("files_awaiting_store", "Complete files kept in the spool until the store can record them",
@@ -142,6 +195,31 @@ class GatewayCollector:
         files, size = spool_usage(services.spool)
         yield gauge("spool_files", "Files in the spool (partial transfers and files awaiting delivery)", files)
         yield gauge("spool_bytes", "Bytes in the spool (partial transfers and files awaiting delivery)", size)
+        try:
+            free: float = services.spool.free_bytes()
+        except OSError:
+            free = 0
+        yield gauge("spool_free_bytes", "Bytes free for the gateway on the spool's filesystem", free)
+        last = GaugeMetricFamily("camgateway_last_file_received_timestamp_seconds",
+                                 "When the latest file was received (unix time; none before the first)")
+        if stats.last_file_at is not None:
+            last.add_metric([], stats.last_file_at)
+        yield last
+        buckets, seen = [], 0
+        for bound, n in zip(DURATION_BOUNDS, stats.durations):
+            seen += n
+            buckets.append((floatToGoString(bound), seen))
+        buckets.append(("+Inf", seen + stats.durations[-1]))
+        yield HistogramMetricFamily("camgateway_transfer_duration_seconds",
+                                    "Seconds from a file's START to the file stored, once per file",
+                                    buckets=buckets, sum_value=stats.durations_sum)
+        workers = getattr(self.gateway, "workers", None)
+        if workers is not None:
+            restarts = CounterMetricFamily("camgateway_worker_restarts", "Times a worker process was restarted"
+                                           " after it died", labels=["worker"])
+            for state in workers.state():
+                restarts.add_metric([str(state["index"])], state.get("restarts", 0))
+            yield restarts
 
 
 class Metrics:
@@ -157,10 +235,12 @@ class Metrics:
     def scrape(self) -> defer.Deferred:
         """The Prometheus text exposition (bytes), once the outbox depth is known."""
         services = getattr(self.gateway, "services", None)
-        d = outbox_depth(services) if services is not None else defer.succeed(0)
+        d = outbox_state(services) if services is not None else defer.succeed((0, None))
 
-        def generate(depth: int) -> bytes:
-            self.collector.outbox_depth = depth
+        def generate(outbox: tuple[Optional[int], Optional[float]]) -> bytes:
+            self.collector.outbox_depth, self.collector.outbox_oldest = outbox
             return generate_latest(self.registry)
 
+        # The store down (the moment /metrics matters most): every other figure, the outbox's left out.
+        d.addErrback(lambda f: (None, None))
         return d.addCallback(generate)

@@ -16,11 +16,20 @@ entry's id is the file's :attr:`~camgateway.sinks.ReceivedFile.id`, the same
 on every attempt and along the whole chain (files a sink makes get ids
 derived from it, see :func:`derived_id`): sinks recognise a repeat by it.
 
+With a store shared by several instances, an instance is given only the
+entries whose spool file it has: the others are left to the instance that
+has them, with no failed attempt (camgateway.redis_store). An entry whose
+file no running instance has becomes a dead letter of its record alone.
+
 A failed delivery is retried with exponential backoff and jitter. A permanent
 failure (:class:`~camgateway.sinks.PermanentFailure`, e.g. an HTTP 400), or a
 transient one that lasts longer than ``outbox.give_up_after``, goes to the
 dead-letter folder with its reason (``camgateway dead-letters`` lists and
-retries them) and the file goes on to the next sink.
+retries them) and the file goes on to the next sink. A retried dead letter
+goes to the sink that refused it, and only there: the file itself went on
+along the chain when it was refused (its record carries :data:`RETRY`). Only
+what that sink makes of it (an MP4 and its poster) goes on to the sinks after
+it, which have not had those yet.
 """
 
 from __future__ import annotations
@@ -34,22 +43,50 @@ import random
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from twisted.internet import defer, task
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
 from camgateway.ids import new_id
+from camgateway.progress import iso
+from camgateway.reasons import is_bug, reason as reason_of
 from camgateway.sinks import PermanentFailure, ReceivedFile, Transformed
 
 if TYPE_CHECKING:
     from camgateway.services import Services
 
-__all__ = ["OutboxEntry", "IOutboxStore", "Outbox", "backoff", "derived_id", "write_dead_letter", "remove_files"]
+__all__ = ["OutboxEntry", "IOutboxStore", "Outbox", "backoff", "derived_id", "write_dead_letter", "remove_files",
+           "RETRY"]
 
 log = Logger(namespace="camgateway.outbox")
 
 #: Files an Outbox keeps in memory for its next free slots (see ``Outbox._ready``).
 READY_MAX = 1024
+
+#: The key of a retried dead letter's record (the refusing sink's index and
+#: name): the entry ends at that sink instead of going on along the chain.
+RETRY = "retry"
+
+#: The key of a record that names the sinks that refused the file on its way
+#: (dead letters): the last sink's log line says the file was not delivered everywhere.
+REFUSED = "refused"
+
+#: How the outbox's log lines name a file (the fields of :func:`_about`).
+_FILE = "camera {imei} {file} (id {file_id}, sha256 {sha256:.12})"
+
+
+def _about(entry: "OutboxEntry") -> dict[str, Any]:
+    """The log fields that name ``entry``'s file: camera, the camera's name for it, source, id, sha256, size."""
+    record = entry.record
+    try:
+        name = bytes.fromhex(record.get("identifier") or "").rstrip(b"\0").decode("utf-8", "backslashreplace")
+    except ValueError:
+        name = ""
+    name = name or str(record.get("source"))
+    if record.get("derived"):
+        name = f"{name} ({record['derived']})"
+    return {"imei": record.get("imei"), "file": name, "source": record.get("source"), "file_id": entry.id,
+            "sha256": str(record.get("sha256") or ""), "size": record.get("size")}
 
 
 @dataclasses.dataclass
@@ -125,16 +162,23 @@ def remove_files(paths: Sequence[str]) -> list[tuple[str, str]]:
     return left
 
 
-def write_dead_letter(dead_dir: str, entry: OutboxEntry, source_path: str, sink_name: str, reason: str,
+def write_dead_letter(dead_dir: str, entry: OutboxEntry, source_path: Optional[str], sink_name: str, reason: str,
                       when: float) -> str:
-    """Keep a file a sink refused, with its record and the reason (runs in a thread)."""
-    folder = os.path.join(dead_dir, entry.id)
+    """Keep a file a sink refused, with its record and the reason (runs in a thread).
+
+    One folder per entry and sink (``<entry id>-<sink index>``): a file two
+    sinks refused is two dead letters. ``dead-letter.json`` names the sink by
+    index and name, says when (ISO 8601 UTC) and after how many attempts.
+    """
+    folder = os.path.join(dead_dir, f"{entry.id}-{entry.sink}")
     os.makedirs(folder, exist_ok=True)
     target = os.path.join(folder, "file")
-    if not os.path.exists(target):
+    if source_path is not None and not os.path.exists(target):  # None: the file is lost, only its record is kept
         os.link(source_path, target)
-    info = {"entry": dataclasses.asdict(entry), "sink": entry.sink, "sink_name": sink_name,
-            "reason": reason, "time": when}
+    kept = dataclasses.asdict(entry)
+    kept["next_attempt"], kept["created"] = iso(entry.next_attempt), iso(entry.created)
+    info = {"sink": entry.sink, "sink_name": sink_name, "reason": reason, "time": iso(when),
+            "attempts": entry.attempts + 1, "entry": kept}
     tmp = os.path.join(folder, "dead-letter.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
@@ -173,6 +217,9 @@ class Outbox:
         #: scan). Only with a store of this instance's own, and at most
         #: :data:`READY_MAX`; beyond that a file waits in the store for a scan.
         self._ready: "collections.OrderedDict[str, tuple[OutboxEntry, ReceivedFile]]" = collections.OrderedDict()
+        #: The store's entries whose spool file no instance has, by id, with the
+        #: reason (camgateway.redis_store), or None: dead letters, not deliveries.
+        self._unreadable: Optional[dict[str, str]] = getattr(services.store, "unreadable", None)
 
     # -- running
 
@@ -292,6 +339,9 @@ class Outbox:
         s = self.s
         sink = s.sinks[entry.sink]
         if received is None:
+            if self._unreadable and entry.id in self._unreadable:
+                yield self._lost(entry, sink, self._unreadable.pop(entry.id))
+                return
             received = ReceivedFile.from_record(entry.record, s.spool.path(entry.spool_name))
             if not received.id:  # recorded before files carried their entry's id
                 received = dataclasses.replace(received, id=entry.id)
@@ -311,9 +361,15 @@ class Outbox:
                 made_id = derived_id(entry.id, index)
                 record = f.to_record()
                 record["id"] = made_id
+                if REFUSED in entry.record:  # refused on its way here: so are the files made from it
+                    record[REFUSED] = entry.record[REFUSED]
                 made.append(dataclasses.replace(entry, id=made_id, spool_name=f.path.name, record=record,
                                                 attempts=0, last_error=None))
             yield self._advance(entry, made)
+        elif RETRY in entry.record:  # a retried dead letter went on when it was refused: it ends here
+            yield self._advance(entry, [])
+            log.info("retried dead letter delivered to {sink}: " + _FILE + " {size} bytes",
+                     sink=sink.name, event="dead_letter_delivered", **_about(entry))
         else:
             yield self._advance(entry, [entry])
 
@@ -333,10 +389,29 @@ class Outbox:
         for path, error in left:
             log.warn("could not remove delivered spool file {path}: {error} (removed at the next start)",
                      path=path, error=error)
-        if not following:
-            log.info("file delivered to every sink: camera {imei} {source} {size} bytes",
-                     imei=entry.record.get("imei"), source=entry.record.get("source"),
-                     size=entry.record.get("size"))
+        if not following and (carried or RETRY not in entry.record):
+            last = carried[0] if carried else entry
+            refused = last.record.get(REFUSED) or []
+            if refused:
+                log.warn("file delivered to {delivered} of {sinks} sinks; refused by {refused_by}: " + _FILE,
+                         delivered=len(s.sinks) - len(set(refused)), sinks=len(s.sinks), refused=refused,
+                         refused_by=", ".join(refused), event="file_partly_delivered", **_about(last))
+            else:
+                log.info("file delivered to every sink: " + _FILE + " {size} bytes", sinks=len(s.sinks),
+                         event="file_delivered", **_about(last))
+
+    @defer.inlineCallbacks
+    def _lost(self, entry: OutboxEntry, sink: Any, reason: str) -> Any:
+        """No instance has the entry's spool file: keep its record as a dead letter, drop the entry."""
+        s = self.s
+        self.dead_letters += 1
+        folder = yield s.run_in_thread(write_dead_letter, str(s.spool.dead), entry, None, sink.name, reason,
+                                       s.clock.seconds())
+        record = entry.record
+        log.error(_FILE + " cannot be delivered to {sink}: {reason}; its record is kept in {folder}",
+                  sink=sink.name, reason=reason, folder=folder, event="delivery_lost", **_about(entry))
+        s.failed(record.get("imei", ""), record.get("peer", ""), f"delivery to {sink.name}", reason)
+        yield s.store.replace(entry.id, [])
 
     @defer.inlineCallbacks
     def _failed(self, entry: OutboxEntry, sink: Any, failure: Failure, received: ReceivedFile) -> Any:
@@ -344,22 +419,30 @@ class Outbox:
         self.failures += 1
         s.stats.sink_failures[sink.name] += 1
         s.stats.delivery_failures += 1
-        reason = failure.getErrorMessage() or failure.type.__name__
+        reason = reason_of(failure)
         now = s.clock.seconds()
+        s.stats.sink_failed(sink.name, reason, now)  # /healthz: a sink failing for long (outbox.degraded_after)
         permanent = failure.check(PermanentFailure) is not None
         if permanent or now - entry.created > self.give_up_after:
             self.dead_letters += 1
             why = reason if permanent else f"still failing after {self.give_up_after:.0f} s: {reason}"
             folder = yield s.run_in_thread(write_dead_letter, str(s.spool.dead), entry,
                                            str(received.path), sink.name, why, now)
-            log.error("{sink} refused camera {imei} {source}: {why}; kept in {folder}",
-                      sink=sink.name, imei=received.imei, source=received.source, why=why, folder=folder)
+            log.error("{sink} refused " + _FILE + ": {reason}; kept in {folder}", sink=sink.name, reason=why,
+                      folder=folder, event="delivery_refused", **_about(entry))
             s.failed(received.imei, received.peer, f"delivery to {sink.name}", why)
-            yield self._advance(entry, [entry])
+            onward = dataclasses.replace(entry, record={**entry.record, REFUSED: [*entry.record.get(REFUSED, ()),
+                                                                                  sink.name]})
+            yield self._advance(entry, [] if RETRY in entry.record else [onward])
             return
         entry.attempts += 1
         entry.last_error = reason
         entry.next_attempt = now + backoff(entry.attempts, self.rng)
-        log.warn("delivery to {sink} failed (attempt {n}), retrying in {delay:.1f} s: {why}",
-                 sink=sink.name, n=entry.attempts, delay=entry.next_attempt - now, why=reason)
+        fields = dict(_about(entry), sink=sink.name, attempt=entry.attempts, retry_in=entry.next_attempt - now,
+                      reason=reason)
+        text = "delivery to {sink} failed (attempt {attempt}), retrying in {retry_in:.1f} s: {reason}; " + _FILE
+        if is_bug(failure):  # a mistake in the sink's code, not the world outside: its traceback helps
+            log.failure(text, failure, LogLevel.error, event="delivery_error", **fields)
+        else:
+            log.warn(text, event="delivery_failed", **fields)
         yield s.store.update(entry)

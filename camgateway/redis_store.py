@@ -18,11 +18,16 @@ Keys (``P`` is the ``prefix``, ``camgateway`` by default)::
                             the unique index that ``find`` and ``add`` use
     P:partials:last_seen    sorted set: id scored by last_seen (``expired``)
     P:outbox:<id>           hash: the OutboxEntry's fields (record as JSON,
-                            last_error absent when None)
+                            last_error absent when None); ``missing:<instance>``
+                            and ``missing_since`` while its spool file is not
+                            in the spool of some instance (see below)
     P:outbox:due            sorted set: id scored by next_attempt (``due``)
     P:claim:<id>            string: the instance delivering the entry, PX claim_ttl
     P:lease:<imei>          string: the instance holding the camera's session, PX ttl
     P:takeover:<instance>   set: IMEIs another instance asks ``instance`` to let go
+    P:instances             hash: instance -> JSON (its spool path, its host)
+    P:instances:alive       sorted set: instance scored by when its registration
+                            expires (ms, Redis's clock)
 
 Several instances: ``due`` claims what it returns for this ``instance``
 (``P:claim:<id>``, expiring after ``claim_ttl``), skipping entries another
@@ -35,14 +40,27 @@ itself (unless excluded), as the other stores do, so a restarted instance
 under the same name takes its entries back at once: give each instance a
 stable name unique among those running (the default is unique per process).
 
+Spool files an instance does not have: with ``spool_dir`` (the gateway gives
+its spool's ``partials/``), ``due`` hands out only entries whose spool file is
+there. Any other entry it claimed is released at once, not delivered, and
+marked ``missing:<instance>`` (logged the first time, with the reason: the
+spool is not shared); ``due`` skips the entries this instance marked for
+``unreadable_after / 2``, then looks again. An instance that has the file
+claims it meanwhile and delivers it, with no failed attempt counted. An entry
+that every running instance (see :meth:`RedisStore.register`) has marked is,
+once ``unreadable_after`` has passed since the first mark, handed out with
+its reason in :attr:`RedisStore.unreadable`: the outbox makes it a dead letter
+(camgateway.outbox) instead of delivering it. A delivery attempt (``update``)
+clears the marks.
+
 Durability: Redis keeps what persistence allows. For the promise the gateway
 makes to cameras (a file acknowledged is never lost) the operator must enable
 the append-only file: ``appendonly yes`` with ``appendfsync everysec`` (at most
 about a second of writes lost on a power cut) or ``always``. The store checks
 at start and logs a warning when it is off (or that it could not check, when
-CONFIG is disabled). Spool files stay on each instance's disk: the partials
-and entries of the shared store name files that only a shared spool makes
-reachable from every instance.
+CONFIG is disabled). The partials and entries of the shared store name spool
+files that only a shared spool makes reachable from every instance
+(camgateway.shared_spool checks that it is).
 """
 
 from __future__ import annotations
@@ -51,6 +69,7 @@ import json
 import os
 import socket
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from twisted.internet import task
@@ -91,6 +110,10 @@ local function release(id, instance)
   local claim = P .. 'claim:' .. id
   if redis.call('GET', claim) == instance then redis.call('DEL', claim) end
 end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 """
 
 # ARGV: P, id, identity, last_seen, field, value, ...
@@ -128,18 +151,26 @@ put_entry(4)
 if ARGV[2] == '1' then drop_partial(ARGV[3]) end
 """
 
-# ARGV: P, instance, now, limit, claim ttl ms, excluded id, ...
+# ARGV: P, instance, now, limit, claim ttl ms, look again at entries marked before, excluded id, ...
 _DUE = _COMMON + """
 local excluded = {}
-for i = 6, #ARGV do excluded[ARGV[i]] = true end
+for i = 7, #ARGV do excluded[ARGV[i]] = true end
 local limit = tonumber(ARGV[4])
+local again = tonumber(ARGV[6])
+local mark = 'missing:' .. ARGV[2]
+-- an entry whose spool file this instance did not find is left to the others until ``again``
+local function left(id)
+  if excluded[id] then return true end
+  local marked = redis.call('HGET', P .. 'outbox:' .. id, mark)
+  return marked and tonumber(marked) > again
+end
 local out = {}
-local batch = limit + (#ARGV - 5) + 16
+local batch = limit + (#ARGV - 6) + 16
 local offset = 0
 while #out < limit do
   local ids = redis.call('ZRANGEBYSCORE', P .. 'outbox:due', '-inf', ARGV[3], 'LIMIT', offset, batch)
   for _, id in ipairs(ids) do
-    if not excluded[id] then
+    if not left(id) then
       local claim = P .. 'claim:' .. id
       local holder = redis.call('GET', claim)
       if not holder or holder == ARGV[2] then
@@ -163,8 +194,64 @@ if redis.call('EXISTS', key) == 1 then
   if ARGV[7] == '1' then redis.call('HSET', key, 'last_error', ARGV[8])
   else redis.call('HDEL', key, 'last_error') end
   redis.call('ZADD', P .. 'outbox:due', ARGV[4], ARGV[3])
+  if redis.call('HEXISTS', key, 'missing_since') == 1 then  -- an instance had the file: forget the marks
+    for _, field in ipairs(redis.call('HKEYS', key)) do
+      if field == 'missing_since' or string.sub(field, 1, 8) == 'missing:' then redis.call('HDEL', key, field) end
+    end
+  end
 end
 release(ARGV[3], ARGV[2])
+"""
+
+# ARGV: P, instance, now, unreadable after, id, ...  -> {id, "first"|"again"|"unreadable"|"gone", missing_since}
+_MISSING = _COMMON + """
+local now, after = tonumber(ARGV[3]), tonumber(ARGV[4])
+local running = redis.call('ZRANGEBYSCORE', P .. 'instances:alive', '(' .. now_ms(), '+inf')
+local out = {}
+for i = 5, #ARGV do
+  local id = ARGV[i]
+  local key = P .. 'outbox:' .. id
+  if redis.call('EXISTS', key) == 0 then
+    release(id, ARGV[2])
+    out[#out + 1] = {id, 'gone', ''}
+  else
+    local first = redis.call('HSET', key, 'missing:' .. ARGV[2], ARGV[3])
+    redis.call('HSETNX', key, 'missing_since', ARGV[3])
+    local since = redis.call('HGET', key, 'missing_since')
+    local everyone = true
+    for _, name in ipairs(running) do
+      if redis.call('HEXISTS', key, 'missing:' .. name) == 0 then everyone = false break end
+    end
+    if everyone and now - tonumber(since) >= after then
+      out[#out + 1] = {id, 'unreadable', since}  -- the claim stays: this instance dead-letters it
+    else
+      release(id, ARGV[2])
+      out[#out + 1] = {id, first == 1 and 'first' or 'again', since}
+    end
+  end
+end
+return out
+"""
+
+# ARGV: P, instance, ttl ms, JSON
+_REGISTER = _COMMON + """
+redis.call('ZADD', P .. 'instances:alive', now_ms() + tonumber(ARGV[3]), ARGV[2])
+redis.call('HSET', P .. 'instances', ARGV[2], ARGV[4])
+"""
+
+# ARGV: P  -> the running instances' hash (those whose registration expired are forgotten)
+_INSTANCES = _COMMON + """
+for _, name in ipairs(redis.call('ZRANGEBYSCORE', P .. 'instances:alive', '-inf', now_ms())) do
+  redis.call('ZREM', P .. 'instances:alive', name)
+  redis.call('HDEL', P .. 'instances', name)
+end
+return redis.call('HGETALL', P .. 'instances')
+"""
+
+# ARGV: P, instance
+_UNREGISTER = _COMMON + """
+redis.call('ZREM', P .. 'instances:alive', ARGV[2])
+redis.call('HDEL', P .. 'instances', ARGV[2])
 """
 
 # ARGV: P, instance, old id, number of entries, entry, ...
@@ -259,7 +346,11 @@ class RedisStore:
     shared = True
 
     def __init__(self, url: str, reactor: Any = None, prefix: str = "camgateway", instance: Optional[str] = None,
-                 claim_ttl: float = 300.0) -> None:
+                 claim_ttl: float = 300.0, spool_dir: Optional[Path] = None,
+                 unreadable_after: Optional[float] = None) -> None:
+        """``spool_dir``: the folder of this instance's spool files, for ``due`` to hand out only
+        entries whose file is there; ``unreadable_after`` (default ``claim_ttl``): how long an
+        entry no running instance can read waits before it is given up (see the module)."""
         import redis  # only for those who use this store
 
         if reactor is None:
@@ -272,13 +363,19 @@ class RedisStore:
         self.prefix = prefix
         self.instance = instance or default_instance()
         self.claim_ttl = claim_ttl
+        self.spool_dir = None if spool_dir is None else str(spool_dir)
+        self.unreadable_after = claim_ttl if unreadable_after is None else unreadable_after
+        #: Entries claimed by this instance whose spool file no running instance has: id -> the
+        #: reason. The outbox makes them dead letters instead of delivering them.
+        self.unreadable: dict[str, str] = {}
         # URL options (?socket_timeout=...) override these defaults.
         self.client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10.0,
                                            socket_connect_timeout=5.0, health_check_interval=30)
         self._scripts = {name: self.client.register_script(src) for name, src in (
             ("add", _ADD), ("find", _FIND), ("checkpoint", _CHECKPOINT), ("remove", _REMOVE),
             ("enqueue", _ENQUEUE), ("due", _DUE), ("update", _UPDATE), ("replace", _REPLACE),
-            ("renew", _RENEW), ("release", _RELEASE))}
+            ("renew", _RENEW), ("release", _RELEASE), ("missing", _MISSING), ("register", _REGISTER),
+            ("instances", _INSTANCES), ("unregister", _UNREGISTER))}
         self._claimed: set[str] = set()  # entries this instance claimed and has not released
         self._closed = False
         self._pool = ThreadPool(1, 1, name="camgateway-redis-store")
@@ -402,13 +499,50 @@ class RedisStore:
         if limit <= 0:
             return succeed([])
 
-        def claimed(rows: list[list[str]]) -> list[OutboxEntry]:
-            entries = [_entry(_hash(row)) for row in rows if row]
+        def claimed(result: tuple[list[OutboxEntry], list[tuple[OutboxEntry, str, str]]]) -> list[OutboxEntry]:
+            entries, missing = result
+            for e, verdict, since in missing:
+                if verdict == "unreadable":
+                    entries.append(e)
+                    self.unreadable[e.id] = (
+                        f"spool file {e.spool_name} is in the spool of no running instance (looked for since"
+                        f" {now - float(since):.0f} s): is the spool shared?")
+                elif verdict == "first":
+                    log.warn("outbox entry {id} (camera {imei} {source}): spool file {name} is not in this"
+                             " instance's spool: is the spool shared? Left to the instance that has it",
+                             id=e.id, imei=e.record.get("imei"), source=e.record.get("source"), name=e.spool_name,
+                             folder=self.spool_dir, event="spool_file_not_here")
             self._claimed.update(e.id for e in entries)
             return entries
 
-        d = self._script("due", self.instance, _num(now), str(limit), str(_ms(self.claim_ttl)), *sorted(exclude))
-        return d.addCallback(claimed)
+        return self._run(self._due, now, limit, exclude).addCallback(claimed)
+
+    def _due(self, now: float, limit: int,
+             exclude: frozenset) -> tuple[list[OutboxEntry], list[tuple[OutboxEntry, str, str]]]:
+        """Claim due entries; sort out those whose spool file is not here (store thread)."""
+        entries: list[OutboxEntry] = []
+        missing: list[tuple[OutboxEntry, str, str]] = []
+        skip = set(exclude)
+        for _ in range(4):  # those missing here are released and skipped from now on: claim others instead
+            wanted = limit - len(entries)
+            rows = self._scripts["due"](args=[self.prefix + ":", self.instance, _num(now), str(wanted),
+                                              str(_ms(self.claim_ttl)), _num(now - self.unreadable_after / 2),
+                                              *sorted(skip)])
+            got = [_entry(_hash(row)) for row in rows if row]
+            if self.spool_dir is None:
+                return got, missing
+            absent = {e.id: e for e in got if not os.path.exists(os.path.join(self.spool_dir, e.spool_name))}
+            entries.extend(e for e in got if e.id not in absent)
+            if not absent:
+                break
+            verdicts = self._scripts["missing"](args=[self.prefix + ":", self.instance, _num(now),
+                                                      _num(self.unreadable_after), *absent])
+            missing.extend((absent[entry_id], verdict, since) for entry_id, verdict, since in verdicts
+                           if verdict != "gone")
+            if len(got) < wanted:
+                break
+            skip.update(e.id for e in got)
+        return entries, missing
 
     def update(self, entry: OutboxEntry) -> "Deferred[None]":
         self._claimed.discard(entry.id)
@@ -426,6 +560,22 @@ class RedisStore:
     def pending(self) -> "Deferred[list[OutboxEntry]]":
         d = self._run(self._hashes, "outbox:due", "+inf", "outbox")
         return d.addCallback(lambda hs: sorted(map(_entry, hs), key=lambda e: e.created))
+
+    # -- running instances
+
+    def register(self, info: dict[str, str], ttl: float) -> "Deferred[None]":
+        """Say that this instance runs, for ``ttl`` seconds (Redis's clock), with ``info`` (its spool...)."""
+        d = self._script("register", self.instance, str(_ms(ttl)), json.dumps(info, sort_keys=True))
+        return d.addCallback(lambda _: None)
+
+    def instances(self) -> "Deferred[dict[str, dict[str, str]]]":
+        """The instances whose registration is live, with their ``info``: ``{name: info}``."""
+        d = self._script("instances")
+        return d.addCallback(lambda flat: {name: json.loads(info) for name, info in _hash(flat).items()})
+
+    def unregister(self) -> "Deferred[None]":
+        """Say that this instance stops (before :meth:`close`)."""
+        return self._script("unregister", self.instance).addCallback(lambda _: None)
 
     # -- claims
 

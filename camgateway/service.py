@@ -11,11 +11,12 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from camgateway import __version__
-from camgateway.config import Config
+from camgateway.config import Config, ConfigError
 from camgateway.durability import WRITEBACK_BYTES, GroupSync
 from camgateway.groupcommit import BatchThread
 from camgateway.journal import FinishJournal
@@ -26,6 +27,7 @@ from camgateway.progress import PROGRESS_SPREAD, ProgressReporter
 from camgateway.protocol import CameraFactory
 from camgateway.reserve import SpoolReserve
 from camgateway.services import Services
+from camgateway.shared_spool import SharedSpool, orphan_age, sweep_orphans
 from camgateway.sinks import make_sinks
 from camgateway.spool import Spool, boot_id, reconcile_partial
 from camgateway.sqlite_store import SQLiteStore
@@ -33,7 +35,7 @@ from camgateway.threads import WorkerPool
 from camgateway.transfer import FLUSH_AGE
 from camgateway.workers import DispatchFactory, Shard, Workers, children_needed
 
-__all__ = ["GatewayService", "make_gateway", "reconcile", "sweep_expired", "flush_stale", "periodic"]
+__all__ = ["GatewayService", "StartError", "make_gateway", "reconcile", "sweep_expired", "flush_stale", "periodic"]
 
 log = Logger(namespace="camgateway.service")
 
@@ -93,8 +95,9 @@ def reconcile(s: Services) -> Any:
         log.warn("{n} partial transfers of cameras that now go to another worker (workers changed) dropped;"
                  " those cameras send the files again", n=moved)
     if partials or orphans or outbox:
-        log.info("spool reconciled: {n} partial transfers kept, {q} files in the outbox, {o} orphan spool files"
-                 " removed", n=len(partials) - moved, q=len(outbox), o=len(orphans))
+        log.info("spool reconciled: {n} partial transfers kept, {q} files in the outbox, {o} unused spool files"
+                 " removed (made ahead for new transfers, or of transfers never recorded)",
+                 n=len(partials) - moved, q=len(outbox), o=len(orphans))
 
 
 def flush_stale(s: Services) -> None:
@@ -161,12 +164,33 @@ def sweep_expired(s: Services) -> Any:
                  imei=partial.imei, held=partial.held, age=s.clock.seconds() - partial.last_seen)
 
 
+class StartError(Exception):
+    """The gateway cannot start: ``key`` names the configuration at fault (``listen[0]``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def listen_error(error: Exception) -> str:
+    """Why an endpoint could not listen, in a few words (``Address already in use``)."""
+    if isinstance(error, CannotListenError):
+        reason = error.socketError
+        return str(getattr(reason, "strerror", None) or reason)
+    return str(error) or type(error).__name__
+
+
 class GatewayService(Service):
     """Reconciles the spool, then listens on every configured endpoint.
 
     With ``workers: N`` (N > 1) it is worker 0 and starts the other workers
     (:mod:`camgateway.workers`); ``shard`` says which worker a child process is.
+    ``ready`` fires once every port listens, or fails with why the gateway
+    could not start (:meth:`cannot_start`).
     """
+
+    #: Why the start failed, once it has (:meth:`cannot_start`).
+    start_failure: Optional[Failure] = None
 
     def __init__(self, config: Config, reactor: Any = None, shard: Optional[Shard] = None,
                  twistd_logfile: Optional[str] = None, forward_logs: bool = False) -> None:
@@ -180,6 +204,8 @@ class GatewayService(Service):
         self.factory: Optional[CameraFactory] = None
         self.keeper: Optional[LeaseKeeper] = None
         self.services: Optional[Services] = None
+        #: With a shared store: this instance's marker and the check that the spool is shared.
+        self.shared_spool: Optional[SharedSpool] = None
         self.ready: defer.Deferred = defer.Deferred()
         self.pool: Optional[WorkerPool] = None
         if shard is None and config.workers > 1:
@@ -202,6 +228,14 @@ class GatewayService(Service):
         gc.collect()
         gc.freeze()
         gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+        try:
+            d = self._start()
+        except Exception:  # (twistd would print the traceback; the failure is told as any other)
+            d = defer.fail()
+        d.addCallbacks(self.ready.callback, self._failed)
+
+    def _start(self) -> defer.Deferred:
+        """Make the spool, the store, the sinks...; the Deferred fires once every port listens."""
         config = self.config
         # Blocking steps (spool opens, writes, digests, sink I/O) share one
         # pool: sized so the outbox's deliveries never starve the sessions'
@@ -209,7 +243,10 @@ class GatewayService(Service):
         self.pool = WorkerPool(self.reactor, 2 * config.outbox_concurrency + 16)
         shard = self.shard
         spool = Spool(config.spool, shard.dead if shard is not None and shard.index else None)
-        spool.ensure()
+        try:
+            spool.ensure()
+        except OSError as e:
+            raise StartError("storage.spool", f"cannot make {e.filename or spool.root}: {e.strerror or e}") from None
         if self.workers is not None:
             self.workers.start()
         leases = None
@@ -222,7 +259,7 @@ class GatewayService(Service):
             from camgateway.redis_store import RedisLeases, RedisStore
 
             store = RedisStore(config.resume, self.reactor, instance=config.instance,
-                               claim_ttl=config.outbox_claim_ttl)
+                               claim_ttl=config.outbox_claim_ttl, spool_dir=spool.partials)
             leases = RedisLeases(store)
         self.services = Services(config, store, spool, [], self.reactor, self._run_in_thread, boot_id())
         self.services.shard = shard
@@ -237,6 +274,8 @@ class GatewayService(Service):
                                             lambda: services.config.min_free_bytes)
         self.services.instance = getattr(store, "instance", "local")
         self.keeper = LeaseKeeper(self.services) if leases is not None else None
+        if leases is not None:
+            self.shared_spool = SharedSpool(self.services, store, config.lease_ttl)
         sinks = self.services.sinks = make_sinks(config.sinks, self.services)
         self.services.outbox = Outbox(self.services, config.outbox_concurrency,
                                       give_up_after=config.outbox_give_up_after)
@@ -256,13 +295,15 @@ class GatewayService(Service):
         else:
             log.info("shared store {url} as instance {instance}: spool files are checked when resumed",
                      url=config.resume.split("@")[-1], instance=self.services.instance)
+            # Registered before the outbox starts: the others count this instance in (camgateway.redis_store).
+            d.addCallback(lambda _: self.shared_spool.start())  # type: ignore[union-attr]
             d.addCallback(lambda _: self.keeper.start())  # type: ignore[union-attr]
         d.addCallback(lambda _: self.services.outbox.start())  # type: ignore[union-attr]
         d.addCallback(lambda _: self.services.journal.start())  # type: ignore[union-attr]
         if self.workers is not None:  # listen once the other workers can take their cameras
             d.addCallback(lambda _: self.workers.wait_ready())  # type: ignore[union-attr]
         d.addCallback(lambda _: self._listen())
-        d.addCallbacks(self.ready.callback, self._failed)
+        return d
 
     @defer.inlineCallbacks
     def _listen(self) -> Any:
@@ -270,18 +311,44 @@ class GatewayService(Service):
         if self.workers is not None and self.config.workers > 1:
             factory = DispatchFactory(self.factory, self.workers, self.config.workers, self.reactor,
                                       self.config.idle_timeout)
-        for description in self.config.listen:
-            port = yield serverFromString(self.reactor, description).listen(factory)
+        for i, description in enumerate(self.config.listen):
+            try:
+                port = yield serverFromString(self.reactor, description).listen(factory)
+            except Exception as e:
+                raise StartError(f"listen[{i}]", f"cannot listen on {description!r}: {listen_error(e)}") from None
             self.ports.append(port)
             log.info("listening for cameras on {description} ({address})",
                      description=description, address=port.getHost())
         return self.ports
 
-    def _failed(self, failure: Any) -> None:
-        log.failure("camgateway could not start", failure)
+    def _failed(self, failure: Failure) -> None:
+        self.cannot_start(failure)
         self.ready.errback(failure)
-        if self.reactor.running:
+
+    def cannot_start(self, failure: Failure) -> None:
+        """The gateway (or its status service) cannot start: say why, and stop the reactor.
+
+        A :class:`StartError` (or ConfigError) is one line naming the key at fault
+        (``camgateway cannot start: listen[0]: ...``); anything else is a bug,
+        logged with its traceback. The reactor stops (as soon as it runs, when
+        the start failed before it did), so every service stops as on SIGTERM.
+        Only the first failure is told.
+        """
+        if self.start_failure is not None:
+            return
+        self.start_failure = failure
+        if failure.check(StartError, ConfigError):
+            log.critical("camgateway cannot start: {reason}", reason=failure.getErrorMessage(),
+                         key=failure.value.key)
+        else:
+            log.failure("camgateway could not start", failure)
+        if not self.reactor.running:
+            self.reactor.callWhenRunning(self.reactor.stop)
+            return
+        try:
             self.reactor.stop()
+        except ReactorNotRunning:  # already stopping
+            pass
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
@@ -304,11 +371,15 @@ class GatewayService(Service):
         if self.services is not None:
             if self.services.reserve is not None:
                 yield self.services.reserve.close()
-            yield self.services.journal.stop()
-            yield self.services.outbox.stop()
+            if self.services.journal is not None:  # (None when the start failed before)
+                yield self.services.journal.stop()
+            if self.services.outbox is not None:
+                yield self.services.outbox.stop()
             for sink in self.services.sinks:
                 if hasattr(sink, "close"):
                     yield defer.maybeDeferred(sink.close)
+            if self.shared_spool is not None:
+                yield self.shared_spool.stop()
             yield self.services.store.close()
             yield self.services.spool_sync.close()
         if self.pool is not None:
@@ -340,7 +411,18 @@ def make_gateway(config: Config, reactor: Any = None, shard: Optional[Shard] = N
             return None
         return sweep_expired(gateway.services)
 
-    timer = TimerService(min(3600.0, config.partial_ttl / 4), periodic("the partial sweep", sweep))
+    def sweep_spool() -> Any:  # with a shared store only: it has no start-up reconcile
+        if gateway.services is None or gateway.shared_spool is None:
+            return None
+        return sweep_orphans(gateway.services, orphan_age(config))
+
+    partial_sweep = periodic("the partial sweep", sweep)
+    orphan_sweep = periodic("the orphan sweep", sweep_spool)
+
+    def sweeps() -> Any:
+        return defer.maybeDeferred(partial_sweep).addCallback(lambda _: orphan_sweep())
+
+    timer = TimerService(min(3600.0, config.partial_ttl / 4), sweeps)
     if reactor is not None:
         timer.clock = reactor
     timer.setServiceParent(top)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import os
@@ -19,7 +20,24 @@ from camgateway.spool import Spool
 if TYPE_CHECKING:
     from camgateway.session import Session
 
-__all__ = ["FileHeads", "RecentFiles", "Services", "Stats"]
+__all__ = ["FileHeads", "RecentFiles", "Services", "Stats", "SinkFailing", "DURATION_BOUNDS", "NOT_IN_SUMMARY"]
+
+#: Upper bounds (seconds) of the transfer-duration histogram's buckets; one more bucket counts the longer ones.
+DURATION_BOUNDS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+#: The metadata of the :class:`Stats` fields that ``/api/summary`` leaves out (not plain counters).
+NOT_IN_SUMMARY = {"summary": False}
+
+
+@dataclasses.dataclass
+class SinkFailing:
+    """A sink whose every delivery attempt has failed since :attr:`since`."""
+
+    since: float
+    #: The latest failure: when, and why.
+    last: float
+    reason: str
+    #: The sink's count of deliveries when the failures began: any delivery since ends them.
+    deliveries: int
 
 
 @dataclasses.dataclass
@@ -39,6 +57,38 @@ class Stats:
     #: Deliveries and failed delivery attempts, by sink name.
     sink_deliveries: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     sink_failures: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    #: Files stored, by transfer duration (START to stored): bucket ``i`` counts those of at most
+    #: ``DURATION_BOUNDS[i]`` seconds not counted in an earlier one, the last bucket the longer ones.
+    durations: list[int] = dataclasses.field(default_factory=lambda: [0] * (len(DURATION_BOUNDS) + 1),
+                                             metadata=NOT_IN_SUMMARY)
+    #: The seconds of every transfer in :attr:`durations`, added up.
+    durations_sum: float = dataclasses.field(default=0.0, metadata=NOT_IN_SUMMARY)
+    #: When the latest file was stored (the clock's seconds), None before the first.
+    last_file_at: Optional[float] = dataclasses.field(default=None, metadata=NOT_IN_SUMMARY)
+    #: The sinks failing since their last delivery, by name (see :meth:`sink_failing`).
+    failing_sinks: dict[str, SinkFailing] = dataclasses.field(default_factory=dict, metadata=NOT_IN_SUMMARY)
+
+    def file_stored(self, seconds: float, at: float) -> None:
+        """A file was stored ``seconds`` after its START, at time ``at``."""
+        self.durations[bisect.bisect_left(DURATION_BOUNDS, seconds)] += 1
+        self.durations_sum += seconds
+        self.last_file_at = at
+
+    def sink_failed(self, name: str, reason: str, at: float) -> None:
+        """An attempt to deliver to sink ``name`` failed at time ``at``, for ``reason``."""
+        failing = self.sink_failing(name)
+        if failing is None:
+            self.failing_sinks[name] = SinkFailing(at, at, reason, self.sink_deliveries[name])
+        else:
+            failing.last, failing.reason = at, reason
+
+    def sink_failing(self, name: str) -> Optional[SinkFailing]:
+        """How sink ``name`` fails, if no delivery to it worked since its latest failure; else None."""
+        failing = self.failing_sinks.get(name)
+        if failing is not None and failing.deliveries != self.sink_deliveries[name]:
+            del self.failing_sinks[name]  # a delivery worked since
+            return None
+        return failing
 
 
 #: How many recent files and failures are kept for the status service.

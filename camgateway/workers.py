@@ -296,6 +296,8 @@ class WorkerProcess(ProcessProtocol):
         self.done: defer.Deferred = defer.Deferred()  # fires when it has ended for good
         self.first_ready: defer.Deferred = defer.Deferred()  # fires when it is ready the first time
         self.restart_delay = RESTART_FIRST
+        #: Times the child died and was restarted (metrics: camgateway_worker_restarts_total).
+        self.restarts = 0
         self.started_at = 0.0
         self.pid: Optional[int] = None
         self._waiting: Deque[tuple[float, Server, str, bytes]] = collections.deque()
@@ -353,6 +355,7 @@ class WorkerProcess(ProcessProtocol):
             self.restart_delay = RESTART_FIRST
         log.error("worker {i} ended ({how}); restarting it in {t:.0f} s, its cameras' connections wait",
                   i=self.index, how=how, t=self.restart_delay)
+        self.restarts += 1
         self._timer = self.reactor.callLater(self.restart_delay, self._restart)
         self.restart_delay = min(RESTART_MAX, self.restart_delay * 2)
 
@@ -506,8 +509,8 @@ class Workers:
             process.start()
 
     def state(self) -> list[dict[str, Any]]:
-        """Each child: its index, pid, whether it takes cameras now, and whether it is draining."""
-        return [{"index": i, "pid": p.pid, "ready": p.ready, "drain": p.drain}
+        """Each child: its index, pid, whether it takes cameras now, whether it is draining, its restarts."""
+        return [{"index": i, "pid": p.pid, "ready": p.ready, "drain": p.drain, "restarts": p.restarts}
                 for i, p in sorted(self.processes.items())]
 
     def wait_ready(self, timeout: float = HANDOFF_WAIT) -> defer.Deferred:

@@ -39,6 +39,16 @@ def parse(text: str, base: Path = BASE) -> Config:
     return parse_config(yaml.safe_load(text), "test.yaml", base)
 
 
+def default_chain(base: Path) -> tuple:
+    """The built-in chain under ``base``, as configured explicitly (mp4 then disk with ffmpeg, else disk)."""
+    from camgateway.sinks.mp4 import default_sinks
+
+    chain = default_sinks("camgateway-data/files")
+    expected = parse_config({"sinks": chain}, "test.yaml", base).sinks
+    assert expected[-1]["root"] == str(base / "camgateway-data" / "files")
+    return expected
+
+
 class ContractTests(unittest.TestCase):
     """The public contract YAML parses to the documented values."""
 
@@ -65,7 +75,7 @@ class ContractTests(unittest.TestCase):
 listen: ["tcp:6000", "ssl:6001:privateKey=k.pem:certKey=c.pem"]
 storage: {spool: sp, partial_ttl: 2d, checkpoint_bytes: 1MiB}
 sinks: [{type: disk, root: a}, {type: disk, root: /abs/b}]
-devices: {allow: ["863719061653375", 1, "000042"]}
+devices: {allow: ["863719061653375", 356307042441013, "013519004441013"]}
 timeouts: {idle: 5m, metadata: 3s, step: 1h}
 download: {mode: dsm, metadata: false, dualcam_sources: [photof, videor], resume_retries: 3}
 limits: {max_connections: 10, max_file_bytes: 200MB, min_free_bytes: 0}
@@ -76,7 +86,7 @@ limits: {max_connections: 10, max_file_bytes: 200MB, min_free_bytes: 0}
         self.assertEqual(config.checkpoint_bytes, 1024 * 1024)
         self.assertEqual(config.sinks, ({"type": "disk", "root": str(BASE / "a")},
                                         {"type": "disk", "root": "/abs/b"}))
-        self.assertEqual(config.allow, frozenset({"863719061653375", "1", "42"}))
+        self.assertEqual(config.allow, frozenset({"863719061653375", "356307042441013", "13519004441013"}))
         self.assertEqual((config.idle_timeout, config.metadata_timeout, config.step_timeout),
                          (300.0, 3.0, 3600.0))
         self.assertEqual(config.mode, "dsm")
@@ -92,8 +102,7 @@ limits: {max_connections: 10, max_file_bytes: 200MB, min_free_bytes: 0}
             config = parse(text)
             self.assertEqual(config, dataclasses.replace(
                 Config(), spool=BASE / "camgateway-data" / "spool",
-                sinks=({"type": "disk", "root": str(BASE / "camgateway-data" / "files")},),
-                source="test.yaml"))
+                sinks=default_chain(BASE), source="test.yaml"))
 
     def test_single_string_lists(self) -> None:
         config = parse("listen: tcp:7000\ndownload: {dualcam_sources: photof}")
@@ -173,6 +182,12 @@ class ErrorTests(unittest.TestCase):
         self.assertKeyError("devices: {allow: ['']}", "devices.allow[0]")
         self.assertKeyError("devices: {allow: ['1 2']}", "devices.allow[0]")
         self.assertKeyError(f"devices: {{allow: ['{'1' * 21}']}}", "devices.allow[0]")
+        # An IMEI has 15 digits: fewer or more is a typo that would refuse the camera.
+        self.assertKeyError("devices: {allow: ['86371906165337']}", "devices.allow[0]")
+        self.assertKeyError("devices: {allow: ['0863719061653375']}", "devices.allow[0]")
+        self.assertKeyError("devices: {allow: ['000']}", "devices.allow[0]")
+        err = self.assertKeyError("devices: {allow: [86371906165337]}", "devices.allow[0]")
+        self.assertIn("in quotes", str(err))
         # Digits of other scripts are not a decimal IMEI.
         self.assertKeyError("devices: {allow: ['\u0661\u0662\u0663']}", "devices.allow[0]")
         self.assertKeyError("devices: {allow: ['\u00b2']}", "devices.allow[0]")
@@ -281,7 +296,7 @@ class PathTests(unittest.TestCase):
     def test_defaults_under_base(self) -> None:
         config = parse("{}", Path("/base"))
         self.assertEqual(config.spool, Path("/base/camgateway-data/spool"))
-        self.assertEqual(config.sinks, ({"type": "disk", "root": "/base/camgateway-data/files"},))
+        self.assertEqual(config.sinks, default_chain(Path("/base")))
 
 
 class LoadConfigTests(unittest.TestCase):
@@ -303,7 +318,7 @@ class LoadConfigTests(unittest.TestCase):
         config = load_config(self.dir / "absent.yaml", explicit=False, base=self.dir)
         self.assertEqual(config.listen, ("tcp:5000:interface=0.0.0.0",))
         self.assertEqual(config.spool, self.dir / "camgateway-data" / "spool")
-        self.assertEqual(config.sinks, ({"type": "disk", "root": str(self.dir / "camgateway-data" / "files")},))
+        self.assertEqual(config.sinks, default_chain(self.dir))
         self.assertEqual(config.source, "built-in defaults")
         self.assertEqual(config.dualcam_sources, DUALCAM_SOURCES)
         self.assertEqual(config.allow, frozenset())
@@ -374,12 +389,12 @@ class AllowedTests(unittest.TestCase):
         self.assertFalse(config.allowed(""))
 
     def test_leading_zeros_normalised(self) -> None:
-        config = parse("devices: {allow: ['0863719061653375', '000']}")
-        self.assertEqual(config.allow, frozenset({"863719061653375", "0"}))
+        config = parse("devices: {allow: ['013519004441013', '863719061653375']}")
+        self.assertEqual(config.allow, frozenset({"13519004441013", "863719061653375"}))
         # Sessions ask with str(int): what the init packet's u64 gives.
+        self.assertTrue(config.allowed(str(13519004441013)))
         self.assertTrue(config.allowed(str(863719061653375)))
-        self.assertTrue(config.allowed(str(0)))
-        self.assertFalse(config.allowed("63719061653375"))
+        self.assertFalse(config.allowed("3519004441013"))
 
 
 class TapOptionsTests(unittest.TestCase):
@@ -426,3 +441,147 @@ class TapOptionsTests(unittest.TestCase):
         self.assertEqual(options["parsed"].source, str(path))
         options = self.options("--config", str(path), "--listen", "tcp:6000", "--listen", "tcp:6001")
         self.assertEqual(options["parsed"].listen, ("tcp:6000", "tcp:6001"))
+
+
+class AllErrorsTests(unittest.TestCase):
+    """Validation goes on after an error: one ConfigError carries every error, each naming its key."""
+
+    def test_every_error_at_once(self) -> None:
+        err = self.assertRaises(ConfigError, parse, """
+listen: [tcp:5000, tcp:99999]
+lisen: [tcp:5001]
+storage: {partial_ttl: forever, spol: /x}
+devices: {allow: ['12345']}
+timeouts: {idle: -3, metadata: soon}
+download: {mode: fast, dualcam_sources: [photof, videox, photoy]}
+limits: {max_connections: 0}
+outbox: {concurrency: many}
+http: {listen: 8080, token: short}
+log: {format: xml, level: debug}
+workers: 0
+""")
+        keys = [e.key for e in err.errors]
+        self.assertEqual(keys, ["lisen", "storage.spol", "storage.partial_ttl", "devices.allow[0]", "timeouts.idle",
+                                "timeouts.metadata", "download.mode", "download.dualcam_sources[1]",
+                                "download.dualcam_sources[2]", "limits.max_connections", "outbox.concurrency",
+                                "http.listen", "http.token", "log.level", "log.format", "workers", "listen[1]"])
+        self.assertEqual(err.key, "lisen")
+        lines = str(err).splitlines()
+        self.assertEqual(lines[0], f"{len(keys)} errors:")
+        self.assertEqual([line.split(":")[0].strip() for line in lines[1:]], keys)
+        for each in err.errors:
+            self.assertEqual(each.errors, (each,))
+            self.assertEqual(str(each), f"{each.key}: {each.message}")
+
+    def test_one_error_is_itself(self) -> None:
+        err = self.assertRaises(ConfigError, parse, "timeouts: {idle: -3}")
+        self.assertEqual((err.key, err.errors), ("timeouts.idle", (err,)))
+        self.assertEqual(str(err), "timeouts.idle: must be positive, got -3")
+
+    def test_several_of_several_flattens(self) -> None:
+        a, b, c = ConfigError("a", "x"), ConfigError("b", "y"), ConfigError("c", "z")
+        combined = ConfigError.several([ConfigError.several([a, b]), c])
+        self.assertEqual(combined.errors, (a, b, c))
+        self.assertIs(ConfigError.several([a]), a)
+        self.assertIsInstance(combined, ValueError)
+
+    def test_workers_lists_every_endpoint_it_cannot_hand_over(self) -> None:
+        err = self.assertRaises(ConfigError, parse, "workers: 2\nstorage: {resume: 'redis://:pw@r:6379/0'}\n"
+                                                    "listen: ['ssl:5001:privateKey=k.pem', tcp:5000, 'unix:/x']")
+        self.assertEqual([e.key for e in err.errors], ["workers", "listen[0]", "listen[2]"])
+
+    def test_a_wrong_resume_url_hides_its_password(self) -> None:
+        err = self.assertRaises(ConfigError, parse, "storage: {resume: 'http://:hunter2@r:6379/0'}")
+        self.assertEqual(err.key, "storage.resume")
+        self.assertNotIn("hunter2", str(err))
+
+
+class EndpointStringTests(unittest.TestCase):
+    """``listen``/``http.listen``: ports in range, no address twice (checked with the rest of the file)."""
+
+    def keys(self, text: str) -> list[str]:
+        return [e.key for e in self.assertRaises(ConfigError, parse, text).errors]
+
+    def test_port_out_of_range(self) -> None:
+        self.assertEqual(self.keys("listen: ['tcp:99999']"), ["listen[0]"])
+        self.assertEqual(self.keys("listen: ['tcp:5000', 'tcp6:port=70000']"), ["listen[1]"])
+        self.assertEqual(self.keys("listen: ['haproxy:tcp:65536']"), ["listen[0]"])
+        self.assertEqual(self.keys("http: {listen: ['ssl:123456:privateKey=k.pem']}"), ["http.listen[0]"])
+        self.assertEqual(self.keys("listen: ['tcp:-1']"), ["listen[0]"])
+        self.assertIn("out of range", str(self.assertRaises(ConfigError, parse, "listen: ['tcp:99999']")))
+        for good in ("tcp:0", "tcp:65535", "tcp:5000:interface=127.0.0.1", "tcp6:5000:interface=\\:\\:1",
+                     "ssl:5001:privateKey=k.pem:certKey=c.pem", "unix:/run/camgateway.sock", "haproxy:tcp:5000",
+                     "systemd:domain=INET:index=0"):
+            self.assertEqual(parse(f"listen: ['{good}']").listen, (good,))
+
+    def test_an_address_twice(self) -> None:
+        self.assertEqual(self.keys("listen: [tcp:5000, tcp:5000]"), ["listen[1]"])
+        self.assertEqual(self.keys("listen: [tcp:5000, 'tcp:5000:interface=0.0.0.0']"), ["listen[1]"])
+        self.assertEqual(self.keys("listen: ['tcp:0:interface=127.0.0.1', 'tcp:0:interface=127.0.0.1']"),
+                         ["listen[1]"])
+        self.assertEqual(self.keys("listen: [tcp:8080]\nhttp: {listen: ['tcp:port=8080']}"), ["http.listen[0]"])
+        self.assertEqual(self.keys("listen: ['unix:/x', 'unix:/x']"), ["listen[1]"])
+        err = self.assertRaises(ConfigError, parse, "listen: [tcp:5000, tcp:5000]")
+        self.assertIn("listen[0]", str(err))
+        # Other addresses of one port, or two free ports, are not the same.
+        parse("listen: ['tcp:5000:interface=127.0.0.1', 'tcp:5000:interface=10.0.0.1', 'tcp6:5000', tcp:0,"
+              " 'tcp:0:interface=127.0.0.1']\nhttp: {listen: [tcp:8080]}")
+
+
+class PathCheckTests(unittest.TestCase):
+    """A spool or disk sink root that is, or lies under, a regular file is refused: it can never be made."""
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir()
+        (self.dir / "file").write_text("not a folder\n")
+
+    def test_under_a_file(self) -> None:
+        err = self.assertRaises(ConfigError, parse,
+                                "storage: {spool: file/spool}\nsinks: [{type: disk, root: file/a/b}]", self.dir)
+        self.assertEqual([e.key for e in err.errors], ["storage.spool", "sinks[0].root"])
+        self.assertIn(f"{self.dir / 'file'} is a file, not a directory", str(err))
+
+    def test_a_file(self) -> None:
+        err = self.assertRaises(ConfigError, parse, "storage: {spool: file}", self.dir)
+        self.assertEqual(err.key, "storage.spool")
+        self.assertIn("is a file", str(err))
+
+    def test_missing_folders_are_made_later(self) -> None:
+        config = parse("storage: {spool: a/b/spool}\nsinks: [{type: disk, root: c/d}]", self.dir)
+        self.assertEqual(config.spool, self.dir / "a" / "b" / "spool")
+
+
+class YamlFileTests(unittest.TestCase):
+    """load_config: YAML errors name the file and line; a key given twice is refused."""
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir()
+
+    def load(self, text: str) -> Config:
+        path = self.dir / "gw.yaml"
+        path.write_text(text)
+        return load_config(path, base=self.dir)
+
+    def test_syntax_error_names_file_and_line(self) -> None:
+        err = self.assertRaises(ConfigError, self.load, "listen: [tcp:5000]\ntimeouts:\n  idle: 5\n idle: [\n")
+        self.assertEqual(err.key, "--config")
+        self.assertIn(f"{self.dir / 'gw.yaml'}, line 4", str(err))
+        self.assertNotIn("<unicode string>", str(err))
+
+    def test_a_key_twice(self) -> None:
+        for text, key, lines in (("listen: [tcp:5000]\nlisten: [tcp:6000]\n", "listen", (1, 2)),
+                                 ("storage:\n  spool: a\n  partial_ttl: 1d\n  spool: b\n", "storage.spool", (2, 4)),
+                                 ("sinks:\n- {type: disk, root: a, root: b}\n", "sinks[0].root", (2, 2))):
+            err = self.assertRaises(ConfigError, self.load, text)
+            self.assertEqual(err.key, key, text)
+            self.assertIn(f"given twice in {self.dir / 'gw.yaml'} (line {lines[0]} and line {lines[1]})", str(err))
+
+    def test_merge_keys_may_be_overridden(self) -> None:
+        config = self.load("timeouts: &t {idle: 30, metadata: 5}\nlimits: {max_connections: 7}\n")
+        self.assertEqual(config.idle_timeout, 30.0)
+        from camgateway.config import UniqueKeyLoader
+
+        doc = yaml.load("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  y: 3\n", Loader=UniqueKeyLoader)
+        self.assertEqual(doc["b"], {"x": 1, "y": 3})

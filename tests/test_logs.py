@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
@@ -142,6 +143,153 @@ class ChoiceTests(TestCase):
         self.assertIsInstance(to_file.out.out, WatchedFile)  # type: ignore[union-attr]
         self.assertIsInstance(observer_for("auto", folder / "gw.log", None, tty), JSONLineObserver)
         self.assertIsInstance(observer_for("text", folder / "gw.log", None, pipe), FileLogObserver)
+
+
+class EventAndPriorityTests(TestCase):
+    """Every record has ``event`` (a stable snake_case name) and journald's ``priority``."""
+
+    def records(self, emit: Any) -> list[dict[str, Any]]:
+        out = io.StringIO()
+        emit(Logger(namespace="camgateway.test", observer=JSONLineObserver(out)))
+        return [json.loads(line) for line in out.getvalue().splitlines()]
+
+    def test_an_event_name_is_kept_else_made_from_the_format(self) -> None:
+        def emit(log: Logger) -> None:
+            log.info("file received: camera {imei}", imei="1", event="file_received")
+            for peer in ("10.0.0.1:5", "10.0.0.2:7"):
+                log.info("camera {imei} connected from {peer}: protocol {n}", imei="1", peer=peer, n=5)
+            log.warn("{what}", what="only a field")
+            log.error("{sink} refused", sink="s", event=None)
+
+        records = self.records(emit)
+        self.assertEqual([r["event"] for r in records],
+                         ["file_received", "camera_connected_from_protocol", "camera_connected_from_protocol",
+                          "camgateway_test", "refused"])
+        self.assertEqual([(r["level"], r["priority"]) for r in records],
+                         [("info", 6), ("info", 6), ("info", 6), ("warn", 4), ("error", 3)])
+        self.assertEqual(list(records[1])[:6], ["time", "level", "priority", "namespace", "message", "event"])
+
+    def test_levels_and_twisted_python_log_lines(self) -> None:
+        from twisted.python import log as legacy
+
+        records = self.records(lambda log: (log.debug("d"), log.critical("c"), log.info("x", priority="high")))
+        self.assertEqual([(r["level"], r["priority"]) for r in records], [("debug", 7), ("critical", 2), ("info", 6)])
+        self.assertEqual(records[2]["field_priority"], "high")
+        out = io.StringIO()
+        observer = JSONLineObserver(out)
+        globalLogPublisher.addObserver(observer)
+        try:
+            legacy.msg("cache of 42 files dropped")
+            legacy.err(ZeroDivisionError("division by zero"), "Unhandled Error")
+        finally:
+            globalLogPublisher.removeObserver(observer)
+        self.flushLoggedErrors(ZeroDivisionError)
+        said, error = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual((said["namespace"], said["event"], said["priority"]), ("twisted", "cache_of_files_dropped", 6))
+        self.assertEqual((error["namespace"], error["event"], error["priority"]), ("twisted", "unhandled_error", 2))
+        for record in (said, error):
+            self.assertFalse({"isError", "why", "system", "failure", "format", "log_legacy"} & set(record))
+
+
+class PortLinesTests(TestCase):
+    """A listening port's own "starting on" and "Port Closed" lines are left out (the gateway says what it
+    listens on)."""
+
+    @defer.inlineCallbacks
+    def test_a_port_that_starts_and_stops_logs_nothing(self) -> Any:
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory
+
+        out = io.StringIO()
+        observer = JSONLineObserver(out)
+        globalLogPublisher.addObserver(observer)
+        try:
+            factory = Factory()
+            factory.noisy = False
+            port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+            yield port.stopListening()
+            unix = reactor.listenUNIX(self.mktemp(), factory)
+            yield unix.stopListening()
+        finally:
+            globalLogPublisher.removeObserver(observer)
+        self.assertEqual(out.getvalue(), "")
+
+
+class JournalTests(TestCase):
+    """``<N>`` before each JSON line when standard output is the journal's stream (``JOURNAL_STREAM``), only then."""
+
+    def setUp(self) -> None:
+        self.folder = Path(self.mktemp())
+        self.folder.mkdir()
+        self.stream = open(self.folder / "stdout", "w")
+        self.addCleanup(self.stream.close)
+        st = os.fstat(self.stream.fileno())
+        self.journal = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+
+    def test_the_stream_is_compared(self) -> None:
+        from camgateway.logs import to_journal
+
+        other = os.fstat(0)
+        self.assertTrue(to_journal(self.stream, self.journal))
+        self.assertFalse(to_journal(self.stream, {}))
+        self.assertFalse(to_journal(self.stream, {"JOURNAL_STREAM": f"{other.st_dev}:{other.st_ino + 1}"}))
+        self.assertFalse(to_journal(self.stream, {"JOURNAL_STREAM": "nonsense"}))
+        self.assertFalse(to_journal(io.StringIO(), self.journal))  # no descriptor
+
+    def test_prefix_only_on_the_journals_standard_output(self) -> None:
+        self.patch(os, "environ", dict(os.environ, **self.journal))
+        observer = observer_for("auto", None, None, self.stream)
+        self.assertTrue(observer.journal)  # type: ignore[union-attr]
+        to_file = observer_for("json", self.folder / "gw.log", None, self.stream)
+        to_twistds = observer_for("json", None, str(self.folder / "twistd.log"), self.stream)
+        self.assertEqual((to_file.journal, to_twistds.journal), (False, False))  # type: ignore[union-attr]
+        self.assertIsNone(observer_for("text", None, None, self.stream))
+        out = io.StringIO()
+        log = Logger(namespace="camgateway.test", observer=JSONLineObserver(out, journal=True))
+        log.warn("disk {n} full", n=1)
+        log.info("fine")
+        lines = out.getvalue().splitlines()
+        self.assertEqual([line[:3] for line in lines], ["<4>", "<6>"])
+        self.assertEqual(json.loads(lines[0][3:])["priority"], 4)
+
+
+class QuietClientTests(TestCase):
+    """The status site asks its workers with no "Starting factory"/"Stopping factory" line per request."""
+
+    @defer.inlineCallbacks
+    def test_asking_the_workers(self) -> Any:
+        from twisted.internet import reactor
+        from twisted.web import resource, server
+
+        from camgateway.web.merge import WorkerPeers
+
+        class Answer(resource.Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                return b'{"sessions": 1}'
+
+        path = self.mktemp() + ".sock"
+        site = server.Site(Answer())
+        site.noisy = False
+        port = reactor.listenUNIX(path, site)
+        self.addCleanup(port.stopListening)
+
+        class Workers:
+            status_sockets = {1: path}
+
+        class Request:
+            def getHeader(self, name: bytes) -> None:
+                return None
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        peers = WorkerPeers(reactor, Workers())
+        for _ in range(3):
+            answers = yield peers.ask_all(b"/api/summary", Request())
+            self.assertEqual(answers, {1: {"sessions": 1}})
+        self.assertEqual([e.get("log_format") for e in events if "factory" in str(e.get("log_format", "")).lower()], [])
 
 
 class CountingStream(io.StringIO):
@@ -431,36 +579,47 @@ class TwistdLogTests(TestCase):
                 process.kill()
                 process.wait(10)
 
-    def start(self, log: Optional[dict[str, Any]], *flags: str) -> tuple[subprocess.Popen, Path]:
-        config = self.work / "camgateway.yaml"
+    def start(self, log: Optional[dict[str, Any]], *flags: str, journal: bool = False,
+              **config: Any) -> tuple[subprocess.Popen, Path]:
+        """Run the gateway (``config``: more of its configuration); ``journal``: its standard output is
+        "the journal's stream" (``JOURNAL_STREAM`` names the file it writes to)."""
+        path = self.work / "camgateway.yaml"
         doc: dict[str, Any] = {"listen": ["tcp:0:interface=127.0.0.1"], "storage": {"spool": "spool"},
-                               "sinks": [{"type": "disk", "root": "files"}]}
+                               "sinks": [{"type": "disk", "root": "files"}], **config}
         if log:
             doc["log"] = log
-        config.write_text(json.dumps(doc))
+        path.write_text(json.dumps(doc))
         out = self.work / f"stdout-{len(self.processes)}.txt"
+        env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
         with open(out, "w") as f:  # not a terminal
-            process = subprocess.Popen([twistd(), "-n", "--pidfile=", *flags, "camgateway", "--config", str(config)],
-                                       cwd=self.work, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.DEVNULL)
+            if journal:
+                st = os.fstat(f.fileno())
+                env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+            process = subprocess.Popen([twistd(), "-n", "--pidfile=", *flags, "camgateway", "--config", str(path)],
+                                       cwd=self.work, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.DEVNULL,
+                                       env=env)
         self.processes.append(process)
         return process, out
 
-    def records(self, path: Path, process: subprocess.Popen, wanted: Any, what: str) -> list[dict[str, Any]]:
-        """Every line of ``path`` as JSON, once one satisfies ``wanted``."""
+    def records(self, path: Path, process: subprocess.Popen, wanted: Any, what: str,
+                journal: bool = False) -> list[dict[str, Any]]:
+        """Every line of ``path`` as JSON, once one satisfies ``wanted``; with ``journal``, each line
+        starts with its record's priority as ``<N>``."""
         deadline = time.monotonic() + 30
         while True:
             text = path.read_text() if path.exists() else ""
             lines = [line for line in text.splitlines() if line.strip()]
             complete = lines if text.endswith("\n") else lines[:-1]
-            records = [json.loads(line) for line in complete]  # every line is JSON
+            records = [_journal_line(line) if journal else json.loads(line) for line in complete]  # all JSON
             if any(wanted(r) for r in records):
                 return records
             if process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"no {what} in {path} (exit {process.poll()}):\n{text[-3000:]}")
             time.sleep(0.05)
 
-    def port(self, path: Path, process: subprocess.Popen) -> int:
-        records = self.records(path, process, lambda r: "listening for cameras" in r["message"], "listening record")
+    def port(self, path: Path, process: subprocess.Popen, journal: bool = False) -> int:
+        records = self.records(path, process, lambda r: "listening for cameras" in r["message"], "listening record",
+                               journal)
         [message] = [r["message"] for r in records if "listening for cameras" in r["message"]]
         return int(re.search(r"port=(\d+)\)", message).group(1))  # type: ignore[union-attr]
 
@@ -507,3 +666,91 @@ class TwistdLogTests(TestCase):
         self.assertNotIn("file_received", rotated)
         self.assertEqual(out.read_text(), "")
         self.stop(process)
+
+    def test_under_systemd_with_workers_a_status_page_and_an_http_sink(self) -> None:
+        """``<N>`` before every line (workers' too), an ``event`` in every record, no Twisted factory or
+        port lines while the status page polls the workers, and a receiver's 503 is a warning in words."""
+        receiver = Receiver([503])
+        self.addCleanup(receiver.close)
+        sinks = [{"type": "disk", "root": "files"}, {"type": "http", "url": f"{receiver.url}/up/{{name}}"}]
+        process, out = self.start(None, journal=True, workers=2, sinks=sinks,
+                                  http={"listen": ["tcp:port=0:interface=127.0.0.1"]})
+        port = self.port(out, process, journal=True)
+        [status] = [r for r in self.records(out, process, lambda r: "status web service on tcp" in r["message"],
+                                            "status web service record", journal=True)
+                    if "status web service on tcp" in r["message"]]
+        status_port = re.search(r"port=(\d+)\)", status["message"]).group(1)  # type: ignore[union-attr]
+        page = f"http://127.0.0.1:{status_port}/api/"
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        for _ in range(3):  # the page's polls: seven requests, each asked of the worker too
+            for route in ("summary", "sessions", "transfers", "files?limit=200", "partials", "outbox", "failures"):
+                with opener.open(page + route, timeout=10) as answer:
+                    body = json.loads(answer.read())
+            summary = json.loads(opener.open(page + "summary", timeout=10).read())
+            self.assertTrue([w for w in summary["workers"] if w["index"] == 1 and w["answered"]], summary)
+        self.send_photo(port)
+        self.records(out, process, lambda r: r["event"] == "file_delivered", "file_delivered record", journal=True)
+        self.stop(process)
+        records = self.records(out, process, lambda r: r["message"] == "Server Shut Down.", "the last record",
+                               journal=True)
+        self.assertTrue(body is not None and [r for r in records if r.get("worker") == 1])
+        for record in records:
+            self.assertRegex(record["event"], r"^[a-z][a-z0-9_]*$", record)
+            self.assertNotIn("log_legacy", json.dumps(record))
+            self.assertNotRegex(record["message"], r"(Starting|Stopping) factory| starting on |Port .* Closed")
+            self.assertFalse([key for key in record if key.startswith("log_")], record)
+        self.assertEqual([r["message"] for r in records if r["level"] in ("error", "critical")], [])
+        [warning] = [r for r in records if r["event"] == "delivery_failed"]
+        self.assertEqual((warning["level"], warning["sink"], warning["reason"], warning["imei"], warning["file"]),
+                         ("warn", "http:127.0.0.1:%d" % receiver.port, "HTTP 503 Service Unavailable: busy",
+                          str(IMEI), "%photof"))
+        [delivered] = [r for r in records if r["event"] == "file_delivered"]
+        self.assertEqual((delivered["file_id"], delivered["sha256"]), (warning["file_id"], warning["sha256"]))
+        self.assertEqual([code for code, _ in receiver.requests], [503, 200])
+
+
+def _journal_line(line: str) -> dict[str, Any]:
+    """A journald line: ``<N>`` (the record's priority, by its level), then the JSON record."""
+    match = re.fullmatch(r"<([0-7])>(\{.*\})", line)
+    assert match is not None, f"not a <N>{{...}} line: {line[:200]!r}"
+    record: dict[str, Any] = json.loads(match.group(2))
+    levels = {"critical": 2, "error": 3, "warn": 4, "info": 6, "debug": 7}
+    assert int(match.group(1)) == record["priority"] == levels[record["level"]], line[:200]
+    return record
+
+
+class Receiver:
+    """An HTTP receiver of the test's own on a thread (the test blocks while twistd runs): it answers
+    the codes of ``script`` in turn, then 200, and keeps ``(code, body)`` of every request."""
+
+    def __init__(self, script: list[int]) -> None:
+        import http.server
+        import threading
+
+        owner = self
+        self.script = list(script)
+        self.requests: list[tuple[int, bytes]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the handler's name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                code = owner.script.pop(0) if owner.script else 200
+                owner.requests.append((code, body))
+                self.send_response(code)
+                self.send_header("Content-Length", "4")
+                self.end_headers()
+                self.wfile.write(b"busy" if code >= 300 else b"done")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)

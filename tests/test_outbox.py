@@ -149,13 +149,15 @@ class OutboxTests(TestCase):
         self.s.outbox.add(self.received(b"data"), None)
         self.assertEqual(next_one.got, [b"data"])
         [letter] = dead_letters(self.s.spool)
-        self.assertEqual((letter["sink_name"], letter["reason"]), ("refusing", "HTTP 400: bad"))
+        self.assertEqual((letter["sink"], letter["sink_name"], letter["reason"]), (0, "refusing", "HTTP 400: bad"))
         self.assertEqual((self.s.spool.dead / letter["id"] / "file").read_bytes(), b"data")
         retry_dead_letter(self.s.spool, self.s.store, letter["id"], self.s.clock.seconds())
         self.s.clock.advance(5)
         self.assertEqual(refusing.got, [b"data"])  # the retry reached the sink that refused it
-        self.assertEqual(next_one.got, [b"data", b"data"])
+        self.assertEqual(next_one.got, [b"data"])  # and no other: this one had the file already
+        self.assertEqual(refusing.ids, next_one.ids * 2)  # under the file's id
         self.assertEqual(dead_letters(self.s.spool), [])
+        self.assertEqual((self.s.store.outbox, self.s.spool.names()), ({}, set()))
 
     def test_gives_up_after_the_configured_time(self) -> None:
         down = Recorder("down", [RuntimeError("refused")] * 1000)
@@ -411,10 +413,10 @@ class ExactlyOnceOnDiskTests(OutboxTests):
         self.assertOneCopy(b"\xff\xd8 photo")
         self.assertEqual(self.s.spool.names(), set())
 
-    def test_a_chain_run_again_through_a_transforming_step(self) -> None:
-        """A dead letter retried before a transforming sink: the files it makes again keep their ids."""
-        refusing = Recorder("refusing", [PermanentFailure("HTTP 400: bad")])
-        self.s.sinks = [refusing, Doubler(self.s), self.s.sinks[0]]
+    def test_a_dead_letter_retried_before_a_transforming_step(self) -> None:
+        """A dead letter retried before a transforming sink goes to the refusing sink only: nothing is made again."""
+        refusing, doubler = Recorder("refusing", [PermanentFailure("HTTP 400: bad")]), Doubler(self.s)
+        self.s.sinks = [refusing, doubler, self.s.sinks[0]]
         self.s.outbox.start()
         self.s.outbox.add(self.received(b"v"), None)
         self.assertOneCopy(b"va", b"vb")
@@ -422,5 +424,312 @@ class ExactlyOnceOnDiskTests(OutboxTests):
         retry_dead_letter(self.s.spool, self.s.store, letter["id"], self.s.clock.seconds())
         self.s.clock.advance(5)
         self.assertEqual(refusing.got, [b"v"])
+        self.assertEqual(len(doubler.ids), 1)
         self.assertEqual(self.s.store.outbox, {})
         self.assertOneCopy(b"va", b"vb")
+
+
+class Refusing:
+    """Wraps a sink: refuses its first ``times`` deliveries for good (an HTTP 400), then delivers."""
+
+    def __init__(self, sink: Any, times: int = 1) -> None:
+        self.sink = sink
+        self.name = sink.name
+        self.times = times
+
+    def deliver(self, received: ReceivedFile) -> Any:
+        if self.times:
+            self.times -= 1
+            raise PermanentFailure("HTTP 400: bad")
+        return self.sink.deliver(received)
+
+
+ISO = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+
+
+class DeadLetterTests(OutboxTests):
+    """A dead letter is retried at the sink that refused it, and only there."""
+
+    def retry_all(self, names: Any = None) -> None:
+        for letter in dead_letters(self.s.spool):
+            retry_dead_letter(self.s.spool, self.s.store, letter["id"], self.s.clock.seconds(), names)
+        self.s.clock.advance(5)  # the outbox's poll
+
+    def assertDrained(self) -> None:
+        self.assertEqual((self.s.store.outbox, self.s.spool.names(), dead_letters(self.s.spool)), ({}, set(), []))
+
+    def test_a_retry_at_the_last_sink_ends_there(self) -> None:
+        first, last = Recorder("first"), Refusing(Recorder("last"))
+        self.s.sinks = [first, last]
+        self.s.outbox.start()
+        self.s.outbox.add(self.received(b"x"), None)
+        self.retry_all()
+        self.assertEqual((first.got, last.sink.got), ([b"x"], [b"x"]))
+        self.assertDrained()
+
+    def test_a_transforming_sink_retried_hands_what_it_makes_to_the_sinks_after_it(self) -> None:
+        """They had the camera's file when it was refused, never what it makes: they get those now."""
+        after = Recorder("after")
+        self.s.sinks = [Refusing(Doubler(self.s)), after]
+        self.s.outbox.start()
+        self.s.outbox.add(self.received(b"v"), None)
+        self.assertEqual(after.got, [b"v"])
+        self.retry_all()
+        self.assertEqual(after.got, [b"v", b"va", b"vb"])
+        self.assertEqual(len(set(after.ids)), 3)
+        self.assertDrained()
+
+    def test_a_retry_refused_again_goes_nowhere_else(self) -> None:
+        refusing, after = Refusing(Recorder("refusing"), times=2), Recorder("after")
+        self.s.sinks = [refusing, after]
+        self.s.outbox.start()
+        self.s.outbox.add(self.received(b"x"), None)
+        self.retry_all()
+        [letter] = dead_letters(self.s.spool)  # refused again: a dead letter again
+        self.assertEqual((letter["sink"], letter["sink_name"]), (0, "refusing"))
+        self.assertEqual((after.got, self.s.store.outbox), ([b"x"], {}))
+        self.retry_all()
+        self.assertEqual((refusing.sink.got, after.got), ([b"x"], [b"x"]))
+        self.assertDrained()
+
+    def test_a_file_two_sinks_refused_is_two_dead_letters(self) -> None:
+        one, two, three = Refusing(Recorder("one")), Refusing(Recorder("two")), Recorder("three")
+        self.s.sinks = [one, two, three]
+        self.s.outbox.start()
+        self.s.outbox.add(self.received(b"x"), None)
+        letters = dead_letters(self.s.spool)
+        self.assertEqual(sorted((letter["sink"], letter["sink_name"]) for letter in letters),
+                         [(0, "one"), (1, "two")])
+        self.retry_all()
+        self.assertEqual((one.sink.got, two.sink.got, three.got), ([b"x"], [b"x"], [b"x"]))
+        self.assertDrained()
+
+    def test_a_retry_beside_the_entry_still_on_its_way(self) -> None:
+        """The file waits at a later sink when its dead letter is retried: each goes its own way, once."""
+        refusing, later = Refusing(Recorder("refusing")), Recorder("later", [RuntimeError("503")])
+        self.s.sinks = [refusing, later]
+        self.s.outbox.start()
+        self.s.outbox.add(self.received(b"x"), None)
+        [waiting] = self.s.store.outbox.values()
+        self.assertEqual(waiting.sink, 1)
+        [letter] = dead_letters(self.s.spool)
+        retry_dead_letter(self.s.spool, self.s.store, letter["id"], self.s.clock.seconds())
+        self.assertEqual(len(self.s.store.outbox), 2)
+        for _ in range(10):
+            self.s.clock.advance(5)
+        self.assertEqual((refusing.sink.got, later.got), ([b"x"], [b"x"]))
+        self.assertDrained()
+
+    def test_the_refusing_sink_is_found_by_its_name(self) -> None:
+        from camgateway.cli import DeadLetterError
+
+        a, b = Refusing(Recorder("a")), Recorder("b")
+        self.s.sinks = [a, b]
+        self.s.outbox.start()
+        self.s.outbox.add(self.received(b"x"), None)
+        [letter] = dead_letters(self.s.spool)
+        with self.assertRaises(DeadLetterError) as caught:  # the configuration has no sink "a" now
+            retry_dead_letter(self.s.spool, self.s.store, letter["id"], self.s.clock.seconds(), ["b", "c"])
+        self.assertIn("'a'", str(caught.exception))
+        self.assertEqual([kept["id"] for kept in dead_letters(self.s.spool)], [letter["id"]])
+        self.s.sinks = [b, a]  # the chain was reordered since
+        self.retry_all(["b", "a"])
+        self.assertEqual((a.sink.got, b.got), ([b"x"], [b"x"]))
+        self.assertDrained()
+
+    def test_a_dead_letter_without_its_file_is_kept(self) -> None:
+        from camgateway.cli import DeadLetterError
+        from camgateway.outbox import write_dead_letter
+
+        received = self.received()
+        received.path.unlink()  # no instance has the file: only its record is kept
+        entry = OutboxEntry("lost", received.path.name, 0, 0, 0.0, None, received.to_record(), 0.0)
+        write_dead_letter(str(self.s.spool.dead), entry, None, "a", "no instance has the file", 1.0)
+        [letter] = dead_letters(self.s.spool)
+        with self.assertRaises(DeadLetterError) as caught:
+            retry_dead_letter(self.s.spool, self.s.store, letter["id"], self.s.clock.seconds(), ["a"])
+        self.assertIn("only its record is kept", str(caught.exception))
+        self.assertEqual([kept["id"] for kept in dead_letters(self.s.spool)], [letter["id"]])
+        self.assertEqual(self.s.store.outbox, {})
+
+    def test_dead_letter_json_times_and_attempts(self) -> None:
+        down = Recorder("down", [RuntimeError("refused")] * 1000)
+        self.s.sinks = [down]
+        self.s.outbox.start()
+        self.s.outbox.add(self.received(), None)
+        for _ in range(100):
+            self.s.clock.advance(60)
+        [letter] = dead_letters(self.s.spool)
+        raw = json.loads((self.s.spool.dead / letter["id"] / "dead-letter.json").read_text())
+        self.assertEqual(raw["attempts"], len(down.ids))  # every attempt, the last one included
+        self.assertGreater(raw["attempts"], 5)
+        for value in (raw["time"], raw["entry"]["created"], raw["entry"]["next_attempt"]):
+            self.assertRegex(value, ISO)
+        self.assertEqual((raw["sink"], raw["sink_name"]), (0, "down"))
+
+    def test_a_dead_letter_written_before_sinks_had_names(self) -> None:
+        """Listed with ISO times and attempts, and retried at its sink's index."""
+        a, b = Recorder("a"), Recorder("b")
+        self.s.sinks = [a, b]
+        received = self.received(b"old")
+        received.path.unlink()  # (only its record is wanted)
+        record = received.to_record()
+        del record["id"]
+        folder = self.s.spool.dead / "old-entry"
+        folder.mkdir(parents=True)
+        (folder / "file").write_bytes(b"old")
+        entry = OutboxEntry("old-entry", "gone", 1, 2, 1.5e9, "boom", record, 1.5e9)
+        (folder / "dead-letter.json").write_text(json.dumps({
+            "entry": dataclasses.asdict(entry), "sink": 1, "sink_name": "http:http://x/up", "reason": "HTTP 400",
+            "time": 1.5e9}))
+        [letter] = dead_letters(self.s.spool)
+        self.assertEqual((letter["id"], letter["time"], letter["attempts"]),
+                         ("old-entry", "2017-07-14T02:40:00.000Z", 3))
+        self.s.outbox.start()
+        self.retry_all(["a", "b"])
+        self.assertEqual((a.got, b.got, b.ids), ([], [b"old"], ["old-entry"]))
+        self.assertDrained()
+
+
+class DeliveryLogTests(TestCase):
+    """Every delivery line names the file and the sink, and says why in words; "every sink" only when true."""
+
+    setUp = OutboxTests.setUp
+    received = OutboxTests.received
+
+    def events(self) -> list[dict[str, Any]]:
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    def outbox_lines(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from camgateway.logs import event_record
+
+        return [event_record(e) for e in events if e.get("log_namespace") == "camgateway.outbox"]
+
+    def assertNamesTheFile(self, record: dict[str, Any], received: ReceivedFile) -> None:
+        self.assertEqual((record["imei"], record["file"], record["source"], record["sha256"]),
+                         (received.imei, "%photof", "photof", received.sha256))
+        self.assertEqual(len(record["file_id"]), 32)
+        self.assertIn(f"camera {received.imei} %photof (id {record['file_id']}, sha256 {received.sha256[:12]})",
+                      record["message"])
+
+    def test_a_retried_failure_is_a_warning_in_words(self) -> None:
+        from camgateway.reasons import DeliveryFailed
+
+        events = self.events()
+        full = OSError(errno.ENOSPC, "No space left on device", "/srv/files/x.jpg")
+        self.s.sinks = [Recorder("disk:archive", [full, DeliveryFailed("HTTP 503 Service Unavailable: busy")])]
+        self.s.outbox.start()
+        received = self.received()
+        self.s.outbox.add(received, None)
+        for _ in range(10):
+            self.s.clock.advance(5)
+        first, second, delivered = self.outbox_lines(events)
+        for record in (first, second):
+            self.assertEqual((record["level"], record["event"], record["sink"]), ("warn", "delivery_failed",
+                                                                                   "disk:archive"))
+            self.assertNamesTheFile(record, received)
+            self.assertNotIn("traceback", record)
+        self.assertEqual(first["reason"], "disk full (No space left on device): /srv/files/x.jpg")
+        self.assertEqual(second["reason"], "HTTP 503 Service Unavailable: busy")
+        self.assertTrue(first["message"].startswith("delivery to disk:archive failed (attempt 1), retrying in "
+                                                    f"{first['retry_in']:.1f} s: {first['reason']}; camera 1"))
+        self.assertEqual((delivered["level"], delivered["event"]), ("info", "file_delivered"))
+        self.assertTrue(delivered["message"].startswith("file delivered to every sink: camera 1 %photof"))
+        self.assertNamesTheFile(delivered, received)
+        self.assertEqual(list(self.s.failures), [])  # retried, not refused
+
+    def test_a_bug_in_a_sink_is_logged_with_its_traceback(self) -> None:
+        events = self.events()
+        self.s.sinks = [Recorder("buggy", [ZeroDivisionError("division by zero")])]
+        self.s.outbox.start()
+        self.s.outbox.add(self.received(), None)
+        self.s.clock.advance(5)
+        bug, delivered = self.outbox_lines(events)
+        self.assertEqual((bug["level"], bug["event"]), ("error", "delivery_error"))
+        self.assertEqual(bug["reason"], "internal error: ZeroDivisionError: division by zero")
+        self.assertIn("Traceback", bug["traceback"])
+        self.assertEqual(delivered["event"], "file_delivered")  # retried all the same
+        self.flushLoggedErrors(ZeroDivisionError)
+
+    def test_a_refused_file_is_not_delivered_to_every_sink(self) -> None:
+        events = self.events()
+        refusing, last = Recorder("http:fleet", [PermanentFailure("HTTP 400 Bad Request: no such camera")]), \
+            Recorder("disk:archive")
+        self.s.sinks = [refusing, last]
+        self.s.outbox.start()
+        received = self.received()
+        self.s.outbox.add(received, None)
+        refused, partly = self.outbox_lines(events)
+        self.assertEqual((refused["level"], refused["event"], refused["sink"]),
+                         ("error", "delivery_refused", "http:fleet"))
+        self.assertEqual(refused["reason"], "HTTP 400 Bad Request: no such camera")
+        self.assertNamesTheFile(refused, received)
+        self.assertEqual((partly["level"], partly["event"], partly["refused"]),
+                         ("warn", "file_partly_delivered", ["http:fleet"]))
+        self.assertTrue(partly["message"].startswith("file delivered to 1 of 2 sinks; refused by http:fleet: camera 1"))
+        self.assertNamesTheFile(partly, received)
+        self.assertFalse([r for r in self.outbox_lines(events) if "every sink" in r["message"]])
+
+    def test_a_refusal_at_the_last_sink_and_before_a_transforming_one_is_remembered(self) -> None:
+        events = self.events()
+        first, last = Recorder("first", [PermanentFailure("no")]), Recorder("last", [PermanentFailure("no")] * 2)
+        self.s.sinks = [first, Doubler(self.s), last]
+        self.s.outbox.start()
+        self.s.outbox.add(self.received(), None)
+        partly = [r for r in self.outbox_lines(events) if r["event"] == "file_partly_delivered"]
+        self.assertEqual([(r["file"], r["refused"]) for r in partly],
+                         [("%photof (a)", ["first", "last"]), ("%photof (b)", ["first", "last"])])
+        self.assertTrue(all(r["message"].startswith("file delivered to 1 of 3 sinks; refused by first, last")
+                            for r in partly))
+
+
+class ReasonTests(TestCase):
+    """A failure in words: never a Failure repr, a class name or a bytes repr for the ordinary ones."""
+
+    def test_words(self) -> None:
+        from OpenSSL import SSL
+        from twisted.internet import error
+        from twisted.python.failure import Failure
+        from twisted.web._newclient import RequestTransmissionFailed, ResponseNeverReceived
+
+        from camgateway.reasons import DeliveryFailed, is_bug, reason
+
+        cases = [
+            (error.ConnectionRefusedError("111: Connection refused"), "connection refused"),
+            (ResponseNeverReceived([Failure(error.ConnectionLost())]),
+             "connection reset by the receiver before answering"),
+            (ResponseNeverReceived([Failure(error.ConnectionDone())]),
+             "connection closed by the receiver before answering"),
+            (RequestTransmissionFailed([Failure(error.ConnectionLost()), Failure(error.ConnectionDone())]),
+             "connection reset by the receiver while the file was being sent"),
+            (error.TimeoutError(), "connection timed out"),
+            (error.DNSLookupError("fleet.invalid"), "host name not found (DNS lookup failed: fleet.invalid)"),
+            (OSError(errno.ENOSPC, "No space left on device"), "disk full (No space left on device)"),
+            (PermissionError(errno.EACCES, "Permission denied", "/srv/files"), "permission denied: /srv/files"),
+            (DeliveryFailed("HTTP 503 Service Unavailable: busy"), "HTTP 503 Service Unavailable: busy"),
+            (PermanentFailure(b"bytes \xff from a plugin"), "bytes \ufffd from a plugin"),
+            (RuntimeError("upload\nrefused  by the bucket"), "upload refused by the bucket"),
+            (defer.CancelledError(), "cancelled"),
+            (error.ProcessTerminated(exitCode=3), "program exited with status 3"),
+            (SSL.Error([("SSL routines", "", "certificate verify failed")]),
+             "TLS handshake failed: certificate verify failed"),
+            (ZeroDivisionError("division by zero"), "internal error: ZeroDivisionError: division by zero"),
+        ]
+        for exception, words in cases:
+            self.assertEqual(reason(Failure(exception)), words, exception)
+            self.assertEqual(reason(exception), words)
+        bugs = [e for e, _ in cases if is_bug(e)]
+        self.assertEqual([type(e) for e in bugs], [ZeroDivisionError])
+        self.assertTrue(is_bug(RequestTransmissionFailed([Failure(ValueError("read of closed file"))])))
+
+    def test_how_a_program_ended(self) -> None:
+        from camgateway.reasons import program_ended
+
+        self.assertEqual(program_ended("program", 3, None, b"starting\nno route to archive\n\n"),
+                         "program exited with status 3: no route to archive")
+        self.assertEqual(program_ended("ffmpeg", None, 9, b""), "ffmpeg killed by signal 9 (SIGKILL)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import datetime
+import json
 import os
 import shutil
 import socket
@@ -22,13 +23,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from twisted.internet import defer, reactor, task
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
+from camgateway.health import SHARED_SPOOL, SPOOL
+from camgateway.journal import Note
 from camgateway.memory_store import MemoryStore
 from camgateway.outbox import IOutboxStore, Outbox, OutboxEntry
 from camgateway.redis_store import RedisLeases, RedisStore
+from camgateway.shared_spool import SharedSpool, sweep_orphans
 from camgateway.sinks import ReceivedFile
 from camgateway.sqlite_store import SQLiteStore
 from tests.support import make_services, poll
@@ -577,3 +581,241 @@ class RedisLeasesTests(RedisCase, TestCase):
         other = RedisLeases(self.redis_store("b"))
         self.assertEqual((yield other.takeovers("B")), ["333"])
         self.assertEqual((yield leases.takeovers("B")), [])
+
+
+class SpoolFilesNotHereTests(RedisCase, TestCase):
+    """Several instances, spools that are not the same: an entry goes to the instance that has its file."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.root = Path(self.mktemp()).resolve()
+
+    def spool_dir(self, name: str) -> Path:
+        folder = self.root / name / "partials"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def store(self, name: str, **kw: Any) -> Any:
+        return self.redis_store(name, spool_dir=self.spool_dir(name), **kw)
+
+    def put(self, name: str, n: int) -> None:
+        (self.spool_dir(name) / entry(n).spool_name).write_bytes(b"x")
+
+    def hash(self, n: int) -> dict[str, str]:
+        return self.sync.hgetall(f"{self.prefix}:outbox:e{n}")
+
+    def not_here(self, events: list[dict[str, Any]]) -> list[str]:
+        return [e["id"] for e in events if e.get("event") == "spool_file_not_here"]
+
+    @defer.inlineCallbacks
+    def test_an_entry_whose_file_is_not_here_is_released_at_once_for_the_others(self) -> Any:
+        a, b = self.store("a"), self.store("b")
+        self.put("b", 1)
+        yield a.enqueue(entry(1), None)
+        events = self.captured_logs()
+        self.assertEqual((yield a.due(200.0, 10, frozenset())), [])
+        self.assertIsNone(self.sync.get(f"{self.prefix}:claim:e1"))
+        self.assertEqual(a._claimed, set())
+        self.assertEqual(self.not_here(events), ["e1"])
+        [line] = [formatEvent(e) for e in events if e.get("event") == "spool_file_not_here"]
+        self.assertIn("spool file 1.file is not in this instance's spool: is the spool shared?", line)
+        self.assertEqual(ids((yield b.due(200.0, 10, frozenset()))), ["e1"])  # at once: no backoff
+        self.assertEqual(self.hash(1)["attempts"], "0")
+
+    @defer.inlineCallbacks
+    def test_logged_once_then_looked_at_again_after_a_while(self) -> Any:
+        a = self.store("a", claim_ttl=60.0)  # unreadable_after 60 s: looked at again after 30 s
+        yield a.enqueue(entry(1), None)
+        events = self.captured_logs()
+        self.assertEqual((yield a.due(200.0, 10, frozenset())), [])
+        self.assertEqual((yield a.due(229.0, 10, frozenset())), [])  # skipped: not even claimed
+        self.assertEqual(self.hash(1)["missing:a"], "200.0")
+        self.assertEqual((yield a.due(231.0, 10, frozenset())), [])  # looked at again, still missing
+        self.assertEqual(self.hash(1)["missing:a"], "231.0")
+        self.assertEqual(self.not_here(events), ["e1"])  # once
+        self.put("a", 1)  # the spool is mounted now
+        self.assertEqual(ids((yield a.due(262.0, 10, frozenset()))), ["e1"])
+
+    @defer.inlineCallbacks
+    def test_the_places_of_missing_files_go_to_entries_that_are_here(self) -> Any:
+        a = self.store("a")
+        for n in (1, 2, 3, 4):
+            yield a.enqueue(entry(n), None)
+        self.put("a", 3)
+        self.put("a", 4)
+        self.assertEqual(ids((yield a.due(200.0, 2, frozenset()))), ["e3", "e4"])
+
+    @defer.inlineCallbacks
+    def test_a_delivery_attempt_forgets_the_marks(self) -> Any:
+        a, b = self.store("a"), self.store("b")
+        self.put("b", 1)
+        yield a.enqueue(entry(1), None)
+        yield a.due(200.0, 10, frozenset())
+        self.assertEqual({k for k in self.hash(1) if k.startswith("missing")}, {"missing:a", "missing_since"})
+        [e1] = yield b.due(200.0, 10, frozenset())
+        e1.attempts, e1.next_attempt, e1.last_error = 1, 201.0, "the endpoint is down"
+        yield b.update(e1)
+        self.assertEqual({k for k in self.hash(1) if k.startswith("missing")}, set())
+        self.assertEqual(self.hash(1)["attempts"], "1")
+
+    @defer.inlineCallbacks
+    def test_an_entry_no_running_instance_can_read_is_given_up_after_a_while(self) -> Any:
+        a, b = self.store("a", claim_ttl=10.0), self.store("b", claim_ttl=10.0)
+        for store in (a, b):
+            yield store.register({"spool": store.spool_dir}, 60.0)
+        yield a.enqueue(entry(1), None)
+        self.assertEqual((yield a.due(200.0, 10, frozenset())), [])
+        self.assertEqual((yield a.due(211.0, 10, frozenset())), [])  # b has not looked: it may have it
+        self.assertEqual(a.unreadable, {})
+        self.assertEqual((yield b.due(209.0, 10, frozenset())), [])  # only 9 s since the first look
+        self.assertEqual(b.unreadable, {})
+        [e1] = yield a.due(216.0, 10, frozenset())  # everybody looked, 16 s since the first: given up
+        self.assertEqual(e1.id, "e1")
+        self.assertIn("spool file 1.file is in the spool of no running instance", a.unreadable["e1"])
+        self.assertIn("is the spool shared?", a.unreadable["e1"])
+        self.assertEqual(self.sync.get(f"{self.prefix}:claim:e1"), "a")  # a dead-letters it
+
+    @defer.inlineCallbacks
+    def test_instances_register_and_lapse(self) -> Any:
+        a, b = self.store("a"), self.store("b")
+        yield a.register({"spool": "/a"}, 60.0)
+        yield b.register({"spool": "/b"}, 0.2)
+        self.assertEqual((yield a.instances()), {"a": {"spool": "/a"}, "b": {"spool": "/b"}})
+        yield poll(lambda: a.instances().addCallback(lambda found: "b" not in found), what="b's registration lapsing")
+        self.assertGreater(self.sync.zscore(f"{self.prefix}:instances:alive", "a"), 0)
+        yield a.unregister()
+        self.assertEqual((yield b.instances()), {})
+        self.assertEqual(self.sync.keys(f"{self.prefix}:instances*"), [])
+
+    @defer.inlineCallbacks
+    def test_the_outbox_makes_an_unreadable_entry_a_dead_letter_of_its_record(self) -> Any:
+        delivered: list[Any] = []
+
+        class Sink:
+            name = "http"
+
+            def deliver(self, received: ReceivedFile) -> None:
+                delivered.append(received)
+
+        store = self.redis_store("a", spool_dir=self.spool_dir("a"), unreadable_after=0.0)
+        s = make_services(self.root / "a", store=store)
+        yield s.outbox.idle()
+        s.sinks = [Sink()]
+        events = self.captured_logs()
+        yield store.enqueue(entry(1, next_attempt=0.0), None)
+        yield s.outbox.idle()
+        yield poll(lambda: store.pending().addCallback(lambda p: not p), what="the entry dropped")
+        yield s.outbox.stop()
+        self.assertEqual(delivered, [])
+        [folder] = list(s.spool.dead.iterdir())
+        self.assertFalse((folder / "file").exists())
+        info = json.loads((folder / "dead-letter.json").read_text())
+        self.assertIn("in the spool of no running instance", info["reason"])
+        self.assertEqual(info["sink_name"], "http")
+        self.assertEqual((s.outbox.dead_letters, s.outbox.failures, s.stats.delivery_failures), (1, 0, 0))
+        self.assertTrue(any("cannot be delivered to http" in formatEvent(e) for e in events))
+
+
+class SharedSpoolTests(RedisCase, TestCase):
+    """The check that instances sharing a store share their spool, and the orphan sweep (real Redis)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.root = Path(self.mktemp()).resolve()
+
+    def instance(self, name: str, spool: str) -> Any:
+        s = make_services(self.root / spool, store=self.redis_store(name))
+        s.instance = name
+        checker = SharedSpool(s, s.store, every=5.0)
+        self.addCleanup(s.outbox.stop)
+        return s, checker
+
+    @defer.inlineCallbacks
+    def test_instances_that_do_not_share_their_spool_say_so(self) -> Any:
+        (sa, a), (sb, b) = self.instance("a", "one"), self.instance("b", "two")
+        events = self.captured_logs()
+        self.assertEqual((yield a.check()), {})
+        self.assertTrue((sa.spool.root / "instances" / "a").is_file())
+        missing = yield b.check()
+        self.assertEqual(missing, {"a": str(sa.spool.root.resolve())})
+        [error] = [e for e in events if e.get("event") == "spool_not_shared"]
+        line = formatEvent(error)
+        self.assertIn("instance a (spool " + str(sa.spool.root.resolve()), line)
+        self.assertIn(f"the spool {sb.spool.root.resolve()} is not shared", line)
+        self.assertIn("instance a", sb.health.warnings()[SHARED_SPOOL])
+        self.assertEqual(set((yield a.check())), {"b"})  # a sees it too at its next check
+        self.assertIn("instance b", sa.health.warnings()[SHARED_SPOOL])
+        sb.health.working(SPOOL)  # (a spool write that works is another matter: the warning stays)
+        self.assertIn(SHARED_SPOOL, sb.health.warnings())
+        self.assertEqual(sb.health.problems(), {})  # (a warning: /healthz still answers 200)
+        yield b.check()  # (the next check keeps it, without a second error line)
+        self.assertIn(SHARED_SPOOL, sb.health.warnings())
+        self.assertEqual(len([e for e in events if e.get("event") == "spool_not_shared"]), 2)
+
+    @defer.inlineCallbacks
+    def test_a_shared_spool_is_quiet(self) -> Any:
+        (sa, a), (sb, b) = self.instance("a", "one"), self.instance("b", "one")
+        events = self.captured_logs()
+        yield a.check()
+        self.assertEqual((yield b.check()), {})
+        self.assertEqual((yield a.check()), {})
+        self.assertTrue(sa.health.ok and sb.health.ok)
+        self.assertEqual(sa.health.warnings(), {})
+        self.assertEqual(sb.health.warnings(), {})
+        self.assertEqual([e for e in events if e.get("log_level") == LogLevel.error], [])
+        self.assertTrue(any("shared with instance b" in formatEvent(e) for e in events))
+
+    @defer.inlineCallbacks
+    def test_the_problem_clears_once_the_marker_is_seen_and_stopping_unregisters(self) -> Any:
+        (sa, a), (sb, b) = self.instance("a", "one"), self.instance("b", "two")
+        yield a.check()
+        yield b.check()
+        self.assertIn(SHARED_SPOOL, sb.health.warnings())
+        sb.health.failing("store", "unrelated")
+        (sb.spool.root / "instances" / "a").write_text("a\n")  # b's spool is the shared one now
+        self.assertEqual((yield b.check()), {})
+        self.assertEqual(sb.health.warnings(), {})
+        self.assertEqual(sb.health.problems(), {"store": "unrelated"})
+        yield a.stop()
+        self.assertFalse((sa.spool.root / "instances" / "a").exists())
+        self.assertEqual(set((yield b.store.instances())), {"b"})
+
+    @defer.inlineCallbacks
+    def test_markers_of_instances_gone_are_removed(self) -> Any:
+        s, checker = self.instance("a", "one")
+        folder = s.spool.root / "instances"
+        folder.mkdir(parents=True)
+        (folder / "gone").write_text("gone\n")
+        checker.ttl = 3600.0
+        yield checker.check()
+        self.assertTrue((folder / "gone").exists())  # it may be starting: too young to tell
+        checker.ttl = 0.0
+        yield checker.check()
+        self.assertEqual(sorted(p.name for p in folder.iterdir()), ["a"])
+
+    @defer.inlineCallbacks
+    def test_the_orphan_sweep_removes_only_what_nothing_names(self) -> Any:
+        s = make_services(self.root, store=self.redis_store("a"))
+        self.addCleanup(s.outbox.stop)
+        yield s.outbox.idle()
+        yield s.outbox.stop()  # (the entry below stays in the outbox)
+        names = ["orphan.part", "partial.part", "entry.part", "noted.part", "open.part"]
+        for name in names:
+            s.spool.path(name).write_bytes(b"x")
+        yield s.store.add(partial(1, spool_name="partial.part"))
+        yield s.store.enqueue(entry(1, spool_name="entry.part"), None)
+        note_folder = s.spool.root / "finished" / "b"  # another instance's note
+        note_folder.mkdir(parents=True)
+        (note_folder / "e9.json").write_bytes(Note(entry(9, spool_name="noted.part"), None, "down").to_json())
+
+        class Session:
+            transfer = type("T", (), {"partial": partial(2, spool_name="open.part")})()
+
+        s.sessions["1"] = Session()  # type: ignore[assignment]
+        self.assertEqual((yield sweep_orphans(s, 3600.0)), 0)  # all too young
+        events = self.captured_logs()
+        self.assertEqual((yield sweep_orphans(s, 0.0)), 1)
+        self.assertEqual(sorted(s.spool.names()), sorted(set(names) - {"orphan.part"}))
+        self.assertTrue((note_folder / "e9.json").exists())
+        [line] = [formatEvent(e) for e in events if e.get("event") == "orphans_removed"]
+        self.assertIn("1 orphan spool files removed", line)

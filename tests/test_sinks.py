@@ -6,7 +6,10 @@ import datetime
 import hashlib
 import json
 import os
+import random
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -14,16 +17,24 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor, task
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
+from twisted.protocols import policies
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web import resource, server
+from twisted.web.client import _HTTP11ClientFactory
 
 from camgateway.config import ConfigError
+from camgateway.logs import event_record
+from camgateway.outbox import Outbox
 from camgateway.ptmf import demux
+from camgateway.reasons import DeliveryFailed
 from camgateway.sinks import PermanentFailure, ReceivedFile, Transformed
 from camgateway.sinks import command as command_sink
-from camgateway.sinks.registry import known_types, make, validate
-from tests.support import NO_VECTORS, VECTORS, capture_stream, connect, make_services, stored_files
+from camgateway.sinks import mp4 as mp4_sink
+from camgateway.sinks.registry import check_chain, known_types, make, make_chain, sink_names, stores, validate
+from tests.support import NO_VECTORS, VECTORS, capture_stream, connect, make_services, poll, stored_files
 
 NOW = datetime.datetime(2024, 10, 29, 12, 43, 42, tzinfo=datetime.timezone.utc)
 
@@ -214,7 +225,7 @@ class CommandSinkTests(TestCase):
     def test_exit_codes(self) -> Any:
         (self.work / "code").write_text("1")
         error = yield self.assertFailure(self.sink.deliver(received_file(self.file)), RuntimeError)
-        self.assertIn("exit 1: ingest says hi", str(error))
+        self.assertEqual(str(error), "program exited with status 1: ingest says hi")
         (self.work / "code").write_text(str(command_sink.PERMANENT_EXIT))
         yield self.assertFailure(self.sink.deliver(received_file(self.file)), PermanentFailure)
 
@@ -231,13 +242,19 @@ def ffprobe(path: Path) -> dict[str, Any]:
     return json.loads(out.stdout)["streams"][0]
 
 
+def audio_codec(path: Path) -> str:
+    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "a:0", "-show_entries", "stream=codec_name",
+                          "-of", "csv=p=0", str(path)], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
 def decode_errors(path: Path) -> str:
     return subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "null", "-"],
                           capture_output=True, text=True).stderr
 
 
 class MP4SinkTests(TestCase):
-    """PTMF to MP4 with the real ffmpeg (.ci/run installs it)."""
+    """PTMF to MP4 with sound with the real ffmpeg (.ci/run installs it); more in tests/test_video.py."""
 
     timeout = 120
 
@@ -266,11 +283,12 @@ class MP4SinkTests(TestCase):
     @defer.inlineCallbacks
     def test_real_capture_to_hevc_mp4_and_poster(self) -> Any:
         video = self.capture_video()
-        result = yield self.sink(h264=True).deliver(received_file(video, media="video", source="videof",
-                                                                  identifier=b"%videof"))
+        received = received_file(video, media="video", source="videof", identifier=b"%videof")
+        result = yield self.sink(h264=True).deliver(received)
         self.assertIsInstance(result, Transformed)
-        mp4, poster, h264 = result.files
-        self.assertEqual((mp4.derived, poster.derived, h264.derived), ("mp4", "poster", "h264"))
+        mp4, poster, h264, original = result.files
+        self.assertEqual((mp4.derived, poster.derived, h264.derived, original.derived),
+                         ("mp4", "poster", "h264", "original"))
         info = ffprobe(mp4.path)
         self.assertEqual((info["codec_name"], info["codec_tag_string"], info["width"], info["height"]),
                          ("hevc", "hvc1", 1280, 720))
@@ -279,20 +297,33 @@ class MP4SinkTests(TestCase):
         self.assertEqual(poster.path.read_bytes()[:2], b"\xff\xd8")
         self.assertEqual(poster.media, "photo")
         self.assertEqual(ffprobe(h264.path)["codec_name"], "h264")
+        for made in (mp4, h264):  # both with the camera's sound
+            self.assertEqual(audio_codec(made.path), "aac")
         self.assertEqual(mp4.sha256, hashlib.sha256(mp4.path.read_bytes()).hexdigest())
+        self.assertEqual((original.path, original.sha256, original.media), (video, received.sha256, "video"))
         self.assertEqual(self.s.spool.names(), {video.name, mp4.path.name, poster.path.name, h264.path.name})
 
     @defer.inlineCallbacks
-    def test_not_ptmf_passes_through(self) -> Any:
+    def test_photos_and_files_that_are_no_video_pass_through(self) -> Any:
         photo = self.s.spool.path(self.s.spool.new_name())
         photo.write_bytes(b"\xff\xd8 a photo \xff\xd9")
         self.assertIsNone((yield self.sink().deliver(received_file(photo))))
+        other = self.s.spool.path(self.s.spool.new_name())
+        other.write_bytes(b"not a video at all")
+        self.assertIsNone((yield self.sink().deliver(received_file(other, media="video"))))
 
     @defer.inlineCallbacks
-    def test_broken_ptmf_is_permanent(self) -> Any:
+    def test_broken_ptmf_goes_on_as_the_original_with_the_reason(self) -> Any:
         broken = self.s.spool.path(self.s.spool.new_name())
         broken.write_bytes(b"PTMF" + os.urandom(500))
-        yield self.assertFailure(self.sink().deliver(received_file(broken, media="video")), PermanentFailure)
+        received = received_file(broken, media="video")
+        result = yield self.sink().deliver(received)
+        [original] = result.files
+        self.assertEqual((original.path, original.sha256, original.derived), (broken, received.sha256, "original"))
+        self.assertRegex(original.metadata["conversion_error"],
+                         r"^not a usable PTMF container: (no PTMF frame header at byte \d+|PTMF frame at byte 0 runs"
+                         r" past the end \(\d+ bytes\))$")
+        self.assertEqual(original.metadata["framerate"], 20)  # the camera's metadata is kept
         self.assertEqual(self.s.spool.names(), {broken.name})
 
     def test_demux_frame_rate_from_timestamps(self) -> None:
@@ -305,15 +336,18 @@ class MP4SinkTests(TestCase):
             struct.pack_into("<II", header, 24, len(payload), ts)
             return bytes(header) + payload
 
-        data = b"".join(frame(b"I" if i == 0 else b"P", 1000 + 50 * i, b"\0\0\0\1" + bytes([i])) for i in range(21))
+        # Microseconds, as a DualCam stamps its frames: 50,000 apart is 20 fps.
+        data = b"".join(frame(b"I" if i == 0 else b"P", 1000 + 50_000 * i, b"\0\0\0\1" + bytes([i]))
+                        for i in range(21))
         data += frame(b"A", 1020, b"\x00\x01\xa0\x00" + bytes(320))
         demuxed = demux(data)
         self.assertEqual((demuxed.video_frames, demuxed.width, demuxed.height, len(demuxed.audio)), (21, 1280, 720, 1))
         self.assertEqual(demuxed.frame_rate(), 20.0)
+        self.assertEqual(demuxed.audio, [bytes(320)])  # without its 4-byte header
 
 
 class PipelineTests(TestCase):
-    """mp4 then disk: the disk sink stores the MP4 and the poster instead of the PTMF."""
+    """mp4 then disk: the disk sink stores the MP4 and the poster beside the camera's PTMF."""
 
     timeout = 120
 
@@ -333,7 +367,11 @@ class PipelineTests(TestCase):
         while services.outbox.in_flight:
             yield task.deferLater(reactor, 0.05, lambda: None)
         names = sorted(p.name for p in stored_files(root))
-        self.assertEqual(names, ["20241029T124342Z_videof.mp4", "20241029T124342Z_videof_poster.jpg"])
+        self.assertEqual(names, ["20241029T124342Z_videof.mp4", "20241029T124342Z_videof.ptmf",
+                                 "20241029T124342Z_videof_poster.jpg"])
+        derived = {p.suffix: json.loads(p.with_name(p.name + ".json").read_text())["derived"]
+                   for p in stored_files(root)}
+        self.assertEqual(derived, {".mp4": "mp4", ".ptmf": "original", ".jpg": "poster"})
         self.assertEqual(services.spool.names(), set())
 
 
@@ -364,6 +402,11 @@ class PluginTests(TestCase):
         self.assertIn("fake", known_types())
         entry = validate({"type": "fake", "bucket": "b1"}, "sinks[1]", site)
         self.assertEqual(make(entry, None).bucket, "b1")
+        self.assertTrue(stores(entry))  # a sink that does not say otherwise stores what it is given
+        self.assertEqual(check_chain([entry]), [])
+        named = validate({"type": "fake", "name": "archive"}, "sinks[0]", site)  # "name" is not the type's
+        self.assertEqual([sink.name for sink in make_chain([entry, named, entry], None)],
+                         ["fake", "archive", "fake-2"])
 
 
 class RestartTests(TestCase):
@@ -411,3 +454,250 @@ class RestartTests(TestCase):
         [[key]] = keys
         self.assertEqual(json.loads(endpoint.requests[-1]["args"][b"metadata"][0])["id"], key)
         self.assertEqual(gw.spool_leftovers(work), [])
+
+
+class ChainTests(TestCase):
+    """What ``sinks:`` as a whole must be: every sink named once, the output of every sink stored somewhere."""
+
+    def setUp(self) -> None:
+        if shutil.which("ffmpeg") is None:
+            raise SkipTest("ffmpeg not installed (the mp4 sink needs it; .ci/run installs Debian's ffmpeg)")
+        self.base = Path(self.mktemp()).resolve()
+        self.base.mkdir()
+        self.program = self.base / "upload.sh"
+        self.program.write_text("#!/bin/sh\n")
+        self.program.chmod(0o755)
+
+    def sinks(self, *entries: dict[str, Any]) -> Any:
+        from camgateway.config import parse_config
+
+        return parse_config({"sinks": list(entries)}, base=self.base).sinks
+
+    def refused(self, *entries: dict[str, Any]) -> ConfigError:
+        from camgateway.config import parse_config
+
+        with self.assertRaises(ConfigError) as caught:
+            parse_config({"sinks": list(entries)}, base=self.base)
+        return caught.exception
+
+    def test_default_names_are_readable_and_unique(self) -> None:
+        command = {"type": "command", "command": str(self.program)}
+        sinks = self.sinks({"type": "mp4"}, {"type": "disk", "root": "a"}, {"type": "disk", "root": "b"},
+                           command, command, {"type": "http", "url": "http://127.0.0.1:8080/up/{imei}/{name}"},
+                           {"type": "http", "url": "http://127.0.0.1:8081/up/{imei}/{name}"},
+                           {"type": "http", "url": "https://fleet.example.com/{imei}"})
+        self.assertEqual(sink_names(sinks),
+                         ["mp4", "disk", "disk-2", "command:upload.sh", "command:upload.sh-2", "http:127.0.0.1:8080",
+                          "http:127.0.0.1:8081", "http:fleet.example.com"])
+
+    def test_given_names_are_kept_and_defaults_step_aside(self) -> None:
+        sinks = self.sinks({"type": "disk", "root": "a"}, {"type": "disk", "root": "b", "name": "disk"},
+                           {"type": "disk", "root": "c", "name": "archive.v2:cold_1"})
+        self.assertEqual(sink_names(sinks), ["disk-2", "disk", "archive.v2:cold_1"])
+
+    def test_bad_and_duplicate_names_are_refused(self) -> None:
+        for name in ("", "two words", "ünïcode", "a/b", 3, None, True):
+            error = self.refused({"type": "disk", "root": "a"}, {"type": "disk", "root": "b", "name": name})
+            self.assertEqual(error.key, "sinks[1].name", name)
+        error = self.refused({"type": "disk", "root": "a", "name": "x"}, {"type": "disk", "root": "b", "name": "x"})
+        self.assertEqual(error.key, "sinks[1].name")
+        self.assertIn("'x' is already the name of sinks[0]", str(error))
+
+    def test_a_chain_whose_output_no_sink_stores_is_refused(self) -> None:
+        for entries, key, where in (
+                (({"type": "mp4"},), "sinks[0]", "is the last sink"),
+                (({"type": "disk", "root": "a"}, {"type": "mp4"}), "sinks[1]", "is the last sink"),
+                (({"type": "disk", "root": "a"}, {"type": "mp4"}, {"type": "mp4", "name": "again"}), "sinks[1]",
+                 "no sink after it does")):
+            error = self.refused(*entries)
+            self.assertEqual(error.key, key, entries)
+            self.assertIn(where, str(error))
+            self.assertIn(f"{mp4_sink.passes_on} go only to the sinks after it; put a disk, http or command sink"
+                          " after it", str(error))
+        self.assertFalse(stores({"type": "mp4"}))
+        for after in ({"type": "disk", "root": "a"}, {"type": "command", "command": str(self.program)},
+                      {"type": "http", "url": "http://127.0.0.1:8080/{name}"}):
+            self.assertEqual([sink["type"] for sink in self.sinks({"type": "mp4"}, after)], ["mp4", after["type"]])
+            self.assertTrue(stores(after))
+
+    def test_built_sinks_carry_their_names(self) -> None:
+        command = {"type": "command", "command": str(self.program)}
+        configs = self.sinks(command, command, {"type": "http", "url": "http://127.0.0.1:8080/up/{imei}/{name}"},
+                             {"type": "disk", "root": "a", "name": "archive"})
+        made = make_chain(configs, make_services(self.base))
+        self.addCleanup(made[2].close)
+        self.addCleanup(made[3].close)
+        self.assertEqual([sink.name for sink in made],
+                         ["command:upload.sh", "command:upload.sh-2", "http:127.0.0.1:8080", "archive"])
+
+
+class _Reset(Protocol):
+    """Resets the connection (RST, not FIN) as soon as the request begins."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abortConnection()
+
+
+class _EarlyAnswer(Protocol):
+    """Answers 503 as soon as the request begins (before its body is sent), then closes once the body came."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.answered = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.answered:
+            self.answered = True
+            self.transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n"
+                                 b"Connection: close\r\n\r\nbusy")
+        self.received += data
+        head, _, body = bytes(self.received).partition(b"\r\n\r\n")
+        length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:")]
+        if length and len(body) >= length[0]:
+            self.transport.loseConnection()
+
+
+class Faulty(Factory):
+    """An HTTP receiver that misbehaves as scripted, one fault per connection, then answers 200.
+
+    A fault is ``"reset"`` (the connection is reset once the request begins),
+    ``"early 503"`` (a 503 before the body is sent), ``"hang"`` (no answer
+    ever) or a status code.
+    """
+
+    def __init__(self, script: list[Any]) -> None:
+        self.script = list(script)
+        self.endpoint = Endpoint([])
+        self.site = server.Site(self.endpoint)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        fault = self.script.pop(0) if self.script else 200
+        if fault == "reset":
+            return _Reset()
+        if fault == "early 503":
+            return _EarlyAnswer()
+        self.endpoint.script.append(fault)
+        return self.site.buildProtocol(addr)
+
+
+class HTTPFaultTests(TestCase):
+    """A receiver's ordinary faults, through the outbox: a warning that says why in words, no error or
+    critical line, and a retry that delivers."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.root = Path(self.mktemp()).resolve()
+        self.root.mkdir(parents=True)
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    @defer.inlineCallbacks
+    def deliver_through(self, fault: Any, timeout: float = 10.0) -> Any:
+        """Deliver a file to a receiver that first does ``fault``; the outbox's log lines."""
+        faulty = Faulty([fault])
+        connections = policies.WrappingFactory(faulty)
+        port = reactor.listenTCP(0, connections, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(poll, lambda: not connections.protocols, what="the receiver's connections closed")
+        s = make_services(self.root, clock=reactor)  # type: ignore[arg-type]
+        yield s.outbox.stop()
+        sink = make(validate({"type": "http", "url": f"http://127.0.0.1:{port.getHost().port}/up/{{name}}",
+                              "timeout": timeout}, "sinks[0]", self.root), s)
+        self.addCleanup(sink.close)
+        s.sinks = [sink]
+        s.outbox = Outbox(s, poll=0.2, rng=random.Random(1))
+        s.outbox.start()
+        self.addCleanup(s.outbox.stop)
+        path = s.spool.path(s.spool.new_name())
+        content = b"\xff\xd8" + os.urandom(4_000_000) + b"\xff\xd9"  # the faults come while it is being sent
+        path.write_bytes(content)
+        yield s.outbox.add(received_file(path), None)
+        yield poll(lambda: any(e.get("event") == "file_delivered" for e in self.events), what="the retried delivery")
+        records = [event_record(e) for e in self.events]
+        self.assertEqual([r["message"] for r in records if r["level"] in ("error", "critical")], [])
+        self.assertEqual([r["event"] for r in records if r["namespace"] == "camgateway.outbox"],
+                         ["delivery_failed", "file_delivered"])
+        self.assertEqual(faulty.endpoint.requests[-1]["args"][b"file"], [content])  # the retry delivered it
+        [warning] = [r for r in records if r["event"] == "delivery_failed"]
+        self.assertEqual((warning["level"], warning["sink"], warning["attempt"], warning["imei"]),
+                         ("warn", sink.name, 1, "863719061653375"))
+        self.assertTrue(warning["message"].startswith(f"delivery to {sink.name} failed (attempt 1), retrying in "
+                                                      f"{warning['retry_in']:.1f} s: {warning['reason']}; camera "))
+        return warning["reason"]
+
+    @defer.inlineCallbacks
+    def test_a_reset_connection(self) -> Any:
+        reason = yield self.deliver_through("reset")
+        self.assertIn(reason, ["connection reset by the receiver before answering",
+                               "connection reset by the receiver while the file was being sent"])
+
+    @defer.inlineCallbacks
+    def test_a_503(self) -> Any:
+        reason = yield self.deliver_through(503)
+        self.assertEqual(reason, "HTTP 503 Service Unavailable: nope")
+
+    @defer.inlineCallbacks
+    def test_a_503_before_the_file_was_sent(self) -> Any:
+        reason = yield self.deliver_through("early 503")
+        self.assertEqual(reason, "HTTP 503 Service Unavailable: busy")
+
+    @defer.inlineCallbacks
+    def test_no_answer(self) -> Any:
+        reason = yield self.deliver_through("hang", timeout=0.3)
+        self.assertEqual(reason, "timeout after 0.3 s")
+
+
+class SinkWordsTests(TestCase):
+    """Each sink's failures say why in words, and its client connections log nothing."""
+
+    def setUp(self) -> None:
+        self.work = Path(self.mktemp()).resolve()
+        self.work.mkdir(parents=True)
+        self.file = self.work / "x.part"
+        self.file.write_bytes(b"\xff\xd8" + os.urandom(3000) + b"\xff\xd9")
+
+    @defer.inlineCallbacks
+    def test_http_statuses_and_timeout(self) -> Any:
+        faulty = Faulty([503, 400, "hang"])
+        connections = policies.WrappingFactory(faulty)
+        port = reactor.listenTCP(0, connections, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(poll, lambda: not connections.protocols, what="the receiver's connections closed")
+        url = f"http://127.0.0.1:{port.getHost().port}/up/{{name}}"
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for fault, kind, words in [(503, DeliveryFailed, "HTTP 503 Service Unavailable: nope"),
+                                   (400, PermanentFailure, "HTTP 400 Bad Request: nope"),
+                                   ("hang", DeliveryFailed, "timeout after 0.3 s")]:
+            sink = make(validate({"type": "http", "url": url, "timeout": 0.3}, "sinks[0]", self.work), None)
+            self.addCleanup(sink.close)
+            error = yield self.assertFailure(sink.deliver(received_file(self.file)), kind)
+            self.assertEqual(str(error), words)
+        yield sink.deliver(received_file(self.file))
+        self.assertEqual([e["log_format"] for e in events if isinstance(e.get("factory"), _HTTP11ClientFactory)], [])
+
+    @defer.inlineCallbacks
+    def test_a_program_that_fails(self) -> Any:
+        program = self.work / "ingest"
+        program.write_text(textwrap.dedent(f"""\
+            #!{sys.executable}
+            import sys, time
+            sys.stdin.read()
+            sys.stderr.write("reading the sidecar\\n" + "x" * 5000 + "\\nno route to archive\\n\\n")
+            sys.stderr.flush()
+            if sys.argv[1] == "sleep":
+                time.sleep(30)
+            sys.exit(3)
+            """))
+        program.chmod(0o755)
+        for args, timeout, words in [(["exit"], 20, "program exited with status 3: no route to archive"),
+                                     (["sleep"], 0.5, "timeout after 0.5 s (program killed): no route to archive")]:
+            sink = make(validate({"type": "command", "command": [str(program), *args], "timeout": timeout},
+                                 "sinks[0]", self.work), None)
+            error = yield self.assertFailure(sink.deliver(received_file(self.file)), DeliveryFailed)
+            self.assertEqual(str(error), words)

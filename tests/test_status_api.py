@@ -5,13 +5,24 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
+from twisted.trial.unittest import TestCase
+from twisted.web.test.requesthelper import DummyRequest
 
+from camgateway.config import ConfigError, parse_config
+from camgateway.services import Stats
 from camgateway.sim import CameraSpec, ContentPool
+from camgateway.sinks import PermanentFailure
+from camgateway.web.status import StatusRoot
 from tests.ops_support import OpsTestCase, basic, get_json, http_get, jpeg_camera, poll, tiny_jpeg
+from tests.support import make_services
 from tests.test_integration import IMEI_BASE, camera
+from tests.test_metrics import received_file
+from tests.test_outbox import Recorder
 
 TOKEN = "s3cret-token-for-the-tests"
 
@@ -177,3 +188,86 @@ class TokenTests(OpsTestCase):
                 self.assertEqual(code, 200, (header, path))
         code, _, body = yield http_get(self.url("healthz"))
         self.assertEqual((code, json.loads(body)["status"]), (200, "ok"))
+
+
+class _Port:
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 5000)
+
+
+def healthz(services: Any, ports: list[Any] | None = None) -> tuple[int, dict[str, Any]]:
+    """``/healthz`` of a status site over ``services`` (listening on one port unless ``ports`` says)."""
+    class Gateway:
+        pass
+
+    gateway = Gateway()
+    gateway.services, gateway.ports = services, [_Port()] if ports is None else ports  # type: ignore[attr-defined]
+    request = DummyRequest([b"healthz"])
+    body = StatusRoot(gateway, None, None).getChildWithDefault(b"healthz", request).render(request)
+    return request.responseCode, json.loads(body)
+
+
+class SinkHealthTests(TestCase):
+    """``/healthz`` says degraded once every delivery attempt to a sink has failed for ``outbox.degraded_after``."""
+
+    def setUp(self) -> None:
+        self.root = Path(self.mktemp())
+        self.root.mkdir()
+        self.s = make_services(self.root, outbox_degraded_after=60.0)
+        self.sink = Recorder("http:upstream", [RuntimeError("Connection refused")] * 1000)
+        self.s.sinks = [self.sink]
+
+    def test_a_sink_failing_for_long_fails_the_check_until_it_delivers(self) -> None:
+        self.s.outbox.add(received_file(self.s, b"photo"), None)
+        self.assertEqual(len(self.sink.ids), 1)  # tried at once, and failed
+        while self.s.clock.seconds() < 60:
+            code, body = healthz(self.s)
+            self.assertEqual((code, body["status"]), (200, "ok"), self.s.clock.seconds())
+            self.s.clock.advance(1)
+        for _ in range(600):  # until an attempt fails 60 s or more after the first
+            code, body = healthz(self.s)
+            if code == 503:
+                break
+            self.s.clock.advance(1)
+        self.assertEqual((code, body["status"]), (503, "degraded"))
+        self.assertGreaterEqual(self.s.clock.seconds(), 60)
+        why = body["problems"]["sink http:upstream"]
+        self.assertIn("every delivery attempt has failed since 1970-01-01T00:00:00", why)
+        self.assertIn("the latest: Connection refused", why)
+        self.sink.failures = []  # the sink works again: the next attempt delivers
+        for _ in range(600):
+            self.s.clock.advance(1)
+            if self.sink.got:
+                break
+        self.assertEqual(self.sink.got, [b"photo"])
+        code, body = healthz(self.s)
+        self.assertEqual((code, body["status"]), (200, "ok"))
+        self.assertNotIn("problems", body)
+
+    def test_one_refused_file_is_not_a_failing_sink(self) -> None:
+        self.sink.failures = [PermanentFailure("HTTP 400: not a photo")]
+        self.s.outbox.add(received_file(self.s, b"bad"), None)
+        self.s.clock.advance(3600)
+        code, body = healthz(self.s)
+        self.assertEqual((code, body["status"]), (200, "ok"))
+
+    def test_a_delivery_ends_the_failing_time(self) -> None:
+        stats = Stats()
+        self.assertIsNone(stats.sink_failing("a"))
+        stats.sink_failed("a", "refused", 10.0)
+        stats.sink_failed("a", "timeout", 15.0)
+        failing = stats.sink_failing("a")
+        assert failing is not None
+        self.assertEqual((failing.since, failing.last, failing.reason), (10.0, 15.0, "timeout"))
+        stats.sink_deliveries["a"] += 1
+        self.assertIsNone(stats.sink_failing("a"))
+        stats.sink_failed("a", "refused", 20.0)
+        self.assertEqual(stats.sink_failing("a").since, 20.0)  # type: ignore[union-attr]
+        self.assertIsNone(stats.sink_failing("b"))
+
+    def test_degraded_after_is_configured(self) -> None:
+        self.assertEqual(parse_config({}).outbox_degraded_after, 600.0)
+        self.assertEqual(parse_config({"outbox": {"degraded_after": "2m"}}).outbox_degraded_after, 120.0)
+        with self.assertRaises(ConfigError) as caught:
+            parse_config({"outbox": {"degraded_after": 0}})
+        self.assertIn("outbox.degraded_after", str(caught.exception))

@@ -1,10 +1,12 @@
 """``workers: N``: one listening process hands each camera to its worker process.
 
 Unit tests of the pieces (the IMEI's worker, the hand-over frame, the
-dispatcher on StringTransport and Clock), then the real ``twistd -n
-camgateway`` with two workers: cameras of both, a resume inside a worker,
-a worker killed and restarted, the gateway killed (its workers follow), and
-a worker folder left from a larger count drained to a real HTTP endpoint.
+dispatcher on StringTransport and Clock, the merged metrics and health),
+then the real ``twistd -n camgateway`` with two workers: cameras of both, a
+resume inside a worker, a worker killed and restarted, the gateway killed
+(its workers follow), a worker folder left from a larger count drained to a
+real HTTP endpoint, and the status site answering for every worker (its
+counters per worker across a restart, a worker's failing sink in /healthz).
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hypothesis import HealthCheck, example, given, settings, strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import task
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
@@ -31,7 +36,10 @@ from camgateway.config import ConfigError, parse_config
 from camgateway.codec import INIT_SIZE
 from camgateway.workers import (DispatchFactory, Shard, handoff_frame, parse_handoff, shard_of,
                                 worker_folders, worker_spool)
+from camgateway.web.merge import merge_health, merge_metrics
+from tests.support import make_services
 from tests.test_scaleout import free_port, wait
+from tests.test_status_api import healthz
 from tests.test_twistd import Camera, Gateway
 
 
@@ -260,6 +268,127 @@ class WorkersConfigTests(TestCase):
         self.assertIn("listen[0]", str(caught.exception))
 
 
+_WORKER_0 = """# HELP camgateway_files_received_total Files
+# TYPE camgateway_files_received_total counter
+camgateway_files_received_total 5.0
+# TYPE camgateway_sink_deliveries_total counter
+camgateway_sink_deliveries_total{sink="disk:/files"} 5.0
+# TYPE camgateway_transfers_active gauge
+camgateway_transfers_active 1.0
+# TYPE camgateway_spool_free_bytes gauge
+camgateway_spool_free_bytes 9000.0
+# TYPE camgateway_dead_letters gauge
+camgateway_dead_letters 2.0
+# TYPE camgateway_transfer_duration_seconds histogram
+camgateway_transfer_duration_seconds_bucket{le="1.0"} 4.0
+camgateway_transfer_duration_seconds_bucket{le="+Inf"} 5.0
+camgateway_transfer_duration_seconds_count 5.0
+camgateway_transfer_duration_seconds_sum 6.5
+# TYPE process_open_fds gauge
+process_open_fds 40.0
+# TYPE process_max_fds gauge
+process_max_fds 1024.0
+# TYPE camgateway_build_info gauge
+camgateway_build_info{version="1.0"} 1.0
+# TYPE camgateway_worker_restarts_total counter
+camgateway_worker_restarts_total{worker="1"} 3.0
+"""
+_WORKER_1 = """# TYPE camgateway_files_received_total counter
+camgateway_files_received_total 7.0
+# TYPE camgateway_sink_deliveries_total counter
+camgateway_sink_deliveries_total{sink="disk:/files"} 6.0
+# TYPE camgateway_transfers_active gauge
+camgateway_transfers_active 2.0
+# TYPE camgateway_spool_free_bytes gauge
+camgateway_spool_free_bytes 8000.0
+# TYPE camgateway_dead_letters gauge
+camgateway_dead_letters 2.0
+# TYPE camgateway_transfer_duration_seconds histogram
+camgateway_transfer_duration_seconds_bucket{le="1.0"} 7.0
+camgateway_transfer_duration_seconds_bucket{le="+Inf"} 7.0
+camgateway_transfer_duration_seconds_count 7.0
+camgateway_transfer_duration_seconds_sum 2.0
+# TYPE process_open_fds gauge
+process_open_fds 30.0
+# TYPE process_max_fds gauge
+process_max_fds 2048.0
+# TYPE camgateway_build_info gauge
+camgateway_build_info{version="1.0"} 1.0
+"""
+
+
+def series(text: str) -> dict[tuple[str, frozenset], tuple[str, float]]:
+    """Every sample of a Prometheus text: (name, labels) -> (its family's type, value)."""
+    return {(sample.name, frozenset(sample.labels.items())): (family.type, sample.value)
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+class MergeTests(TestCase):
+    """The status site's answers of several workers as one."""
+
+    def test_counters_and_process_figures_are_one_series_per_worker(self) -> None:
+        merged = {key: v for key, (_, v) in series(merge_metrics({1: _WORKER_1, 0: _WORKER_0}).decode()).items()}
+
+        def at(name: str, **labels: str) -> float:
+            return merged[(name, frozenset(labels.items()))]
+
+        self.assertEqual((at("camgateway_files_received_total", worker="0"),
+                          at("camgateway_files_received_total", worker="1")), (5, 7))
+        self.assertNotIn(("camgateway_files_received_total", frozenset()), merged)
+        self.assertEqual(at("camgateway_sink_deliveries_total", sink="disk:/files", worker="1"), 6)
+        self.assertEqual((at("camgateway_transfer_duration_seconds_bucket", le="1.0", worker="0"),
+                          at("camgateway_transfer_duration_seconds_count", worker="1"),
+                          at("camgateway_transfer_duration_seconds_sum", worker="0")), (4, 7, 6.5))
+        # each process's descriptors against its own limit
+        self.assertEqual((at("process_open_fds", worker="0"), at("process_max_fds", worker="0"),
+                          at("process_open_fds", worker="1"), at("process_max_fds", worker="1")),
+                         (40, 1024, 30, 2048))
+        self.assertEqual(at("camgateway_worker_restarts_total", worker="1"), 3)  # the gateway's count of worker 1
+        # gauges: added up, or as each one means
+        self.assertEqual(at("camgateway_transfers_active"), 3)
+        self.assertEqual(at("camgateway_spool_free_bytes"), 8000)
+        self.assertEqual(at("camgateway_dead_letters"), 2)  # one folder, seen by both
+        self.assertEqual(at("camgateway_build_info", version="1.0"), 1)
+
+    def test_health_names_each_workers_problems(self) -> None:
+        local = {"status": "ok", "version": "1.0", "listening": ["127.0.0.1:5000"], "sessions": 1}
+        states = [{"index": 1, "pid": 11, "ready": True, "drain": False},
+                  {"index": 2, "pid": 12, "ready": True, "drain": False},
+                  {"index": 3, "pid": None, "ready": False, "drain": False}]
+        answers: dict[int, Optional[dict[str, Any]]] = {
+            1: {"status": "degraded", "sessions": 2, "problems": {"store": "cannot record files: disk I/O error"}},
+            2: None, 3: None}
+        body, code = merge_health(local, states, answers)
+        self.assertEqual((code, body["status"], body["sessions"]), (503, "degraded", 3))
+        self.assertEqual(body["problems"], {"worker 1 store": "cannot record files: disk I/O error",
+                                            "worker 2": "its status site did not answer within 5 s"})
+        self.assertEqual([(w["index"], w["status"], w["problems"]) for w in body["workers"]],
+                         [(0, "ok", {}), (1, "degraded", {"store": "cannot record files: disk I/O error"}),
+                          (2, None, {}), (3, None, {})])
+        # the gateway's own problems are worker 0's
+        body, code = merge_health(dict(local, status="degraded", problems={"spool": "full"}), [], {})
+        self.assertEqual((code, body["problems"]), (503, {"worker 0 spool": "full"}))
+
+    def test_a_worker_restarting_is_degraded_but_not_a_failed_check(self) -> None:
+        local = {"status": "ok", "sessions": 0}
+        body, code = merge_health(local, [{"index": 1, "pid": None, "ready": False, "drain": False}], {1: None})
+        self.assertEqual((code, body["status"]), (200, "degraded"))
+        self.assertNotIn("problems", body)
+        body, code = merge_health(local, [{"index": 1, "pid": 9, "ready": True, "drain": False}],
+                                  {1: {"status": "ok", "sessions": 4}})
+        self.assertEqual((code, body["status"], body["sessions"]), (200, "ok", 4))
+
+    def test_a_child_worker_without_a_port_of_its_own_is_healthy(self) -> None:
+        root = Path(self.mktemp())
+        root.mkdir()
+        services = make_services(root)
+        services.shard = Shard(1, 2, root)  # the gateway hands it its cameras: it listens on nothing
+        self.assertEqual(healthz(services, ports=[])[:1], (200,))
+        self.assertEqual(healthz(services, ports=[])[1]["status"], "ok")
+        services.shard = None  # the gateway itself without a port is starting
+        self.assertEqual(healthz(services, ports=[])[1]["status"], "starting")
+
+
 class Collector(http.server.BaseHTTPRequestHandler):
     """An HTTP endpoint that accepts every POST."""
 
@@ -423,7 +552,7 @@ class TwistdWorkersTests(TestCase):
         listed = subprocess.run(command + ["--config", str(self.work / "camgateway.yaml"), "outbox"], cwd=self.work,
                                 capture_output=True, text=True, timeout=60)
         self.assertEqual(listed.returncode, 0, listed.stderr)
-        self.assertRegex(listed.stdout, rf"sink 0 .* camera {imei} photof: .*\(worker 1\)\n1 file\(s\) in the outbox")
+        self.assertRegex(listed.stdout, rf"sink http:127\.0\.0\.1:{port} .* camera {imei} photof: .*\(worker 1\)\n1 file\(s\) in the outbox")
         Collector.posts = []
         server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Collector)
         threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -445,38 +574,46 @@ class TwistdWorkersTests(TestCase):
         self.assertTrue(gateway.stopped_cleanly())
 
 
+def status_get(port: int, path: str, token: Optional[str] = None) -> tuple[int, bytes]:
+    """GET ``path`` of the status site on ``port``: (status code, body)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
 class TwistdWorkersStatusTests(TestCase):
     """The status site of a gateway with two workers answers for both."""
 
     timeout = 120
 
-    def test_api_metrics_and_files_cover_every_worker(self) -> None:
-        import urllib.request
-
-        from prometheus_client.parser import text_string_to_metric_families
-
-        work = Path(self.mktemp()).resolve()
+    def start(self, token: Optional[str] = None, **more: Any) -> tuple[Gateway, int]:
+        """``twistd -n camgateway`` with two workers and its status site: (the gateway, the site's port)."""
+        work = self.work = Path(self.mktemp()).resolve()
         work.mkdir(parents=True)
         http_port = free_port()
-        token = "t0ken-for-the-status-site"
         (work / "camgateway.yaml").write_text(json.dumps({
             "listen": ["tcp:0:interface=127.0.0.1"], "workers": 2,
-            "http": {"listen": [f"tcp:{http_port}:interface=127.0.0.1"], "token": token},
+            "http": {"listen": [f"tcp:{http_port}:interface=127.0.0.1"], **({"token": token} if token else {})},
             "storage": {"spool": "spool"}, "sinks": [{"type": "disk", "root": "files"}],
-            "timeouts": {"idle": 30, "metadata": 5},
+            "timeouts": {"idle": 30, "metadata": 5}, **more,
         }))
         gateway = Gateway(work, "--config", str(work / "camgateway.yaml"))
         self.addCleanup(gateway.stop, signal.SIGKILL)
+        for pid in re.findall(r"worker 1 started \(pid (\d+)\)", gateway.log.read_text()):
+            self.addCleanup(lambda pid=int(pid): alive(pid) and os.kill(pid, signal.SIGKILL))
+        return gateway, http_port
+
+    def test_api_metrics_and_files_cover_every_worker(self) -> None:
+        token = "t0ken-for-the-status-site"
+        gateway, http_port = self.start(token)
 
         def get(path: str, auth: bool = True) -> tuple[int, bytes]:
-            request = urllib.request.Request(f"http://127.0.0.1:{http_port}{path}")
-            if auth:
-                request.add_header("Authorization", f"Bearer {token}")
-            try:
-                with urllib.request.urlopen(request, timeout=10) as response:
-                    return response.status, response.read()
-            except urllib.error.HTTPError as e:
-                return e.code, e.read()
+            return status_get(http_port, path, token if auth else None)
 
         contents = {}
         for worker in (0, 1):
@@ -511,14 +648,110 @@ class TwistdWorkersStatusTests(TestCase):
         self.assertEqual(summary["sessions"], 2)
         self.assertEqual([(w["index"], w["ready"], w["answered"]) for w in summary["workers"]],
                          [(0, True, True), (1, True, True)])
-        health = json.loads(get("/healthz", auth=False)[1])
-        self.assertEqual(health["status"], "ok")
-        self.assertEqual([w["index"] for w in health["workers"]], [1])
-        metrics = {s.name: s.value for f in text_string_to_metric_families(get("/metrics")[1].decode())
-                   for s in f.samples if not s.labels}
-        self.assertEqual(metrics["camgateway_files_received_total"], 2)
-        self.assertEqual(metrics["camgateway_transfers_active"], 2)
-        self.assertGreater(metrics["process_resident_memory_bytes"], 2 * 20e6)  # both processes
+        code, body = get("/healthz", auth=False)
+        health = json.loads(body)
+        self.assertEqual((code, health["status"], health["sessions"]), (200, "ok", 2))
+        self.assertEqual([(w["index"], w["status"], w["problems"]) for w in health["workers"]],
+                         [(0, "ok", {}), (1, "ok", {})])
+        metrics = {key: v for key, (_, v) in series(get("/metrics")[1].decode()).items()}
+        for worker in ("0", "1"):
+            self.assertEqual(metrics[("camgateway_files_received_total", frozenset({("worker", worker)}))], 1)
+            self.assertGreater(metrics[("process_resident_memory_bytes", frozenset({("worker", worker)}))], 20e6)
+        self.assertEqual(metrics[("camgateway_transfers_active", frozenset())], 2)
         for camera in hanging.values():
             camera.sock.close()
+        self.assertTrue(gateway.stopped_cleanly())
+
+    def test_counters_are_one_series_per_worker_across_a_restart(self) -> None:
+        gateway, http_port = self.start()
+        [child] = re.findall(r"worker 1 started \(pid (\d+)\)", gateway.log.read_text())
+        photo = b"\xff\xd8" + os.urandom(5000) + b"\xff\xd9"
+        for worker, count in ((0, 1), (1, 2)):
+            for _ in range(count):
+                Camera(gateway.port, imei_of(worker)).send_photo(photo)
+        scrapes: list[dict[tuple[str, frozenset], tuple[str, float]]] = []
+
+        def scrape() -> dict[tuple[str, frozenset], float]:
+            code, body = status_get(http_port, "/metrics")
+            self.assertEqual(code, 200)
+            scrapes.append(series(body.decode()))
+            return {key: v for key, (_, v) in scrapes[-1].items()}
+
+        def received(worker: str) -> Optional[float]:
+            return scrape().get(("camgateway_files_received_total", frozenset({("worker", worker)})))
+
+        wait(lambda: received("1") == 2 and received("0") == 1, what="the files of both workers counted")
+        partials = self.work / "spool" / "worker-1" / "partials"
+        wait(lambda: any(p.stat().st_size == 0 for p in partials.glob("*.part")),
+             what="worker 1 to make spool files ahead")
+        os.kill(int(child), signal.SIGKILL)
+
+        def restarting() -> Optional[tuple[int, dict[str, Any]]]:
+            scrape()
+            code, body = status_get(http_port, "/healthz")
+            health = json.loads(body)
+            return (code, health) if not health["workers"][1]["ready"] else None
+
+        code, health = wait(restarting, what="/healthz to show worker 1 restarting")
+        self.assertEqual((code, health["status"]), (200, "degraded"))  # its cameras wait; the others are served
+        wait(lambda: gateway.log.read_text().count("worker 1 is ready") == 2 and scrape(),
+             what="worker 1 to be restarted")
+        Camera(gateway.port, imei_of(1)).send_photo(photo)
+        wait(lambda: received("1") == 1, what="the restarted worker's file counted")
+        received("0")
+
+        # Every counter is one series per worker; only the restarted worker's own series start again
+        # from 0 (a new process: its start time says so), which Prometheus takes for a counter reset.
+        start = ("process_start_time_seconds", frozenset({("worker", "1")}))
+        seen: dict[tuple[str, frozenset], tuple[float, Optional[float]]] = {}  # last value, worker 1's start then
+        resets = set()
+        for scraped in scrapes:  # (worker 1's series are missing while it is down)
+            started = scraped[start][1] if start in scraped else None
+            for key, (kind, now) in scraped.items():
+                if kind not in ("counter", "histogram"):
+                    continue
+                self.assertIn("worker", dict(key[1]), key)
+                if key in seen and now < seen[key][0]:
+                    self.assertEqual(dict(key[1])["worker"], "1", key)
+                    self.assertNotEqual(seen[key][1], started, key)
+                    resets.add(key[0])
+                seen[key] = (now, started)
+        self.assertIn("camgateway_files_received_total", resets)
+        last = {key: v for key, (_, v) in scrapes[-1].items()}
+        self.assertEqual(last[("camgateway_worker_restarts_total", frozenset({("worker", "1")}))], 1)
+        self.assertEqual(last[("camgateway_files_received_total", frozenset({("worker", "0")}))], 1)
+        text = gateway.log.read_text()
+        reconciled = text[text.index("worker 1 ended"):]
+        self.assertRegex(reconciled, r"\[worker-1 [^]]*\] spool reconciled: 0 partial transfers kept, 0 files in"
+                                     r" the outbox, \d+ unused spool files removed \(made ahead for new transfers")
+        self.assertNotIn("orphan", text)
+        self.assertTrue(gateway.stopped_cleanly())
+
+    def test_healthz_names_the_worker_whose_sink_fails(self) -> None:
+        port = free_port()
+        gateway, http_port = self.start(sinks=[{"type": "http", "url": f"http://127.0.0.1:{port}/upload",
+                                                "timeout": 5}], outbox={"degraded_after": "1s"})
+        content = b"\xff\xd8" + os.urandom(5000) + b"\xff\xd9"
+        Camera(gateway.port, imei_of(1)).send_photo(content)  # worker 1's; nothing listens on the sink's port
+
+        def health(wanted: int) -> Optional[dict[str, Any]]:
+            code, body = status_get(http_port, "/healthz")
+            return json.loads(body) if code == wanted else None
+
+        degraded = wait(lambda: health(503), 60, "/healthz to fail for worker 1's sink")
+        self.assertEqual(degraded["status"], "degraded")
+        [(name, why)] = degraded["problems"].items()
+        self.assertTrue(name.startswith("worker 1 sink http:"), name)
+        self.assertIn("every delivery attempt has failed since", why)
+        self.assertIn("refused", why.lower())
+        self.assertEqual([(w["index"], list(w["problems"])) for w in degraded["workers"]],
+                         [(0, []), (1, [name[len("worker 1 "):]])])
+        Collector.posts = []
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Collector)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        healthy = wait(lambda: health(200), 60, "/healthz to pass once the sink takes the file")
+        self.assertEqual((healthy["status"], [w["problems"] for w in healthy["workers"]]), ("ok", [{}, {}]))
+        self.assertIn(content, Collector.posts[0])
         self.assertTrue(gateway.stopped_cleanly())

@@ -156,7 +156,7 @@ def validate_sink_config(item: object, key: str, base: Path) -> Mapping[str, Any
 
 
 def make_sinks(configs: tuple[Mapping[str, Any], ...], services: Any) -> list[Any]:
-    """Build the configured sinks, in order."""
-    from camgateway.sinks.registry import make
+    """Build the configured sinks, in order, each under its name (unique in the chain)."""
+    from camgateway.sinks.registry import make_chain
 
-    return [make(config, services) for config in configs]
+    return make_chain(configs, services)

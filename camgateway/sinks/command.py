@@ -11,7 +11,8 @@ its standard input and the file's id in ``CAMGATEWAY_FILE_ID`` (the
 sidecar's ``id``). Exit status 0 means delivered; 100 means "never retry"
 (the file goes to the dead-letter folder); anything else, a signal or the
 timeout is retried by the outbox. The program runs without blocking the
-gateway (``spawnProcess``); its stderr (the first 2 KB) is kept for the log.
+gateway (``spawnProcess``); the last line of its stderr is the reason of a
+failure ("program exited with status 3: archive unreachable").
 
 A program may be given the same file again, with the same id: after a crash
 of the gateway, or a timeout that killed a program that had done its work.
@@ -31,10 +32,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from camgateway.config import ConfigError, parse_duration
+from camgateway.reasons import DeliveryFailed, last_line, program_ended
 from camgateway.sinks import IFileSink, PermanentFailure, ReceivedFile
 from camgateway.sinks.registry import check_keys
 
-__all__ = ["CommandSink", "validate", "make", "PERMANENT_EXIT", "FILE_ID"]
+__all__ = ["CommandSink", "validate", "make", "default_name", "PERMANENT_EXIT", "FILE_ID"]
 
 PERMANENT_EXIT = 100
 
@@ -55,6 +57,11 @@ def validate(config: Mapping[str, Any], key: str, base: Path) -> Mapping[str, An
         raise ConfigError(f"{key}.command", f"{command[0]} is not an executable program")
     return {"type": "command", "command": [str(base / program)] + command[1:],
             "timeout": parse_duration(config.get("timeout", 300), f"{key}.timeout")}
+
+
+def default_name(config: Mapping[str, Any]) -> str:
+    """The sink's name when the entry has none: ``command:`` and the program's file name."""
+    return f"command:{os.path.basename(config['command'][0])}"
 
 
 def make(config: Mapping[str, Any], services: Any) -> "CommandSink":
@@ -78,8 +85,9 @@ class _Run(protocol.ProcessProtocol):
         pass
 
     def errReceived(self, data: bytes) -> None:
-        if len(self.stderr) < 2048:
-            self.stderr += data[: 2048 - len(self.stderr)]
+        self.stderr += data
+        if len(self.stderr) > 4096:  # its end says why
+            del self.stderr[:-4096]
 
     def processEnded(self, reason: Failure) -> None:
         self.done.callback(reason.value)
@@ -93,7 +101,7 @@ class CommandSink:
         self.command = command
         self.timeout = timeout
         self.reactor = reactor
-        self.name = f"command:{os.path.basename(command[0])}"
+        self.name = default_name({"command": command})
 
     @defer.inlineCallbacks
     def deliver(self, received: ReceivedFile) -> Any:
@@ -116,12 +124,13 @@ class CommandSink:
         code = getattr(ended, "exitCode", None)
         if code == 0 and not timed_out:
             return f"{self.name} exit 0"
-        why = (f"killed after {self.timeout:g} s" if timed_out
-               else f"exit {code}" if code is not None else f"signal {getattr(ended, 'signal', '?')}")
-        message = f"{self.name}: {why}: {bytes(run.stderr).decode('utf-8', 'replace').strip()[:500]}"
-        if code == PERMANENT_EXIT and not timed_out:
+        if timed_out:
+            said = last_line(bytes(run.stderr))
+            raise DeliveryFailed(f"timeout after {self.timeout:g} s (program killed)" + (f": {said}" if said else ""))
+        message = program_ended("program", code, getattr(ended, "signal", None), bytes(run.stderr))
+        if code == PERMANENT_EXIT:
             raise PermanentFailure(message)
-        raise RuntimeError(message)
+        raise DeliveryFailed(message)
 
 
 def _kill(process: Any) -> None:

@@ -52,6 +52,7 @@ from camgateway.config import ConfigError
 from camgateway.durability import HAVE_SYNCFS, GroupSync, syncfs
 from camgateway.groupcommit import BatchThread, GroupCommitThread
 from camgateway.ids import new_id
+from camgateway.media import EXTENSIONS, kind_of
 from camgateway.sinks import IFileSink, ReceivedFile
 from camgateway.sinks.registry import check_keys
 
@@ -114,13 +115,11 @@ def sanitise_basename(identifier: bytes, limit: int = 64) -> str:
 
 
 def extension_for(received: ReceivedFile, head: bytes) -> str:
-    """The file extension, from the content first, then the device path."""
-    if head.startswith(b"\xff\xd8"):
-        return "jpg"
-    if head.startswith(b"PTMF"):
-        return "ptmf"
-    if head[4:8] == b"ftyp":
-        return "mp4"
+    """The file extension, from the content first (JPEG, PTMF, MP4, bare H.265/H.264:
+    :func:`camgateway.media.kind_of`), then a known extension of the device path."""
+    kind = kind_of(head)
+    if kind is not None:
+        return EXTENSIONS[kind]
     if received.flow == "path":
         name = received.identifier.split(b"\0", 1)[0].decode("utf-8", "replace")
         ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
@@ -136,7 +135,7 @@ def build_stem(received: ReceivedFile) -> tuple[str, str]:
     base = sanitise_basename(received.identifier) if received.flow == "path" else ""
     if base:
         stem += "_" + base
-    if received.derived and received.derived != "mp4":
+    if received.derived and received.derived not in ("mp4", "original"):  # their extensions tell them apart
         stem += "_" + sanitise_basename(received.derived.encode())
     return f"{when:%Y-%m-%d}", stem
 
@@ -308,17 +307,18 @@ class DiskSink:
         filesystem the media is first copied (and fsynced) to a temporary
         name in ``folder`` and linked from there.
 
-        A name taken by this very file (a sidecar with its id and sha256: an
-        earlier delivery of it that the outbox could not record) is this
-        delivery's: its media file is linked if it is missing, and no ``-n``
-        copy is made. Only a taken name costs that look.
+        A name taken by this very file (a sidecar with its sha256 and size: an
+        earlier delivery of it that the outbox could not record, or the same
+        file the camera sent again) is this delivery's: its media file is
+        linked if it is missing, and no ``-n`` copy is made. Only a taken
+        name costs that look.
         """
         n = 1
         while True:
             target = f"{folder}/{stem}.{ext}" if n == 1 else f"{folder}/{stem}-{n}.{ext}"
             meta = target + ".json"
             if not _claim(sidecar, meta):
-                if received.id and _describes(meta, received):
+                if _describes(meta, received):
                     media, done = self._complete(received, media, target, meta, folder, stem, temps)
                     if done:
                         return target
@@ -327,7 +327,7 @@ class DiskSink:
             placed = False
             try:
                 media, placed = self._link(media, target, folder, stem, temps)
-                if not placed and received.id and _holds(target, media, received):
+                if not placed and _holds(target, media, received):
                     placed = True  # the same delivery, running at once elsewhere, linked it first
             finally:
                 if not placed:
@@ -384,8 +384,12 @@ def _head(path: str) -> bytes:
 
 
 def _write_new(path: str, data: bytes, durable: bool) -> None:
-    """Create ``path`` (it must not exist) holding ``data``; fsync it if ``durable``."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    """Create ``path`` (it must not exist) holding ``data``; fsync it if ``durable``.
+
+    Mode 0640, as the spool's files (the media files are links of them): a
+    sidecar holds the camera's GPS positions.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
     try:
         view = memoryview(data)
         while view:
@@ -406,19 +410,26 @@ def _claim(source: str, target: str) -> bool:
 
 
 def _describes(meta: str, received: ReceivedFile) -> bool:
-    """Whether the sidecar at ``meta`` is ``received``'s: the same id and sha256."""
+    """Whether the sidecar at ``meta`` is ``received``'s: the same camera, source, device path and content.
+
+    The same delivery repeated (same id), or the same file sent twice by
+    the camera (a kill after the file was received but before the camera
+    was told: a new id, the same bytes, capture time and source).
+    """
     try:
         with open(meta, "rb") as f:
             data = f.read()
     except OSError:
         return False
-    if received.id.encode() not in data:  # another file's (the usual collision): no parse
+    if received.sha256.encode() not in data:  # another file's (the usual collision): no parse
         return False
     try:
         record = json.loads(data)
     except ValueError:
         return False
-    return isinstance(record, dict) and record.get("id") == received.id and record.get("sha256") == received.sha256
+    return (isinstance(record, dict) and record.get("sha256") == received.sha256
+            and record.get("size") == received.size and record.get("imei") == received.imei
+            and record.get("source") == received.source and record.get("device_path") == received.device_path)
 
 
 def _holds(target: str, media: str, received: ReceivedFile) -> bool:

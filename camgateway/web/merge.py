@@ -5,15 +5,22 @@ Each child worker serves the same status site on a UNIX socket of its own
 :class:`~camgateway.workers.Workers`); the gateway's site asks every worker
 the same request (with the caller's ``Authorization``) and merges the
 answers with its own: lists are joined and sorted as each route sorts them,
-counters and gauges are added up, ``/files/<id>`` is streamed from the
-worker that stored the file. A worker that does not answer within
-:data:`TIMEOUT` is left out and named in ``/api/summary`` and ``/healthz``.
+the summary's counters and gauges are added up, ``/files/<id>`` is streamed
+from the worker that stored the file. In ``/metrics`` every counter (and
+histogram, and the ``process_*`` figures) is one series per worker, labelled
+``worker``, so that a worker restarted with its counters at 0 is a counter
+reset of its own series for Prometheus, never a total that goes down; the
+gauges are added up (or merged as :data:`GAUGES_MERGED_BY` says).
+``/healthz`` names each worker's problems. A worker that does not answer
+within :data:`TIMEOUT` is left out and named in ``/api/summary`` and
+``/healthz``.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+import os
+from typing import Any, Callable, Optional
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,7 +33,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-__all__ = ["WorkerPeers", "merge_list", "merge_summary", "merge_metrics", "TIMEOUT", "LIST_ROUTES"]
+from camgateway.logs import quiet_pool
+
+__all__ = ["WorkerPeers", "merge_list", "merge_summary", "merge_metrics", "merge_health", "TIMEOUT", "LIST_ROUTES",
+           "GAUGES_MERGED_BY"]
 
 #: Seconds a worker has to answer the gateway's status site.
 TIMEOUT = 5.0
@@ -37,6 +47,15 @@ LIST_ROUTES: dict[str, Optional[str]] = {
     "outbox": None, "failures": "time",
 }
 _SUMMED = ("connections_open", "sessions", "transfers", "outbox_depth", "spool_files", "spool_bytes")
+
+#: The gauges of ``/metrics`` that are not added up across workers, and how they are merged.
+GAUGES_MERGED_BY: dict[str, Callable[[float, float], float]] = {
+    "camgateway_spool_free_bytes": min,  # the workers' spools are folders of one spool: one filesystem
+    "camgateway_dead_letters": max,  # every worker's dead letters go to the one dead-letter folder
+    "camgateway_outbox_oldest_age_seconds": max,
+    "camgateway_last_file_received_timestamp_seconds": max,
+    "camgateway_build_info": max,  # always 1: one gateway, one version
+}
 
 
 def merge_list(route: str, lists: list[list[Any]], limit: Optional[int] = None) -> list[Any]:
@@ -66,24 +85,35 @@ def merge_summary(local: dict[str, Any], others: list[dict[str, Any]]) -> dict[s
     return out
 
 
-def merge_metrics(texts: list[str]) -> bytes:
-    """Prometheus texts of every worker (the gateway's first) as one: samples with the same
-    name and labels added up, except the build info, the start time (the earliest) and the
-    descriptor limit (the gateway's)."""
+def _per_worker(family: Any) -> bool:
+    """Counters, histograms and a process's own figures: one series per worker, never added up."""
+    return family.type in ("counter", "histogram", "summary") or family.name.startswith("process_")
+
+
+def merge_metrics(texts: dict[int, str]) -> bytes:
+    """Prometheus texts of every worker, by worker index (the gateway is 0), as one.
+
+    Each sample of a counter, a histogram or a ``process_*`` family gets the
+    label ``worker`` (unless it has one): one series per worker. The other
+    samples with the same name and labels are added up, except the gauges of
+    :data:`GAUGES_MERGED_BY`.
+    """
     families: dict[str, Any] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-    for text in texts:
+    for index, text in sorted(texts.items()):
         for family in text_string_to_metric_families(text):
             families.setdefault(family.name, family)  # the first of a name gives its type and help
             samples = values.setdefault(family.name, {})
+            per_worker, combine = _per_worker(family), GAUGES_MERGED_BY.get(family.name)
             for sample in family.samples:
-                key = (sample.name, tuple(sorted(sample.labels.items())))
+                labels = sample.labels
+                if per_worker and "worker" not in labels:
+                    labels = dict(labels, worker=str(index))
+                key = (sample.name, tuple(sorted(labels.items())))
                 if key not in samples:
                     samples[key] = sample.value
-                elif family.type == "info" or sample.name == "process_max_fds":
-                    pass
-                elif sample.name == "process_start_time_seconds":
-                    samples[key] = min(samples[key], sample.value)
+                elif combine is not None:
+                    samples[key] = combine(samples[key], sample.value)
                 else:
                     samples[key] += sample.value
 
@@ -96,6 +126,41 @@ def merge_metrics(texts: list[str]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Merged())  # type: ignore[arg-type]
     return generate_latest(registry)
+
+
+def merge_health(local: dict[str, Any], states: list[dict[str, Any]],
+                 answers: dict[int, Optional[dict[str, Any]]]) -> tuple[dict[str, Any], int]:
+    """The gateway's ``/healthz`` answer (body, HTTP code) for every worker.
+
+    ``local`` is this process's (worker 0's) answer, ``states`` each child
+    as :meth:`WorkerPeers.state` says, ``answers`` each child's ``/healthz``
+    body (None: no answer). Every problem is named for its worker
+    (``"worker 1 store"``); a child that takes cameras and did not answer is
+    a problem too. 503 while there is one; a child restarting is ``degraded``
+    but not a problem (its cameras wait, the others are served).
+    """
+    body = dict(local)
+    problems = {f"worker 0 {part}": why for part, why in local.get("problems", {}).items()}
+    workers = [{"index": 0, "pid": os.getpid(), "ready": True, "drain": False, "restarts": 0,
+                "status": local.get("status"), "problems": local.get("problems", {})}]
+    for state in states:
+        answer = answers.get(state["index"])
+        mine = answer.get("problems", {}) if isinstance(answer, dict) else {}
+        workers.append(dict(state, status=answer.get("status") if isinstance(answer, dict) else None,
+                            problems=mine))
+        for part, why in mine.items():
+            problems[f"worker {state['index']} {part}"] = why
+        if isinstance(answer, dict):
+            body["sessions"] = body.get("sessions", 0) + answer.get("sessions", 0)
+        elif state["ready"]:
+            problems[f"worker {state['index']}"] = f"its status site did not answer within {TIMEOUT:.0f} s"
+    body["workers"] = workers
+    body.pop("problems", None)
+    if problems:
+        body["problems"] = problems
+    if problems or not all(w["ready"] for w in workers if not w["drain"]):
+        body["status"] = "degraded"
+    return body, 503 if problems else 200
 
 
 @implementer(IAgentEndpointFactory)
@@ -127,7 +192,8 @@ class WorkerPeers:
     def __init__(self, reactor: Any, workers: Any) -> None:
         self.reactor = reactor
         self.workers = workers
-        self.agent = Agent.usingEndpointFactory(reactor, _SocketEndpoints(reactor, workers.status_sockets))
+        self.agent = Agent.usingEndpointFactory(reactor, _SocketEndpoints(reactor, workers.status_sockets),
+                                                pool=quiet_pool(reactor, persistent=False))
 
     def _request(self, index: int, path: bytes, request: Any, method: bytes = b"GET") -> defer.Deferred:
         headers = Headers()
@@ -144,8 +210,8 @@ class WorkerPeers:
         return sorted(self.workers.status_sockets)
 
     @defer.inlineCallbacks
-    def _bodies(self, path: bytes, request: Any) -> Any:
-        """``{index: body}`` of every worker that answered ``path`` with a 200."""
+    def _bodies(self, path: bytes, request: Any, codes: tuple[int, ...] = (200,)) -> Any:
+        """``{index: body}`` of every worker that answered ``path`` with one of ``codes``."""
         bodies: dict[int, bytes] = {}
 
         @defer.inlineCallbacks
@@ -155,14 +221,14 @@ class WorkerPeers:
                 body = yield readBody(response)
             except Exception:
                 return
-            if response.code == 200:
+            if response.code in codes:
                 bodies[index] = body
 
         yield defer.DeferredList([ask(i) for i in self.indexes()])
         return bodies
 
-    def ask_all(self, path: bytes, request: Any) -> defer.Deferred:
-        """``{index: decoded JSON or None}`` of every worker's answer to ``path``."""
+    def ask_all(self, path: bytes, request: Any, codes: tuple[int, ...] = (200,)) -> defer.Deferred:
+        """``{index: decoded JSON or None}`` of every worker's answer to ``path`` (with one of ``codes``)."""
         def decode(bodies: dict[int, bytes]) -> dict[int, Any]:
             answers: dict[int, Any] = {}
             for index in self.indexes():
@@ -172,12 +238,12 @@ class WorkerPeers:
                     answers[index] = None
             return answers
 
-        return self._bodies(path, request).addCallback(decode)
+        return self._bodies(path, request, codes).addCallback(decode)
 
     def ask_all_text(self, path: bytes, request: Any) -> defer.Deferred:
-        """Every answering worker's body (text) for ``path``, in worker order."""
+        """``{index: body text}`` of every worker that answered ``path``."""
         return self._bodies(path, request).addCallback(
-            lambda bodies: [bodies[i].decode() for i in sorted(bodies)])
+            lambda bodies: {i: body.decode() for i, body in bodies.items()})
 
     @defer.inlineCallbacks
     def stream_file(self, path: bytes, request: Any) -> Any:

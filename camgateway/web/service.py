@@ -8,8 +8,10 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from camgateway.config import Config
+from camgateway.service import StartError, listen_error
 from camgateway.web.status import StatusRoot, StatusSite
 
 __all__ = ["StatusService"]
@@ -23,8 +25,10 @@ class StatusService(Service):
     It starts listening when ``gateway.ready`` fires (the gateway's
     :class:`~camgateway.services.Services` exist only then) and makes
     ``gateway.ready`` wait for it, so that "ready" means every port is open.
-    An endpoint that cannot listen is logged as an error; the gateway goes on
-    receiving files.
+    An endpoint that cannot listen fails the start as the camera ports do:
+    the gateway logs why in one line naming ``http.listen[i]`` and stops
+    (:meth:`~camgateway.service.GatewayService.cannot_start`), and
+    ``gateway.ready`` fails.
     """
 
     def __init__(self, gateway: Any, config: Config, reactor: Any = None) -> None:
@@ -49,18 +53,24 @@ class StatusService(Service):
     def _gateway_ready(self, result: Any) -> Any:
         if not self.running:
             return result
-        return self._listen().addCallback(lambda _: result)
+        d = self._listen()
+        d.addCallbacks(lambda _: result, self._cannot_listen)
+        return d
+
+    def _cannot_listen(self, failure: Failure) -> Failure:
+        self.gateway.cannot_start(failure)
+        return failure
 
     @defer.inlineCallbacks
     def _listen(self) -> Any:
         self.root = StatusRoot(self.gateway, self.config.http_token)
         site = StatusSite(self.root)
-        for description in self.config.http_listen:
+        for i, description in enumerate(self.config.http_listen):
             try:
                 port = yield serverFromString(self.reactor, description).listen(site)
-            except Exception:
-                log.failure("status web service: cannot listen on {description}", description=description)
-                continue
+            except Exception as e:
+                raise StartError(f"http.listen[{i}]", f"status web service: cannot listen on {description!r}:"
+                                                      f" {listen_error(e)}") from None
             self.ports.append(port)
             log.info("status web service on {description} ({address}){auth}", description=description,
                      address=port.getHost(), auth="" if self.config.http_token else " without a token")

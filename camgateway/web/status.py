@@ -12,8 +12,8 @@ Routes (every one read-only, GET or HEAD)::
     /api/failures      the latest failures, with reasons
     /files/<id>        a stored file, by the id /api/files gives (never by path)
     /metrics           Prometheus text format
-    /healthz           200 when accepting cameras and recording files, else 503
-                       with ``problems`` saying why (no token needed)
+    /healthz           200 when accepting cameras, recording files and delivering
+                       them, else 503 with ``problems`` saying why (no token needed)
 
 With ``http.token`` set, every route but ``/healthz`` wants
 ``Authorization: Bearer <token>`` or HTTP basic auth as user ``camgateway``
@@ -41,7 +41,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from camgateway import __version__
 from camgateway.metrics import Metrics, outbox_depth, spool_usage
 from camgateway.progress import active_transfers, iso, session_view
-from camgateway.web.merge import WorkerPeers, merge_list, merge_metrics, merge_summary
+from camgateway.web.merge import WorkerPeers, merge_health, merge_list, merge_metrics, merge_summary
 from camgateway.web.views import file_id, file_view, outbox_view, partial_view, stored_path
 
 __all__ = ["StatusRoot", "StatusSite", "PAGE", "CSP"]
@@ -263,34 +263,62 @@ def _address(address: Any) -> str:
     return f"{host}:{port}" if host is not None and port is not None else str(address)
 
 
+def sink_problems(services: Any) -> dict[str, str]:
+    """The sinks whose every delivery attempt has failed for ``outbox.degraded_after``, and why."""
+    after = services.config.outbox_degraded_after
+    problems = {}
+    for sink in services.sinks:
+        failing = services.stats.sink_failing(sink.name)
+        if failing is not None and failing.last - failing.since >= after:
+            problems[f"sink {sink.name}"] = (f"every delivery attempt has failed since {iso(failing.since)}"
+                                             f" ({failing.last - failing.since:.0f} s), the latest: {failing.reason}")
+    return problems
+
+
 class _Health(Resource):
+    """``/healthz``: this process's health, with several workers every worker's (camgateway.web.merge)."""
+
     isLeaf = True
 
     def __init__(self, root: "StatusRoot") -> None:
         super().__init__()
         self.root = root
 
-    def render_GET(self, request: Request) -> bytes:
+    def local(self) -> tuple[dict[str, Any], int]:
+        """This process's answer: (body, HTTP code)."""
         gateway = self.root.gateway
         services = gateway.services
         listening = [_address(port.getHost()) for port in gateway.ports]
-        if services is None or not listening:
-            return _json(request, {"status": "starting", "version": __version__}, 503)
+        shard = getattr(services, "shard", None)
+        child = shard is not None and shard.index > 0  # a worker the gateway hands cameras to: no port
+        if services is None or not (listening or child):
+            return {"status": "starting", "version": __version__}, 503
         if not services.accepting:
-            return _json(request, {"status": "stopping", "version": __version__}, 503)
+            return {"status": "stopping", "version": __version__}, 503
         body = {"status": "ok", "version": __version__, "listening": listening,
                 "sessions": len(services.sessions),
                 "uptime_s": round(services.clock.seconds() - self.root.started, 3)}
-        if self.root.peers is not None:  # a worker down: its cameras wait, the others are served
-            body["workers"] = self.root.peers.state()
-            if not all(w["ready"] for w in body["workers"] if not w["drain"]):
-                body["status"] = "degraded"
+        # Files cannot be recorded or delivered as they should: say why, and fail the check.
         problems = services.health.problems()
-        if problems:  # files cannot be recorded as they should: say why, and fail the check
+        problems.update(sink_problems(services))
+        warnings = services.health.warnings()
+        if warnings:  # works, not as configured: said, but the check passes
+            body["status"] = "degraded"
+            body["warnings"] = warnings
+        if problems:
             body["status"] = "degraded"
             body["problems"] = problems
-            return _json(request, body, 503)
-        return _json(request, body)
+            return body, 503
+        return body, 200
+
+    def render_GET(self, request: Request) -> Any:
+        body, code = self.local()
+        peers = self.root.peers
+        if peers is None or body["status"] in ("starting", "stopping"):
+            return _json(request, body, code)
+        d = peers.ask_all(b"/healthz", request, codes=(200, 503)).addCallback(
+            lambda answers: merge_health(body, peers.state(), answers))
+        return _later(request, d, lambda merged: _json(request, merged[0], merged[1]))
 
 
 class _Metrics(Resource):
@@ -309,9 +337,9 @@ class _Metrics(Resource):
 
         d = self.metrics.scrape()
         peers = self.root.peers
-        if peers is not None:  # several workers: the gateway's figures are theirs added up
+        if peers is not None:  # several workers: the gateway's figures are theirs (camgateway.web.merge)
             d.addCallback(lambda own: peers.ask_all_text(b"/metrics", request).addCallback(
-                lambda others: merge_metrics([own.decode(), *others])))
+                lambda others: merge_metrics({**others, 0: own.decode()})))
         return _later(request, d, render)
 
 
@@ -384,11 +412,12 @@ class StatusRoot(Resource):
     def summary(self, s: Any, request: Request) -> defer.Deferred:
         """Version, uptime and every counter."""
         stats = {f.name: (dict(v) if isinstance(v, dict) else v)
-                 for f in dataclasses.fields(s.stats) for v in [getattr(s.stats, f.name)]}
+                 for f in dataclasses.fields(s.stats) if f.metadata.get("summary", True)
+                 for v in [getattr(s.stats, f.name)]}
         factory = self.gateway.factory
         files, size = spool_usage(s.spool)
 
-        def build(depth: int) -> dict[str, Any]:
+        def build(depth: Optional[int]) -> dict[str, Any]:
             return {
                 "version": __version__,
                 "started_at": iso(self.started),
@@ -404,7 +433,8 @@ class StatusRoot(Resource):
                 "stats": stats,
             }
 
-        return outbox_depth(s).addCallback(build)
+        # (None: the store did not answer, see "problems" in /healthz)
+        return outbox_depth(s).addErrback(lambda f: None).addCallback(build)
 
     def sessions(self, s: Any, request: Request) -> list[dict[str, Any]]:
         """Live camera sessions, longest connected first."""
