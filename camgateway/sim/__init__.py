@@ -5,7 +5,8 @@ benchmark use it as their load. The parts:
 
 * :mod:`~camgateway.sim.model`: :class:`SimFile`, :class:`CameraSpec`;
 * :mod:`~camgateway.sim.metadata`: METADATA payload builders;
-* :mod:`~camgateway.sim.content`: random or on-disk files per camera kind;
+* :mod:`~camgateway.sim.content`: real, random or on-disk files per camera kind;
+* :mod:`~camgateway.sim.media`: the real photos and videos, made once with ffmpeg;
 * :mod:`~camgateway.sim.frames`: precomputed DATA frames and CRC chains;
 * :mod:`~camgateway.sim.sender`: flow-controlled, optionally paced output;
 * :mod:`~camgateway.sim.camera`: device state across connections;

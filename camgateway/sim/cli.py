@@ -6,6 +6,12 @@ Examples::
     camgateway-sim --connect tls:host=gw.example.com:port=5001 --kind dsm --videos 2 --video-size 5M
     camgateway-sim --cameras 20 --drop-after 10 --bad-crc 3,40 --faulty 5
     camgateway-sim --cameras 100 --photos 1 --videos 1 --status-after-start videor
+    camgateway-sim --cameras 1000 --content random --photo-size 30K --video-size 2M
+
+Cameras send real photos and videos (made with ffmpeg once and cached, see
+camgateway.sim.media) unless ``--content random`` (the default when a size is
+given) asks for random bytes, which cost nothing to make; without ffmpeg the
+emulator says so in one line and sends random bytes.
 
 Exits 0 when every camera delivered all its files (a ``--garbage`` camera:
 when the gateway closed its connection), 1 otherwise, 2 on bad options.
@@ -30,6 +36,7 @@ from twisted.internet.task import react
 from twisted.python import usage
 
 from camgateway.sim.content import DEFAULT_TIMESTAMP, ContentPool, files_from_dir, make_files, parse_size
+from camgateway.sim.media import Media, MediaUnavailable, load_media
 from camgateway.sim.model import KINDS, STATUS_INVALID_RESUME, CameraSpec, SimFile
 from camgateway.sim.result import CameraResult
 from camgateway.sim.runner import run_cameras
@@ -54,8 +61,11 @@ class Options(usage.Options):
         ["protocol-id", None, 5, "Protocol id in the init packet; 6+ makes every camera use the path flow.", int],
         ["photos", None, 1, "Photos per camera.", int],
         ["videos", None, 1, "Videos per camera.", int],
-        ["photo-size", None, "30K", "Size of each random photo (e.g. 30K).", _size],
-        ["video-size", None, "2M", "Size of each random video (e.g. 2M).", _size],
+        ["content", None, None,
+         "real: JPEG photos and PTMF/MP4 videos with sound, made with ffmpeg once (the default); random: random "
+         "bytes of --photo-size/--video-size, nothing to make (the default when a size is given)."],
+        ["photo-size", None, "30K", "Size of each random photo (e.g. 30K; --content random).", _size],
+        ["video-size", None, "2M", "Size of each random video (e.g. 2M; --content random).", _size],
         ["files", None, None, "Offer the files of this directory instead (*.jpg photos, others videos)."],
         ["imei-base", None, 863719061600000, "IMEI of the first camera; the others count up.", int],
         ["concurrency", None, None, "Cameras running at the same time (default all).", int],
@@ -89,9 +99,16 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        sized = [key for key in ("photo-size", "video-size") if not isinstance(self[key], str)]
         for key in ("photo-size", "video-size"):
             if isinstance(self[key], str):  # defaults are not coerced
                 self[key] = parse_size(self[key])
+        if self["content"] is None:
+            self["content"] = "random" if sized else "real"
+        if self["content"] not in ("real", "random"):
+            raise usage.UsageError(f"--content must be real or random, not {self['content']!r}")
+        if self["content"] == "real" and sized:
+            raise usage.UsageError(f"--{sized[0]} sizes random content: use it with --content random")
         if self["kind"] not in KINDS + ("mixed",):
             raise usage.UsageError(f"--kind must be one of {', '.join(KINDS)} or mixed, not {self['kind']!r}")
         for key in ("cameras", "photos", "videos", "garbage", "variants"):
@@ -123,8 +140,8 @@ def _status_identifiers(option: Optional[str], files: Sequence[SimFile]) -> froz
     return frozenset(chosen)
 
 
-def build_specs(options: Options) -> list[CameraSpec]:
-    """The cameras the options describe."""
+def build_specs(options: Options, media: Optional[Media] = None) -> list[CameraSpec]:
+    """The cameras the options describe; their photos and videos from ``media`` when given, else random."""
     seed = options["seed"]
     rng = random.Random(seed)
     pool = ContentPool(rng, options["variants"])
@@ -152,6 +169,7 @@ def build_specs(options: Options) -> list[CameraSpec]:
                 pool=pool,
                 key=number,
                 timestamp=DEFAULT_TIMESTAMP + 100 * number,
+                media=media,
             )
         faulty = options["faulty"] is None or number < options["faulty"]
         specs.append(
@@ -209,7 +227,26 @@ def summarize(results: Sequence[CameraResult], elapsed: float) -> str:
     return "\n".join(lines)
 
 
-async def _run(reactor: Any, options: Options, specs: list[CameraSpec]) -> None:
+async def _media(reactor: Any, options: Options) -> Optional[Media]:
+    """The real media of the cameras' kinds; None (and one line on stderr) when ffmpeg cannot make them."""
+    kinds = KINDS if options["kind"] == "mixed" else (options["kind"],)
+
+    def making(folder: Any) -> None:
+        if not options["quiet"]:
+            print(f"camgateway-sim: making the cameras' photos and videos (once; kept in {folder})", file=sys.stderr)
+
+    try:
+        return await load_media(reactor, kinds, notify=making)
+    except (MediaUnavailable, OSError) as e:  # (OSError: the cache cannot be written)
+        if not options["quiet"]:
+            print(f"camgateway-sim: {e}: sending random bytes instead of real photos and videos"
+                  " (install ffmpeg for real ones, or pass --content random)", file=sys.stderr)
+        return None
+
+
+async def _run(reactor: Any, options: Options, specs: Optional[list[CameraSpec]]) -> None:
+    if specs is None:  # --content real: the media are made (or read from the cache) first
+        specs = build_specs(options, await _media(reactor, options))
     endpoint = clientFromString(reactor, options["connect"])
     started = reactor.seconds()
     results = await run_cameras(
@@ -234,7 +271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     options = Options()
     try:
         options.parseOptions(list(sys.argv[1:] if argv is None else argv))
-        specs = build_specs(options)
+        specs = None if options["content"] == "real" and not options["files"] else build_specs(options)
     except (usage.UsageError, ValueError) as e:
         print(f"camgateway-sim: {e}\n", file=sys.stderr)
         print(options, file=sys.stderr)

@@ -1,10 +1,18 @@
-"""The files an emulated camera offers: random blobs or files read from disk.
+"""The files an emulated camera offers: real media, random blobs, or files read from disk.
 
 Each file gets the identifier and metadata its camera kind would give it
 (PROTOCOL.md sections 4 and 6): DualCam with protocol id <= 5 uses the four
 DualCam sources; every other camera offers device paths whose directory
 names the kind (``/sdcard/dsm/…``, ``/sdcard/mdas9/…``, ``/sdcard/dashcam/…``,
 ``/sdcard/dualcam_front/…``).
+
+Contents are real photos and videos (:mod:`camgateway.sim.media`: JPEG, a
+DualCam's PTMF, the others' MP4) when :func:`make_files` is given a
+:class:`~camgateway.sim.media.Media`, else random bytes of the sizes asked
+for, which cost nothing to make (load tests, the benchmark): a JPEG's first
+and last bytes around random ones, and a video's first bytes as its camera
+kind's container (``PTMF`` for a DualCam, an MP4 ``ftyp`` box for the
+others) before random ones.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence
 
+from camgateway.sim.media import Media
 from camgateway.sim.metadata import adas_metadata, dsm_metadata, dualcam_metadata, json_metadata
 from camgateway.sim.model import SOURCE_FILE_TYPES, SimFile
 
@@ -21,6 +30,7 @@ __all__ = [
     "parse_size",
     "random_jpeg",
     "random_video",
+    "container_of",
     "ContentPool",
     "make_files",
     "files_from_dir",
@@ -65,9 +75,19 @@ def random_jpeg(size: int, rng: random.Random) -> bytes:
     return b"\xff\xd8\xff\xe0" + _randbytes(size - 6, rng) + b"\xff\xd9"
 
 
-def random_video(size: int, rng: random.Random) -> bytes:
-    """A blob of ``size`` bytes that starts like a DualCam ``PTMF`` container."""
-    return (b"PTMF" + _randbytes(max(0, size - 4), rng))[:size]
+#: The first bytes of a random video, by container: a DualCam's PTMF, the others' MP4 (an ``ftyp`` box).
+_VIDEO_STARTS = {"ptmf": b"PTMF", "mp4": b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"}
+
+
+def random_video(size: int, rng: random.Random, container: str = "ptmf") -> bytes:
+    """A blob of ``size`` bytes that starts like a ``container`` (``ptmf`` or ``mp4``) file."""
+    start = _VIDEO_STARTS[container]
+    return (start + _randbytes(max(0, size - len(start)), rng))[:size]
+
+
+def container_of(kind: str) -> str:
+    """The video container of a camera kind: ``ptmf`` for a DualCam, ``mp4`` for the others."""
+    return "ptmf" if kind == "dualcam" else "mp4"
 
 
 class ContentPool:
@@ -78,14 +98,14 @@ class ContentPool:
     def __init__(self, rng: random.Random, variants: int = 4) -> None:
         self._rng = rng
         self._variants = max(1, variants)
-        self._made: dict[tuple[bool, int, int], bytes] = {}
+        self._made: dict[tuple[bool, int, int, str], bytes] = {}
 
-    def get(self, photo: bool, size: int, key: int) -> bytes:
-        """Content for a photo/video of ``size`` bytes; ``key`` picks a variant."""
-        slot = (photo, size, key % self._variants)
+    def get(self, photo: bool, size: int, key: int, container: str = "ptmf") -> bytes:
+        """Content for a photo/video (of ``container``) of ``size`` bytes; ``key`` picks a variant."""
+        slot = (photo, size, key % self._variants, "" if photo else container)
         blob = self._made.get(slot)
         if blob is None:
-            blob = random_jpeg(size, self._rng) if photo else random_video(size, self._rng)
+            blob = random_jpeg(size, self._rng) if photo else random_video(size, self._rng, container)
             self._made[slot] = blob
         return blob
 
@@ -180,21 +200,27 @@ def make_files(
     key: int = 0,
     timestamp: int = DEFAULT_TIMESTAMP,
     metadata: bool = True,
+    media: Optional[Media] = None,
 ) -> list[SimFile]:
-    """Random photos then videos for one camera of ``kind``.
+    """Photos then videos for one camera of ``kind``: real ones from ``media``, else random.
 
-    With a ``pool`` the contents are shared (``key`` picks the variant, e.g.
-    the camera's number); otherwise each file gets fresh random bytes.
+    Real photos take the media's variants in turn from ``key`` (e.g. the
+    camera's number); every video of a kind is the same. Random contents
+    have the sizes given; with a ``pool`` they are shared (``key`` picks the
+    variant), otherwise each file gets fresh random bytes.
     """
     rng = rng or random.Random()
+    container = container_of(kind)
     items: list[tuple[bool, bytes, Optional[str]]] = []
     for i in range(photos + videos):
         photo = i < photos
         size = photo_size if photo else video_size
-        if pool is not None:
-            content = pool.get(photo, size, key + i)
+        if media is not None:
+            content = media.photo(kind, key + i) if photo else media.video(kind)
+        elif pool is not None:
+            content = pool.get(photo, size, key + i, container)
         else:
-            content = random_jpeg(size, rng) if photo else random_video(size, rng)
+            content = random_jpeg(size, rng) if photo else random_video(size, rng, container)
         items.append((photo, content, None))
     return name_files(kind, protocol_id, items, timestamp=timestamp, metadata=metadata)
 
