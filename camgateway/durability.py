@@ -46,7 +46,7 @@ from twisted.python.failure import Failure
 
 from camgateway.groupcommit import BatchThread, GroupCommitThread
 
-__all__ = ["GroupSync", "syncfs", "HAVE_SYNCFS", "WRITEBACK_BYTES"]
+__all__ = ["GroupSync", "syncfs", "fsync_dir", "HAVE_SYNCFS", "WRITEBACK_BYTES"]
 
 log = Logger(namespace="camgateway.durability")
 
@@ -198,3 +198,12 @@ def _run(step: Callable[[], object]) -> Optional[Failure]:
         failure.cleanFailure()
         return failure
     return None
+
+
+def fsync_dir(path: "str | os.PathLike[str]") -> None:
+    """Make a folder's entries (names created, renamed, removed in it) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

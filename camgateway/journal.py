@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from camgateway.durability import fsync_dir
 from camgateway.health import SPOOL, STORE
 from camgateway.outbox import OutboxEntry
 
@@ -65,14 +66,6 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "local"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_note(folder: Path, note: Note) -> None:
     """Write ``note`` durably (runs in a thread)."""
     made = not folder.is_dir()
@@ -94,10 +87,10 @@ def _write_note(folder: Path, note: Note) -> None:
         raise
     os.close(fd)
     os.rename(temp, target)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     if made:
-        _fsync_dir(folder.parent)
-        _fsync_dir(folder.parent.parent)
+        fsync_dir(folder.parent)
+        fsync_dir(folder.parent.parent)
 
 
 def _read_notes(folder: Path) -> list[tuple[Path, Optional[Note], str]]:

@@ -49,7 +49,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from camgateway.config import ConfigError
-from camgateway.durability import HAVE_SYNCFS, GroupSync, syncfs
+from camgateway.durability import HAVE_SYNCFS, GroupSync, fsync_dir, syncfs
 from camgateway.groupcommit import BatchThread, GroupCommitThread
 from camgateway.ids import new_id
 from camgateway.media import EXTENSIONS, kind_of
@@ -173,14 +173,6 @@ def indented_json(value: Any, indent: str = "") -> str:
     return json.dumps(value)  # NaN and infinities, empty containers, anything else
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @implementer(IFileSink)
 class DiskSink:
     """Stores files and sidecars under a root directory."""
@@ -259,11 +251,11 @@ class DiskSink:
                     pass
         if not durable:
             return target
-        _fsync_dir(folder)
+        fsync_dir(folder)
         if created:
             parent = os.path.dirname(folder)
-            _fsync_dir(parent)
-            _fsync_dir(os.path.dirname(parent))
+            fsync_dir(parent)
+            fsync_dir(os.path.dirname(parent))
         return target
 
     def _store_batch(self, batch: list[ReceivedFile]) -> list[Any]:
