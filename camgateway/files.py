@@ -22,6 +22,7 @@ from camgateway.health import SPOOL, STORE
 from camgateway.ids import new_id
 from camgateway.metadata import capture_time
 from camgateway.outbox import OutboxEntry
+from camgateway.reasons import reason
 from camgateway.resume_store import Partial
 from camgateway.sinks import ReceivedFile
 from camgateway.spool import reconcile_partial
@@ -376,11 +377,6 @@ def finish_transfer(s: "Services", session: "Session", offer: FileOffer, transfe
     return result
 
 
-def _reason(error: BaseException) -> str:
-    """An error in words (its message, else its type)."""
-    return str(error) or type(error).__name__
-
-
 @defer.inlineCallbacks
 def _keep(failure: Failure, s: "Services", transfer: Transfer) -> Any:
     """The file could not be made durable: close it and keep it, recorded, for the camera's next offer."""
@@ -401,9 +397,9 @@ def _record_again(s: "Services", transfer: Transfer) -> Any:
         yield _record(s, transfer)
         yield s.store.checkpoint(transfer.partial.id, transfer.held, s.boot_id, s.clock.seconds())
     except Exception as e:
-        s.health.failing(STORE, f"cannot record files: {_reason(e)}")
+        s.health.failing(STORE, f"cannot record files: {reason(e)}")
         log.warn("the partial {id} of a complete file could not be recorded either ({error})",
-                 id=transfer.partial.id, error=_reason(e))
+                 id=transfer.partial.id, error=reason(e))
 
 
 @defer.inlineCallbacks
@@ -429,22 +425,22 @@ def _to_outbox(digest: Any, s: "Services", session: "Session", offer: FileOffer,
         if s.journal is None:
             yield _record_again(s, transfer)
             raise
-        reason = _reason(e)
+        why = reason(e)
         # The file is complete and flushed: keep it with a durable note, for the store later.
         entry = OutboxEntry(received.id, partial.spool_name, 0, 0, s.clock.seconds(), None, received.to_record(),
                             s.clock.seconds())
         try:
-            yield s.journal.write(entry, partial_id, reason)
+            yield s.journal.write(entry, partial_id, why)
         except Exception as note_error:
             log.error("camera {imei}: {id} is complete in spool file {name}, but neither the store ({error}) nor"
                       " the spool ({note_error}) can record it", imei=offer.imei, id=offer.printable,
-                      name=partial.spool_name, error=reason, note_error=_reason(note_error))
+                      name=partial.spool_name, error=why, note_error=reason(note_error))
             yield _record_again(s, transfer)
             raise
         log.warn("camera {imei}: {id} is complete ({size} bytes sha256 {sha256}) but the store cannot record it"
                  " ({error}): kept in spool file {name} with a durable note; it goes to the outbox once the"
                  " store answers", imei=offer.imei, id=offer.printable, size=digest.size, sha256=digest.sha256,
-                 error=reason, name=partial.spool_name, event="file_held_for_store")
+                 error=why, name=partial.spool_name, event="file_held_for_store")
     else:
         s.health.working(STORE)
     if offer.flow == "path" and offer.start_crc != digest.crc:

@@ -27,9 +27,11 @@ from typing import TYPE_CHECKING, Any, Optional
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from camgateway.deferreds import after
 from camgateway.durability import fsync_dir
 from camgateway.health import SPOOL, STORE
 from camgateway.outbox import OutboxEntry
+from camgateway.reasons import reason
 
 if TYPE_CHECKING:
     from camgateway.services import Services
@@ -136,18 +138,18 @@ class FinishJournal:
         """Whether a note holds spool file ``spool_name``."""
         return any(note.entry.spool_name == spool_name for note in self.notes.values())
 
-    def write(self, entry: OutboxEntry, partial_id: Optional[str], reason: str) -> defer.Deferred:
-        """Write a note for ``entry`` (the store said ``reason``); fires once it is durable.
+    def write(self, entry: OutboxEntry, partial_id: Optional[str], why: str) -> defer.Deferred:
+        """Write a note for ``entry`` (the store said ``why``); fires once it is durable.
 
         On failure nothing is held: the caller must not tell the camera the file is done.
         """
-        note = Note(entry, partial_id, reason)
+        note = Note(entry, partial_id, why)
         d = self.s.run_in_thread(_write_note, self.folder, note)
 
         def written(_: object) -> None:
             self.notes[entry.id] = note
             self.s.health.working(SPOOL)
-            self.s.health.failing(STORE, self._waiting(reason))
+            self.s.health.failing(STORE, self._waiting(why))
 
         def failed(failure: Any) -> Any:
             self.s.health.failing(SPOOL, f"cannot write to the spool: {failure.getErrorMessage()}")
@@ -156,9 +158,9 @@ class FinishJournal:
         d.addCallbacks(written, failed)
         return d
 
-    def _waiting(self, reason: str) -> str:
+    def _waiting(self, why: str) -> str:
         n = len(self.notes)
-        return (f"cannot record finished files ({reason}); {n} complete file{'s' if n != 1 else ''}"
+        return (f"cannot record finished files ({why}); {n} complete file{'s' if n != 1 else ''}"
                 f" kept in the spool until it can")
 
     @defer.inlineCallbacks
@@ -186,7 +188,7 @@ class FinishJournal:
         """Stop the loop; fires when a replay in flight is over."""
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        return defer.succeed(None) if self._replaying is None else _quiet(self._replaying)
+        return after(self._replaying)
 
     def _tick(self) -> None:
         if self._replaying is not None:
@@ -229,9 +231,9 @@ class FinishJournal:
                 try:
                     yield s.store.enqueue(note.entry, note.partial_id)
                 except Exception as e:
-                    s.health.failing(STORE, self._waiting(str(e) or type(e).__name__))
+                    s.health.failing(STORE, self._waiting(reason(e)))
                     log.warn("the store still cannot record finished files ({error}); {n} wait in the spool,"
-                             " next try in {t:g} s", error=str(e) or type(e).__name__, n=len(self.notes),
+                             " next try in {t:g} s", error=reason(e), n=len(self.notes),
                              t=self.every)
                     return handed
                 handed += 1
@@ -246,8 +248,3 @@ class FinishJournal:
             s.outbox.kick()
         return handed
 
-
-def _quiet(d: defer.Deferred) -> defer.Deferred:
-    out: defer.Deferred = defer.Deferred()
-    d.addBoth(lambda _: out.callback(None))
-    return out
