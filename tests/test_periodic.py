@@ -96,6 +96,16 @@ class FakeLeases:
         return [call[1:] for call in self.calls if call[0] == name]
 
 
+def leasing_services(case: TestCase, leases: Any) -> Any:
+    """Services of instance ``a`` (storage.lease_ttl 30 s, a Clock) whose lease store is ``leases``."""
+    root = Path(case.mktemp())
+    root.mkdir()
+    services = make_services(root, lease_ttl=30.0)
+    services.leases = leases
+    services.instance = "a"
+    return services
+
+
 class Visited:
     """A stand-in for a session in the scan: records its visits, raises if told to."""
 
@@ -247,12 +257,9 @@ class LeaseKeeperTests(TestCase):
     """The keeper's renewals and takeover polls: each guarded, the loops never stop."""
 
     def setUp(self) -> None:
-        root = Path(self.mktemp())
-        root.mkdir()
-        self.services = make_services(root, lease_ttl=30.0)
+        self.leases = FakeLeases()
+        self.services = leasing_services(self, self.leases)
         self.clock = self.services.clock
-        self.leases = self.services.leases = FakeLeases()
-        self.services.instance = "a"
         self.events = capture(self, leases_module, "camgateway.leases")
         self.keeper = LeaseKeeper(self.services)
         self.keeper.start()
@@ -354,13 +361,10 @@ class LeasingSessionTests(TestCase):
     """A real session while it takes its camera's lease (the store faked, a Clock)."""
 
     def setUp(self) -> None:
-        root = Path(self.mktemp())
-        root.mkdir()
-        self.services = make_services(root, lease_ttl=30.0)
+        self.leases = FakeLeases()
+        self.services = leasing_services(self, self.leases)
         self.clock = self.services.clock
         self.clock.advance(1000)
-        self.leases = self.services.leases = FakeLeases()
-        self.services.instance = "a"
         self.events = capture(self, session_module, "camgateway.session")
         self.protocol, self.transport = connect(self.services)
 
@@ -466,11 +470,7 @@ class RedisKeeperTests(TestCase):
         store = RedisStore(SERVER.url(), prefix=f"test-{uuid.uuid4().hex[:12]}", instance="a")
         self.addCleanup(store.close)
         self.leases = RedisLeases(store)
-        root = Path(self.mktemp())
-        root.mkdir()
-        self.services = make_services(root, lease_ttl=30.0)  # (a Clock: the rounds are run by the test)
-        self.services.leases = self.leases
-        self.services.instance = "a"
+        self.services = leasing_services(self, self.leases)  # (a Clock: the rounds are run by the test)
         self.events = capture(self, leases_module, "camgateway.leases")
         self.keeper = LeaseKeeper(self.services)  # (not started)
 
