@@ -19,6 +19,7 @@ from prometheus_client.utils import floatToGoString
 from twisted.internet import defer
 
 from camgateway import __version__
+from camgateway.health import SHARED_SPOOL, SPOOL, STORE
 from camgateway.progress import camera_kind
 from camgateway.services import DURATION_BOUNDS
 
@@ -182,12 +183,11 @@ class GatewayCollector:
         yield gauge("dead_letters", "Files in the dead-letter folder now (camgateway dead-letters)",
                     dead_letter_count(services.spool))
         health = getattr(services, "health", None)
-        problems = health.problems() if health is not None else {}
+        flagged = {**health.problems(), **health.warnings()} if health is not None else {}
         degraded = GaugeMetricFamily("camgateway_degraded", "1 while a part of the gateway cannot record files"
                                      " (the reason is in /healthz)", labels=["part"])
-        warnings = health.warnings() if health is not None else {}
-        for part in ("store", "spool", "shared_spool"):
-            degraded.add_metric([part], 1 if part in problems or part in warnings else 0)
+        for part in (STORE, SPOOL, SHARED_SPOOL):
+            degraded.add_metric([part], 1 if part in flagged else 0)
         yield degraded
         journal = getattr(services, "journal", None)
         yield gauge("files_awaiting_store", "Complete files kept in the spool until the store can record them",

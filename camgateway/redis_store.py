@@ -394,8 +394,12 @@ class RedisStore:
             return fail(RuntimeError("the Redis store is closed"))
         return deferToThreadPool(self._reactor, self._pool, fn, *args)
 
+    def _call(self, name: str, *args: Any) -> Any:
+        """Run script ``name`` with ``args`` after the prefix (store thread)."""
+        return self._scripts[name](args=[self.prefix + ":", *args])
+
     def _script(self, name: str, *args: Any) -> "Deferred[Any]":
-        return self._run(lambda: self._scripts[name](args=[self.prefix + ":", *args]))
+        return self._run(self._call, name, *args)
 
     # -- start-up check
 
@@ -478,7 +482,7 @@ class RedisStore:
         def shut() -> None:
             try:
                 if claimed:
-                    self._scripts["release"](args=[self.prefix + ":", self.instance, *claimed])
+                    self._call("release", self.instance, *claimed)
             except Exception as e:
                 log.warn("could not release outbox claims on close (they expire): {e}", e=e)
             finally:
@@ -525,9 +529,8 @@ class RedisStore:
         skip = set(exclude)
         for _ in range(4):  # those missing here are released and skipped from now on: claim others instead
             wanted = limit - len(entries)
-            rows = self._scripts["due"](args=[self.prefix + ":", self.instance, _num(now), str(wanted),
-                                              str(_ms(self.claim_ttl)), _num(now - self.unreadable_after / 2),
-                                              *sorted(skip)])
+            rows = self._call("due", self.instance, _num(now), str(wanted), str(_ms(self.claim_ttl)),
+                              _num(now - self.unreadable_after / 2), *sorted(skip))
             got = [_entry(_hash(row)) for row in rows if row]
             if self.spool_dir is None:
                 return got, missing
@@ -535,8 +538,7 @@ class RedisStore:
             entries.extend(e for e in got if e.id not in absent)
             if not absent:
                 break
-            verdicts = self._scripts["missing"](args=[self.prefix + ":", self.instance, _num(now),
-                                                      _num(self.unreadable_after), *absent])
+            verdicts = self._call("missing", self.instance, _num(now), _num(self.unreadable_after), *absent)
             missing.extend((absent[entry_id], verdict, since) for entry_id, verdict, since in verdicts
                            if verdict != "gone")
             if len(got) < wanted:

@@ -119,7 +119,6 @@ class SharedSpool:
         self.missing: dict[str, str] = {}
         #: The other running instances at the last check.
         self.others: frozenset[str] = frozenset()
-        self._reason: Optional[str] = None
         self._loop: Optional[task.LoopingCall] = None
         self._checking: Optional[defer.Deferred] = None
 
@@ -193,10 +192,8 @@ class SharedSpool:
                 log.error("{reason}", reason=reason, instances=sorted(missing), spool=str(self.root),
                           event="spool_not_shared")
             health.warn(SHARED_SPOOL, reason)
-            self._reason = reason
         else:
             health.warning_over(SHARED_SPOOL)
-            self._reason = None
             current = frozenset(others)
             if self.missing or (current and current != self.others):
                 log.info("spool {spool} shared with instance{s} {names}", spool=str(self.root),

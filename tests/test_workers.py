@@ -268,53 +268,38 @@ class WorkersConfigTests(TestCase):
         self.assertIn("listen[0]", str(caught.exception))
 
 
-_WORKER_0 = """# HELP camgateway_files_received_total Files
-# TYPE camgateway_files_received_total counter
-camgateway_files_received_total 5.0
+def _worker_metrics(received: int, delivered: int, active: int, free: int, fast: int, files: int,
+                    seconds: float, open_fds: int, max_fds: int) -> str:
+    """A worker's /metrics text: the figures the merge tests vary, the rest alike."""
+    return f"""# TYPE camgateway_files_received_total counter
+camgateway_files_received_total {received}.0
 # TYPE camgateway_sink_deliveries_total counter
-camgateway_sink_deliveries_total{sink="disk:/files"} 5.0
+camgateway_sink_deliveries_total{{sink="disk:/files"}} {delivered}.0
 # TYPE camgateway_transfers_active gauge
-camgateway_transfers_active 1.0
+camgateway_transfers_active {active}.0
 # TYPE camgateway_spool_free_bytes gauge
-camgateway_spool_free_bytes 9000.0
+camgateway_spool_free_bytes {free}.0
 # TYPE camgateway_dead_letters gauge
 camgateway_dead_letters 2.0
 # TYPE camgateway_transfer_duration_seconds histogram
-camgateway_transfer_duration_seconds_bucket{le="1.0"} 4.0
-camgateway_transfer_duration_seconds_bucket{le="+Inf"} 5.0
-camgateway_transfer_duration_seconds_count 5.0
-camgateway_transfer_duration_seconds_sum 6.5
+camgateway_transfer_duration_seconds_bucket{{le="1.0"}} {fast}.0
+camgateway_transfer_duration_seconds_bucket{{le="+Inf"}} {files}.0
+camgateway_transfer_duration_seconds_count {files}.0
+camgateway_transfer_duration_seconds_sum {seconds}
 # TYPE process_open_fds gauge
-process_open_fds 40.0
+process_open_fds {open_fds}.0
 # TYPE process_max_fds gauge
-process_max_fds 1024.0
+process_max_fds {max_fds}.0
 # TYPE camgateway_build_info gauge
-camgateway_build_info{version="1.0"} 1.0
-# TYPE camgateway_worker_restarts_total counter
-camgateway_worker_restarts_total{worker="1"} 3.0
+camgateway_build_info{{version="1.0"}} 1.0
 """
-_WORKER_1 = """# TYPE camgateway_files_received_total counter
-camgateway_files_received_total 7.0
-# TYPE camgateway_sink_deliveries_total counter
-camgateway_sink_deliveries_total{sink="disk:/files"} 6.0
-# TYPE camgateway_transfers_active gauge
-camgateway_transfers_active 2.0
-# TYPE camgateway_spool_free_bytes gauge
-camgateway_spool_free_bytes 8000.0
-# TYPE camgateway_dead_letters gauge
-camgateway_dead_letters 2.0
-# TYPE camgateway_transfer_duration_seconds histogram
-camgateway_transfer_duration_seconds_bucket{le="1.0"} 7.0
-camgateway_transfer_duration_seconds_bucket{le="+Inf"} 7.0
-camgateway_transfer_duration_seconds_count 7.0
-camgateway_transfer_duration_seconds_sum 2.0
-# TYPE process_open_fds gauge
-process_open_fds 30.0
-# TYPE process_max_fds gauge
-process_max_fds 2048.0
-# TYPE camgateway_build_info gauge
-camgateway_build_info{version="1.0"} 1.0
-"""
+
+
+_WORKER_0 = ("# HELP camgateway_files_received_total Files\n"
+             + _worker_metrics(5, 5, 1, 9000, 4, 5, 6.5, 40, 1024)
+             + "# TYPE camgateway_worker_restarts_total counter\n"
+             + 'camgateway_worker_restarts_total{worker="1"} 3.0\n')
+_WORKER_1 = _worker_metrics(7, 6, 2, 8000, 7, 7, 2.0, 30, 2048)
 
 
 def series(text: str) -> dict[tuple[str, frozenset], tuple[str, float]]:

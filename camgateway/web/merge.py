@@ -145,12 +145,13 @@ def merge_health(local: dict[str, Any], states: list[dict[str, Any]],
                 "status": local.get("status"), "problems": local.get("problems", {})}]
     for state in states:
         answer = answers.get(state["index"])
-        mine = answer.get("problems", {}) if isinstance(answer, dict) else {}
-        workers.append(dict(state, status=answer.get("status") if isinstance(answer, dict) else None,
-                            problems=mine))
+        if not isinstance(answer, dict):
+            answer = None
+        mine = answer.get("problems", {}) if answer is not None else {}
+        workers.append(dict(state, status=answer.get("status") if answer is not None else None, problems=mine))
         for part, why in mine.items():
             problems[f"worker {state['index']} {part}"] = why
-        if isinstance(answer, dict):
+        if answer is not None:
             body["sessions"] = body.get("sessions", 0) + answer.get("sessions", 0)
         elif state["ready"]:
             problems[f"worker {state['index']}"] = f"its status site did not answer within {TIMEOUT:.0f} s"
