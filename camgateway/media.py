@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Iterator, Optional
 
+from camgateway.ptmf import is_ptmf
+
 __all__ = [
     "JPEG", "PTMF", "MP4", "HEVC", "H264", "VIDEOS", "EXTENSIONS", "HEAD",
     "kind_of", "kind_of_file", "nal_units", "hevc_pictures", "count_pictures",
@@ -42,7 +44,7 @@ def kind_of(head: bytes) -> Optional[str]:
     """The kind of a file that starts with ``head`` (:data:`HEAD` bytes), None if unknown."""
     if head[:2] == b"\xff\xd8":
         return JPEG
-    if head[:4] == b"PTMF":
+    if is_ptmf(head):
         return PTMF
     if head[4:8] == b"ftyp":
         return MP4

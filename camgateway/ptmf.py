@@ -173,8 +173,8 @@ def demux_file(path: str, video: BinaryIO) -> Demuxed:
     Only the audio and the timestamps are kept in memory. ValueError if the
     structure is broken.
     """
-    with open(path, "rb") as source:
-        return _read(io.BufferedReader(source, 1 << 20), video)  # type: ignore[arg-type]
+    with open(path, "rb", buffering=1 << 20) as source:
+        return _read(source, video)
 
 
 def _header(kind: int, rate: int, width: int, height: int, counter: int, length: int, stamp: int) -> bytes:

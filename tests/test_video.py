@@ -127,14 +127,6 @@ def emulator_media() -> Any:
     return _media
 
 
-def ptmf_frame(kind: bytes, stamp: int, payload: bytes) -> bytes:
-    header = bytearray(36)
-    header[0:4], header[5] = b"PTMF", kind[0]
-    struct.pack_into("<HH", header, 8, 1280, 720)
-    struct.pack_into("<II", header, 24, len(payload), stamp)
-    return bytes(header) + payload
-
-
 HEVC_VPS = b"\x00\x00\x00\x01\x40\x01\x0c\x01\xff\xff\x01\x60\x00\x00\x03\x00"
 H264_SPS = b"\x00\x00\x00\x01\x67\x42\xc0\x1e\xda\x02\x80\xbf\xe5\x84\x00\x00"
 MP4_HEAD = b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00isom"

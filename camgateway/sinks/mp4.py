@@ -161,7 +161,6 @@ class _Plan:
     codec: str  # media.HEVC or media.H264
     rate: float
     audio: Optional[Path] = None  # A-law, 8 kHz, mono, as long as the picture
-    frames: int = 0
 
     def mux_args(self, target: Path) -> list[str]:
         """ffmpeg's arguments that make the MP4 ``target``."""
@@ -195,7 +194,7 @@ def _split_ptmf(received: ReceivedFile, video: Path, audio: Path) -> _Plan:
     if codec not in (media.HEVC, media.H264):
         raise Unconvertible("the PTMF container's video frames are neither H.265 nor H.264")
     rate = _metadata_rate(received.metadata) or demuxed.frame_rate() or DEFAULT_RATE
-    plan = _Plan(video, codec, rate, frames=demuxed.video_frames)
+    plan = _Plan(video, codec, rate)
     if demuxed.audio:
         with open(audio, "wb") as out:
             out.write(demuxed.audio_track(demuxed.video_frames / rate))
@@ -206,14 +205,13 @@ def _split_ptmf(received: ReceivedFile, video: Path, audio: Path) -> _Plan:
 def _plan_stream(received: ReceivedFile, codec: str) -> _Plan:
     """A bare Annex-B stream: its frame rate from the metadata, else its pictures over its length (thread)."""
     rate = _metadata_rate(received.metadata)
-    frames = 0
     length = received.metadata.get("length_s")
     if rate is None and isinstance(length, (int, float)) and not isinstance(length, bool) and length > 0:
         with open(received.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             frames = media.count_pictures(data, codec)  # type: ignore[arg-type]
         if 0 < frames / length <= 240:
             rate = round(frames / length, 3)
-    return _Plan(received.path, codec, rate or DEFAULT_RATE, frames=frames)
+    return _Plan(received.path, codec, rate or DEFAULT_RATE)
 
 
 def _kill(transport: Any) -> None:
