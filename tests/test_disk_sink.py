@@ -290,6 +290,11 @@ class RepeatTests(SinkTestCase):
         """Every name under the root (media and sidecars)."""
         return sorted(p.name for p in self.all_entries() if p.is_file())
 
+    def assertFiles(self, count: int) -> None:
+        """``count`` files under the root (media and sidecars), and no temporary one."""
+        self.assertEqual(len(self.stored()), count)
+        self.assertNoTemporaries()
+
     def test_same_file_twice_is_stored_once(self) -> None:
         received = self.received(id="e1")
         d1, d2 = self.sink.deliver(received), self.sink.deliver(received)
@@ -306,8 +311,7 @@ class RepeatTests(SinkTestCase):
         first = self.store(received)
         self.assertEqual(first.name, "20241029T235958Z_photof-2.jpg")
         self.assertEqual(self.store(received), first)
-        self.assertEqual(len(self.stored()), 4)
-        self.assertNoTemporaries()
+        self.assertFiles(4)
 
     def test_sidecar_alone_is_completed(self) -> None:
         """A kill between the sidecar's link and the media's leaves the sidecar alone: the repeat links the media."""
@@ -317,8 +321,7 @@ class RepeatTests(SinkTestCase):
         self.assertEqual(self.store(received), stored)
         self.assertStored(stored, received, JPEG)
         self.assertEqual(stored.stat().st_ino, received.path.stat().st_ino)
-        self.assertEqual(len(self.stored()), 2)
-        self.assertNoTemporaries()
+        self.assertFiles(2)
 
     def test_sidecar_alone_is_completed_across_filesystems(self) -> None:
         real_link = os.link
@@ -335,8 +338,7 @@ class RepeatTests(SinkTestCase):
         stored.unlink()
         self.assertEqual(self.store(received), stored)
         self.assertStored(stored, received, JPEG)
-        self.assertEqual(len(self.stored()), 2)
-        self.assertNoTemporaries()
+        self.assertFiles(2)
 
     def test_other_content_gets_the_next_name_the_same_content_does_not(self) -> None:
         """The same bytes under the same name are the same file, whatever the id (a camera that sent it twice)."""
@@ -346,8 +348,7 @@ class RepeatTests(SinkTestCase):
         self.assertEqual(self.store(self.received(id="")), first)
         self.assertEqual(self.store(self.received(JPEG + b"x", id="e1")).name, "20241029T235958Z_photof-2.jpg")
         self.assertEqual(self.store(self.received(JPEG + b"y", id="e3")).name, "20241029T235958Z_photof-3.jpg")
-        self.assertEqual(len(self.stored()), 6)
-        self.assertNoTemporaries()
+        self.assertFiles(6)
 
     def test_own_sidecar_beside_another_file_takes_the_next_name(self) -> None:
         """The sidecar is this file's but the media name holds something else: that is left, the sidecar goes."""

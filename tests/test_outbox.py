@@ -68,8 +68,8 @@ class _PathSink:
         return str(received.path)
 
 
-class OutboxTests(TestCase):
-    """Deliveries on a Clock with the in-memory store."""
+class OutboxCase(TestCase):
+    """An outbox on a Clock with the in-memory store, for the test classes below (it has no tests itself)."""
 
     def setUp(self) -> None:
         self.root = Path(self.mktemp())
@@ -86,6 +86,20 @@ class OutboxTests(TestCase):
                             source="photof", identifier=b"%photof", media="photo", metadata={}, size=len(content),
                             sha256=hashlib.sha256(content).hexdigest(), start_total=1, start_crc=0, computed_crc=0, received_at=now,
                             capture_time=None, resumed_from=0, crc_errors=0)
+
+    def given_up(self) -> Recorder:
+        """A file delivered to a single sink that always fails, until the outbox gave up (100 minutes)."""
+        down = Recorder("down", [RuntimeError("refused")] * 1000)
+        self.s.sinks = [down]
+        self.s.outbox.start()
+        self.s.outbox.add(self.received(), None)
+        for _ in range(100):
+            self.s.clock.advance(60)
+        return down
+
+
+class OutboxTests(OutboxCase):
+    """Deliveries on a Clock with the in-memory store."""
 
     def test_chain_in_order_then_spool_file_removed(self) -> None:
         a, b = Recorder("a"), Recorder("b")
@@ -160,12 +174,7 @@ class OutboxTests(TestCase):
         self.assertEqual((self.s.store.outbox, self.s.spool.names()), ({}, set()))
 
     def test_gives_up_after_the_configured_time(self) -> None:
-        down = Recorder("down", [RuntimeError("refused")] * 1000)
-        self.s.sinks = [down]
-        self.s.outbox.start()
-        self.s.outbox.add(self.received(), None)
-        for _ in range(100):
-            self.s.clock.advance(60)
+        self.given_up()
         [letter] = dead_letters(self.s.spool)
         self.assertIn("still failing after 3600 s: refused", letter["reason"])
         self.assertEqual(self.s.store.outbox, {})
@@ -218,7 +227,7 @@ class Gate:
         return d
 
 
-class DirectDeliveryTests(OutboxTests):
+class DirectDeliveryTests(OutboxCase):
     """A new file goes to its sink at once; scans only when something may be left."""
 
     def count_scans(self) -> list[int]:
@@ -300,7 +309,7 @@ class DirectDeliveryTests(OutboxTests):
         self.assertEqual(b.got, [b"x"])  # without waiting for the 5 s poll
 
 
-class IdTests(OutboxTests):
+class IdTests(OutboxCase):
     """Every file carries its outbox entry's id, the same on every attempt and all along the chain."""
 
     def test_ids_are_assigned_and_kept_along_a_chain_with_a_transforming_step(self) -> None:
@@ -368,7 +377,7 @@ class FailingReplace:
         return self.store.replace(*args, **kwargs)
 
 
-class ExactlyOnceOnDiskTests(OutboxTests):
+class ExactlyOnceOnDiskTests(OutboxCase):
     """The disk sink stores a file once even when its delivery is repeated (the bugs found in the field)."""
 
     def assertOneCopy(self, *contents: bytes) -> None:
@@ -447,7 +456,7 @@ class Refusing:
 ISO = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
 
-class DeadLetterTests(OutboxTests):
+class DeadLetterTests(OutboxCase):
     """A dead letter is retried at the sink that refused it, and only there."""
 
     def retry_all(self, names: Any = None) -> None:
@@ -553,12 +562,7 @@ class DeadLetterTests(OutboxTests):
         self.assertEqual(self.s.store.outbox, {})
 
     def test_dead_letter_json_times_and_attempts(self) -> None:
-        down = Recorder("down", [RuntimeError("refused")] * 1000)
-        self.s.sinks = [down]
-        self.s.outbox.start()
-        self.s.outbox.add(self.received(), None)
-        for _ in range(100):
-            self.s.clock.advance(60)
+        down = self.given_up()
         [letter] = dead_letters(self.s.spool)
         raw = json.loads((self.s.spool.dead / letter["id"] / "dead-letter.json").read_text())
         self.assertEqual(raw["attempts"], len(down.ids))  # every attempt, the last one included

@@ -73,14 +73,18 @@ class Endpoint(resource.Resource):
         return [r for i, r in enumerate(self.requests) if True]
 
 
-class HTTPSinkTests(TestCase):
-    """The http sink against a real twisted.web server."""
+class JPEGFileCase(TestCase):
+    """A test with a work folder holding a small JPEG, ``self.file``."""
 
     def setUp(self) -> None:
         self.work = Path(self.mktemp()).resolve()
         self.work.mkdir(parents=True)
         self.file = self.work / "x.part"
         self.file.write_bytes(b"\xff\xd8" + os.urandom(3000) + b"\xff\xd9")
+
+
+class HTTPSinkTests(JPEGFileCase):
+    """The http sink against a real twisted.web server."""
 
     def serve(self, script: list[Any]) -> Endpoint:
         endpoint = Endpoint(script)
@@ -582,6 +586,16 @@ class Faulty(Factory):
         return self.site.buildProtocol(addr)
 
 
+def listen_faulty(test: TestCase, script: list[Any]) -> tuple[Faulty, str]:
+    """A :class:`Faulty` receiver on a free local port, gone after ``test`` with its connections; its URL."""
+    faulty = Faulty(script)
+    connections = policies.WrappingFactory(faulty)
+    port = reactor.listenTCP(0, connections, interface="127.0.0.1")
+    test.addCleanup(port.stopListening)
+    test.addCleanup(poll, lambda: not connections.protocols, what="the receiver's connections closed")
+    return faulty, f"http://127.0.0.1:{port.getHost().port}/up/{{name}}"
+
+
 class HTTPFaultTests(TestCase):
     """A receiver's ordinary faults, through the outbox: a warning that says why in words, no error or
     critical line, and a retry that delivers."""
@@ -598,15 +612,10 @@ class HTTPFaultTests(TestCase):
     @defer.inlineCallbacks
     def deliver_through(self, fault: Any, timeout: float = 10.0) -> Any:
         """Deliver a file to a receiver that first does ``fault``; the outbox's log lines."""
-        faulty = Faulty([fault])
-        connections = policies.WrappingFactory(faulty)
-        port = reactor.listenTCP(0, connections, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        self.addCleanup(poll, lambda: not connections.protocols, what="the receiver's connections closed")
+        faulty, url = listen_faulty(self, [fault])
         s = make_services(self.root, clock=reactor)  # type: ignore[arg-type]
         yield s.outbox.stop()
-        sink = make(validate({"type": "http", "url": f"http://127.0.0.1:{port.getHost().port}/up/{{name}}",
-                              "timeout": timeout}, "sinks[0]", self.root), s)
+        sink = make(validate({"type": "http", "url": url, "timeout": timeout}, "sinks[0]", self.root), s)
         self.addCleanup(sink.close)
         s.sinks = [sink]
         s.outbox = Outbox(s, poll=0.2, rng=random.Random(1))
@@ -651,23 +660,12 @@ class HTTPFaultTests(TestCase):
         self.assertEqual(reason, "timeout after 0.3 s")
 
 
-class SinkWordsTests(TestCase):
+class SinkWordsTests(JPEGFileCase):
     """Each sink's failures say why in words, and its client connections log nothing."""
-
-    def setUp(self) -> None:
-        self.work = Path(self.mktemp()).resolve()
-        self.work.mkdir(parents=True)
-        self.file = self.work / "x.part"
-        self.file.write_bytes(b"\xff\xd8" + os.urandom(3000) + b"\xff\xd9")
 
     @defer.inlineCallbacks
     def test_http_statuses_and_timeout(self) -> Any:
-        faulty = Faulty([503, 400, "hang"])
-        connections = policies.WrappingFactory(faulty)
-        port = reactor.listenTCP(0, connections, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        self.addCleanup(poll, lambda: not connections.protocols, what="the receiver's connections closed")
-        url = f"http://127.0.0.1:{port.getHost().port}/up/{{name}}"
+        _, url = listen_faulty(self, [503, 400, "hang"])
         events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)

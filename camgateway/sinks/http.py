@@ -108,11 +108,7 @@ def validate(config: Mapping[str, Any], key: str, base: Path) -> Mapping[str, An
 
 def default_name(config: Mapping[str, Any]) -> str:
     """The sink's name when the entry has none: ``http:`` and the server (``http:127.0.0.1:8080``)."""
-    return _server_name(config["url"])
-
-
-def _server_name(url: str) -> str:
-    parts = urlsplit(url)
+    parts = urlsplit(config["url"])
     try:
         port = parts.port
     except ValueError:  # a placeholder where the port goes
@@ -174,7 +170,7 @@ class HTTPSink:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
-        self.name = _server_name(url)
+        self.name = default_name({"url": url})
 
     pool: Any = None
 
