@@ -612,9 +612,10 @@ class TwistdWorkersStatusTests(TestCase):
         def files() -> list[dict[str, Any]]:
             code, body = get("/api/files")
             listed = json.loads(body) if code == 200 else []
-            return listed if len(listed) == 2 else []
+            # A file is listed when it is received, with its url once the disk sink has stored it.
+            return listed if len(listed) == 2 and all(f["url"] for f in listed) else []
 
-        listed = wait(files, what="both workers' files listed")
+        listed = wait(files, what="both workers' files listed and stored")
         self.assertEqual(sorted(int(f["imei"]) for f in listed), sorted(contents))
         for item in listed:
             code, body = get("/" + item["url"])
