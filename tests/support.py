@@ -11,13 +11,13 @@ from typing import Any, Callable, Iterator, Optional
 from twisted.internet import defer, reactor, task
 from twisted.internet.testing import StringTransport
 
-from camgateway.config import Config
-from camgateway.outbox import Outbox
-from camgateway.protocol import CameraProtocol
-from camgateway.memory_store import MemoryStore
-from camgateway.services import Services
-from camgateway.sinks.disk import DiskSink
-from camgateway.spool import Spool
+from camgateway.runtime.config import Config
+from camgateway.delivery.outbox import Outbox
+from camgateway.session.protocol import CameraProtocol
+from camgateway.storage.memory import MemoryStore
+from camgateway.runtime.context import Services
+from camgateway.delivery.sinks.disk import DiskSink
+from camgateway.transfer.spool import Spool
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
 NO_VECTORS = "../shared/vectors not present (real device captures are not shipped in the repo)"

@@ -21,7 +21,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web import server
 
 from camgateway import __version__
-from camgateway.config import load_config
+from camgateway.runtime.config import load_config
 from tests.ops_support import OpsTestCase, get_json, http_get, jpeg_camera, tiny_jpeg
 from tests.support import poll
 from tests.test_metrics import parse, value
@@ -33,7 +33,7 @@ def camgateway_command() -> list[str]:
     script = Path(sys.executable).with_name("camgateway")
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-c", "import sys; from camgateway.cli import main; sys.exit(main(sys.argv[1:]))"]
+    return [sys.executable, "-c", "import sys; from camgateway.runtime.cli import main; sys.exit(main(sys.argv[1:]))"]
 
 
 def run_camgateway(*args: str, cwd: Optional[Path] = None) -> defer.Deferred:
@@ -262,8 +262,8 @@ class SharedStoreRetryTests(TestCase):
             raise SkipTest(SKIP_REDIS)
         import redis
 
-        from camgateway.outbox import RETRY, OutboxEntry, write_dead_letter
-        from camgateway.redis_store import RedisStore
+        from camgateway.delivery.outbox import RETRY, OutboxEntry, write_dead_letter
+        from camgateway.storage.redis import RedisStore
 
         url = SERVER.url().rsplit("/", 1)[0] + "/7"  # a database of this test's own
         client = redis.Redis.from_url(url)

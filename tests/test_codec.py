@@ -1,4 +1,4 @@
-"""Tests for camgateway.codec: the wire format (PROTOCOL.md sections 1-3 and 5.6)."""
+"""Tests for camgateway.wire.codec: the wire format (PROTOCOL.md sections 1-3 and 5.6)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any, Callable, Optional
 
 from twisted.trial import unittest
 
-from camgateway import codec
-from camgateway.codec import Cmd, FrameDecoder, ProtocolError, ServerFrameDecoder
-from camgateway.crc import crc16
+from camgateway.wire import codec
+from camgateway.wire.codec import Cmd, FrameDecoder, ProtocolError, ServerFrameDecoder
+from camgateway.wire.crc import crc16
 from tests.support import NO_VECTORS, VECTORS, capture_stream, segments
 
 IMEI = 863719061653375

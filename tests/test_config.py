@@ -1,4 +1,4 @@
-"""Tests for camgateway.config: the YAML contract, validation and defaults."""
+"""Tests for camgateway.runtime.config: the YAML contract, validation and defaults."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import yaml
 from twisted.python import usage
 from twisted.trial import unittest
 
-from camgateway.config import (
+from camgateway.runtime.config import (
     DUALCAM_SOURCES,
     Config,
     ConfigError,
@@ -41,7 +41,7 @@ def parse(text: str, base: Path = BASE) -> Config:
 
 def default_chain(base: Path) -> tuple:
     """The built-in chain under ``base``, as configured explicitly (mp4 then disk with ffmpeg, else disk)."""
-    from camgateway.sinks.mp4 import default_sinks
+    from camgateway.delivery.sinks.mp4 import default_sinks
 
     chain = default_sinks("camgateway-data/files")
     expected = parse_config({"sinks": chain}, "test.yaml", base).sinks
@@ -405,7 +405,7 @@ class TapOptionsTests(unittest.TestCase):
         self.dir.mkdir()
 
     def options(self, *args: str) -> Any:
-        from camgateway.tap import Options
+        from camgateway.runtime.tap import Options
 
         options = Options()
         options.parseOptions(list(args))
@@ -581,7 +581,7 @@ class YamlFileTests(unittest.TestCase):
     def test_merge_keys_may_be_overridden(self) -> None:
         config = self.load("timeouts: &t {idle: 30, metadata: 5}\nlimits: {max_connections: 7}\n")
         self.assertEqual(config.idle_timeout, 30.0)
-        from camgateway.config import UniqueKeyLoader
+        from camgateway.runtime.config import UniqueKeyLoader
 
         doc = yaml.load("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  y: 3\n", Loader=UniqueKeyLoader)
         self.assertEqual(doc["b"], {"x": 1, "y": 3})

@@ -10,9 +10,9 @@ from pathlib import Path
 import yaml
 from twisted.trial.unittest import SkipTest, TestCase
 
-from camgateway.config import Config, ConfigError, effective, load_config, mask_url, parse_config
-from camgateway.sinks import mp4 as mp4_sink
-from camgateway.tap import check_config, check_endpoints, config_report
+from camgateway.runtime.config import Config, ConfigError, effective, load_config, mask_url, parse_config
+from camgateway.delivery.sinks import mp4 as mp4_sink
+from camgateway.runtime.tap import check_config, check_endpoints, config_report
 
 TOKEN = "0123456789abcdef-token"
 
@@ -139,7 +139,7 @@ class EndpointCheckTests(TestCase):
         good, bad = work / "good.yaml", work / "bad.yaml"
         good.write_text("listen: ['tcp:5000']\nhttp: {listen: ['tcp:8080:interface=127.0.0.1']}\nlog: {format: json}\n")
         bad.write_text("http: {listen: ['ssl:8443:privateKey=missing.pem:certKey=missing.pem']}\n")
-        command = [sys.executable, "-c", "import sys; from camgateway.cli import main; sys.exit(main(sys.argv[1:]))"]
+        command = [sys.executable, "-c", "import sys; from camgateway.runtime.cli import main; sys.exit(main(sys.argv[1:]))"]
         ok = subprocess.run(command + ["--config", str(good), "check-config"], cwd=work, capture_output=True,
                             text=True, timeout=60)
         self.assertEqual(ok.returncode, 0, ok.stderr)
@@ -151,7 +151,7 @@ class EndpointCheckTests(TestCase):
         self.assertIn("http.listen[0]", failed.stderr)
 
 
-CHECK_CONFIG = [sys.executable, "-c", "import sys; from camgateway.cli import main; sys.exit(main(sys.argv[1:]))"]
+CHECK_CONFIG = [sys.executable, "-c", "import sys; from camgateway.runtime.cli import main; sys.exit(main(sys.argv[1:]))"]
 
 
 class CheckConfigTests(TestCase):

@@ -1,4 +1,4 @@
-"""Tests for camgateway.crc: the cameras' CRC-16 (PROTOCOL.md section 5.5)."""
+"""Tests for camgateway.wire.crc: the cameras' CRC-16 (PROTOCOL.md section 5.5)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 from twisted.trial import unittest
 
-from camgateway.crc import FAST, REVERSE_BITS, _crc16_stdlib, crc16, crc16_combine, reverse16
+from camgateway.wire.crc import FAST, REVERSE_BITS, _crc16_stdlib, crc16, crc16_combine, reverse16
 
 
 def reference_crc16(data: bytes, init: int = 0) -> int:

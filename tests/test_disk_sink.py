@@ -1,4 +1,4 @@
-"""Tests for camgateway.sinks.disk: names, sidecars, no overwrites, hostile paths."""
+"""Tests for camgateway.delivery.sinks.disk: names, sidecars, no overwrites, hostile paths."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from typing import Any
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from camgateway.sinks import IFileSink, ReceivedFile
-from camgateway.sinks import disk as disk_module
-from camgateway.services import FileHeads
-from camgateway.sinks.disk import DiskSink, indented_json
+from camgateway.delivery.sinks import IFileSink, ReceivedFile
+from camgateway.delivery.sinks import disk as disk_module
+from camgateway.runtime.context import FileHeads
+from camgateway.delivery.sinks.disk import DiskSink, indented_json
 from tests.support import run_now
 
 UTC = datetime.timezone.utc

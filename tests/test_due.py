@@ -1,4 +1,4 @@
-"""The half-second scan visits only the sessions with something due (camgateway.due)."""
+"""The half-second scan visits only the sessions with something due (camgateway.perf.due)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from camgateway import codec
-from camgateway.due import DueSessions
-from camgateway.service import flush_stale
-from camgateway.session import Session, State
-from camgateway.slow_reads import READ_WAIT
-from camgateway.transfer import FLUSH_AGE, TRICKLE_AGE
+from camgateway.wire import codec
+from camgateway.perf.due import DueSessions
+from camgateway.runtime.service import flush_stale
+from camgateway.session.machine import Session, State
+from camgateway.perf.slow_reads import READ_WAIT
+from camgateway.transfer.receiver import FLUSH_AGE, TRICKLE_AGE
 from tests.support import connect, make_services
 from tests.test_session import IMEI, VIDEOF, data_frames
 

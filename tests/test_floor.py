@@ -18,7 +18,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from camgateway import codec
+from camgateway.wire import codec
 from tests.support import NO_VECTORS, VECTORS, capture_stream
 
 FLOOR = Path(__file__).resolve().parents[1] / "benchmarks" / "floor.py"

@@ -21,9 +21,9 @@ from typing import Optional
 from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.trial.unittest import TestCase
 
-from camgateway import codec
-from camgateway.codec import FrameDecoder, ProtocolError
-from camgateway.crc import crc16
+from camgateway.wire import codec
+from camgateway.wire.codec import FrameDecoder, ProtocolError
+from camgateway.wire.crc import crc16
 from tests.support import connect, make_services, stored_files
 
 IMEI = 863719061653375

@@ -1,4 +1,4 @@
-"""camgateway.groupcommit: batches on a thread, several lanes sharing one (BatchThread)."""
+"""camgateway.perf.groupcommit: batches on a thread, several lanes sharing one (BatchThread)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from camgateway.groupcommit import BatchThread, GroupCommitThread
+from camgateway.perf.groupcommit import BatchThread, GroupCommitThread
 
 
 class Lane:

@@ -10,9 +10,9 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import formatEvent, globalLogPublisher
 
-from camgateway import codec
-from camgateway.codec import ServerFrameDecoder
-from camgateway.crc import crc16
+from camgateway.wire import codec
+from camgateway.wire.codec import ServerFrameDecoder
+from camgateway.wire.crc import crc16
 from camgateway.sim import ContentPool
 from tests.support import poll
 from tests.test_integration import GatewayTestCase, camera

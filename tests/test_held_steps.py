@@ -27,16 +27,16 @@ from twisted.internet import defer, task
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from camgateway import codec
-from camgateway.codec import Cmd, ServerFrameDecoder
-from camgateway.config import Config
-from camgateway.crc import crc16
-from camgateway.journal import FinishJournal
-from camgateway.memory_store import MemoryStore
-from camgateway.outbox import Outbox
-from camgateway.services import Services
-from camgateway.sinks.disk import DiskSink
-from camgateway.spool import Spool
+from camgateway.wire import codec
+from camgateway.wire.codec import Cmd, ServerFrameDecoder
+from camgateway.runtime.config import Config
+from camgateway.wire.crc import crc16
+from camgateway.transfer.journal import FinishJournal
+from camgateway.storage.memory import MemoryStore
+from camgateway.delivery.outbox import Outbox
+from camgateway.runtime.context import Services
+from camgateway.delivery.sinks.disk import DiskSink
+from camgateway.transfer.spool import Spool
 from tests.support import connect, run_now, stored_files
 
 IMEI = 863719061653375

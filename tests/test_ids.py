@@ -7,7 +7,7 @@ import re
 
 from twisted.trial.unittest import TestCase
 
-from camgateway.ids import new_id
+from camgateway.base.ids import new_id
 
 
 class IdTests(TestCase):

@@ -17,9 +17,9 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 
-from camgateway.config import Config
-from camgateway.durability import WRITEBACK_BYTES
-from camgateway.service import make_gateway
+from camgateway.runtime.config import Config
+from camgateway.perf.durability import WRITEBACK_BYTES
+from camgateway.runtime.service import make_gateway
 from camgateway.sim import CameraSpec, ContentPool, make_files, run_cameras
 
 IMEI_BASE = 352093080000000
@@ -127,7 +127,7 @@ class FaultTests(GatewayTestCase):
     def test_the_collector_is_tuned_at_start(self) -> Any:
         import gc
 
-        from camgateway.service import GC_THRESHOLD
+        from camgateway.runtime.service import GC_THRESHOLD
 
         threshold = gc.get_threshold()
         self.addCleanup(gc.unfreeze)

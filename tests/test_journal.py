@@ -10,10 +10,10 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from camgateway import codec
-from camgateway.health import SPOOL, STORE
-from camgateway.journal import FinishJournal
-from camgateway.service import reconcile
+from camgateway.wire import codec
+from camgateway.base.health import SPOOL, STORE
+from camgateway.transfer.journal import FinishJournal
+from camgateway.runtime.service import reconcile
 from tests.support import connect, make_services, stored_files
 from tests.test_session import IMEI, PHOTOF, data_frames
 
@@ -37,7 +37,7 @@ class FlakyStore:
 
 class JournalTests(TestCase):
     def setUp(self) -> None:
-        from camgateway.memory_store import MemoryStore
+        from camgateway.storage.memory import MemoryStore
 
         self.root = Path(self.mktemp())
         self.root.mkdir()

@@ -19,7 +19,7 @@ from twisted.logger import FileLogObserver, LogLevel, Logger, formatEvent, globa
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from camgateway.logs import JSONLineObserver, TurnBuffer, WatchedFile, event_record, observer_for
+from camgateway.runtime.logs import JSONLineObserver, TurnBuffer, WatchedFile, event_record, observer_for
 from camgateway.sim import ContentPool
 from tests.support import RunningClock
 from tests.test_integration import GatewayTestCase, camera
@@ -227,7 +227,7 @@ class JournalTests(TestCase):
         self.journal = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
 
     def test_the_stream_is_compared(self) -> None:
-        from camgateway.logs import to_journal
+        from camgateway.runtime.logs import to_journal
 
         other = os.fstat(0)
         self.assertTrue(to_journal(self.stream, self.journal))
@@ -439,10 +439,10 @@ class ProgressBatchTests(TestCase):
     """Thousands of transfers' progress events are logged a batch per reactor turn, not all in one."""
 
     def setUp(self) -> None:
-        import camgateway.progress as progress
+        import camgateway.web.progress as progress
 
         self.events: list[dict[str, Any]] = []
-        self.patch(progress, "log", Logger(namespace="camgateway.progress", observer=self.events.append))
+        self.patch(progress, "log", Logger(namespace="camgateway.web.progress", observer=self.events.append))
         self.clock = task.Clock()
         self.clock.advance(1000)
         self.services = Fake(sessions={}, clock=self.clock)
@@ -482,11 +482,11 @@ class ProgressSpreadTests(TestCase):
     """With ``spread``, a tick's events come a slice at a time over that many seconds, not in one burst."""
 
     def setUp(self) -> None:
-        import camgateway.progress as progress
+        import camgateway.web.progress as progress
 
         self.progress = progress
         self.events: list[dict[str, Any]] = []
-        self.patch(progress, "log", Logger(namespace="camgateway.progress", observer=self.events.append))
+        self.patch(progress, "log", Logger(namespace="camgateway.web.progress", observer=self.events.append))
         self.clock = task.Clock()
         self.clock.advance(1000)
         self.services = Fake(sessions={}, clock=self.clock)
@@ -543,8 +543,8 @@ class ProgressSpreadTests(TestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_the_gateway_spreads_over_most_of_the_interval(self) -> None:
-        from camgateway.config import parse_config
-        from camgateway.service import make_gateway
+        from camgateway.runtime.config import parse_config
+        from camgateway.runtime.service import make_gateway
 
         work = Path(self.mktemp()).resolve()
         work.mkdir(parents=True)
@@ -640,7 +640,7 @@ class TwistdLogTests(TestCase):
         self.assertLessEqual(FILE_RECEIVED_FIELDS, set(record))
         self.assertEqual((record["imei"], record["size"], record["camera"], record["source"], record["media"]),
                          (str(IMEI), len(content), "dualcam", "photof", "photo"))
-        self.assertEqual((record["level"], record["namespace"], record["resumed_from"]), ("info", "camgateway.files", 0))
+        self.assertEqual((record["level"], record["namespace"], record["resumed_from"]), ("info", "camgateway.transfer.lifecycle", 0))
         self.assertTrue(record["peer"].startswith("127.0.0.1:"))
         self.assertTrue(record["message"].startswith("file received: camera"))
         self.assertTrue(any(r["message"].startswith("twistd ") for r in records))  # twistd's own lines too
@@ -649,7 +649,7 @@ class TwistdLogTests(TestCase):
             out, process, lambda r: r["message"] == "camgateway stopped", "stop record")])
 
     def test_logger_flag(self) -> None:
-        process, out = self.start({"format": "text"}, "--logger=camgateway.logs.json_observer")
+        process, out = self.start({"format": "text"}, "--logger=camgateway.runtime.logs.json_observer")
         self.send_photo(self.port(out, process))
         self.records(out, process, lambda r: r.get("event") == "file_received", "file_received record")
         self.stop(process)

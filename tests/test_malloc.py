@@ -1,4 +1,4 @@
-"""The allocator keeps a streaming camera's read buffers (camgateway.malloc)."""
+"""The allocator keeps a streaming camera's read buffers (camgateway.perf.process)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ from typing import Any
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from camgateway import malloc, service
-from camgateway.config import Config
+from camgateway.perf import process as malloc
+
+from camgateway.runtime import service
+from camgateway.runtime.config import Config
 
 #: Grows and frees 1 MiB buffers 256 KiB at a time, as a streaming camera's reads fill a spool write; prints
 #: whether the allocator was tuned and the minor page faults.
 FAULTS = """
 import resource, sys
-from camgateway.malloc import tune_malloc
+from camgateway.perf.process import tune_malloc
 tuned = tune_malloc() if sys.argv[1] == "tune" else False
 read = bytes(256 * 1024)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

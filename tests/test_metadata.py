@@ -1,4 +1,4 @@
-"""Tests for camgateway.metadata (PROTOCOL.md section 6)."""
+"""Tests for camgateway.wire.metadata (PROTOCOL.md section 6)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.trial import unittest
 
-from camgateway.metadata import capture_time, decode_metadata
+from camgateway.wire.metadata import capture_time, decode_metadata
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
 NO_VECTORS = "../shared/vectors not present (real captures are not shipped in the repo)"

@@ -12,10 +12,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from camgateway.metrics import Metrics
-from camgateway.reserve import SpoolReserve
+from camgateway.web.metrics import Metrics
+from camgateway.perf.reserve import SpoolReserve
 from camgateway.sim import CameraSpec, ContentPool
-from camgateway.sinks import PermanentFailure, ReceivedFile
+from camgateway.delivery.sinks import PermanentFailure, ReceivedFile
 from tests.ops_support import OpsTestCase, http_get, poll
 from tests.support import make_services, run_now
 from tests.test_integration import IMEI_BASE, camera

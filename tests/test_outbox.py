@@ -14,10 +14,10 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from camgateway import outbox as outbox_module
-from camgateway.cli import dead_letters, retry_dead_letter
-from camgateway.outbox import Outbox, OutboxEntry, backoff, derived_id
-from camgateway.sinks import PermanentFailure, ReceivedFile, Transformed
+from camgateway.delivery import outbox as outbox_module
+from camgateway.runtime.cli import dead_letters, retry_dead_letter
+from camgateway.delivery.outbox import Outbox, OutboxEntry, backoff, derived_id
+from camgateway.delivery.sinks import PermanentFailure, ReceivedFile, Transformed
 from tests.support import make_services, stored_files
 
 
@@ -530,7 +530,7 @@ class DeadLetterTests(OutboxCase):
         self.assertDrained()
 
     def test_the_refusing_sink_is_found_by_its_name(self) -> None:
-        from camgateway.cli import DeadLetterError
+        from camgateway.runtime.cli import DeadLetterError
 
         a, b = Refusing(Recorder("a")), Recorder("b")
         self.s.sinks = [a, b]
@@ -547,8 +547,8 @@ class DeadLetterTests(OutboxCase):
         self.assertDrained()
 
     def test_a_dead_letter_without_its_file_is_kept(self) -> None:
-        from camgateway.cli import DeadLetterError
-        from camgateway.outbox import write_dead_letter
+        from camgateway.runtime.cli import DeadLetterError
+        from camgateway.delivery.outbox import write_dead_letter
 
         received = self.received()
         received.path.unlink()  # no instance has the file: only its record is kept
@@ -610,9 +610,9 @@ class DeliveryLogTests(TestCase):
         return events
 
     def outbox_lines(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from camgateway.logs import event_record
+        from camgateway.runtime.logs import event_record
 
-        return [event_record(e) for e in events if e.get("log_namespace") == "camgateway.outbox"]
+        return [event_record(e) for e in events if e.get("log_namespace") == "camgateway.delivery.outbox"]
 
     def assertNamesTheFile(self, record: dict[str, Any], received: ReceivedFile) -> None:
         self.assertEqual((record["imei"], record["file"], record["source"], record["sha256"]),
@@ -622,7 +622,7 @@ class DeliveryLogTests(TestCase):
                       record["message"])
 
     def test_a_retried_failure_is_a_warning_in_words(self) -> None:
-        from camgateway.reasons import DeliveryFailed
+        from camgateway.base.reasons import DeliveryFailed
 
         events = self.events()
         full = OSError(errno.ENOSPC, "No space left on device", "/srv/files/x.jpg")
@@ -701,7 +701,7 @@ class ReasonTests(TestCase):
         from twisted.python.failure import Failure
         from twisted.web._newclient import RequestTransmissionFailed, ResponseNeverReceived
 
-        from camgateway.reasons import DeliveryFailed, is_bug, reason
+        from camgateway.base.reasons import DeliveryFailed, is_bug, reason
 
         cases = [
             (error.ConnectionRefusedError("111: Connection refused"), "connection refused"),
@@ -732,7 +732,7 @@ class ReasonTests(TestCase):
         self.assertTrue(is_bug(RequestTransmissionFailed([Failure(ValueError("read of closed file"))])))
 
     def test_how_a_program_ended(self) -> None:
-        from camgateway.reasons import program_ended
+        from camgateway.base.reasons import program_ended
 
         self.assertEqual(program_ended("program", 3, None, b"starting\nno route to archive\n\n"),
                          "program exited with status 3: no route to archive")

@@ -20,11 +20,17 @@ from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from camgateway import codec, leases as leases_module, service, session as session_module
-from camgateway.config import parse_config
-from camgateway.leases import LeaseKeeper
-from camgateway.session import State
-from camgateway.transfer import FLUSH_AGE
+from camgateway.wire import codec
+
+from camgateway.session import leasing as leases_module
+
+from camgateway.runtime import service
+
+from camgateway.session import machine as session_module
+from camgateway.runtime.config import parse_config
+from camgateway.session.leasing import LeaseKeeper
+from camgateway.session.machine import State
+from camgateway.transfer.receiver import FLUSH_AGE
 from tests.support import connect, make_services
 from tests.test_session import IMEI, PHOTOF
 
@@ -137,8 +143,8 @@ class ScanTests(TestCase):
         self.top = service.make_gateway(config, reactor=self.clock)
         self.services = make_services(work, clock=self.clock)
         self.top.gateway.services = self.services  # (the gateway itself is not started: only its timers)
-        self.session_events = capture(self, session_module, "camgateway.session")
-        self.service_events = capture(self, service, "camgateway.service")
+        self.session_events = capture(self, session_module, "camgateway.session.machine")
+        self.service_events = capture(self, service, "camgateway.runtime.service")
 
     def timer(self, step: float) -> TimerService:
         """Start make_gateway's TimerService of period ``step`` (stopped at the test's end)."""
@@ -260,7 +266,7 @@ class LeaseKeeperTests(TestCase):
         self.leases = FakeLeases()
         self.services = leasing_services(self, self.leases)
         self.clock = self.services.clock
-        self.events = capture(self, leases_module, "camgateway.leases")
+        self.events = capture(self, leases_module, "camgateway.session.leasing")
         self.keeper = LeaseKeeper(self.services)
         self.keeper.start()
         self.addCleanup(self.keeper.stop)
@@ -365,7 +371,7 @@ class LeasingSessionTests(TestCase):
         self.services = leasing_services(self, self.leases)
         self.clock = self.services.clock
         self.clock.advance(1000)
-        self.events = capture(self, session_module, "camgateway.session")
+        self.events = capture(self, session_module, "camgateway.session.machine")
         self.protocol, self.transport = connect(self.services)
 
     def init(self) -> None:
@@ -465,13 +471,13 @@ class RedisKeeperTests(TestCase):
             self.skipTest(SKIP_REDIS)
         import uuid
 
-        from camgateway.redis_store import RedisLeases, RedisStore
+        from camgateway.storage.redis import RedisLeases, RedisStore
 
         store = RedisStore(SERVER.url(), prefix=f"test-{uuid.uuid4().hex[:12]}", instance="a")
         self.addCleanup(store.close)
         self.leases = RedisLeases(store)
         self.services = leasing_services(self, self.leases)  # (a Clock: the rounds are run by the test)
-        self.events = capture(self, leases_module, "camgateway.leases")
+        self.events = capture(self, leases_module, "camgateway.session.leasing")
         self.keeper = LeaseKeeper(self.services)  # (not started)
 
     @defer.inlineCallbacks

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from twisted.trial.unittest import TestCase
 
-from camgateway.services import RecentFiles
+from camgateway.runtime.context import RecentFiles
 
 
 def received(imei: str, sha: str) -> SimpleNamespace:

@@ -27,14 +27,14 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from camgateway.health import SHARED_SPOOL, SPOOL
-from camgateway.journal import Note
-from camgateway.memory_store import MemoryStore
-from camgateway.outbox import IOutboxStore, Outbox, OutboxEntry
-from camgateway.redis_store import RedisLeases, RedisStore
-from camgateway.shared_spool import SharedSpool, sweep_orphans
-from camgateway.sinks import ReceivedFile
-from camgateway.sqlite_store import SQLiteStore
+from camgateway.base.health import SHARED_SPOOL, SPOOL
+from camgateway.transfer.journal import Note
+from camgateway.storage.memory import MemoryStore
+from camgateway.delivery.outbox import IOutboxStore, Outbox, OutboxEntry
+from camgateway.storage.redis import RedisLeases, RedisStore
+from camgateway.runtime.shared_spool import SharedSpool, sweep_orphans
+from camgateway.delivery.sinks import ReceivedFile
+from camgateway.storage.sqlite import SQLiteStore
 from tests.support import make_services, poll
 from tests.test_resume_store import StoreContract, partial
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from camgateway import codec
+from camgateway.wire import codec
 from tests.support import NO_VECTORS, VECTORS, capture_stream, connect, make_services, segments, stored_files
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 from twisted.internet import task
 from twisted.trial.unittest import TestCase
 
-from camgateway import codec
-from camgateway.reserve import SpoolReserve
-from camgateway.service import reconcile
-from camgateway.spool import Spool
+from camgateway.wire import codec
+from camgateway.perf.reserve import SpoolReserve
+from camgateway.runtime.service import reconcile
+from camgateway.transfer.spool import Spool
 from tests.support import connect, make_services
 from tests.test_session import IMEI, VIDEOF
 from tests.test_writes import Jobs

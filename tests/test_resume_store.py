@@ -10,11 +10,11 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from camgateway.memory_store import MemoryStore
-from camgateway.resume_store import IResumeStore, Partial
-from camgateway.sqlite_store import SCHEMA_VERSION, SQLiteStore
-from camgateway.service import reconcile, sweep_expired
-from camgateway.spool import DUALCAM_PACKET, Spool, reconcile_partial
+from camgateway.storage.memory import MemoryStore
+from camgateway.storage.records import IResumeStore, Partial
+from camgateway.storage.sqlite import SCHEMA_VERSION, SQLiteStore
+from camgateway.runtime.service import reconcile, sweep_expired
+from camgateway.transfer.spool import DUALCAM_PACKET, Spool, reconcile_partial
 from tests.support import make_services
 
 
@@ -59,7 +59,7 @@ class StoreContract:
 
     @defer.inlineCallbacks
     def test_outbox_entries_round_trip(self) -> object:
-        from camgateway.outbox import OutboxEntry
+        from camgateway.delivery.outbox import OutboxEntry
 
         entry = OutboxEntry("e1", "1.part", 2, 3, 104.5, "sink said no", {"size": 9, "metadata": {"a": [1]}},
                             99.25)
@@ -235,7 +235,7 @@ class KeyCacheTests(TestCase):
 
     @defer.inlineCallbacks
     def test_absent_keys_answer_at_once_and_changes_are_followed(self) -> object:
-        from camgateway.outbox import OutboxEntry
+        from camgateway.delivery.outbox import OutboxEntry
 
         p1 = partial(1)
         yield self.store.add(p1)

@@ -30,10 +30,10 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial.unittest import SkipTest, TestCase
 
-from camgateway.journal import Note
-from camgateway.outbox import OutboxEntry
-from camgateway.resume_store import Partial
-from camgateway.sinks import ReceivedFile
+from camgateway.transfer.journal import Note
+from camgateway.delivery.outbox import OutboxEntry
+from camgateway.storage.records import Partial
+from camgateway.delivery.sinks import ReceivedFile
 from tests.support import poll
 from tests.test_redis_store import SERVER, SKIP_REDIS
 from tests.test_twistd import Camera, Gateway
@@ -291,7 +291,7 @@ class SeveralSpoolsTests(TestCase):
         return gateway, http
 
     def store(self) -> Any:
-        from camgateway.redis_store import RedisStore
+        from camgateway.storage.redis import RedisStore
 
         store = RedisStore(self.redis, instance="test")
         self.addCleanup(store.close)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from camgateway import codec
-from camgateway.crc import crc16
-from camgateway.session import TRANSITIONS, State
+from camgateway.wire import codec
+from camgateway.wire.crc import crc16
+from camgateway.session.machine import TRANSITIONS, State
 from tests.support import connect, make_services, stored_files
 
 IMEI = 863719061653375
@@ -509,7 +509,7 @@ class TableTests(TestCase):
     """The transition table is the single place transitions are declared."""
 
     def test_every_handler_exists(self) -> None:
-        from camgateway.session import Session
+        from camgateway.session.machine import Session
 
         for (state, inp), (handler, targets) in TRANSITIONS.items():
             if not handler.startswith("("):

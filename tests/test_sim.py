@@ -26,8 +26,8 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from camgateway import codec
-from camgateway.crc import crc16
+from camgateway.wire import codec
+from camgateway.wire.crc import crc16
 from camgateway.sim import (
     Camera,
     CameraProtocol,

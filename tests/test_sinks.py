@@ -25,15 +25,15 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web import resource, server
 from twisted.web.client import _HTTP11ClientFactory
 
-from camgateway.config import ConfigError
-from camgateway.logs import event_record
-from camgateway.outbox import Outbox
-from camgateway.ptmf import demux
-from camgateway.reasons import DeliveryFailed
-from camgateway.sinks import PermanentFailure, ReceivedFile, Transformed
-from camgateway.sinks import command as command_sink
-from camgateway.sinks import mp4 as mp4_sink
-from camgateway.sinks.registry import check_chain, known_types, make, make_chain, sink_names, stores, validate
+from camgateway.runtime.config import ConfigError
+from camgateway.runtime.logs import event_record
+from camgateway.delivery.outbox import Outbox
+from camgateway.wire.ptmf import demux
+from camgateway.base.reasons import DeliveryFailed
+from camgateway.delivery.sinks import PermanentFailure, ReceivedFile, Transformed
+from camgateway.delivery.sinks import command as command_sink
+from camgateway.delivery.sinks import mp4 as mp4_sink
+from camgateway.delivery.sinks.registry import check_chain, known_types, make, make_chain, sink_names, stores, validate
 from tests.support import NO_VECTORS, VECTORS, capture_stream, connect, make_services, poll, stored_files
 
 NOW = datetime.datetime(2024, 10, 29, 12, 43, 42, tzinfo=datetime.timezone.utc)
@@ -380,7 +380,7 @@ class PipelineTests(TestCase):
 
 
 class PluginTests(TestCase):
-    """Third-party sinks register under the entry point group camgateway.sinks."""
+    """Third-party sinks register under the entry point group camgateway.delivery.sinks."""
 
     def test_entry_point_sink_is_found_and_built(self) -> None:
         site = Path(self.mktemp()).resolve()
@@ -388,7 +388,7 @@ class PluginTests(TestCase):
         (site / "camgw_fake_sink-1.0.dist-info" / "METADATA").write_text(
             "Metadata-Version: 2.1\nName: camgw-fake-sink\nVersion: 1.0\n")
         (site / "camgw_fake_sink-1.0.dist-info" / "entry_points.txt").write_text(
-            "[camgateway.sinks]\nfake = camgw_fake_sink\n")
+            "[camgateway.delivery.sinks]\nfake = camgw_fake_sink\n")
         (site / "camgw_fake_sink.py").write_text(textwrap.dedent("""\
             def validate(config, key, base):
                 return {"type": "fake", "bucket": config.get("bucket", "default")}
@@ -473,12 +473,12 @@ class ChainTests(TestCase):
         self.program.chmod(0o755)
 
     def sinks(self, *entries: dict[str, Any]) -> Any:
-        from camgateway.config import parse_config
+        from camgateway.runtime.config import parse_config
 
         return parse_config({"sinks": list(entries)}, base=self.base).sinks
 
     def refused(self, *entries: dict[str, Any]) -> ConfigError:
-        from camgateway.config import parse_config
+        from camgateway.runtime.config import parse_config
 
         with self.assertRaises(ConfigError) as caught:
             parse_config({"sinks": list(entries)}, base=self.base)
@@ -628,7 +628,7 @@ class HTTPFaultTests(TestCase):
         yield poll(lambda: any(e.get("event") == "file_delivered" for e in self.events), what="the retried delivery")
         records = [event_record(e) for e in self.events]
         self.assertEqual([r["message"] for r in records if r["level"] in ("error", "critical")], [])
-        self.assertEqual([r["event"] for r in records if r["namespace"] == "camgateway.outbox"],
+        self.assertEqual([r["event"] for r in records if r["namespace"] == "camgateway.delivery.outbox"],
                          ["delivery_failed", "file_delivered"])
         self.assertEqual(faulty.endpoint.requests[-1]["args"][b"file"], [content])  # the retry delivered it
         [warning] = [r for r in records if r["event"] == "delivery_failed"]

@@ -12,12 +12,12 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
-from camgateway import codec
-from camgateway.service import flush_stale
-from camgateway.session import State
+from camgateway.wire import codec
+from camgateway.runtime.service import flush_stale
+from camgateway.session.machine import State
 from camgateway.sim import ContentPool
-from camgateway.slow_reads import FRAME, MARK_MAX, MARK_MIN, READ_WAIT, SlowReads
-from camgateway.sockets import set_read_mark
+from camgateway.perf.slow_reads import FRAME, MARK_MAX, MARK_MIN, READ_WAIT, SlowReads
+from camgateway.perf.sockets import set_read_mark
 from tests.support import connect, loopback_pair, make_services, stored_files
 from tests.test_integration import GatewayTestCase, camera
 from tests.test_session import IMEI, VIDEOF, data_frames

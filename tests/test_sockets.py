@@ -1,4 +1,4 @@
-"""A reactor turn's replies, sent together at its end (camgateway.sockets.TurnWriter)."""
+"""A reactor turn's replies, sent together at its end (camgateway.perf.sockets.TurnWriter)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
-from camgateway import sockets
-from camgateway.protocol import CameraProtocol
-from camgateway.sockets import TurnWriter
+from camgateway.perf import sockets
+from camgateway.session.protocol import CameraProtocol
+from camgateway.perf.sockets import TurnWriter
 from tests.support import RunningClock, loopback_pair, make_services, poll
 
 
@@ -141,7 +141,7 @@ class Sizes:
 
 
 class ReadSizeTests(TestCase):
-    """A camera whose reads come back full is read in wider pieces (camgateway.sockets.widen_reads)."""
+    """A camera whose reads come back full is read in wider pieces (camgateway.perf.sockets.widen_reads)."""
 
     timeout = 30
 

@@ -13,10 +13,10 @@ from twisted.internet.address import IPv4Address
 from twisted.trial.unittest import TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from camgateway.config import ConfigError, parse_config
-from camgateway.services import Stats
+from camgateway.runtime.config import ConfigError, parse_config
+from camgateway.runtime.context import Stats
 from camgateway.sim import CameraSpec, ContentPool
-from camgateway.sinks import PermanentFailure
+from camgateway.delivery.sinks import PermanentFailure
 from camgateway.web.status import StatusRoot
 from tests.ops_support import OpsTestCase, basic, get_json, http_get, jpeg_camera, poll, tiny_jpeg
 from tests.support import make_services

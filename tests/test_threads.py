@@ -1,4 +1,4 @@
-"""camgateway.threads.WorkerPool: blocking calls on threads, answers on the reactor thread."""
+"""camgateway.perf.threads.WorkerPool: blocking calls on threads, answers on the reactor thread."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from camgateway.threads import WorkerPool
+from camgateway.perf.threads import WorkerPool
 
 
 class WorkerPoolTests(TestCase):

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from camgateway import codec
-from camgateway.codec import ServerFrameDecoder
-from camgateway.crc import crc16
+from camgateway.wire import codec
+from camgateway.wire.codec import ServerFrameDecoder
+from camgateway.wire.crc import crc16
 
 IMEI = 356307042441013
 
@@ -354,8 +354,8 @@ class CannotStartTests(TestCase):
     """The failure paths in memory: the status service fails the start; the reactor is stopped once."""
 
     def gateway(self, reactor: object) -> object:
-        from camgateway.config import Config
-        from camgateway.service import GatewayService
+        from camgateway.runtime.config import Config
+        from camgateway.runtime.service import GatewayService
 
         return GatewayService(Config(listen=("tcp:0",)), reactor)
 
@@ -363,8 +363,8 @@ class CannotStartTests(TestCase):
         from twisted.internet.error import CannotListenError
         from twisted.internet.testing import MemoryReactorClock
 
-        from camgateway.config import Config
-        from camgateway.service import StartError
+        from camgateway.runtime.config import Config
+        from camgateway.runtime.service import StartError
         from camgateway.web.service import StatusService
 
         class Refusing(MemoryReactorClock):
@@ -407,7 +407,7 @@ class CannotStartTests(TestCase):
         from twisted.internet.testing import MemoryReactorClock
         from twisted.python.failure import Failure
 
-        from camgateway.service import StartError
+        from camgateway.runtime.service import StartError
 
         reactor = MemoryReactorClock()
         gateway = self.gateway(reactor)

@@ -32,17 +32,17 @@ from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SkipTest, TestCase
 
-from camgateway import media
-from camgateway.config import parse_config
-from camgateway.ptmf import ALAW_SILENCE, Demuxed, demux, mux
+from camgateway.wire import media
+from camgateway.runtime.config import parse_config
+from camgateway.wire.ptmf import ALAW_SILENCE, Demuxed, demux, mux
 from camgateway.sim.cli import Options
 from camgateway.sim.content import make_files
 from camgateway.sim.media import PHOTO_VARIANTS, RESOLUTIONS, Media, load_media
 from camgateway.sim.model import KINDS
-from camgateway.sinks import ReceivedFile, Transformed
-from camgateway.sinks import mp4 as mp4_sink
-from camgateway.sinks.disk import build_stem, extension_for
-from camgateway.sinks.registry import make, validate
+from camgateway.delivery.sinks import ReceivedFile, Transformed
+from camgateway.delivery.sinks import mp4 as mp4_sink
+from camgateway.delivery.sinks.disk import build_stem, extension_for
+from camgateway.delivery.sinks.registry import make, validate
 from tests.support import NO_VECTORS, VECTORS, capture_stream, connect, make_services, poll, stored_files
 from tests.test_replay import ptmf_frames
 from tests.test_twistd import twistd

@@ -31,10 +31,10 @@ from twisted.internet import task
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
-from camgateway import codec
-from camgateway.config import ConfigError, parse_config
-from camgateway.codec import INIT_SIZE
-from camgateway.workers import (DispatchFactory, Shard, handoff_frame, parse_handoff, shard_of,
+from camgateway.wire import codec
+from camgateway.runtime.config import ConfigError, parse_config
+from camgateway.wire.codec import INIT_SIZE
+from camgateway.runtime.workers import (DispatchFactory, Shard, handoff_frame, parse_handoff, shard_of,
                                 worker_folders, worker_spool)
 from camgateway.web.merge import merge_health, merge_metrics
 from tests.support import make_services
@@ -106,8 +106,8 @@ class _Local:
     """Worker 0's camera factory, recording what it is given."""
 
     def __init__(self) -> None:
-        from camgateway.config import Config
-        from camgateway.services import Stats
+        from camgateway.runtime.config import Config
+        from camgateway.runtime.context import Stats
 
         self.built: list[Any] = []
         self.services = type("S", (), {"accepting": True, "config": Config(max_connections=2),
@@ -258,7 +258,7 @@ class WorkersConfigTests(TestCase):
     def test_listen_override_is_checked_too(self) -> None:
         from twisted.python import usage
 
-        from camgateway.tap import Options
+        from camgateway.runtime.tap import Options
 
         config = Path(self.mktemp())
         config.write_text("workers: 2\n")
@@ -450,16 +450,16 @@ class TwistdWorkersTests(TestCase):
             sidecar = json.loads(stored.with_name(stored.name + ".json").read_text())
             self.assertEqual(sidecar["resumed_from"], 12 * 1024)
         text = gateway.log.read_text()
-        self.assertRegex(text, rf"\[worker-1 camgateway.session#info\] camera {imei_of(1)} connected from"
+        self.assertRegex(text, rf"\[worker-1 camgateway.session.machine#info\] camera {imei_of(1)} connected from"
                                rf" 127\.0\.0\.1:\d+")
         self.assertNotRegex(text, rf"\[worker-1 [^]]*\] camera {imei_of(0)} connected")
-        self.assertRegex(text, rf"\[camgateway.session#info\] camera {imei_of(0)} connected from 127\.0\.0\.1:\d+")
-        self.assertRegex(text, rf"\[worker-1 camgateway.session#info\] camera {imei_of(1)} connected from .*"
+        self.assertRegex(text, rf"\[camgateway.session.machine#info\] camera {imei_of(0)} connected from 127\.0\.0\.1:\d+")
+        self.assertRegex(text, rf"\[worker-1 camgateway.session.machine#info\] camera {imei_of(1)} connected from .*"
                                r" settings 0x44000400\n")  # formatted by the worker: its format specs kept
         self.assertTrue((self.work / "spool" / "worker-1" / "resume.sqlite").exists())
         self.assertTrue(gateway.stopped_cleanly())
         wait(lambda: not alive(child), 10, "worker 1 to end with the gateway")
-        self.assertIn("[worker-1 camgateway.service#info] camgateway stopped", gateway.log.read_text())
+        self.assertIn("[worker-1 camgateway.runtime.service#info] camgateway stopped", gateway.log.read_text())
 
     def test_behind_a_proxy_each_worker_logs_the_cameras_own_address(self) -> None:
         gateway = self.start(listen=["haproxy:tcp:0:interface=127.0.0.1"])
@@ -474,7 +474,7 @@ class TwistdWorkersTests(TestCase):
             camera.send_photo(content)
             [stored] = self.stored(imei)
             self.assertEqual(stored.read_bytes(), content)
-            system = r"worker-1 camgateway.session#info" if worker else r"camgateway.session#info"
+            system = r"worker-1 camgateway.session.machine#info" if worker else r"camgateway.session.machine#info"
             self.assertRegex(gateway.log.read_text(), rf"\[{system}\] camera {imei} connected from {host}:{port}:")
         self.assertTrue(gateway.stopped_cleanly())
 
@@ -533,7 +533,7 @@ class TwistdWorkersTests(TestCase):
         wait(lambda: "delivery of" in gateway.log.read_text() or "failed" in gateway.log.read_text(),
              what="a failed delivery attempt (nothing listens yet)")
         self.assertTrue(gateway.stopped_cleanly())
-        command = [sys.executable, "-c", "import sys; from camgateway.cli import main; sys.exit(main(sys.argv[1:]))"]
+        command = [sys.executable, "-c", "import sys; from camgateway.runtime.cli import main; sys.exit(main(sys.argv[1:]))"]
         listed = subprocess.run(command + ["--config", str(self.work / "camgateway.yaml"), "outbox"], cwd=self.work,
                                 capture_output=True, text=True, timeout=60)
         self.assertEqual(listed.returncode, 0, listed.stderr)

@@ -22,19 +22,21 @@ from twisted.logger import LogLevel, Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
-from camgateway import codec, transfer
-from camgateway import durability as durability_module
-from camgateway import files as files_module
-from camgateway.durability import HAVE_SYNCFS, GroupSync, syncfs
-from camgateway.files import record_partial
-from camgateway.protocol import CameraFactory
-from camgateway.resume_store import Partial
-from camgateway.service import flush_stale
-from camgateway.session import State
-from camgateway.sinks import ReceivedFile
-from camgateway.sinks import disk as disk_module
-from camgateway.sinks.disk import DiskSink
-from camgateway.transfer import (FLUSH_AGE, PENDING_MAX, RUN_BAD_CRC, RUN_COMPLETE, TRICKLE_AGE, TRICKLE_BYTES,
+from camgateway.wire import codec
+
+from camgateway.transfer import receiver as transfer
+from camgateway.perf import durability as durability_module
+from camgateway.transfer import lifecycle as files_module
+from camgateway.perf.durability import HAVE_SYNCFS, GroupSync, syncfs
+from camgateway.transfer.lifecycle import record_partial
+from camgateway.session.protocol import CameraFactory
+from camgateway.storage.records import Partial
+from camgateway.runtime.service import flush_stale
+from camgateway.session.machine import State
+from camgateway.delivery.sinks import ReceivedFile
+from camgateway.delivery.sinks import disk as disk_module
+from camgateway.delivery.sinks.disk import DiskSink
+from camgateway.transfer.receiver import (FLUSH_AGE, PENDING_MAX, RUN_BAD_CRC, RUN_COMPLETE, TRICKLE_AGE, TRICKLE_BYTES,
                                  WRITE_MIN, Transfer)
 from tests.support import connect, make_services, run_now, stored_files
 from tests.test_session import IMEI, VIDEOF, data_frames
@@ -765,7 +767,7 @@ class DiskSinkBatchTests(TestCase):
     def test_chosen_on_the_spool_s_filesystem_only(self) -> None:
         from types import SimpleNamespace
 
-        from camgateway.sinks.disk import _same_filesystem, make
+        from camgateway.delivery.sinks.disk import _same_filesystem, make
 
         self.assertTrue(_same_filesystem(self.root / "not" / "yet", self.root))
         self.assertFalse(_same_filesystem(self.root, Path("/proc")))

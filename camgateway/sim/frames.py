@@ -22,7 +22,7 @@ import struct
 from binascii import crc_hqx
 from typing import Callable, Optional
 
-from camgateway.crc import REVERSE_BITS, crc16, reverse16
+from camgateway.wire.crc import REVERSE_BITS, crc16, reverse16
 
 __all__ = ["FRAME_SIZE", "FramePlan", "PlanCache", "FileStream"]
 

@@ -3,7 +3,7 @@
 Each camera kind sends what the real one does: JPEG photos at its
 resolution; a DualCam's videos as PTMF containers (H.265 pictures and G.711
 A-law sound under 36-byte frame headers, built as a real DualCam builds them:
-:func:`camgateway.ptmf.mux`); the path-flow cameras' (DSM, ADAS, DashCam) as
+:func:`camgateway.wire.ptmf.mux`); the path-flow cameras' (DSM, ADAS, DashCam) as
 MP4 (H.264 and AAC). Every video lasts 3 s at 20 fps, as the emulator's
 metadata says. ffmpeg draws its test pattern (a running clock) and a tone
 that beeps every second, so a player shows whether picture and sound are in
@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterable, Optional
 from twisted.internet import defer
 from twisted.internet.utils import getProcessOutputAndValue
 
-from camgateway.media import hevc_pictures
-from camgateway.ptmf import AUDIO_RATE, mux
+from camgateway.wire.media import hevc_pictures
+from camgateway.wire.ptmf import AUDIO_RATE, mux
 
 __all__ = ["Media", "MediaUnavailable", "RESOLUTIONS", "PHOTO_VARIANTS", "cache_dir", "load_media"]
 

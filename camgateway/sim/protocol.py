@@ -37,8 +37,8 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from camgateway import codec
-from camgateway.codec import Cmd, ProtocolError, ServerFrameDecoder
+from camgateway.wire import codec
+from camgateway.wire.codec import Cmd, ProtocolError, ServerFrameDecoder
 from camgateway.sim.camera import Camera
 from camgateway.sim.frames import FRAME_SIZE, FileStream, FramePlan, PlanCache
 from camgateway.sim.model import SOURCE_BITS

@@ -12,7 +12,7 @@ Two faults live here because they are about how bytes leave: ``slow_bps``
 (a rate limit on DATA, paced by the reactor's one :class:`~camgateway.sim.pacer.Pacer`)
 and ``segment_sizes`` (every byte written in tiny pieces, one per transport
 write, a small delay apart). Other writes go out with one ``send`` when
-nothing is queued (:func:`camgateway.sockets.write_now`), as the gateway's
+nothing is queued (:func:`camgateway.perf.sockets.write_now`), as the gateway's
 replies do.
 """
 
@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from zope.interface import implementer
 
 from camgateway.sim.pacer import PacedCall, Pacer, pacer_for
-from camgateway.sockets import write_now
+from camgateway.perf.sockets import write_now
 
 __all__ = ["FrameSource", "Sender"]
 

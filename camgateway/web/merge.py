@@ -2,7 +2,7 @@
 
 Each child worker serves the same status site on a UNIX socket of its own
 (in a private folder the gateway makes, see
-:class:`~camgateway.workers.Workers`); the gateway's site asks every worker
+:class:`~camgateway.runtime.workers.Workers`); the gateway's site asks every worker
 the same request (with the caller's ``Authorization``) and merges the
 answers with its own: lists are joined and sorted as each route sorts them,
 the summary's counters and gauges are added up, ``/files/<id>`` is streamed
@@ -33,7 +33,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from camgateway.logs import quiet_pool
+from camgateway.runtime.logs import quiet_pool
 
 __all__ = ["WorkerPeers", "merge_list", "merge_summary", "merge_metrics", "merge_health", "TIMEOUT", "LIST_ROUTES",
            "GAUGES_MERGED_BY"]

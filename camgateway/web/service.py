@@ -10,8 +10,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from camgateway.config import Config
-from camgateway.service import StartError, listen_error
+from camgateway.runtime.config import Config
+from camgateway.runtime.service import StartError, listen_error
 from camgateway.web.status import StatusRoot, StatusSite
 
 __all__ = ["StatusService"]
@@ -23,11 +23,11 @@ class StatusService(Service):
     """Serves :class:`~camgateway.web.status.StatusRoot` on every ``http.listen`` endpoint.
 
     It starts listening when ``gateway.ready`` fires (the gateway's
-    :class:`~camgateway.services.Services` exist only then) and makes
+    :class:`~camgateway.runtime.context.Services` exist only then) and makes
     ``gateway.ready`` wait for it, so that "ready" means every port is open.
     An endpoint that cannot listen fails the start as the camera ports do:
     the gateway logs why in one line naming ``http.listen[i]`` and stops
-    (:meth:`~camgateway.service.GatewayService.cannot_start`), and
+    (:meth:`~camgateway.runtime.service.GatewayService.cannot_start`), and
     ``gateway.ready`` fails.
     """
 

@@ -39,8 +39,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from camgateway import __version__
-from camgateway.metrics import Metrics, outbox_depth, spool_usage
-from camgateway.progress import active_transfers, iso, session_view
+from camgateway.web.metrics import Metrics, outbox_depth, spool_usage
+from camgateway.web.progress import active_transfers, iso, session_view
 from camgateway.web.merge import WorkerPeers, merge_health, merge_list, merge_metrics, merge_summary
 from camgateway.web.views import file_id, file_view, outbox_view, partial_view, stored_path
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from camgateway.progress import iso
+from camgateway.web.progress import iso
 
 __all__ = ["file_id", "stored_path", "file_view", "partial_view", "outbox_view"]
 

@@ -3,7 +3,7 @@ from twisted.application.service import ServiceMaker
 
 camgateway = ServiceMaker(
     "camgateway",
-    "camgateway.tap",
+    "camgateway.runtime.tap",
     "Teltonika camera file-transfer gateway (DualCam, DashCam, DSM, ADAS)",
     "camgateway",
 )

@@ -1,0 +1,341 @@
+"""The MP4 sink: camera videos as MP4s with their sound and a poster, the originals kept.
+
+Configuration::
+
+    - type: mp4
+      ffmpeg: ffmpeg          # the program (default: from PATH)
+      poster: true            # also a JPEG of the first frame
+      h264: false             # also an H.264 copy of HEVC videos, for browsers without HEVC (re-encodes: slow)
+      keep_original: true     # pass the camera's own file on too
+      max_processes: 2        # ffmpeg processes at once
+      timeout: 600            # an ffmpeg run taking longer is killed (the camera's file goes on)
+
+What a video is comes from its bytes (:mod:`camgateway.wire.media`), never from
+its name:
+
+* a DualCam PTMF container is taken apart (:mod:`camgateway.wire.ptmf`): its
+  H.265 is remuxed without re-encoding (``-c:v copy``, tagged ``hvc1`` so
+  Apple players take it) at the frame rate of the metadata, else of the frame
+  timestamps; its G.711 A-law sound, aligned on the timestamps and as long as
+  the picture, is encoded to AAC;
+* a bare Annex-B H.265 or H.264 stream is remuxed the same way (the frame
+  rate from the metadata, else its pictures over the metadata's length, else
+  25);
+* an MP4 goes on as it is, with a poster.
+
+The sinks after this one get, *instead of* the camera's file, the MP4
+(``derived: mp4``), its poster (``poster``), the H.264 copy (``h264``) and,
+with ``keep_original``, the camera's own file (``original``). A video ffmpeg
+cannot convert goes on as the camera's file (``original``, whatever
+``keep_original`` says) with the reason in the log and in its metadata
+(``conversion_error``): never lost, never a dead letter for being
+unconvertible. Photos, and files that are no video, pass through untouched.
+
+ffmpeg runs as child processes, never blocking the reactor, at most
+``max_processes`` at once; it reads the demuxed streams from spool files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import mmap
+import os
+import shutil
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+from twisted.internet import defer, error, protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from camgateway.wire import media
+from camgateway.runtime.config import ConfigError, parse_duration
+from camgateway.wire.crc import crc16
+from camgateway.base.reasons import DeliveryFailed, program_ended
+from camgateway.wire.ptmf import AUDIO_RATE, demux_file
+from camgateway.delivery.sinks import IFileSink, ReceivedFile, Transformed
+from camgateway.delivery.sinks.registry import check_keys
+
+__all__ = ["MP4Sink", "Unconvertible", "validate", "make", "default_sinks", "stores", "passes_on"]
+
+log = Logger(namespace="camgateway.delivery.sinks.mp4")
+
+#: The sinks after this one get its MP4s and posters (and the cameras' own
+#: files); it keeps nothing itself, so a chain must not end with it
+#: (camgateway.delivery.sinks.registry.check_chain).
+stores = False
+passes_on = "the MP4s and posters it makes, and the cameras' own videos,"
+
+#: The frame rate of a bare stream whose metadata says nothing of it.
+DEFAULT_RATE = 25.0
+
+
+def validate(config: Mapping[str, Any], key: str, base: Path) -> Mapping[str, Any]:
+    """``{type: mp4, ffmpeg, poster, h264, keep_original, max_processes, timeout}``."""
+    check_keys(config, key, {"ffmpeg", "poster", "h264", "keep_original", "max_processes", "timeout"})
+    program = config.get("ffmpeg", "ffmpeg")
+    found = shutil.which(program) if isinstance(program, str) else None
+    if found is None:
+        raise ConfigError(f"{key}.ffmpeg", f"ffmpeg program {program!r} not found (install ffmpeg)")
+    out: dict[str, Any] = {"type": "mp4", "ffmpeg": found}
+    for flag, default in (("poster", True), ("h264", False), ("keep_original", True)):
+        value = config.get(flag, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}.{flag}", f"must be true or false, got {value!r}")
+        out[flag] = value
+    n = config.get("max_processes", 2)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"{key}.max_processes", f"must be a positive integer, got {n!r}")
+    out["max_processes"] = n
+    out["timeout"] = parse_duration(config.get("timeout", 600), f"{key}.timeout")
+    return out
+
+
+def make(config: Mapping[str, Any], services: Any) -> "MP4Sink":
+    """An MP4Sink from a validated entry."""
+    from twisted.internet import reactor
+
+    return MP4Sink(services, reactor, config["ffmpeg"], config["poster"], config["h264"], config["max_processes"],
+                   keep_original=config.get("keep_original", True), timeout=config.get("timeout", 600.0))
+
+
+_told_no_ffmpeg = False
+
+
+def default_sinks(files_root: str, which: Callable[[str], Optional[str]] = shutil.which) -> list[dict[str, Any]]:
+    """The chain of the built-in defaults (no ``sinks:``): mp4, then disk under ``files_root``.
+
+    Without ffmpeg it is the disk sink alone, and the log says so (once):
+    videos then stay in the cameras' containers.
+    """
+    disk = {"type": "disk", "root": files_root}
+    if which("ffmpeg") is not None:
+        return [{"type": "mp4"}, disk]
+    global _told_no_ffmpeg
+    if not _told_no_ffmpeg:
+        _told_no_ffmpeg = True
+        log.warn("ffmpeg not found: videos are stored as the cameras send them (a DualCam's as .ptmf, which"
+                 " players do not open), without MP4, sound or poster; install ffmpeg (apt install ffmpeg) and"
+                 " restart for playable MP4s with sound beside the originals", event="no_ffmpeg")
+    return [disk]
+
+
+class _FFmpeg(protocol.ProcessProtocol):
+    def __init__(self, done: defer.Deferred) -> None:
+        self.done = done
+        self.stderr = bytearray()
+
+    def errReceived(self, data: bytes) -> None:
+        self.stderr += data
+        if len(self.stderr) > 4096:  # its end says why
+            del self.stderr[:-4096]
+
+    def processEnded(self, reason: Failure) -> None:
+        self.done.callback((getattr(reason.value, "exitCode", None), getattr(reason.value, "signal", None),
+                            bytes(self.stderr)))
+
+
+def _describe(path: Path) -> tuple[int, str, int]:
+    """Size, SHA-256 and CRC-16 of a file made here (thread), read in pieces."""
+    size, digest, crc = 0, hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            size += len(block)
+            digest.update(block)
+            crc = crc16(block, crc)
+    return size, digest.hexdigest(), crc
+
+
+class Unconvertible(Exception):
+    """ffmpeg cannot make an MP4 of this file (a broken container, an ffmpeg refusal): why, in words."""
+
+
+@dataclasses.dataclass
+class _Plan:
+    """How ffmpeg muxes one video: its picture stream, codec and rate, and its sound."""
+
+    video: Path
+    codec: str  # media.HEVC or media.H264
+    rate: float
+    audio: Optional[Path] = None  # A-law, 8 kHz, mono, as long as the picture
+
+    def mux_args(self, target: Path) -> list[str]:
+        """ffmpeg's arguments that make the MP4 ``target``."""
+        fps = Fraction(self.rate).limit_denominator(1001)
+        args = ["-f", self.codec, "-r", f"{fps.numerator}/{fps.denominator}", "-i", str(self.video)]
+        if self.audio is not None:
+            args += ["-f", "alaw", "-ar", str(AUDIO_RATE), "-ac", "1", "-i", str(self.audio)]
+        args += ["-map", "0:v:0", "-c:v", "copy"]
+        if self.codec == media.HEVC:
+            args += ["-tag:v", "hvc1"]
+        if self.audio is not None:
+            args += ["-map", "1:a:0", "-c:a", "aac", "-b:a", "32k"]
+        return args + ["-movflags", "+faststart", "-f", "mp4", str(target)]
+
+
+def _metadata_rate(metadata: Mapping[str, Any]) -> Optional[float]:
+    rate = metadata.get("framerate")
+    if isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 < rate <= 240:
+        return float(rate)
+    return None
+
+
+def _split_ptmf(received: ReceivedFile, video: Path, audio: Path) -> _Plan:
+    """Demux a PTMF video into a picture stream and aligned A-law sound (thread)."""
+    try:
+        with open(video, "wb") as out:
+            demuxed = demux_file(str(received.path), out)
+    except ValueError as e:
+        raise Unconvertible(f"not a usable PTMF container: {e}") from None
+    codec = media.kind_of(demuxed.video_head)
+    if codec not in (media.HEVC, media.H264):
+        raise Unconvertible("the PTMF container's video frames are neither H.265 nor H.264")
+    rate = _metadata_rate(received.metadata) or demuxed.frame_rate() or DEFAULT_RATE
+    plan = _Plan(video, codec, rate)
+    if demuxed.audio:
+        with open(audio, "wb") as out:
+            out.write(demuxed.audio_track(demuxed.video_frames / rate))
+        plan.audio = audio
+    return plan
+
+
+def _plan_stream(received: ReceivedFile, codec: str) -> _Plan:
+    """A bare Annex-B stream: its frame rate from the metadata, else its pictures over its length (thread)."""
+    rate = _metadata_rate(received.metadata)
+    length = received.metadata.get("length_s")
+    if rate is None and isinstance(length, (int, float)) and not isinstance(length, bool) and length > 0:
+        with open(received.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            frames = media.count_pictures(data, codec)  # type: ignore[arg-type]
+        if 0 < frames / length <= 240:
+            rate = round(frames / length, 3)
+    return _Plan(received.path, codec, rate or DEFAULT_RATE)
+
+
+def _kill(transport: Any) -> None:
+    try:
+        transport.signalProcess("KILL")
+    except error.ProcessExitedAlready:
+        pass
+
+
+@implementer(IFileSink)
+class MP4Sink:
+    """Turns camera videos into MP4s with sound (and posters) for the sinks that follow."""
+
+    def __init__(self, services: Any, reactor: Any, ffmpeg: str, poster: bool, h264: bool, max_processes: int,
+                 *, keep_original: bool = True, timeout: float = 600.0) -> None:
+        self.s = services
+        self.reactor = reactor
+        self.ffmpeg = ffmpeg
+        self.poster = poster
+        self.h264 = h264
+        self.keep_original = keep_original
+        self.timeout = timeout
+        self.limit = defer.DeferredSemaphore(max_processes)
+        self.name = "mp4"
+
+    @defer.inlineCallbacks
+    def deliver(self, received: ReceivedFile) -> Any:
+        """Convert a video (see the module's doc); pass photos and other files on unchanged (None)."""
+        if received.media == "photo":
+            return None
+        kind = yield self.s.run_in_thread(media.kind_of_file, str(received.path))
+        if kind not in media.VIDEOS:
+            return None
+        started = self.reactor.seconds()
+        temps: list[str] = []  # spool names of the intermediate files, and of outputs not handed on
+        try:
+            made = yield self._convert(received, kind, temps)
+        except Unconvertible as e:
+            why = str(e)
+            log.warn("video of camera {imei} {source} ({kind}) not converted, the camera's file goes on: {why}",
+                     kind=kind, imei=received.imei, source=received.source, why=why,
+                     event="video_not_converted")
+            return Transformed([dataclasses.replace(received, derived="original",
+                                                    metadata={**received.metadata, "conversion_error": why})])
+        finally:
+            for name in temps:
+                yield self.s.run_in_thread(self.s.spool.unlink, name)
+        log.info("video of camera {imei} {source} ({kind}) handed on as {made} in {seconds:.1f} s",
+                 kind=kind, imei=received.imei, source=received.source,
+                 made=", ".join(f.derived or "" for f in made), seconds=self.reactor.seconds() - started,
+                 event="video_converted")
+        return Transformed(made)
+
+    @defer.inlineCallbacks
+    def _convert(self, received: ReceivedFile, kind: str, temps: list[str]) -> Any:
+        """The files made of ``received``, a video of ``kind``, the camera's own last (when it goes on)."""
+        spool = self.s.spool
+
+        def new() -> Path:
+            name = spool.new_name()
+            temps.append(name)
+            return spool.path(name)
+
+        outputs: list[tuple[Path, str, str]] = []  # (file, media, derived)
+        codec: Optional[str] = None
+        if kind == media.MP4:
+            source = received.path
+        else:
+            source = new()
+            if kind == media.PTMF:
+                plan = yield self.s.run_in_thread(_split_ptmf, received, new(), new())
+            else:
+                plan = yield self.s.run_in_thread(_plan_stream, received, kind)
+            yield self.limit.run(self._run, plan.mux_args(source))
+            outputs.append((source, "video", "mp4"))
+            codec = plan.codec
+        more: list[str] = []
+        if self.poster:
+            poster = new()
+            more += ["-map", "0:v:0", "-frames:v", "1", "-q:v", "3", "-f", "mjpeg", str(poster)]
+            outputs.append((poster, "photo", "poster"))
+        if self.h264 and codec == media.HEVC:
+            h264 = new()
+            more += ["-map", "0:v:0", "-map", "0:a:0?", "-c:v", "libx264", "-preset", "veryfast", "-crf", "23",
+                     "-pix_fmt", "yuv420p", "-c:a", "copy", "-movflags", "+faststart", "-f", "mp4", str(h264)]
+            outputs.append((h264, "video", "h264"))
+        if more:  # from the MP4: a second process, since decoding beside a stream copy shifts its timestamps
+            yield self.limit.run(self._run, ["-i", str(source), *more])
+        made = []
+        for path, what, derived in outputs:
+            size, sha, crc = yield self.s.run_in_thread(_describe, path)
+            if not size:
+                raise Unconvertible(f"ffmpeg made an empty {derived}")
+            made.append(dataclasses.replace(received, path=path, size=size, sha256=sha, computed_crc=crc, media=what,
+                                            derived=derived))
+        for f in made:
+            temps.remove(f.path.name)
+        if self.keep_original or kind == media.MP4:
+            made.append(dataclasses.replace(received, derived="original"))
+        return made
+
+    @defer.inlineCallbacks
+    def _run(self, args: list[str]) -> Any:
+        """Run ffmpeg; :class:`Unconvertible` if it refuses the input or outlives ``timeout``.
+
+        An ffmpeg killed by someone else, one that found the disk full, or
+        one that is gone from the machine fails the delivery as any other
+        failure: it is retried.
+        """
+        if not os.access(self.ffmpeg, os.X_OK):
+            raise DeliveryFailed(f"ffmpeg {self.ffmpeg} is not there any more (install ffmpeg)")
+        done: defer.Deferred = defer.Deferred()
+        transport = self.reactor.spawnProcess(
+            _FFmpeg(done), self.ffmpeg, [self.ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args],
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+        timer = self.reactor.callLater(self.timeout, _kill, transport)
+        code, signal_number, stderr = yield done
+        if timer.active():
+            timer.cancel()
+        elif code != 0:
+            raise Unconvertible(f"ffmpeg did not finish within {self.timeout:g} s (killed)")
+        if code == 0:
+            return
+        message = program_ended("ffmpeg", code, signal_number, stderr)
+        if code is None or b"No space left on device" in stderr:
+            raise DeliveryFailed(message)
+        raise Unconvertible(message)

@@ -1,0 +1,1 @@
+"""The runtime layer: the twistd plugin's tap, the CLI, configuration, the service tree, logs and workers."""

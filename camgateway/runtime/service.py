@@ -1,0 +1,451 @@
+"""The gateway as a Twisted service: start-up reconcile, listening, sweeps, shutdown."""
+
+from __future__ import annotations
+
+import gc
+import sys
+
+from typing import Any, Callable, Optional
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError, ReactorNotRunning
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from camgateway import __version__
+from camgateway.runtime.config import Config, ConfigError
+from camgateway.perf.durability import WRITEBACK_BYTES, GroupSync
+from camgateway.perf.groupcommit import BatchThread
+from camgateway.transfer.journal import FinishJournal
+from camgateway.session.leasing import LeaseKeeper
+from camgateway.perf.process import tune_malloc
+from camgateway.delivery.outbox import Outbox
+from camgateway.web.progress import PROGRESS_SPREAD, ProgressReporter
+from camgateway.session.protocol import CameraFactory
+from camgateway.perf.reserve import SpoolReserve
+from camgateway.runtime.context import Services
+from camgateway.runtime.shared_spool import SharedSpool, orphan_age, sweep_orphans
+from camgateway.delivery.sinks import make_sinks
+from camgateway.transfer.spool import Spool, boot_id, reconcile_partial
+from camgateway.storage.sqlite import SQLiteStore
+from camgateway.perf.threads import WorkerPool
+from camgateway.transfer.receiver import FLUSH_AGE
+from camgateway.runtime.workers import DispatchFactory, Shard, Workers, children_needed
+
+__all__ = ["GatewayService", "StartError", "make_gateway", "reconcile", "sweep_expired", "flush_stale", "periodic"]
+
+log = Logger(namespace="camgateway.runtime.service")
+
+SHUTDOWN_GRACE = 8.0  # seconds to persist partials and finish stores on SIGTERM
+#: sys.setswitchinterval for the gateway process. The reactor thread is busy
+#: in Python while the store's thread and the pool threads come back from
+#: blocking calls (sqlite3 steps, fsync, pwrite) and wait for the GIL: with
+#: CPython's default of 5 ms, each of those waits can last up to 5 ms, and a
+#: photo needs a dozen of them. 0.5 ms measured +30 % photos/s and no loss
+#: on bulk (benchmarks/README.md).
+GIL_SWITCH_INTERVAL = 0.0005
+#: ... and with several workers: CPython's default. Each process then has a
+#: share of the cameras and the two cores are the limit, not one GIL: forced
+#: switches every 0.5 ms cost more CPU than the waits they shorten (three
+#: paired photo runs with two workers: +6 to +9 % files/s at 5 ms).
+GIL_SWITCH_INTERVAL_WORKERS = 0.005
+#: gc.set_threshold's first argument: container allocations (net of frees)
+#: between two collections of the youngest generation (CPython's default:
+#: 700). A photo makes ~30 such objects that outlive it briefly (Deferreds,
+#: records), and with 700 the collector ran every ~25 photos, its older
+#: generations over everything imported: 0.1 s of each worker's CPU per
+#: 1,000 photos, measured with gc.callbacks. With 10,000 and the start-up
+#: objects frozen (gc.freeze), 0.025 s.
+GC_THRESHOLD = 10_000
+
+
+@defer.inlineCallbacks
+def reconcile(s: Services) -> Any:
+    """Make the store and the spool agree (start-up; see camgateway.storage.records)."""
+    partials = yield s.store.all()
+    outbox = yield s.store.pending()
+    known = {entry.spool_name for entry in outbox}
+    if s.journal is not None:
+        known |= s.journal.spool_names  # complete files waiting for the store (camgateway.transfer.journal)
+    shard = s.shard
+    moved = 0
+    for partial in partials:
+        if shard is not None and not shard.owns(partial.imei):
+            # ``workers`` changed: this camera now goes to another worker, which
+            # cannot resume this partial; the camera still holds the file.
+            yield s.store.remove(partial.id)
+            yield s.run_in_thread(s.spool.unlink, partial.spool_name)
+            moved += 1
+            continue
+        held = yield s.run_in_thread(reconcile_partial, s.spool, partial, s.boot_id)
+        if held is None:
+            log.warn("partial {id} of camera {imei} lost its spool file; dropped", id=partial.id, imei=partial.imei)
+            yield s.store.remove(partial.id)
+            continue
+        known.add(partial.spool_name)
+        if held != partial.held or partial.boot_id != s.boot_id:
+            yield s.store.checkpoint(partial.id, held, s.boot_id, partial.last_seen)
+    orphans = s.spool.names() - known
+    for name in orphans:
+        yield s.run_in_thread(s.spool.unlink, name)
+    if moved:
+        log.warn("{n} partial transfers of cameras that now go to another worker (workers changed) dropped;"
+                 " those cameras send the files again", n=moved)
+    if partials or orphans or outbox:
+        log.info("spool reconciled: {n} partial transfers kept, {q} files in the outbox, {o} unused spool files"
+                 " removed (made ahead for new transfers, or of transfers never recorded)",
+                 n=len(partials) - moved, q=len(outbox), o=len(orphans))
+
+
+def flush_stale(s: Services) -> None:
+    """Write the few bytes slow cameras left pending, drop stale read marks (the half-second scan).
+
+    Only the sessions whose filed moment has come are visited (:mod:`camgateway.perf.due`).
+    A visit that raises is a bug in that session: it is logged with the
+    camera's IMEI and that connection is dropped (what it held is kept, as
+    after any internal error), and the scan goes on with the other sessions
+    due; :meth:`DueSessions.take` has already unfiled them all, so one that
+    was skipped would not come due again.
+    """
+    now = s.clock.seconds()
+    for session in s.due.take(now):
+        try:
+            session.write_stale(now)
+        except Exception:
+            _visit_failed(session, Failure())
+
+
+def _visit_failed(session: Any, failure: Failure) -> None:
+    """The scan's visit of ``session`` raised: log it with the camera, drop that connection."""
+    try:
+        session.internal_error(failure)  # (log.failure with the camera's IMEI, peer and state; then closes)
+    except Exception:
+        imei = getattr(session, "imei", "?")
+        log.failure("the half-second scan: visiting the session of camera {imei} failed", failure, imei=imei)
+        log.failure("the half-second scan: closing the session of camera {imei} failed too", imei=imei)
+
+
+def periodic(what: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` for a :class:`TimerService`: what it raises, or a Deferred it returns fails with, is logged.
+
+    A LoopingCall stops for good on the first exception or failed Deferred
+    of its function (TimerService only logs that it stopped); wrapped, the
+    error is logged as ``what`` failing and the next tick runs as usual. A
+    Deferred is still returned, so a tick that takes long delays the next.
+    """
+    def tick() -> Any:
+        try:
+            result = fn()
+        except Exception:
+            log.failure("{what} failed; it runs again at its next tick", what=what)
+            return None
+        if isinstance(result, defer.Deferred):
+            result.addErrback(lambda f: log.failure("{what} failed; it runs again at its next tick", f, what=what))
+        return result
+
+    return tick
+
+
+@defer.inlineCallbacks
+def sweep_expired(s: Services) -> Any:
+    """Remove partials not seen for ``storage.partial_ttl``."""
+    before = s.clock.seconds() - s.config.partial_ttl
+    expired = yield s.store.expired(before)
+    busy = {session.transfer.partial.id for session in s.sessions.values() if session.transfer}
+    for partial in expired:
+        if partial.id in busy:
+            continue
+        yield s.store.remove(partial.id)
+        yield s.run_in_thread(s.spool.unlink, partial.spool_name)
+        log.info("expired partial of camera {imei} ({held} bytes, last seen {age:.0f} s ago) removed",
+                 imei=partial.imei, held=partial.held, age=s.clock.seconds() - partial.last_seen)
+
+
+class StartError(Exception):
+    """The gateway cannot start: ``key`` names the configuration at fault (``listen[0]``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def listen_error(error: Exception) -> str:
+    """Why an endpoint could not listen, in a few words (``Address already in use``)."""
+    if isinstance(error, CannotListenError):
+        reason = error.socketError
+        return str(getattr(reason, "strerror", None) or reason)
+    return str(error) or type(error).__name__
+
+
+class GatewayService(Service):
+    """Reconciles the spool, then listens on every configured endpoint.
+
+    With ``workers: N`` (N > 1) it is worker 0 and starts the other workers
+    (:mod:`camgateway.runtime.workers`); ``shard`` says which worker a child process is.
+    ``ready`` fires once every port listens, or fails with why the gateway
+    could not start (:meth:`cannot_start`).
+    """
+
+    #: Why the start failed, once it has (:meth:`cannot_start`).
+    start_failure: Optional[Failure] = None
+
+    def __init__(self, config: Config, reactor: Any = None, shard: Optional[Shard] = None,
+                 twistd_logfile: Optional[str] = None, forward_logs: bool = False) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.config = config
+        self.ports: list[Any] = []
+        self.factory: Optional[CameraFactory] = None
+        self.keeper: Optional[LeaseKeeper] = None
+        self.services: Optional[Services] = None
+        #: With a shared store: this instance's marker and the check that the spool is shared.
+        self.shared_spool: Optional[SharedSpool] = None
+        self.ready: defer.Deferred = defer.Deferred()
+        self.pool: Optional[WorkerPool] = None
+        if shard is None and config.workers > 1:
+            shard = Shard(0, config.workers, config.spool)
+        self.shard = shard
+        self.workers: Optional[Workers] = None
+        if (shard is None or shard.index == 0) and children_needed(config):  # the listening process
+            self.workers = Workers(config, config.workers, reactor, twistd_logfile, forward_logs=forward_logs)
+
+    def _run_in_thread(self, f: Any, *args: Any, **kwargs: Any) -> defer.Deferred:
+        assert self.pool is not None, "the service is not started"
+        return self.pool.run(f, *args, **kwargs)
+
+    def startService(self) -> None:
+        super().startService()
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL if self.shard is None else GIL_SWITCH_INTERVAL_WORKERS)
+        # What is loaded by now (Twisted, the modules, the configuration) lives as
+        # long as the process: out of the collector's way for good (collected
+        # first, so that no garbage is kept).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+        try:
+            d = self._start()
+        except Exception:  # (twistd would print the traceback; the failure is told as any other)
+            d = defer.fail()
+        d.addCallbacks(self.ready.callback, self._failed)
+
+    def _start(self) -> defer.Deferred:
+        """Make the spool, the store, the sinks...; the Deferred fires once every port listens."""
+        config = self.config
+        # Blocking steps (spool opens, writes, digests, sink I/O) share one
+        # pool: sized so the outbox's deliveries never starve the sessions'
+        # own steps (each waits on the disk, not on the CPU).
+        self.pool = WorkerPool(self.reactor, 2 * config.outbox_concurrency + 16)
+        shard = self.shard
+        spool = Spool(config.spool, shard.dead if shard is not None and shard.index else None)
+        try:
+            spool.ensure()
+        except OSError as e:
+            raise StartError("storage.spool", f"cannot make {e.filename or spool.root}: {e.strerror or e}") from None
+        if self.workers is not None:
+            self.workers.start()
+        leases = None
+        # One thread for the spool's flushes, the embedded store's commits and
+        # the disk sink's stores (camgateway.perf.groupcommit.BatchThread).
+        batch_thread = BatchThread(self.reactor, "camgateway-disk")
+        if config.resume == "sqlite":
+            store: Any = SQLiteStore(spool.store_path, self.reactor, batch_thread)
+        else:  # several instances: a shared store, leases, a shared spool
+            from camgateway.storage.redis import RedisLeases, RedisStore
+
+            store = RedisStore(config.resume, self.reactor, instance=config.instance,
+                               claim_ttl=config.outbox_claim_ttl, spool_dir=spool.partials)
+            leases = RedisLeases(store)
+        self.services = Services(config, store, spool, [], self.reactor, self._run_in_thread, boot_id())
+        self.services.shard = shard
+        self.services.leases = leases
+        self.services.spool_sync = GroupSync(spool.root, self.reactor, shared=batch_thread,
+                                               writeback_bytes=WRITEBACK_BYTES)
+        self.services.batch_thread = batch_thread
+        if self.services.own_store and not (shard is not None and shard.drain):
+            # (see camgateway.perf.reserve: needs the start-up reconcile; a drain worker takes no files)
+            services = self.services
+            services.reserve = SpoolReserve(spool, self._run_in_thread, self.reactor,
+                                            lambda: services.config.min_free_bytes)
+        self.services.instance = getattr(store, "instance", "local")
+        self.keeper = LeaseKeeper(self.services) if leases is not None else None
+        if leases is not None:
+            self.shared_spool = SharedSpool(self.services, store, config.lease_ttl)
+        sinks = self.services.sinks = make_sinks(config.sinks, self.services)
+        self.services.outbox = Outbox(self.services, config.outbox_concurrency,
+                                      give_up_after=config.outbox_give_up_after)
+        self.services.journal = FinishJournal(self.services)
+        self.factory = CameraFactory(self.services)
+        log.info("camgateway {version}: configuration from {source}; spool {spool}; files go to: {sinks}",
+                 version=__version__, source=config.source, spool=spool.root.resolve(),
+                 sinks=", ".join(sink.name for sink in sinks))
+        # Files finished while the store could not record them: into the store
+        # first (the reconcile would take their spool files for orphans).
+        d = self.services.journal.load()
+        d.addCallback(lambda _: self.services.journal.replay())  # type: ignore[union-attr]
+        if leases is None:
+            d.addCallback(lambda _: reconcile(self.services))
+            if self.services.reserve is not None:
+                d.addCallback(lambda _: self.services.reserve.start())  # type: ignore[union-attr]
+        else:
+            log.info("shared store {url} as instance {instance}: spool files are checked when resumed",
+                     url=config.resume.split("@")[-1], instance=self.services.instance)
+            # Registered before the outbox starts: the others count this instance in (camgateway.storage.redis).
+            d.addCallback(lambda _: self.shared_spool.start())  # type: ignore[union-attr]
+            d.addCallback(lambda _: self.keeper.start())  # type: ignore[union-attr]
+        d.addCallback(lambda _: self.services.outbox.start())  # type: ignore[union-attr]
+        d.addCallback(lambda _: self.services.journal.start())  # type: ignore[union-attr]
+        if self.workers is not None:  # listen once the other workers can take their cameras
+            d.addCallback(lambda _: self.workers.wait_ready())  # type: ignore[union-attr]
+        d.addCallback(lambda _: self._listen())
+        return d
+
+    @defer.inlineCallbacks
+    def _listen(self) -> Any:
+        factory: Any = self.factory
+        if self.workers is not None and self.config.workers > 1:
+            factory = DispatchFactory(self.factory, self.workers, self.config.workers, self.reactor,
+                                      self.config.idle_timeout)
+        for i, description in enumerate(self.config.listen):
+            try:
+                port = yield serverFromString(self.reactor, description).listen(factory)
+            except Exception as e:
+                raise StartError(f"listen[{i}]", f"cannot listen on {description!r}: {listen_error(e)}") from None
+            self.ports.append(port)
+            log.info("listening for cameras on {description} ({address})",
+                     description=description, address=port.getHost())
+        return self.ports
+
+    def _failed(self, failure: Failure) -> None:
+        self.cannot_start(failure)
+        self.ready.errback(failure)
+
+    def cannot_start(self, failure: Failure) -> None:
+        """The gateway (or its status service) cannot start: say why, and stop the reactor.
+
+        A :class:`StartError` (or ConfigError) is one line naming the key at fault
+        (``camgateway cannot start: listen[0]: ...``); anything else is a bug,
+        logged with its traceback. The reactor stops (as soon as it runs, when
+        the start failed before it did), so every service stops as on SIGTERM.
+        Only the first failure is told.
+        """
+        if self.start_failure is not None:
+            return
+        self.start_failure = failure
+        if failure.check(StartError, ConfigError):
+            log.critical("camgateway cannot start: {reason}", reason=failure.getErrorMessage(),
+                         key=failure.value.key)
+        else:
+            log.failure("camgateway could not start", failure)
+        if not self.reactor.running:
+            self.reactor.callWhenRunning(self.reactor.stop)
+            return
+        try:
+            self.reactor.stop()
+        except ReactorNotRunning:  # already stopping
+            pass
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        super().stopService()
+        for port in self.ports:
+            yield port.stopListening()
+        children = self.workers.stop() if self.workers is not None else defer.succeed(None)
+        if self.factory is not None:
+            shutdown = self.factory.shutdown()
+            timeout = self.reactor.callLater(SHUTDOWN_GRACE, shutdown.cancel)
+            try:
+                yield shutdown
+            except defer.CancelledError:
+                log.warn("shutdown: some files were still being stored after {t} s", t=SHUTDOWN_GRACE)
+            if timeout.active():
+                timeout.cancel()
+        yield children
+        if self.keeper is not None:
+            self.keeper.stop()
+        if self.services is not None:
+            if self.services.reserve is not None:
+                yield self.services.reserve.close()
+            if self.services.journal is not None:  # (None when the start failed before)
+                yield self.services.journal.stop()
+            if self.services.outbox is not None:
+                yield self.services.outbox.stop()
+            for sink in self.services.sinks:
+                if hasattr(sink, "close"):
+                    yield defer.maybeDeferred(sink.close)
+            if self.shared_spool is not None:
+                yield self.shared_spool.stop()
+            yield self.services.store.close()
+            yield self.services.spool_sync.close()
+        if self.pool is not None:
+            yield self.pool.close()
+        log.info("camgateway stopped")
+
+
+def make_gateway(config: Config, reactor: Any = None, shard: Optional[Shard] = None,
+                 twistd_logfile: Optional[str] = None, forward_logs: bool = False) -> MultiService:
+    """The whole gateway: the listening service, the periodic sweep, progress logs and status web service.
+
+    ``shard``: a child worker's place (:mod:`camgateway.runtime.worker`); ``twistd_logfile``:
+    twistd's ``--logfile``; ``forward_logs``: child workers send their log events
+    here (when this process logs through twistd's own log file or syslog).
+
+    Every process that serves cameras makes its gateway here (twistd's, and
+    each child worker's), so this is where the process's allocator is tuned
+    (:func:`camgateway.perf.process.tune_malloc`).
+    """
+    tune_malloc()
+    top = MultiService()
+    gateway = GatewayService(config, reactor, shard, twistd_logfile, forward_logs)
+    gateway.setServiceParent(top)
+
+    # The periodic jobs are wrapped (periodic()): an error in one tick is
+    # logged, and the next tick runs; unwrapped, it would stop its loop for good.
+    def sweep() -> Any:
+        if gateway.services is None:
+            return None
+        return sweep_expired(gateway.services)
+
+    def sweep_spool() -> Any:  # with a shared store only: it has no start-up reconcile
+        if gateway.services is None or gateway.shared_spool is None:
+            return None
+        return sweep_orphans(gateway.services, orphan_age(config))
+
+    partial_sweep = periodic("the partial sweep", sweep)
+    orphan_sweep = periodic("the orphan sweep", sweep_spool)
+
+    def sweeps() -> Any:
+        return defer.maybeDeferred(partial_sweep).addCallback(lambda _: orphan_sweep())
+
+    timer = TimerService(min(3600.0, config.partial_ttl / 4), sweeps)
+    if reactor is not None:
+        timer.clock = reactor
+    timer.setServiceParent(top)
+
+    def write_stale() -> None:
+        if gateway.services is not None:
+            flush_stale(gateway.services)
+
+    writer = TimerService(FLUSH_AGE / 2, periodic("the half-second scan", write_stale))
+    if reactor is not None:
+        writer.clock = reactor
+    writer.setServiceParent(top)
+    reporter = ProgressReporter(lambda: gateway.services, spread=PROGRESS_SPREAD * config.progress_interval)
+    # (Not wrapped: ProgressReporter catches and logs its own errors, per slice of a tick.)
+    progress = TimerService(config.progress_interval, reporter)
+    if reactor is not None:
+        progress.clock = reactor
+    progress.setServiceParent(top)
+    top.status = None  # type: ignore[attr-defined]
+    if config.http_listen:
+        from camgateway.web.service import StatusService  # twisted.web only when asked for
+
+        top.status = StatusService(gateway, config, reactor)  # type: ignore[attr-defined]
+        top.status.setServiceParent(top)  # type: ignore[attr-defined]
+    top.gateway = gateway  # type: ignore[attr-defined]
+    return top

@@ -1,0 +1,1 @@
+"""The transfer layer: one file on its way in (receiving, the spool, making it durable, finish notes)."""
