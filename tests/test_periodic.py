@@ -471,7 +471,8 @@ class RedisKeeperTests(TestCase):
             self.skipTest(SKIP_REDIS)
         import uuid
 
-        from camgateway.storage.redis import RedisLeases, RedisStore
+        from camgateway.storage.redis import RedisStore
+        from camgateway.storage.redis_leases import RedisLeases
 
         store = RedisStore(SERVER.url(), prefix=f"test-{uuid.uuid4().hex[:12]}", instance="a")
         self.addCleanup(store.close)

@@ -31,7 +31,8 @@ from camgateway.base.health import SHARED_SPOOL, SPOOL
 from camgateway.transfer.journal import Note
 from camgateway.storage.memory import MemoryStore
 from camgateway.delivery.outbox import IOutboxStore, Outbox, OutboxEntry
-from camgateway.storage.redis import RedisLeases, RedisStore
+from camgateway.storage.redis import RedisStore
+from camgateway.storage.redis_leases import RedisLeases
 from camgateway.runtime.shared_spool import SharedSpool, sweep_orphans
 from camgateway.delivery.sinks import ReceivedFile
 from camgateway.storage.sqlite import SQLiteStore

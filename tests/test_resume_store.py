@@ -14,7 +14,8 @@ from camgateway.storage.memory import MemoryStore
 from camgateway.storage.records import IResumeStore, Partial
 from camgateway.storage.sqlite import SCHEMA_VERSION, SQLiteStore
 from camgateway.runtime.service import reconcile, sweep_expired
-from camgateway.transfer.spool import DUALCAM_PACKET, Spool, reconcile_partial
+from camgateway.transfer.spool import Spool, reconcile_partial
+from camgateway.wire.codec import PACKET as DUALCAM_PACKET
 from tests.support import make_services
 
 

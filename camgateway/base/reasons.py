@@ -23,9 +23,28 @@ from typing import Any, Optional, Union
 from twisted.internet import defer, error
 from twisted.python.failure import Failure
 
-from camgateway.delivery.sinks import PermanentFailure
+__all__ = ["DeliveryFailed", "PermanentFailure", "StartError", "reason", "is_bug", "program_ended", "last_line",
+           "listen_error"]
 
-__all__ = ["DeliveryFailed", "reason", "is_bug", "program_ended", "last_line"]
+
+class PermanentFailure(Exception):
+    """A delivery that retrying cannot fix (the file goes to the dead-letter folder)."""
+
+
+class StartError(Exception):
+    """The gateway cannot start: ``key`` names the configuration at fault (``listen[0]``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def listen_error(failure: Exception) -> str:
+    """Why an endpoint could not listen, in a few words (``Address already in use``)."""
+    if isinstance(failure, error.CannotListenError):
+        why = failure.socketError
+        return str(getattr(why, "strerror", None) or why)
+    return str(failure) or type(failure).__name__
 
 
 class DeliveryFailed(RuntimeError):

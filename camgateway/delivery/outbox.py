@@ -40,17 +40,18 @@ import hashlib
 import json
 import os
 import random
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet import defer, task
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from zope.interface import Attribute, Interface
 
 from camgateway.base.ids import new_id
-from camgateway.web.progress import iso
+from camgateway.base.units import iso
 from camgateway.base.reasons import is_bug, reason as reason_of
-from camgateway.delivery.sinks import PermanentFailure, ReceivedFile, Transformed
+from camgateway.base.reasons import PermanentFailure
+from camgateway.delivery.sinks import Transformed
+from camgateway.storage.records import IOutboxStore, OutboxEntry, ReceivedFile, remove_files
 
 if TYPE_CHECKING:
     from camgateway.runtime.context import Services
@@ -89,51 +90,6 @@ def _about(entry: "OutboxEntry") -> dict[str, Any]:
             "sha256": str(record.get("sha256") or ""), "size": record.get("size")}
 
 
-@dataclasses.dataclass
-class OutboxEntry:
-    """A file on its way along the sink chain."""
-
-    id: str
-    spool_name: str
-    sink: int  # index of the next sink to deliver to
-    attempts: int  # failed attempts at this sink
-    next_attempt: float
-    last_error: Optional[str]
-    record: dict[str, Any]  # ReceivedFile.to_record()
-    created: float
-
-
-class IOutboxStore(Interface):
-    """Where outbox entries are kept. Every method returns a Deferred."""
-
-    shared = Attribute(
-        "True when several instances share the store: an entry is then delivered only once "
-        "``due`` has claimed it for this instance, never straight after ``enqueue``.")
-
-    def enqueue(entry: OutboxEntry, partial_id: Optional[str]) -> defer.Deferred:
-        """Record ``entry`` and forget the partial it came from, atomically."""
-
-    def due(now: float, limit: int, exclude: frozenset) -> defer.Deferred:
-        """Up to ``limit`` entries whose next attempt is due, oldest first."""
-
-    def update(entry: OutboxEntry) -> defer.Deferred:
-        """Save an entry's sink, attempts, next attempt and last error."""
-
-    def replace(entry_id: str, entries: list, remove: Sequence[str] = ()) -> defer.Deferred:
-        """Remove an entry and record others in its place, atomically.
-
-        Once that is committed, remove the files at the paths in ``remove``
-        (spool files no entry names any more) on the store's own thread, in
-        the same step: a delivered photo's spool name costs no hand-off of
-        its own. Fires with the ``(path, error)`` of those that could not be
-        removed (a missing one is removed); the start-up reconcile removes
-        them as orphans.
-        """
-
-    def pending() -> defer.Deferred:
-        """Every entry."""
-
-
 def backoff(attempts: int, rng: random.Random, base: float = 1.0, cap: float = 300.0) -> float:
     """Seconds before the next try: exponential, capped, with ±50 % jitter."""
     return min(cap, base * 2 ** max(0, attempts - 1)) * rng.uniform(0.5, 1.5)
@@ -147,19 +103,6 @@ def derived_id(parent: str, index: int) -> str:
     sinks after it see a repeat (same id), not a new file.
     """
     return hashlib.blake2b(f"{parent}/{index}".encode(), digest_size=16).hexdigest()
-
-
-def remove_files(paths: Sequence[str]) -> list[tuple[str, str]]:
-    """Remove each file (blocking); the ``(path, error)`` of those that could not be (missing is removed)."""
-    left: list[tuple[str, str]] = []
-    for path in paths:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            left.append((path, e.strerror or str(e)))
-    return left
 
 
 def write_dead_letter(dead_dir: str, entry: OutboxEntry, source_path: Optional[str], sink_name: str, reason: str,

@@ -22,15 +22,30 @@ from __future__ import annotations
 
 import collections
 import os
-from typing import Any, Callable, Deque, Optional
+from typing import Any, Callable, Deque, Optional, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from camgateway.base.deferreds import after
-from camgateway.transfer.spool import Spool
 
 __all__ = ["SpoolReserve"]
+
+
+class Spool(Protocol):
+    """What the reserve needs of the spool it fills (:class:`camgateway.transfer.spool.Spool`)."""
+
+    def free_bytes(self) -> int:
+        """Bytes free on the spool's file system."""
+
+    def new_name(self) -> str:
+        """A fresh spool file name."""
+
+    def open(self, name: str, held: int) -> int:
+        """Open the spool file ``name`` for writing from ``held``: its descriptor."""
+
+    def unlink(self, name: str) -> None:
+        """Remove the spool file ``name``."""
 
 log = Logger(namespace="camgateway.perf.reserve")
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from typing import Optional, Protocol
 
-from camgateway.transfer.receiver import PACKET
+from camgateway.wire.codec import DATA_FRAME, PACKET
 
 __all__ = ["SlowReads", "ReadMarkLink", "READ_WAIT", "FRAME", "MARK_MIN", "MARK_MAX"]
 
@@ -52,7 +52,7 @@ __all__ = ["SlowReads", "ReadMarkLink", "READ_WAIT", "FRAME", "MARK_MIN", "MARK_
 #: benchmarks/README.md step 39): past 8 s the reads are no longer what costs.
 READ_WAIT = 8.0
 #: Bytes of a whole DATA frame on the wire (header, 1024 bytes, CRC).
-FRAME = 4 + PACKET + 2
+FRAME = DATA_FRAME
 #: Marks under two frames are not worth a system call; reads that bring more are not slow.
 MARK_MIN = 2 * FRAME
 #: The most a connection's mark holds (kernel memory per connection).

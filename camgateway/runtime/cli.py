@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 from camgateway import __version__
 from camgateway.runtime.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from camgateway.delivery.outbox import RETRY, OutboxEntry
-from camgateway.web.progress import iso
+from camgateway.base.units import iso
 from camgateway.transfer.spool import Spool
 
 __all__ = ["main", "dead_letters", "retry_dead_letter", "DeadLetterError"]

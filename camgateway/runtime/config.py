@@ -10,15 +10,16 @@ keys of the public contract are documented in README.md and in
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import stat
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import yaml
+
+from camgateway.base.units import ConfigError, duration_text, parse_duration, parse_size, size_text
 
 __all__ = [
     "Config",
@@ -46,36 +47,6 @@ DEFAULT_DATA_DIR = Path("camgateway-data")
 DUALCAM_SOURCES = ("videor", "videof", "photor", "photof")
 MODES = ("auto", "dualcam", "dsm", "adas")
 LOG_FORMATS = ("auto", "text", "json")
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; ``key`` is its dotted path.
-
-    Validation raises one ConfigError for everything it found: ``errors``
-    holds each error (a ConfigError naming its own key), in the order of the
-    file's sections; ``key`` and ``message`` are the first one's. A single
-    error's ``errors`` is itself, and its text is ``key: message``.
-    """
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
-        self.errors: tuple[ConfigError, ...] = (self,)
-
-    @classmethod
-    def several(cls, errors: Iterable["ConfigError"]) -> "ConfigError":
-        """One error carrying all of ``errors`` (that error itself when there is one).
-
-        Its text is one line per error, after a count: ``2 errors:\\n  listen[0]: ...``.
-        """
-        flat = [each for error in errors for each in error.errors]
-        if len(flat) == 1:
-            return flat[0]
-        combined = cls(flat[0].key, flat[0].message)
-        combined.errors = tuple(flat)
-        combined.args = (f"{len(flat)} errors:\n" + "\n".join(f"  {error}" for error in flat),)
-        return combined
 
 
 class _Errors:
@@ -148,44 +119,6 @@ class Config:
     def allowed(self, imei: str) -> bool:
         """Whether a device may transfer files (an empty allow-list allows all)."""
         return not self.allow or imei in self.allow
-
-
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
-          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2,
-          "gib": 1024**3, "tib": 1024**4}
-_SECONDS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def _number_with_unit(value: object, units: Mapping[str, float], key: str, what: str) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(key, f"must be {what}, not a boolean")
-    if isinstance(value, (int, float)):
-        number = float(value)
-    elif isinstance(value, str):
-        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
-        if not match or match.group(2).lower() not in units:
-            raise ConfigError(key, f"must be {what}, got {value!r}")
-        number = float(match.group(1)) * units[match.group(2).lower()]
-    else:
-        raise ConfigError(key, f"must be {what}, got {type(value).__name__}")
-    if not math.isfinite(number):
-        raise ConfigError(key, f"must be {what}, got {value!r}")
-    if number <= 0:
-        raise ConfigError(key, f"must be positive, got {value!r}")
-    return number
-
-
-def parse_size(value: object, key: str = "size") -> int:
-    """``1048576``, ``"200MB"``, ``"1GiB"`` -> bytes."""
-    size = int(_number_with_unit(value, _UNITS, key, "a size such as 200MB"))
-    if size <= 0:
-        raise ConfigError(key, f"must be at least 1 byte, got {value!r}")
-    return size
-
-
-def parse_duration(value: object, key: str = "duration") -> float:
-    """``120``, ``"10s"``, ``"7d"`` -> seconds."""
-    return _number_with_unit(value, _SECONDS, key, "a duration such as 30s, 2h or 7d")
 
 
 def _mapping(value: object, key: str) -> Mapping[str, Any]:
@@ -696,24 +629,6 @@ def _masked_sink(sink: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _duration_text(seconds: float) -> Any:
-    """A duration as the file may write it: ``7d``, ``2h``, ``30s`` (a fraction stays a number)."""
-    if seconds != int(seconds):
-        return seconds
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds % size == 0:
-            return f"{int(seconds) // size}{unit}"
-    return f"{int(seconds)}s"
-
-
-def _size_text(size: int) -> Any:
-    """A size as the file may write it: ``4MiB``, ``200MB``, or a number of bytes."""
-    for unit in ("TiB", "GiB", "MiB", "KiB", "TB", "GB", "MB", "KB"):
-        if size and size % _UNITS[unit.lower()] == 0:
-            return f"{size // _UNITS[unit.lower()]}{unit}"
-    return size
-
-
 def effective(config: Config) -> dict[str, Any]:
     """``config`` in the file's shape, every key with the value in effect, secrets shown as ``***``.
 
@@ -724,23 +639,23 @@ def effective(config: Config) -> dict[str, Any]:
     return {
         "listen": list(config.listen),
         "workers": config.workers,
-        "storage": {"spool": str(config.spool), "partial_ttl": _duration_text(config.partial_ttl),
-                    "checkpoint_bytes": _size_text(config.checkpoint_bytes), "resume": mask_url(config.resume),
+        "storage": {"spool": str(config.spool), "partial_ttl": duration_text(config.partial_ttl),
+                    "checkpoint_bytes": size_text(config.checkpoint_bytes), "resume": mask_url(config.resume),
                     **({"instance": config.instance} if config.instance is not None else {}),
-                    "lease_ttl": _duration_text(config.lease_ttl)},
+                    "lease_ttl": duration_text(config.lease_ttl)},
         "sinks": [_masked_sink(sink) for sink in config.sinks],
         "devices": {"allow": sorted(imei.zfill(IMEI_DIGITS) for imei in config.allow)},
-        "timeouts": {"idle": _duration_text(config.idle_timeout), "metadata": _duration_text(config.metadata_timeout),
-                     "step": _duration_text(config.step_timeout)},
+        "timeouts": {"idle": duration_text(config.idle_timeout), "metadata": duration_text(config.metadata_timeout),
+                     "step": duration_text(config.step_timeout)},
         "download": {"mode": config.mode, "metadata": config.metadata,
                      "dualcam_sources": list(config.dualcam_sources), "resume_retries": config.resume_retries},
-        "limits": {"max_connections": config.max_connections, "max_file_bytes": _size_text(config.max_file_bytes),
-                   "min_free_bytes": _size_text(config.min_free_bytes)},
+        "limits": {"max_connections": config.max_connections, "max_file_bytes": size_text(config.max_file_bytes),
+                   "min_free_bytes": size_text(config.min_free_bytes)},
         "outbox": {"concurrency": config.outbox_concurrency,
-                   "give_up_after": _duration_text(config.outbox_give_up_after),
-                   "claim_ttl": _duration_text(config.outbox_claim_ttl),
-                   "degraded_after": _duration_text(config.outbox_degraded_after)},
+                   "give_up_after": duration_text(config.outbox_give_up_after),
+                   "claim_ttl": duration_text(config.outbox_claim_ttl),
+                   "degraded_after": duration_text(config.outbox_degraded_after)},
         "http": {"listen": list(config.http_listen), **({"token": "***"} if config.http_token else {})},
         "log": {"format": config.log_format, **({"file": str(config.log_file)} if config.log_file else {}),
-                "progress_interval": _duration_text(config.progress_interval)},
+                "progress_interval": duration_text(config.progress_interval)},
     }

@@ -7,7 +7,7 @@ import collections
 import dataclasses
 import os
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Deque, Iterator, Optional
+from typing import Any, Callable, Deque, Iterator, Optional
 
 from twisted.internet.defer import Deferred
 
@@ -16,14 +16,10 @@ from camgateway.perf.due import DueSessions
 from camgateway.base.health import Health
 from camgateway.perf.sockets import TurnWriter
 from camgateway.transfer.spool import Spool
-
-if TYPE_CHECKING:
-    from camgateway.session.machine import Session
+from camgateway.web.progress import DURATION_BOUNDS
 
 __all__ = ["FileHeads", "RecentFiles", "Services", "Stats", "SinkFailing", "DURATION_BOUNDS", "NOT_IN_SUMMARY"]
 
-#: Upper bounds (seconds) of the transfer-duration histogram's buckets; one more bucket counts the longer ones.
-DURATION_BOUNDS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 #: The metadata of the :class:`Stats` fields that ``/api/summary`` leaves out (not plain counters).
 NOT_IN_SUMMARY = {"summary": False}
 
@@ -187,7 +183,7 @@ class Services:
     boot_id: str = ""
     stats: Stats = dataclasses.field(default_factory=Stats)
     #: The live session of each IMEI (one per camera).
-    sessions: dict[str, "Session"] = dataclasses.field(default_factory=dict)
+    sessions: dict[str, Any] = dataclasses.field(default_factory=dict)  # camgateway.session.machine.Session
     #: Work that must finish before shutdown (finalising and delivering files).
     pending: set[Deferred] = dataclasses.field(default_factory=set)
     #: Files being finished (digest, sinks), or released (a lost connection's

@@ -44,7 +44,7 @@ from twisted.logger import ILogObserver, formatEvent, textFileLogObserver
 from zope.interface import implementer
 
 __all__ = ["AtomicLines", "JSONLineObserver", "TurnBuffer", "WatchedFile", "event_record", "json_observer",
-           "observer_for", "PRIORITY", "to_journal", "quiet_pool"]
+           "observer_for", "PRIORITY", "to_journal"]
 
 _TOP = frozenset({"time", "level", "priority", "namespace", "message", "error", "traceback"})
 #: syslog's priority of each level (sd-daemon(3): ``<N>`` before a line journald reads).
@@ -430,22 +430,3 @@ def _isatty(stream: IO[str]) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-_QuietFactory: Any = None
-
-
-def quiet_pool(reactor: Any, persistent: bool = True) -> Any:
-    """An ``HTTPConnectionPool`` whose connections do not log "Starting factory"/"Stopping factory".
-
-    Twisted's HTTP client makes a factory per connection, and a factory logs
-    its start and stop unless it is quiet: two lines per request otherwise.
-    """
-    global _QuietFactory
-    from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
-
-    if _QuietFactory is None:
-        _QuietFactory = type("_QuietHTTP11ClientFactory", (_HTTP11ClientFactory,), {"noisy": False})
-    pool = HTTPConnectionPool(reactor, persistent=persistent)
-    pool._factory = _QuietFactory
-    return pool

@@ -11,11 +11,12 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError, ReactorNotRunning
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from camgateway import __version__
+from camgateway.base.reasons import StartError, listen_error
 from camgateway.runtime.config import Config, ConfigError
 from camgateway.perf.durability import WRITEBACK_BYTES, GroupSync
 from camgateway.perf.groupcommit import BatchThread
@@ -164,22 +165,6 @@ def sweep_expired(s: Services) -> Any:
                  imei=partial.imei, held=partial.held, age=s.clock.seconds() - partial.last_seen)
 
 
-class StartError(Exception):
-    """The gateway cannot start: ``key`` names the configuration at fault (``listen[0]``)."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-
-
-def listen_error(error: Exception) -> str:
-    """Why an endpoint could not listen, in a few words (``Address already in use``)."""
-    if isinstance(error, CannotListenError):
-        reason = error.socketError
-        return str(getattr(reason, "strerror", None) or reason)
-    return str(error) or type(error).__name__
-
-
 class GatewayService(Service):
     """Reconciles the spool, then listens on every configured endpoint.
 
@@ -256,7 +241,8 @@ class GatewayService(Service):
         if config.resume == "sqlite":
             store: Any = SQLiteStore(spool.store_path, self.reactor, batch_thread)
         else:  # several instances: a shared store, leases, a shared spool
-            from camgateway.storage.redis import RedisLeases, RedisStore
+            from camgateway.storage.redis import RedisStore
+            from camgateway.storage.redis_leases import RedisLeases
 
             store = RedisStore(config.resume, self.reactor, instance=config.instance,
                                claim_ttl=config.outbox_claim_ttl, spool_dir=spool.partials)

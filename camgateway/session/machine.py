@@ -13,7 +13,7 @@ as inputs of the table (``prepared``, ``stored``...).
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -26,13 +26,15 @@ from camgateway.transfer.lifecycle import FileOffer, checkpoint, release_transfe
 from camgateway.base.health import SPOOL
 from camgateway.session.leasing import instance_of
 from camgateway.wire.metadata import decode_metadata
-from camgateway.runtime.context import Services
 from camgateway.session.steps import TransferSteps
 from camgateway.perf.slow_reads import READ_WAIT, SlowReads
 from camgateway.session.states import S, State
 from camgateway.wire.status_codes import status_meaning
 from camgateway.transfer.receiver import (FLUSH_AGE, INLINE_WRITE_MAX, PENDING_MAX, TRICKLE_AGE, TRICKLE_BYTES, WRITE_MIN,
                                  Transfer)
+
+if TYPE_CHECKING:
+    from camgateway.runtime.context import Services
 
 __all__ = ["State", "Session", "TRANSITIONS", "Link"]
 

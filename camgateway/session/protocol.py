@@ -8,7 +8,7 @@ a logged, closed connection, never an exception out of the reactor.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
@@ -17,9 +17,11 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from camgateway.wire.codec import FrameDecoder, ProtocolError
-from camgateway.runtime.context import Services
 from camgateway.session.machine import Session
 from camgateway.perf.sockets import read_size, set_read_mark, widen_reads
+
+if TYPE_CHECKING:
+    from camgateway.runtime.context import Services
 
 __all__ = ["CameraProtocol", "CameraFactory"]
 

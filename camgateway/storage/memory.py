@@ -12,8 +12,7 @@ from typing import Optional, Sequence
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from camgateway.delivery.outbox import IOutboxStore, OutboxEntry, remove_files
-from camgateway.storage.records import IResumeStore, Partial
+from camgateway.storage.records import IOutboxStore, IResumeStore, OutboxEntry, Partial, remove_files
 
 __all__ = ["MemoryStore"]
 

@@ -79,10 +79,9 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from camgateway.delivery.outbox import IOutboxStore, OutboxEntry, remove_files
-from camgateway.storage.records import IResumeStore, Partial
+from camgateway.storage.records import IOutboxStore, IResumeStore, OutboxEntry, Partial, remove_files
 
-__all__ = ["RedisStore", "RedisLeases"]
+__all__ = ["RedisStore"]
 
 log = Logger(namespace="camgateway.storage.redis")
 T = TypeVar("T")
@@ -601,5 +600,3 @@ class RedisStore:
         d.addErrback(lambda f: log.warn("could not renew outbox claims: {why}", why=f.getErrorMessage()))
         return d
 
-
-from camgateway.storage.redis_leases import RedisLeases  # noqa: E402  (part of this module's API)

@@ -23,8 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from camgateway.perf.groupcommit import BatchThread, GroupCommitThread
-from camgateway.delivery.outbox import IOutboxStore, OutboxEntry, remove_files
-from camgateway.storage.records import IResumeStore, Partial
+from camgateway.storage.records import IOutboxStore, IResumeStore, OutboxEntry, Partial, remove_files
 
 __all__ = ["SQLiteStore", "SCHEMA_VERSION"]
 

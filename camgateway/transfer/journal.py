@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from camgateway.base.deferreds import after
 from camgateway.perf.durability import fsync_dir
 from camgateway.base.health import SPOOL, STORE
-from camgateway.delivery.outbox import OutboxEntry
+from camgateway.storage.records import OutboxEntry
 from camgateway.base.reasons import reason
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ import dataclasses
 import datetime
 import functools
 import os
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -21,21 +21,29 @@ from camgateway.base.deferreds import after
 from camgateway.base.health import SPOOL, STORE
 from camgateway.base.ids import new_id
 from camgateway.wire.metadata import capture_time
-from camgateway.delivery.outbox import OutboxEntry
+from camgateway.storage.records import OutboxEntry, Partial, ReceivedFile
 from camgateway.base.reasons import reason
-from camgateway.storage.records import Partial
-from camgateway.delivery.sinks import ReceivedFile
 from camgateway.transfer.spool import reconcile_partial
 from camgateway.transfer.receiver import INLINE_WRITE_MAX, Transfer, digest_file
 
 if TYPE_CHECKING:
     from camgateway.runtime.context import Services
-    from camgateway.session.machine import Session
 
-__all__ = ["FileOffer", "Refused", "open_transfer", "record_partial", "write_pending", "checkpoint",
+__all__ = ["Connection", "FileOffer", "Refused", "open_transfer", "record_partial", "write_pending", "checkpoint",
            "release_transfer", "drop_transfer", "finish_transfer"]
 
 log = Logger(namespace="camgateway.transfer.lifecycle")
+
+
+class Connection(Protocol):
+    """What a file's life needs to know of the connection that brings it."""
+
+    imei: str
+    protocol_id: int
+    #: When the file's transfer started (the clock's seconds), if it has.
+    file_started_at: Optional[float]
+    #: The connection's link; its ``peer`` is the camera's address (``ip:port``).
+    link: Any
 
 
 class Refused(Exception):
@@ -75,14 +83,14 @@ class FileOffer:
         return (self.imei, self.flow, self.identifier)
 
     @classmethod
-    def dualcam(cls, session: "Session", source: str) -> "FileOffer":
+    def dualcam(cls, session: "Connection", source: str) -> "FileOffer":
         """A DualCam source (``photof``...), asked for by its 7-byte id."""
         ident = ("%" + source).encode()
         return cls(session.imei, session.protocol_id, "dualcam", ident, source, "dualcam",
                    "photo" if source.startswith("photo") else "video", ident, "dualcam", "%" + source)
 
     @classmethod
-    def path(cls, session: "Session", payload: bytes) -> "FileOffer":
+    def path(cls, session: "Connection", payload: bytes) -> "FileOffer":
         """A file named by the device's path (never used as a filesystem path)."""
         text = payload.rstrip(b"\0").decode("utf-8", "backslashreplace")
         lower = text.lower()
@@ -102,7 +110,7 @@ class FileOffer:
                    b"", layout, repr(printable)[1:-1])
 
 
-def open_transfer(s: "Services", session: "Session", offer: FileOffer) -> defer.Deferred:
+def open_transfer(s: "Services", session: "Connection", offer: FileOffer) -> defer.Deferred:
     """A :class:`Transfer` for ``offer``: its stored partial if it matches, else a new one."""
     d = after(s.finishing.get(offer.key))  # a finish of the same file in flight: wait for it
     d.addCallback(lambda _: s.store.find(*offer.key))
@@ -330,7 +338,7 @@ def _finishing(s: "Services", key: tuple[str, str, bytes], d: defer.Deferred) ->
     d.addBoth(done)
 
 
-def finish_transfer(s: "Services", session: "Session", offer: FileOffer, transfer: Transfer) -> defer.Deferred:
+def finish_transfer(s: "Services", session: "Connection", offer: FileOffer, transfer: Transfer) -> defer.Deferred:
     """Make a complete file durable and put it in the outbox (forgetting its partial).
 
     The last bytes are written, the file is flushed with others finishing at
@@ -403,7 +411,7 @@ def _record_again(s: "Services", transfer: Transfer) -> Any:
 
 
 @defer.inlineCallbacks
-def _to_outbox(digest: Any, s: "Services", session: "Session", offer: FileOffer, transfer: Transfer) -> Any:
+def _to_outbox(digest: Any, s: "Services", session: "Connection", offer: FileOffer, transfer: Transfer) -> Any:
     partial = transfer.partial
     partial_id = partial.id if transfer.recorded else None
     transfer.close()  # (closed already by the flush's thread when the writes gave the digest)

@@ -31,13 +31,12 @@ from twisted.internet import defer
 from camgateway.wire.codec import ProtocolError
 from camgateway.wire.crc import crc16, crc16_combine
 from camgateway.storage.records import Partial
-from camgateway.transfer.spool import DUALCAM_PACKET
+from camgateway.wire.codec import DATA_FRAME, PACKET
 
-__all__ = ["Transfer", "FileDigest", "digest_file", "PACKET", "RUN_MORE", "RUN_BAD_CRC", "RUN_COMPLETE",
+__all__ = ["Transfer", "FileDigest", "digest_file", "RUN_MORE", "RUN_BAD_CRC", "RUN_COMPLETE",
            "RUN_SLOW", "WRITE_MIN", "PENDING_MAX", "FLUSH_AGE", "TRICKLE_BYTES", "TRICKLE_AGE",
            "INLINE_WRITE_MAX", "HEAD_BYTES"]
 
-PACKET = DUALCAM_PACKET
 #: Pending bytes that make a write (to a pool thread).
 WRITE_MIN = 256 * 1024
 #: Pending bytes behind a write in flight at which the camera is paused.
@@ -58,7 +57,7 @@ INLINE_WRITE_MAX = 64 * 1024
 #: How much of a file's start :attr:`Transfer.head` keeps (what names its type).
 HEAD_BYTES = 16
 RUN_MORE, RUN_BAD_CRC, RUN_COMPLETE, RUN_SLOW = 0, 1, 2, 3
-_FRAME = 4 + PACKET + 2  # a whole DATA frame: header, 1024 bytes, CRC
+_FRAME = DATA_FRAME
 _BLOCK_MIN = 4  # frames worth taking as one block
 _BLOCK_MAX = 128
 #: Where each payload lies in a block of whole frames.

@@ -20,10 +20,9 @@ from typing import Optional
 
 from camgateway.base.ids import new_id
 from camgateway.storage.records import Partial
+from camgateway.wire.codec import PACKET
 
-__all__ = ["Spool", "boot_id", "reconcile_partial", "DUALCAM_PACKET"]
-
-DUALCAM_PACKET = 1024
+__all__ = ["Spool", "boot_id", "reconcile_partial"]
 
 
 def boot_id() -> str:
@@ -108,12 +107,12 @@ def reconcile_partial(spool: Spool, partial: Partial, current_boot: str) -> int 
     else:
         held = min(size, partial.held)  # after a reboot only checkpointed bytes count
     if partial.flow == "dualcam":
-        last_start = max(partial.total - 1, 0) * DUALCAM_PACKET
-        limit = partial.total * DUALCAM_PACKET
+        last_start = max(partial.total - 1, 0) * PACKET
+        limit = partial.total * PACKET
         if held > last_start:
             held = min(held, limit)  # the last packet may be short
         else:
-            held -= held % DUALCAM_PACKET
+            held -= held % PACKET
     else:
         held = min(held, partial.total)
     if held != size:

@@ -33,7 +33,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from camgateway.runtime.logs import quiet_pool
+from camgateway.base.internals import quiet_pool
 
 __all__ = ["WorkerPeers", "merge_list", "merge_summary", "merge_metrics", "merge_health", "TIMEOUT", "LIST_ROUTES",
            "GAUGES_MERGED_BY"]

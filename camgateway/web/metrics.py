@@ -20,8 +20,7 @@ from twisted.internet import defer
 
 from camgateway import __version__
 from camgateway.base.health import SHARED_SPOOL, SPOOL, STORE
-from camgateway.web.progress import camera_kind
-from camgateway.runtime.context import DURATION_BOUNDS
+from camgateway.web.progress import DURATION_BOUNDS, camera_kind
 
 __all__ = ["GatewayCollector", "Metrics", "outbox_depth", "outbox_state", "spool_usage", "dead_letter_count",
            "CAMERA_KINDS", "PROTOCOL_ERROR_KINDS"]

@@ -8,10 +8,11 @@ active transfer per ``log.progress_interval``, spread over the interval.
 
 from __future__ import annotations
 
-import datetime
 import math
 import weakref
 from typing import Any, Optional
+
+from camgateway.base.units import iso
 
 from twisted.logger import Logger
 
@@ -23,16 +24,11 @@ log = Logger(namespace="camgateway.web.progress")
 #: between two files has no offer).
 _KINDS: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
 
+#: Upper bounds (seconds) of the transfer-duration histogram's buckets; one more bucket counts the longer ones.
+DURATION_BOUNDS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+
 _PATH_BIT = 0x02000000
 _ANY_DUALCAM = 0x3C000000
-
-
-def iso(seconds: Optional[float]) -> Optional[str]:
-    """``seconds`` since the epoch as ISO 8601 UTC with milliseconds (None stays None)."""
-    if seconds is None:
-        return None
-    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def camera_kind(session: Any) -> str:

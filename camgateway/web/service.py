@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -10,9 +10,11 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from camgateway.runtime.config import Config
-from camgateway.runtime.service import StartError, listen_error
+from camgateway.base.reasons import StartError, listen_error
 from camgateway.web.status import StatusRoot, StatusSite
+
+if TYPE_CHECKING:
+    from camgateway.runtime.config import Config
 
 __all__ = ["StatusService"]
 

@@ -28,6 +28,8 @@ __all__ = [
     "INIT_SIZE",
     "init_imei",
     "DATA_MAX",
+    "PACKET",
+    "DATA_FRAME",
     "PATH_MAX",
     "METADATA_MAX",
     "SYNC_MARK",
@@ -54,6 +56,10 @@ class Cmd(enum.IntEnum):
 
 INIT_SIZE = 16
 DATA_MAX = 1024
+#: A DualCam file's packet: every DATA frame but the last carries exactly this many bytes.
+PACKET = DATA_MAX
+#: A whole DualCam DATA frame: command, length, a packet, CRC.
+DATA_FRAME = 4 + PACKET + 2
 PATH_MAX = 512
 METADATA_MAX = 1024
 #: A SYNC frame's header: what the decoder scans for while discarding.

@@ -31,7 +31,7 @@ from twisted.internet import defer, protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from camgateway.runtime.config import ConfigError, parse_duration
+from camgateway.base.units import ConfigError, parse_duration
 from camgateway.base.reasons import DeliveryFailed, last_line, program_ended
 from camgateway.delivery.sinks import IFileSink, PermanentFailure, ReceivedFile
 from camgateway.delivery.sinks.registry import check_keys

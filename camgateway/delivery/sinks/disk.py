@@ -48,7 +48,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from camgateway.runtime.config import ConfigError
+from camgateway.base.units import ConfigError
 from camgateway.perf.durability import HAVE_SYNCFS, GroupSync, fsync_dir, syncfs
 from camgateway.perf.groupcommit import BatchThread, GroupCommitThread
 from camgateway.base.ids import new_id

@@ -50,8 +50,8 @@ from twisted.web.http import RESPONSES, PotentialDataLoss
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from camgateway.runtime.config import ConfigError, parse_duration
-from camgateway.runtime.logs import quiet_pool
+from camgateway.base.units import ConfigError, parse_duration
+from camgateway.base.internals import quiet_pool
 from camgateway.base.reasons import DeliveryFailed
 from camgateway.delivery.sinks import IFileSink, PermanentFailure, ReceivedFile
 from camgateway.delivery.sinks.disk import build_stem, extension_for

@@ -52,7 +52,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from camgateway.wire import media
-from camgateway.runtime.config import ConfigError, parse_duration
+from camgateway.base.units import ConfigError, parse_duration
 from camgateway.wire.crc import crc16
 from camgateway.base.reasons import DeliveryFailed, program_ended
 from camgateway.wire.ptmf import AUDIO_RATE, demux_file

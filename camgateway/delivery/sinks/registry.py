@@ -43,7 +43,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from twisted.logger import Logger
 
-from camgateway.runtime.config import ConfigError
+from camgateway.base.units import ConfigError
 
 __all__ = ["BUILT_IN", "sink_type", "known_types", "validate", "make", "check_keys", "stores", "sink_names",
            "check_chain", "checked_chain", "make_chain"]
