@@ -10,13 +10,16 @@ from pathlib import Path
 from twisted.trial.unittest import TestCase
 
 from camgateway.wire import codec
+from camgateway.wire.codec import ALWAYS_SET_BITS, DUALCAM_SOURCE_BITS, PATH_FILE_BIT
 from camgateway.wire.crc import crc16
-from camgateway.session.machine import TRANSITIONS, State
+from camgateway.session import machine
+from camgateway.session.machine import TRANSITIONS, Session, State
 from tests.support import connect, make_services, stored_files
 
 IMEI = 863719061653375
-PHOTOF, PHOTOR, VIDEOF, VIDEOR, PATH_BIT = 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x02000000
-REAL_BITS = 0x40000400
+PHOTOF, PHOTOR, VIDEOF, VIDEOR = (DUALCAM_SOURCE_BITS[s] for s in ("photof", "photor", "videof", "videor"))
+PATH_BIT = PATH_FILE_BIT
+REAL_BITS = ALWAYS_SET_BITS
 
 
 def data_frames(content: bytes, start: int = 0, size: int = 1024, crc: int = 0) -> list[bytes]:
@@ -505,14 +508,48 @@ class HardeningTests(SessionTestCase):
         self.assertEqual(self.sent()[-11:], codec.file_request(b"%photof"))
 
 
-class TableTests(TestCase):
+class TableTests(SessionTestCase):
     """The transition table is the single place transitions are declared."""
 
     def test_every_handler_exists(self) -> None:
-        from camgateway.session.machine import Session
-
         for (state, inp), (handler, targets) in TRANSITIONS.items():
-            if not handler.startswith("("):
-                self.assertTrue(hasattr(Session, handler), handler)
+            self.assertTrue(hasattr(Session, handler), handler)
             self.assertTrue(targets)
         self.assertNotIn((State.CLOSED, "data"), TRANSITIONS)
+
+    def receiving(self) -> Session:
+        """A session receiving a 4-packet video, its first packet taken."""
+        self.gateway(metadata=False)
+        self.content = os.urandom(4096)
+        self.frames = data_frames(self.content)
+        self.feed(codec.init_packet(5, IMEI, VIDEOF), codec.start(4, 0), codec.sync(1), self.frames[0])
+        self.assertEqual(self.state, State.RECEIVING)
+        return self.protocol.session
+
+    def test_data_runs_the_handler_the_table_names(self) -> None:
+        seen: list[bytes] = []
+        rows = dict(TRANSITIONS)
+        rows[(State.RECEIVING, "data")] = ("_data_seen", rows[(State.RECEIVING, "data")][1])
+        self.patch(machine, "TRANSITIONS", rows)
+        Session._data_seen = lambda session, payload, crc: seen.append(bytes(payload))  # type: ignore[attr-defined]
+        self.addCleanup(delattr, Session, "_data_seen")
+        session = self.receiving()
+        self.assertEqual(seen, [self.content[:1024]])  # the first frame after SYNC: one frame, the handler
+        self.assertIsNone(session.runner())  # the table's handler for every frame, not the transfer's runs
+        self.feed(*self.frames[1:3])
+        self.assertEqual(seen, [self.content[i : i + 1024] for i in range(0, 3072, 1024)])
+        self.assertEqual(session.transfer.held, 0)
+
+    def test_the_data_handler_is_bound_once_per_state(self) -> None:
+        session = self.receiving()
+        run = session.runner()
+        self.assertEqual(run, session.transfer.take_run)
+        self.assertIs(session.runner(), run)  # bound when RECEIVING began, not made per call
+        self.feed(self.frames[1])
+        self.assertIs(session.runner(), run)
+        self.feed(*self.frames[2:])  # the file is complete: STORING has no DATA row
+        self.assertEqual(self.state, State.AWAIT_INIT)
+        self.assertIsNone(session.runner())
+        self.feed(self.frames[0])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.services.failures[-1]["why"], "unexpected data while awaiting init")

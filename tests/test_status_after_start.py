@@ -28,7 +28,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from camgateway.sim import CameraResult, CameraSpec, SimFile, random_jpeg, random_video, run_cameras
-from camgateway.sim.frames import FRAME_SIZE
+from camgateway.wire.codec import PACKET as FRAME_SIZE
 from tests.test_twistd import Gateway
 
 CAMERAS = 200

@@ -133,8 +133,9 @@ class LeaseKeeper:
             else:
                 how += f"; instance {owner} holds it now"
         log.warn("the lease of camera {imei} {how}: closing its session here", imei=imei, how=how)
-        if self.s.sessions.get(imei) is session:
-            session.stop("its lease lapsed")
+        current = self.s.sessions.get(imei)
+        if current is not None and current is session:
+            current.stop("its lease lapsed")
 
     @defer.inlineCallbacks
     def collect(self) -> Any:

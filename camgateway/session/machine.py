@@ -2,8 +2,14 @@
 
 Every transition is listed in :data:`TRANSITIONS`, read as a table: in this
 state, on this input, run this handler, which returns one of these states.
-Anything else is a protocol error. The DATA frame skips the table lookup (it
-is the hot path) but follows the rows written for it.
+Anything else is a protocol error. The DATA frame, the hot path, takes the
+handler its state's row names, bound once when the state is entered
+(see :class:`Session`).
+
+When received bytes are written, and when the camera waits for the disk, is
+the connection's :class:`~camgateway.transfer.writes.WritePolicy`, which the
+session calls at a few named points (each read's end, leaving ``RECEIVING``,
+the scan's visit).
 
 The session never blocks: opening a transfer (store look-up), checkpoints and
 finishing a file (fsync, digest, sinks) are Deferreds whose results come back
@@ -13,7 +19,7 @@ as inputs of the table (``prepared``, ``stored``...).
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -22,16 +28,17 @@ from twisted.python.failure import Failure
 from camgateway.wire import codec
 from camgateway.wire.codec import ProtocolError
 from camgateway.base.deferreds import after
-from camgateway.transfer.lifecycle import FileOffer, checkpoint, release_transfer, write_pending
-from camgateway.base.health import SPOOL
+from camgateway.transfer.lifecycle import (FileOffer, Refused, drop_transfer, finish_transfer, open_transfer,
+                                           release_transfer)
+from camgateway.base.health import SPOOL, STORE
 from camgateway.session.leasing import instance_of
+from camgateway.wire.codec import DUALCAM_SOURCE_BITS, PACKET, uses_path_flow
 from camgateway.wire.metadata import decode_metadata
-from camgateway.session.steps import TransferSteps
-from camgateway.perf.slow_reads import READ_WAIT, SlowReads
+from camgateway.perf.slow_reads import READ_WAIT
 from camgateway.session.states import S, State
 from camgateway.wire.status_codes import status_meaning
-from camgateway.transfer.receiver import (FLUSH_AGE, INLINE_WRITE_MAX, PENDING_MAX, TRICKLE_AGE, TRICKLE_BYTES, WRITE_MIN,
-                                 Transfer)
+from camgateway.transfer.receiver import Transfer
+from camgateway.transfer.writes import WritePolicy
 
 if TYPE_CHECKING:
     from camgateway.runtime.context import Services
@@ -39,10 +46,6 @@ if TYPE_CHECKING:
 __all__ = ["State", "Session", "TRANSITIONS", "Link"]
 
 log = Logger(namespace="camgateway.session.machine")
-
-PATH_BIT = 0x02000000
-DUALCAM_BITS = {"photof": 0x04000000, "photor": 0x08000000, "videof": 0x10000000, "videor": 0x20000000}
-ANY_DUALCAM = 0x3C000000
 
 _FILE_STATES = {S.AWAIT_METADATA, S.AWAIT_START, S.PREPARING, S.AWAIT_SYNC, S.RECEIVING, S.DISCARDING}
 
@@ -67,7 +70,7 @@ _row(S.AWAIT_START, "start", "_on_start", S.PREPARING, *_NEXT_FILE)
 _row(S.PREPARING, "prepared", "_on_prepared", S.AWAIT_SYNC)
 _row(S.PREPARING, "prepare_failed", "_on_prepare_failed", *_NEXT_FILE)
 _row({S.AWAIT_SYNC, S.RECEIVING, S.DISCARDING}, "sync", "_on_sync", S.RECEIVING, S.DISCARDING, S.CLOSED)
-_row(S.RECEIVING, "data", "(hot path in data())", S.RECEIVING, S.DISCARDING, S.STORING)
+_row(S.RECEIVING, "data", "_on_data", S.RECEIVING, S.DISCARDING, S.STORING)
 _row(S.RECEIVING, "enhanced", "_on_enhanced", S.RECEIVING, S.DISCARDING, S.STORING, S.CLOSED)
 _row(S.RECEIVING, "bad_crc", "_on_bad_crc", S.DISCARDING, S.CLOSED)
 _row(S.RECEIVING, "complete", "_on_complete", S.STORING)
@@ -79,10 +82,12 @@ _row(S.STORING, "store_failed", "_on_store_failed", S.CLOSED)
 _row({S.AWAIT_INIT, S.AWAIT_PATH, S.AWAIT_START, S.AWAIT_SYNC}, "step_timeout", "_on_step_timeout", S.CLOSED)
 
 
-class Link:
+class Link(Protocol):
     """What a session needs of its connection (the Protocol provides it)."""
 
-    peer: str = "?"
+    @property
+    def peer(self) -> str:
+        """The camera's address, ``ip:port``."""
 
     def send(self, data: bytes) -> None: ...
 
@@ -101,12 +106,35 @@ class Link:
         return False
 
 
-class Session(TransferSteps):
+class Session:
     """The protocol state machine of one camera connection.
 
     Its frame methods (``init``, ``start``, ``data``...) are called by the
     :class:`~camgateway.wire.codec.FrameDecoder`; ``connection_lost``,
-    ``idle_timeout`` and ``replaced`` by the Protocol and the factory.
+    ``idle_timeout`` and ``replaced`` by the Protocol and the factory. Every
+    input goes through :meth:`_input`: the table's row for the state and the
+    input, its handler, a check that the handler went where the row allows.
+
+    DATA, the fast path. A file arrives as thousands of DATA frames, so DATA
+    does not go through :meth:`_input`. Entering a state binds the handler
+    the table names for ``(state, "data")`` (:meth:`_bind_data`): :meth:`data`
+    calls it with no look-up. For ``_on_data``, :meth:`runner` offers the
+    decoder the transfer's :meth:`~camgateway.transfer.receiver.Transfer.take_run`,
+    the same handler for a run of frames (one C CRC and one copy each,
+    nothing allocated per frame). In a state with no DATA row, the bound handler
+    raises the protocol error :meth:`_input` would. What the fast path skips,
+    and why that is safe:
+
+    * the row look-up per frame: the row is the one of the state the session
+      is in, bound when it entered it, and every state change rebinds it;
+    * the check of the state the handler went to: the DATA handler never
+      changes the state itself; a bad CRC and the file's last byte are the
+      inputs ``bad_crc`` and ``complete``, which take the whole way;
+    * an open that completed in the read that brought START
+      (:meth:`_end_start_read`): it is applied before the SYNC that leads to
+      ``RECEIVING``, so none is waiting there;
+    * the step run after a transition (:meth:`_then`): the DATA handler
+      schedules none.
     """
 
     def __init__(self, services: Services, link: Link) -> None:
@@ -116,7 +144,9 @@ class Session(TransferSteps):
         self.decoder: Optional[codec.FrameDecoder] = None
         #: False once the connection is closing or gone: nothing more is sent.
         self.connected = True
-        self.state = S.AWAIT_INIT
+        self.transfer: Optional[Transfer] = None
+        self._state = S.AWAIT_INIT
+        self._bind_data(S.AWAIT_INIT)
         self.imei = ""
         self.protocol_id = 0
         self.settings = 0
@@ -125,7 +155,6 @@ class Session(TransferSteps):
         #: When the connection was made, and when the current file's transfer began.
         self.connected_at = services.clock.seconds()
         self.file_started_at: Optional[float] = None
-        self.transfer: Optional[Transfer] = None
         self.offer: Optional[FileOffer] = None
         self._wanted: list[str] = []  # DualCam sources still to ask for in this init
         self._skip: set[bytes] = set()  # identifiers that were empty or failed
@@ -141,21 +170,43 @@ class Session(TransferSteps):
         #: Within the read that brought START, and an open that completed in it (see batch_end).
         self._reading_start = False
         self._opened_in_read: Optional[tuple[Transfer, FileOffer]] = None
-        self._after: Optional[Callable[[], None]] = None
-        #: The camera's socket is paused until a write is over.
-        self._paused = False
-        #: Slow cameras are read a few frames at a time while receiving (the idle timeout stays far).
-        self._reads = SlowReads(link, min(READ_WAIT, self.config.idle_timeout / 4))
+        self._after: Optional[Callable[[], object]] = None
+        #: When received bytes are written; slow cameras are read a few frames at a time while
+        #: receiving (the idle timeout stays far).
+        self.writes = WritePolicy(services, self, link, min(READ_WAIT, self.config.idle_timeout / 4))
         #: Fires when the connection is gone and every byte held is persisted.
         self.finished: defer.Deferred = defer.Deferred()
         self._arm(self.config.step_timeout, "step_timeout")
 
     # -- the table
 
+    @property
+    def state(self) -> State:
+        """Where the session is in the protocol (setting it binds the DATA handler of the new state)."""
+        return self._state
+
+    @state.setter
+    def state(self, new: State) -> None:
+        if new is not self._state:
+            self._state = new
+            self._bind_data(new)
+
+    def _bind_data(self, state: State) -> None:
+        """Bind the DATA input to the handler the table names for ``state`` (see the class docstring)."""
+        row = TRANSITIONS.get((state, "data"))
+        if row is None:
+            self._data: Callable[[memoryview, int], None] = self._unexpected_data
+            self._run: Optional[Callable[..., tuple[int, int]]] = None
+        else:
+            self._data = getattr(self, row[0])
+            transfer = self.transfer
+            # Transfer.take_run is _on_data for a run of frames, frame for frame; another handler takes each.
+            self._run = transfer.take_run if row[0] == "_on_data" and transfer is not None else None
+
     def _input(self, name: str, *args: Any) -> None:
         if self._opened_in_read is not None and name != "status":
             self._end_start_read()  # the open comes first; only a STATUS in the same read gives the file up
-        old = self.state
+        old = self._state
         row = TRANSITIONS.get((old, name))
         if row is None:
             raise ProtocolError(f"unexpected {name} while {old.value}", kind="unexpected")
@@ -165,12 +216,12 @@ class Session(TransferSteps):
             raise AssertionError(f"{handler} went {self.state} -> {new}")
         self.state = new
         if old is S.RECEIVING and new is not S.RECEIVING:  # the stretch of reads is over, held or not
-            self._reads.drop()
+            self.writes.receiving_over()
         after, self._after = self._after, None
         if after is not None:
             after()
 
-    def _then(self, fn: Callable[[], None]) -> None:
+    def _then(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` once the current transition is done (it may re-enter the table)."""
         self._after = fn
 
@@ -218,7 +269,7 @@ class Session(TransferSteps):
         self._input("metadata", payload)
 
     def start(self, total: int, crc: int) -> None:
-        self._reading_start = True  # (until batch_end: see TransferSteps._prepared)
+        self._reading_start = True  # (until batch_end: see _prepared)
         self._input("start", total, crc)
 
     def sync(self, position: int) -> None:
@@ -231,38 +282,27 @@ class Session(TransferSteps):
         self._input("enhanced", offset, payload, crc)
 
     def data(self, payload: memoryview, crc: int) -> None:
-        """DATA: the hot path (rows ``(RECEIVING, data)`` of the table)."""
-        if self.state is not S.RECEIVING:
-            raise ProtocolError(f"unexpected data while {self.state.value}", kind="unexpected")
-        transfer = self.transfer
-        if not transfer.append(payload, crc):  # type: ignore[union-attr]
-            self._input("bad_crc")
-        elif transfer.held >= transfer.done_at:  # type: ignore[union-attr]
-            self._input("complete")
+        """DATA: the handler of the state's ``data`` row, bound when the state was entered."""
+        self._data(payload, crc)
 
     def runner(self) -> Optional[Callable[..., tuple[int, int]]]:
-        """The decoder's fast path for runs of DATA frames, while receiving."""
-        return self.transfer.take_run if self.state is S.RECEIVING else None  # type: ignore[union-attr]
+        """The decoder's fast path for runs of DATA frames: the DATA row's, while there is one."""
+        return self._run
 
     def run_ended(self, status: int) -> None:
         """A run of DATA frames ended on a bad CRC (1) or the file's last byte (2)."""
         self._input("bad_crc" if status == 1 else "complete")
 
     def batch_end(self) -> None:
-        """Once per read: hand what was received to a writer, checkpoint now and then, pace slow reads."""
+        """Once per read: the write policy writes what is due and paces the next reads."""
         if self._reading_start:
             self._end_start_read()
         transfer = self.transfer
         if transfer is not None:
-            if transfer.pending:
-                self._write(transfer)
-            if self.state is S.RECEIVING:
-                held = transfer.held
-                reads = self._reads
-                reads.read(self.s.clock.seconds(), held,
-                           transfer.done_at - held - self.decoder.buffered)  # type: ignore[union-attr]
-                if reads.mark != 1:  # held (the one comparison a fast camera's read pays)
-                    self._file_mark()
+            if self._state is S.RECEIVING:
+                self.writes.read_over(transfer, self.decoder.buffered)  # type: ignore[union-attr]
+            elif transfer.pending:
+                self.writes.write(transfer)
 
     def _end_start_read(self) -> None:
         """The read that brought START is over: apply an open that completed within it."""
@@ -271,85 +311,17 @@ class Session(TransferSteps):
         if opened is not None:
             self._prepared(*opened)
 
-    def _write(self, transfer: Transfer) -> None:
-        """The write policy (see :mod:`camgateway.transfer.receiver`): batch, bound, pause."""
-        n = len(transfer.pending)
-        if transfer.writing:  # one write at a time: the bytes wait, up to a bound
-            if n >= PENDING_MAX and not self._paused:
-                self._paused = True
-                self.link.pause()
-            return
-        if n >= WRITE_MIN:
-            write_pending(self.s, transfer, self._written)
-        else:  # a slow camera: write_stale() writes these later
-            if transfer.pending_since is None:
-                transfer.pending_since = self.s.clock.seconds()
-            self._file_pending(transfer)
-        self._checkpoint_due(transfer)
-
-    def _file_mark(self) -> None:
-        """Have the scan visit once the held read mark may be stale."""
-        at = self._reads.stale_at()
-        if at is not None:
-            self.s.due.at(self, at)
-
-    def _file_pending(self, transfer: Transfer) -> None:
-        """Have the scan visit once the pending bytes are old enough to write (sooner as they grow)."""
-        wait = FLUSH_AGE if len(transfer.pending) >= TRICKLE_BYTES else TRICKLE_AGE
-        self.s.due.at(self, transfer.pending_since + wait)  # type: ignore[operator]
-
     def write_stale(self, now: float) -> None:
-        """Write pending bytes that have waited :data:`FLUSH_AGE` seconds (the scan's visit).
+        """The scan's visit, once a moment the write policy filed this session for has come.
 
-        Fewer than :data:`TRICKLE_BYTES` wait :data:`TRICKLE_AGE` seconds.
-        A camera held by its read mark and not read for long is read at once.
-        The scan calls this when the moment the session filed itself for has
-        come (:mod:`camgateway.perf.due`); what is not due yet files it again.
+        The policy writes pending bytes that waited long enough and drops a
+        stale read mark (:meth:`camgateway.transfer.writes.WritePolicy.visit`).
         """
-        if not self.connected:
-            return
-        self._reads.stale(now)
-        self._file_mark()  # (read since it was filed: not stale yet)
-        transfer = self.transfer
-        if transfer is None or transfer.writing or not transfer.pending or transfer.pending_since is None:
-            return  # (bytes behind a write in flight: _written() files them)
-        age = now - transfer.pending_since
-        stale = len(transfer.pending)
-        if age < FLUSH_AGE or (age < TRICKLE_AGE and stale < TRICKLE_BYTES):
-            self._file_pending(transfer)
-            return
-        if stale > INLINE_WRITE_MAX or not transfer.recorded:
-            # (A file's first write waits for its partial's record, so that
-            # bytes in the spool are always bytes a restart resumes from.)
-            write_pending(self.s, transfer, self._written)
-        else:
-            try:
-                self.s.stats.bytes_received += transfer.flush()
-            except OSError as e:
-                self._write_failed(transfer, e)
-                return
-        self.s.trickled(stale)  # (no flush of its own until the file ends)
-        self._checkpoint_due(transfer)
+        if self.connected:
+            self.writes.visit(now, self.transfer)
 
-    def _checkpoint_due(self, transfer: Transfer) -> None:
-        """Checkpoint every ``checkpoint_bytes`` written, one checkpoint at a time."""
-        if transfer.flushed - transfer.checkpointed >= self.config.checkpoint_bytes and transfer.syncing is None:
-            checkpoint(self.s, transfer)
-
-    def _written(self, transfer: Transfer) -> None:
-        """A write is over: go on with what waited behind it, let the camera send again."""
-        if transfer.write_error is not None:
-            if self.transfer is transfer:
-                self._write_failed(transfer, transfer.write_error)
-            return
-        if self.transfer is transfer and transfer.pending:
-            self._write(transfer)
-        if self._paused and len(transfer.pending) < PENDING_MAX:
-            self._paused = False
-            if self.connected:
-                self.link.resume()
-
-    def _write_failed(self, transfer: Transfer, error: BaseException) -> None:
+    def write_failed(self, transfer: Transfer, error: BaseException) -> None:
+        """Writing the current file to the spool failed: close, keep the partial up to its last checkpoint."""
         self.s.failed(self.imei, self.link.peer, "spool write", str(error))
         self.s.health.failing(SPOOL, f"cannot write to the spool: {error}")
         log.error("camera {imei}: writing {id} to the spool failed ({error}); closing, partial kept"
@@ -371,11 +343,13 @@ class Session(TransferSteps):
             if not self.config.allowed(imei_text):
                 log.warn("IMEI {imei} from {peer} is not in devices.allow: closing, nothing stored",
                          imei=imei_text, peer=self.link.peer)
+                self.s.refused.refused(imei_text, self.link.peer, self.s.clock.seconds())
                 return self._close()
             previous = self.s.sessions.get(imei_text)
             if previous is not None and previous is not self:
                 self._predecessor = previous.replaced(self.link.peer)
             self.s.sessions[imei_text] = self
+            self.s.camera_connected(imei_text, self.link.peer)
             log.info("camera {imei} connected from {peer}: protocol {protocol_id}, settings 0x{settings:08x}",
                      imei=imei_text, peer=self.link.peer, protocol_id=protocol_id, settings=settings)
             if self.s.leases is not None:
@@ -464,7 +438,7 @@ class Session(TransferSteps):
         settings, mode = self.settings, self.config.mode
         if new_init:
             self._wanted = []
-            path_flow = bool(settings & PATH_BIT) or (self.protocol_id >= 6 and settings & ANY_DUALCAM)
+            path_flow = uses_path_flow(self.protocol_id, settings)
             if mode == "dualcam":
                 path_flow = False
             if path_flow:
@@ -472,7 +446,7 @@ class Session(TransferSteps):
                 return self._await(S.AWAIT_PATH)
             if mode in ("auto", "dualcam"):
                 self._wanted = [src for src in self.config.dualcam_sources
-                                if settings & DUALCAM_BITS[src] and ("%" + src).encode() not in self._skip]
+                                if settings & DUALCAM_SOURCE_BITS[src] and ("%" + src).encode() not in self._skip]
         if self._wanted:
             source = self._wanted.pop(0)
             offer = FileOffer.dualcam(self, source)
@@ -551,6 +525,237 @@ class Session(TransferSteps):
                  imei=self.imei or "?", peer=self.link.peer, t=self.config.step_timeout, state=self.state.value)
         return self._close()
 
+    # -- START, opening the transfer
+
+    def _on_start(self, total: int, crc: int) -> State:
+        self._disarm()
+        offer = self.offer
+        assert offer is not None
+        if total == 0:
+            log.info("camera {imei}: {id} has nothing to send (START total 0)", imei=self.imei, id=offer.printable)
+            return self._file_ended(offer)
+        size = total * PACKET if offer.flow == "dualcam" else total
+        if size > self.config.max_file_bytes:
+            log.error("camera {imei}: {id} is {size} bytes, over limits.max_file_bytes ({limit}); not fetched",
+                      imei=self.imei, id=offer.printable, size=size, limit=self.config.max_file_bytes)
+            return self._file_ended(offer)
+        offer.total, offer.start_crc = total, crc
+
+        def open_it() -> None:
+            # Opens run one after another on one chain (a file offered again
+            # waits for the open before it), each result bound to its offer.
+            d = self._predecessor.addBoth(lambda _: open_transfer(self.s, self, offer))
+            d.addCallbacks(self._prepared, self._prepare_failed, callbackArgs=(offer,), errbackArgs=(offer,))
+            self._opening = d
+
+        self._then(open_it)
+        return S.PREPARING
+
+    def _owns(self, offer: FileOffer, state: State) -> bool:
+        """Whether an asynchronous result started for ``offer`` may be applied now.
+
+        Only while the session is still in ``state`` for that very offer:
+        a result for an offer that is over (the camera gave the file up, the
+        connection went away, another file is being opened) is never applied.
+        """
+        return self.state is state and self.offer is offer
+
+    def _prepared(self, transfer: Transfer, offer: FileOffer) -> Optional[defer.Deferred]:
+        if self._reading_start:
+            # Opened within the read that brought START: the RESUME waits for
+            # the end of that read, where a STATUS in the same read gives the
+            # file up first (batch_end applies this).
+            self._opened_in_read = (transfer, offer)
+            return None
+        if not self._owns(offer, S.PREPARING):  # the file was given up, or the connection went away
+            log.info("camera {imei}: {id} was opened after it was given up; its transfer is released",
+                     imei=self.imei, id=offer.printable)
+            d = drop_transfer(self.s, transfer)
+            d.addErrback(lambda f: log.failure("camera {imei}: releasing the transfer of {id} failed", f,
+                                               imei=self.imei, id=offer.printable))
+            return d
+        self._guard(self._input, "prepared", transfer)
+        return None
+
+    def _prepare_failed(self, failure: Failure, offer: FileOffer) -> None:
+        if self._owns(offer, S.PREPARING):
+            self._guard(self._input, "prepare_failed", failure)
+        elif not failure.check(Refused):
+            log.failure("camera {imei}: opening {id} failed after it was given up", failure,
+                        imei=self.imei, id=offer.printable)
+
+    def _on_prepared(self, transfer: Transfer) -> State:
+        self.transfer = transfer
+        self.s.health.working(SPOOL)
+        self.file_started_at = self.s.clock.seconds()
+        if transfer.complete:  # held everything before: fetch the last unit again
+            transfer.rewind(transfer.offset_of(transfer.position() - 1) if transfer.dualcam
+                            else max(0, (transfer.held - 1) // PACKET * PACKET))
+        if transfer.held:
+            self.s.stats.resumes += 1
+            log.info("camera {imei}: resuming {id} at {pos} ({held} of {total} bytes held)",
+                     imei=self.imei, id=self.offer.printable, pos=transfer.position(),  # type: ignore[union-attr]
+                     held=transfer.held, total=transfer.limit)
+        return self._send_resume(S.AWAIT_SYNC)
+
+    def _on_prepare_failed(self, failure: Failure) -> State:
+        # The connection is dropped with no CLOSE: CLOSE after START would end the file for the camera.
+        if failure.check(Refused):  # a refusal with a reason (disk low...)
+            self.s.health.failing(SPOOL, str(failure.value))
+            log.warn("camera {imei}: {why}; dropping the connection without CLOSE (the camera keeps {id})",
+                     imei=self.imei, why=failure.value, id=self.offer.printable)  # type: ignore[union-attr]
+            return self._drop()
+        if failure.check(OSError):
+            self.s.health.failing(SPOOL, f"cannot open spool files: {failure.getErrorMessage()}")
+        else:
+            self.s.health.failing(STORE, f"cannot look up partial transfers: {failure.getErrorMessage()}")
+        log.failure("camera {imei}: cannot open a transfer for {id}; dropping the connection without CLOSE"
+                    " (the camera keeps the file)", failure, imei=self.imei,
+                    id=self.offer.printable)  # type: ignore[union-attr]
+        return self._drop()
+
+    # -- SYNC, DATA, errors
+
+    def _send_resume(self, state: State) -> State:
+        self.send(codec.resume(self.transfer.position()))  # type: ignore[union-attr]
+        self._arm(2.0 if self._resume_tries < 10 else 4.0, "resume_timer")
+        return state
+
+    def _on_sync(self, position: int) -> State:
+        transfer = self.transfer
+        assert transfer is not None
+        offset = transfer.offset_of(position)
+        if offset > transfer.held:
+            log.warn("camera {imei}: SYNC {pos} is beyond the {held} bytes held; asking again",
+                     imei=self.imei, pos=position, held=transfer.held)
+            self.decoder.discard_until_sync(transfer.position())  # type: ignore[union-attr]
+            return self._retry_resume(S.DISCARDING)
+        self._disarm()
+        self._resume_tries = 0
+        transfer.sync(offset)
+        return S.RECEIVING
+
+    def _on_data(self, payload: memoryview, crc: int) -> None:
+        """One DATA frame while receiving (the fast path: see the class docstring)."""
+        transfer = self.transfer
+        if not transfer.append(payload, crc):  # type: ignore[union-attr]
+            self._input("bad_crc")
+        elif transfer.held >= transfer.done_at:  # type: ignore[union-attr]
+            self._input("complete")
+
+    def _unexpected_data(self, payload: memoryview, crc: int) -> None:
+        """DATA in a state whose table has no DATA row."""
+        raise ProtocolError(f"unexpected data while {self._state.value}", kind="unexpected")
+
+    def _on_enhanced(self, offset: int, payload: memoryview, crc: int) -> State:
+        transfer = self.transfer
+        assert transfer is not None
+        if offset != transfer.held:
+            log.warn("camera {imei}: ENHANCED DATA at offset {offset}, expected {held}",
+                     imei=self.imei, offset=offset, held=transfer.held)
+            return self._on_bad_crc()
+        if not transfer.append(payload, crc):
+            return self._on_bad_crc()
+        return self._on_complete() if transfer.complete else S.RECEIVING
+
+    def _on_bad_crc(self) -> State:
+        self.s.stats.crc_errors += 1
+        log.warn("camera {imei}: bad CRC in {id} after {held} bytes; RESUME and discard until SYNC",
+                 imei=self.imei, id=self.offer.printable, held=self.transfer.held)  # type: ignore[union-attr]
+        self.decoder.discard_until_sync(self.transfer.position())  # type: ignore[union-attr]
+        return self._retry_resume(S.DISCARDING)
+
+    def _retry_resume(self, state: State) -> State:
+        self._resume_tries += 1
+        if self._resume_tries > self.config.resume_retries:
+            log.error("camera {imei}: no usable SYNC after {n} RESUMEs; closing, partial kept",
+                      imei=self.imei, n=self.config.resume_retries)
+            return self._close()
+        return self._send_resume(state)
+
+    def _on_resume_timer(self) -> State:
+        return self._retry_resume(self.state)
+
+    # -- the end of a file
+
+    def _on_complete(self) -> State:
+        transfer, offer = self.transfer, self.offer
+        assert transfer is not None and offer is not None
+        self.transfer = None
+
+        def finish() -> None:
+            d = self.s.track(finish_transfer(self.s, self, offer, transfer))
+            d.addCallbacks(lambda received: self._guard(self._stored, received, offer),
+                           lambda f: self._guard(self._store_failed, f, offer))
+
+        self._then(finish)
+        return S.STORING
+
+    def _stored(self, received: Any, offer: FileOffer) -> None:
+        self.files_done += 1
+        self.s.stats.files_received += 1
+        if self._owns(offer, S.STORING):
+            if self.connected:
+                self._input("stored", received)
+            else:  # held in full, but the camera is gone before it was told: it may offer the file again
+                self.state = S.CLOSED
+
+    def _on_stored(self, received: Any) -> State:
+        self.offer = None
+        self.send(codec.repeat_init())
+        return self._await(S.AWAIT_INIT)
+
+    def _store_failed(self, failure: Failure, offer: FileOffer) -> None:
+        """The file could not be made safe: the camera is not told it is done (it keeps the file)."""
+        self.s.stats.delivery_failures += 1
+        self.s.failed(self.imei, self.link.peer, "store " + offer.printable, failure.getErrorMessage())
+        if failure.check(OSError):  # the disk's answer (full, I/O error), not a bug: no traceback
+            log.error("camera {imei}: could not make {id} safe ({error}); the connection is dropped without"
+                      " telling the camera the file is done: the camera still holds it",
+                      imei=self.imei, id=offer.printable, error=failure.getErrorMessage())
+        else:
+            log.failure("camera {imei}: could not make {id} safe; the connection is dropped without telling the"
+                        " camera the file is done: the camera still holds it", failure,
+                        imei=self.imei, id=offer.printable)
+        if self._owns(offer, S.STORING):
+            if self.connected:
+                self._input("store_failed", failure)
+            else:
+                self.state = S.CLOSED
+
+    def _on_store_failed(self, failure: Failure) -> State:
+        return self._drop()
+
+    def _drop(self) -> State:
+        """End the connection with no CLOSE and no REPEAT INIT: either would tell the camera the file was taken."""
+        self._disarm()
+        self.connected = False
+        if self.decoder is not None:
+            self.decoder.stop()
+        self.link.abort()
+        return S.CLOSED
+
+    def _file_ended(self, offer: FileOffer) -> State:
+        """The file was empty or the camera could not send it: go on with the next."""
+        self._skip.add(offer.identifier)
+        self.offer = None
+        if offer.flow == "dualcam":
+            return self._next_file()
+        self.send(codec.repeat_init())
+        return self._await(S.AWAIT_INIT)
+
+    def _on_file_status(self, code: int) -> State:
+        offer = self.offer
+        log.warn("camera {imei}: status {code} ({meaning}) for {id}",
+                 imei=self.imei, code=code, meaning=status_meaning(code), id=offer.printable if offer else "?")
+        self._disarm()
+        if self.transfer is not None:
+            release_transfer(self.s, self.transfer)
+            self.transfer = None
+        if self.decoder is not None:
+            self.decoder.discarding = False
+        return self._file_ended(offer) if offer else self._close()
+
     # -- closing
 
     def send(self, data: bytes) -> None:
@@ -622,6 +827,7 @@ class Session(TransferSteps):
             self.decoder.stop()
         if self.s.sessions.get(self.imei) is self:
             del self.s.sessions[self.imei]
+            self.s.camera_gone(self.imei)
         d = self._opening  # an open in flight releases its transfer itself
         if self._opened_in_read is not None:  # (the read ended in an error: no batch_end)
             self._end_start_read()

@@ -36,11 +36,13 @@ class CameraProtocol(Protocol, TimeoutMixin):
     _peer: Optional[str] = None
     #: A read of this many bytes means more was waiting: read more at a time (0: never).
     _full_read = 0
+    #: Whether the socket's receive low-water mark may be set (``performance.read_marks``).
+    _read_marks = False
 
     def __init__(self, services: Services, factory: Optional["CameraFactory"] = None) -> None:
         self.services = services
         self.owner = factory
-        self.callLater = services.clock.callLater  # TimeoutMixin's clock: the injected one
+        self.callLater = services.clock.callLater  # type: ignore[method-assign]  # TimeoutMixin's clock: the injected one
 
     def connectionMade(self) -> None:
         if self.owner is not None:
@@ -49,7 +51,9 @@ class CameraProtocol(Protocol, TimeoutMixin):
         self.setTimeout(self.services.config.idle_timeout)
         self.session = Session(self.services, self)
         self.decoder = self.session.decoder = FrameDecoder(self.session)
-        self._full_read = read_size(self.transport)
+        performance = self.services.config.performance  # (decided once per connection, never per read)
+        self._full_read = read_size(self.transport) if performance.wide_reads else 0
+        self._read_marks = performance.read_marks
 
     @property
     def peer(self) -> str:
@@ -91,8 +95,11 @@ class CameraProtocol(Protocol, TimeoutMixin):
         self.services.writer.write(self.transport, data)
 
     def set_read_mark(self, nbytes: int) -> bool:
-        """Be reported readable once ``nbytes`` wait (plain TCP only: :func:`camgateway.perf.sockets.set_read_mark`)."""
-        return set_read_mark(self.transport, nbytes)
+        """Be reported readable once ``nbytes`` wait (plain TCP only: :func:`camgateway.perf.sockets.set_read_mark`).
+
+        False, and the session never asks again, with ``performance.read_marks`` off.
+        """
+        return self._read_marks and set_read_mark(self.transport, nbytes)
 
     def close(self) -> None:
         """Close after what was written is sent."""

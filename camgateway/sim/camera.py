@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from camgateway.sim.model import ALWAYS_SET_BITS, PATH_FILE_BIT, SOURCE_BITS, CameraSpec, SimFile
+from camgateway.sim.model import CameraSpec, SimFile
+from camgateway.wire.codec import ALWAYS_SET_BITS, DUALCAM_SOURCE_BITS, PATH_FILE_BIT
 from camgateway.sim.result import CameraResult
 
 __all__ = ["Camera"]
@@ -45,7 +46,7 @@ class Camera:
         bits = ALWAYS_SET_BITS
         for i in self.pending:
             f = self.spec.files[i]
-            bits |= SOURCE_BITS[f.identifier] if f.is_dualcam else PATH_FILE_BIT
+            bits |= DUALCAM_SOURCE_BITS[f.identifier] if f.is_dualcam else PATH_FILE_BIT
         return bits
 
     def file(self, index: int) -> SimFile:

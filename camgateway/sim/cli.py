@@ -37,9 +37,10 @@ from twisted.python import usage
 
 from camgateway.sim.content import DEFAULT_TIMESTAMP, ContentPool, files_from_dir, make_files, parse_size
 from camgateway.sim.media import Media, MediaUnavailable, load_media
-from camgateway.sim.model import KINDS, STATUS_INVALID_RESUME, CameraSpec, SimFile
+from camgateway.sim.model import KINDS, CameraSpec, SimFile
 from camgateway.sim.result import CameraResult
 from camgateway.sim.runner import run_cameras
+from camgateway.wire.status_codes import INVALID_RESUME
 
 __all__ = ["Options", "build_specs", "summarize", "main"]
 
@@ -83,7 +84,7 @@ class Options(usage.Options):
         ["status-after-start", None, None,
          "Fault: answer START and, in the same write, STATUS (--status-after-start-code) for these "
          "files (as --status-for), then give them up and go on with the next, as a real DualCam did."],
-        ["status-after-start-code", None, STATUS_INVALID_RESUME,
+        ["status-after-start-code", None, INVALID_RESUME,
          "The STATUS code sent after START by --status-after-start (default 6, invalid response to resume).",
          int],
         ["faulty", None, None, "Apply the faults to the first N cameras only (default all).", int],

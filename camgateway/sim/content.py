@@ -24,7 +24,8 @@ from typing import Optional, Sequence
 
 from camgateway.sim.media import Media
 from camgateway.sim.metadata import adas_metadata, dsm_metadata, dualcam_metadata, json_metadata
-from camgateway.sim.model import SOURCE_FILE_TYPES, SimFile
+from camgateway.sim.model import SimFile
+from camgateway.wire.metadata import DUALCAM_FILE_TYPES
 
 __all__ = [
     "parse_size",
@@ -154,7 +155,7 @@ def _metadata(kind: str, protocol_id: int, photo: bool, identifier: str, number:
         )
     source = identifier if kind == "dualcam" else ("photof" if photo else "videof")
     return dualcam_metadata(
-        SOURCE_FILE_TYPES[source],
+        DUALCAM_FILE_TYPES[source],
         timestamp_ms=timestamp * 1000,
         length_s=seconds,
         framerate=0 if photo else _FRAMERATE,

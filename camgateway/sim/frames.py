@@ -1,8 +1,8 @@
 """DATA frames of a file, precomputed once and shared by every camera sending it.
 
-A file is cut at multiples of 1024 bytes; frame ``i`` holds bytes
-``i*1024 .. i*1024+1023``. The frame bodies (header and payload) are built
-once per content. The CRC of a frame depends on where the stream started
+A file is cut at multiples of 1024 bytes (:data:`~camgateway.wire.codec.PACKET`);
+frame ``i`` holds bytes ``i*1024 .. i*1024+1023``. The frame bodies (header
+and payload) are built once per content. The CRC of a frame depends on where the stream started
 (the chain restarts at 0 after every SYNC, PROTOCOL.md section 5.5), so the
 chain is computed per start position, at C speed over a bit-reversed copy of
 the file, and cached: almost every stream starts at 0.
@@ -22,14 +22,14 @@ import struct
 from binascii import crc_hqx
 from typing import Callable, Optional
 
+from camgateway.wire.codec import CRC_SIZE, DATA_FRAME, ENHANCED_OVERHEAD, HEADER_SIZE, PACKET, Cmd
 from camgateway.wire.crc import REVERSE_BITS, crc16, reverse16
 
-__all__ = ["FRAME_SIZE", "FramePlan", "PlanCache", "FileStream"]
-
-#: Bytes of file data in a full DATA frame.
-FRAME_SIZE = 1024
+__all__ = ["FramePlan", "PlanCache", "FileStream"]
 
 _u16 = struct.Struct(">H")
+_DATA = _u16.pack(Cmd.DATA)
+_ENHANCED = _u16.pack(Cmd.ENHANCED_DATA)
 _u32 = struct.Struct(">I")
 _CHAINS_KEPT = 8
 
@@ -43,13 +43,13 @@ class FramePlan:
         self.content = content
         self.size = len(content)
         #: Number of 1024-byte packets (the DualCam START total).
-        self.count = -(-self.size // FRAME_SIZE)
+        self.count = -(-self.size // PACKET)
         #: CRC of the whole file from 0 (the path-flow START crc).
         self.file_crc = crc16(content, 0)
         self._reversed = content.translate(REVERSE_BITS)
         self._bodies = [
-            b"\x00\x04" + _u16.pack(len(chunk) + 2) + chunk
-            for chunk in (content[i : i + FRAME_SIZE] for i in range(0, self.size, FRAME_SIZE))
+            _DATA + _u16.pack(len(chunk) + CRC_SIZE) + chunk
+            for chunk in (content[i : i + PACKET] for i in range(0, self.size, PACKET))
         ]
         self._enhanced: Optional[list[bytes]] = None
         self._chains: dict[int, list[bytes]] = {}
@@ -57,21 +57,22 @@ class FramePlan:
 
     def frame_end(self, offset: int) -> int:
         """Where the frame starting at byte ``offset`` ends."""
-        return min((offset // FRAME_SIZE + 1) * FRAME_SIZE, self.size)
+        return min((offset // PACKET + 1) * PACKET, self.size)
 
     def body(self, offset: int, enhanced: bool = False) -> bytes:
         """Header and payload of the frame starting at byte ``offset`` (CRC not included)."""
-        index, head = divmod(offset, FRAME_SIZE)
+        index, head = divmod(offset, PACKET)
         if head:
             chunk = self.content[offset : self.frame_end(offset)]
             if enhanced:
-                return b"\x00\x0e" + _u16.pack(len(chunk) + 6) + _u32.pack(offset) + chunk
-            return b"\x00\x04" + _u16.pack(len(chunk) + 2) + chunk
+                return _ENHANCED + _u16.pack(len(chunk) + ENHANCED_OVERHEAD) + _u32.pack(offset) + chunk
+            return _DATA + _u16.pack(len(chunk) + CRC_SIZE) + chunk
         if not enhanced:
             return self._bodies[index]
         if self._enhanced is None:
             self._enhanced = [
-                b"\x00\x0e" + _u16.pack(len(b) - 4 + 6) + _u32.pack(i * FRAME_SIZE) + b[4:]
+                _ENHANCED + _u16.pack(len(b) - HEADER_SIZE + ENHANCED_OVERHEAD) + _u32.pack(i * PACKET)
+                + b[HEADER_SIZE:]
                 for i, b in enumerate(self._bodies)
             ]
         return self._enhanced[index]
@@ -87,7 +88,7 @@ class FramePlan:
         offset = start
         size = self.size
         while offset < size:
-            end = min((offset // FRAME_SIZE + 1) * FRAME_SIZE, size)
+            end = min((offset // PACKET + 1) * PACKET, size)
             register = crc_hqx(view[offset:end], register)
             out.append(_u16.pack(reverse16(register)))
             offset = end
@@ -100,7 +101,7 @@ class FramePlan:
 
     def wire(self) -> bytes:
         """Every DATA frame of a stream that starts (SYNC) at 0, CRCs included, as one
-        block: frame ``i`` is at ``i * (FRAME_SIZE + 6)``. Built on first use and
+        block: frame ``i`` is at ``i * DATA_FRAME``. Built on first use and
         kept, so a fault-free stream is sent by slicing (one more copy of the file)."""
         if self._wire is None:
             chain = self.chain(0)
@@ -166,7 +167,7 @@ class FileStream:
     def take(self, max_frames: int) -> bytes:
         """The next ``max_frames`` frames (fewer at the end or at a drop), joined."""
         if (self._corrupt is None and self._drop is None and not self.enhanced
-                and self.offset - self._k * FRAME_SIZE == 0 and not self._tainted):
+                and self.offset - self._k * PACKET == 0 and not self._tainted):
             return self._take_wire(max_frames)
         parts: list[bytes] = []
         plan = self.plan
@@ -180,7 +181,7 @@ class FileStream:
             if offset >= size:
                 break
             end = plan.frame_end(offset)
-            index = offset // FRAME_SIZE
+            index = offset // PACKET
             crc = chain[k]
             if corrupt is not None and corrupt(index):
                 crc = bytes((crc[0] ^ 0xA5, crc[1] ^ 0x5A))
@@ -204,12 +205,12 @@ class FileStream:
         """:meth:`take` for a fault-free stream from 0: a slice of :meth:`FramePlan.wire`."""
         plan = self.plan
         k = self._k
-        end = min(plan.size, (k + max_frames) * FRAME_SIZE)
+        end = min(plan.size, (k + max_frames) * PACKET)
         if end <= self.offset:
             return b""
         wire = plan.wire()
-        frames = -(-(end - self.offset) // FRAME_SIZE)
-        data = wire[k * (FRAME_SIZE + 6) : min(len(wire), (k + frames) * (FRAME_SIZE + 6))]
+        frames = -(-(end - self.offset) // PACKET)
+        data = wire[k * DATA_FRAME : min(len(wire), (k + frames) * DATA_FRAME)]
         self.data_bytes += end - self.offset
         self.offset = end
         self._k = k + frames

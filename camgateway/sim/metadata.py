@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import struct
 from typing import Optional, Union
 
-from camgateway.sim.model import SOURCE_FILE_TYPES
+from camgateway.wire.metadata import ADAS_LAYOUT, DSM_LAYOUT, DUALCAM_FILE_TYPES, DUALCAM_LAYOUTS
 
 __all__ = [
     "dualcam_metadata",
@@ -17,11 +16,9 @@ __all__ = [
 ]
 
 #: Size of the DualCam binary layout by version.
-DUALCAM_SIZES: dict[int, int] = {1: 13, 2: 14, 3: 32, 4: 40}
-
-_dualcam_v1 = struct.Struct(">BBQBH")
-_dsm = struct.Struct(">IBBiiH10s")
-_adas = struct.Struct(">IBBiiB")
+DUALCAM_SIZES: dict[int, int] = {version: layout.size for version, layout in DUALCAM_LAYOUTS.items()}
+#: How many fields the DualCam layout of each version has.
+_DUALCAM_FIELDS = {version: len(layout.unpack(bytes(layout.size))) for version, layout in DUALCAM_LAYOUTS.items()}
 
 
 def _micro_degrees(value: float) -> int:
@@ -45,17 +42,13 @@ def dualcam_metadata(
 
     ``file_type`` is a DualCam source (``"videof"`` → 16) or the number itself.
     """
-    if version not in DUALCAM_SIZES:
+    layout = DUALCAM_LAYOUTS.get(version)
+    if layout is None:
         raise ValueError(f"DualCam metadata version must be 1-4, not {version}")
-    kind = SOURCE_FILE_TYPES[file_type] if isinstance(file_type, str) else file_type
-    out = _dualcam_v1.pack(version, kind, timestamp_ms, trigger, length_s)
-    if version >= 2:
-        out += struct.pack(">B", framerate)
-    if version >= 3:
-        out += struct.pack(">hdd", timezone_min, latitude, longitude)
-    if version >= 4:
-        out += struct.pack(">Q", timestamp_ms if trigger_timestamp_ms is None else trigger_timestamp_ms)
-    return out
+    kind = DUALCAM_FILE_TYPES[file_type] if isinstance(file_type, str) else file_type
+    fields = (version, kind, timestamp_ms, trigger, length_s, framerate, timezone_min, latitude, longitude,
+              timestamp_ms if trigger_timestamp_ms is None else trigger_timestamp_ms)
+    return layout.pack(*fields[: _DUALCAM_FIELDS[version]])
 
 
 def dsm_metadata(
@@ -75,7 +68,7 @@ def dsm_metadata(
     with NULs at the end.
     """
     name = driver_name.encode("utf-8")[:10][::-1].ljust(10, b"\0")
-    return _dsm.pack(
+    return DSM_LAYOUT.pack(
         timestamp, file_type, trigger, _micro_degrees(latitude), _micro_degrees(longitude), events, name
     )
 
@@ -90,7 +83,7 @@ def adas_metadata(
     length_s: int = 0,
 ) -> bytes:
     """The 15-byte ADAS layout (``timestamp`` in seconds, coordinates in degrees)."""
-    return _adas.pack(
+    return ADAS_LAYOUT.pack(
         timestamp, file_type, trigger, _micro_degrees(latitude), _micro_degrees(longitude), length_s
     )
 

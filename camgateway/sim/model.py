@@ -11,41 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from camgateway.wire.codec import DUALCAM_SOURCE_BITS, METADATA_MAX, PATH_MAX
+from camgateway.wire.status_codes import INVALID_RESUME
+
 __all__ = [
-    "DUALCAM_SOURCES",
-    "SOURCE_BITS",
-    "SOURCE_FILE_TYPES",
-    "PATH_FILE_BIT",
-    "ALWAYS_SET_BITS",
     "KINDS",
-    "STATUS_INVALID_RESUME",
     "SimFile",
     "CameraSpec",
 ]
-
-#: The DualCam sources, in the order of their settings bits.
-DUALCAM_SOURCES: tuple[str, ...] = ("photof", "photor", "videof", "videor")
-
-#: Settings bit announcing a pending file of each DualCam source.
-SOURCE_BITS: dict[str, int] = {
-    "photof": 0x04000000,
-    "photor": 0x08000000,
-    "videof": 0x10000000,
-    "videor": 0x20000000,
-}
-
-#: The metadata ``file_type`` of each DualCam source (the bit, shifted down).
-SOURCE_FILE_TYPES: dict[str, int] = {"photof": 4, "photor": 8, "videof": 16, "videor": 32}
-
-#: Settings bit 25: a file is ready, ask for its path with 0x000C.
-PATH_FILE_BIT = 0x02000000
-
-#: Bits 30 and 10, which real devices always set.
-ALWAYS_SET_BITS = 0x40000400
-
-#: Device STATUS 6, "invalid response to resume" (PROTOCOL.md section 7): what a
-#: real DualCam sent right after START when it gave a file up.
-STATUS_INVALID_RESUME = 6
 
 #: The camera kinds the emulator plays.
 KINDS: tuple[str, ...] = ("dualcam", "dsm", "adas", "dashcam")
@@ -71,15 +44,15 @@ class SimFile:
     def __post_init__(self) -> None:
         if not self.identifier:
             raise ValueError("a SimFile needs an identifier")
-        if not self.is_dualcam and len(self.wire_path) > 512:
-            raise ValueError(f"path longer than 512 bytes: {self.identifier[:40]}...")
-        if self.metadata is not None and len(self.metadata) > 1024:
-            raise ValueError(f"metadata of {self.identifier} longer than 1024 bytes")
+        if not self.is_dualcam and len(self.wire_path) > PATH_MAX:
+            raise ValueError(f"path longer than {PATH_MAX} bytes: {self.identifier[:40]}...")
+        if self.metadata is not None and len(self.metadata) > METADATA_MAX:
+            raise ValueError(f"metadata of {self.identifier} longer than {METADATA_MAX} bytes")
 
     @property
     def is_dualcam(self) -> bool:
         """Whether this file travels in the DualCam flow (1-based packets)."""
-        return self.identifier in SOURCE_BITS
+        return self.identifier in DUALCAM_SOURCE_BITS
 
     @property
     def wire_path(self) -> bytes:
@@ -136,7 +109,7 @@ class CameraSpec:
     segment_delay: float = 0.0005
     status_instead_of_start: frozenset[str] = frozenset()
     status_after_start: frozenset[str] = frozenset()
-    status_after_start_code: int = STATUS_INVALID_RESUME
+    status_after_start_code: int = INVALID_RESUME
     garbage: bool = False
 
     def __post_init__(self) -> None:

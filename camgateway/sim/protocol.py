@@ -38,16 +38,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from camgateway.wire import codec
-from camgateway.wire.codec import Cmd, ProtocolError, ServerFrameDecoder
+from camgateway.wire.codec import DUALCAM_SOURCE_BITS, PACKET, Cmd, ProtocolError, ServerFrameDecoder
+from camgateway.wire.status_codes import FILE_NOT_AVAILABLE
 from camgateway.sim.camera import Camera
-from camgateway.sim.frames import FRAME_SIZE, FileStream, FramePlan, PlanCache
-from camgateway.sim.model import SOURCE_BITS
+from camgateway.sim.frames import FileStream, FramePlan, PlanCache
 from camgateway.sim.sender import Sender
 
-__all__ = ["CameraProtocol", "STATUS_FILE_NOT_AVAILABLE"]
-
-#: Device STATUS for "file not available / camera not configured".
-STATUS_FILE_NOT_AVAILABLE = 0x11
+__all__ = ["CameraProtocol"]
 
 _u32 = struct.Struct(">I")
 log = Logger()
@@ -192,7 +189,7 @@ class CameraProtocol(Protocol):
         result.metadata_requests += 1
         if payload:
             source = payload.decode("latin-1").lstrip("%")
-            if source not in SOURCE_BITS:
+            if source not in DUALCAM_SOURCE_BITS:
                 self._error(f"metadata request for unknown source {payload!r}")
                 return
             index = self.camera.find(source)
@@ -213,16 +210,16 @@ class CameraProtocol(Protocol):
         self._finish_current()
         self._given_up = None
         name = payload.decode("utf-8", "replace")
-        dualcam = len(name) == 7 and name.startswith("%") and name[1:] in SOURCE_BITS
+        dualcam = len(name) == 7 and name.startswith("%") and name[1:] in DUALCAM_SOURCE_BITS
         identifier = name[1:] if dualcam else name[:-1] if name.endswith("\0") else name
         index = self.camera.find(identifier)
         if index is None or self.camera.file(index).is_dualcam != dualcam:
             self._error(f"file request for {payload!r}, which the camera does not offer")
-            self._send(codec.status(STATUS_FILE_NOT_AVAILABLE))
+            self._send(codec.status(FILE_NOT_AVAILABLE))
             return
         if self.camera.status_fault(index):
             self.camera.refused(index)
-            self._send(codec.status(STATUS_FILE_NOT_AVAILABLE))
+            self._send(codec.status(FILE_NOT_AVAILABLE))
             return
         plan = self.plans.get(self.camera.file(index).content)
         self.camera.result.starts += 1
@@ -252,7 +249,7 @@ class CameraProtocol(Protocol):
             if packet > plan.count + 1:
                 self._error(f"RESUME {position} beyond the {plan.count} packets; SYNC 1")
                 packet = 1
-            offset, synced = (packet - 1) * FRAME_SIZE, packet
+            offset, synced = (packet - 1) * PACKET, packet
         else:
             offset = position
             if offset > plan.size:

@@ -67,7 +67,7 @@ async def run_camera(
             reason = f" (last: {last_failure})" if last_failure else ""
             result.errors.append(f"gave up after {attempts} connection attempts{reason}")
             break
-        await deferLater(reactor, reconnect_delay)  # type: ignore[arg-type]
+        await deferLater(reactor, reconnect_delay)
     if not reconnect and not camera.done and not spec.garbage and result.connections == 0:
         result.errors.append(f"could not connect: {last_failure}")
     return camera.finish(reactor.seconds())

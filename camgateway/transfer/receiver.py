@@ -5,17 +5,14 @@ This is the DATA hot path. :meth:`Transfer.take_run` (a run of frames) and
 of the decoder's buffer and one copy of the payload into a pending
 :class:`bytearray`. Nothing is logged and no Deferred is made per frame.
 
-Writing is batched and leaves the reactor thread: once :data:`WRITE_MIN`
-bytes are pending, the session swaps the buffer out (:meth:`take_pending`)
+Writing leaves the reactor thread: the connection's write policy
+(:mod:`camgateway.transfer.writes`) swaps the buffer out (:meth:`take_pending`)
 and a pool thread writes it with one ``pwrite`` and feeds it to the file's
 SHA-256 (:meth:`write_chunk`; both release the GIL), so a finished file's
-digest needs no second read. One write per file is in flight at a time;
-behind it at most :data:`PENDING_MAX` bytes wait before the session pauses
-the camera's socket (backpressure). Slow cameras' few pending bytes are
-written inline once they are :data:`FLUSH_AGE` seconds old (a trickle of
-under :data:`TRICKLE_BYTES`, :data:`TRICKLE_AGE`).
+digest needs no second read. A few pending bytes may be written inline
+(:meth:`flush`, at most :data:`INLINE_WRITE_MAX`).
 
-Positions: DualCam counts 1-based packets of 1024 bytes, the path flow counts
+Positions: DualCam counts 1-based packets of :data:`~camgateway.wire.codec.PACKET` bytes, the path flow counts
 bytes from 0 (PROTOCOL.md section 4). Internally everything is bytes.
 """
 
@@ -28,28 +25,14 @@ from typing import Any, Optional
 
 from twisted.internet import defer
 
-from camgateway.wire.codec import ProtocolError
+from camgateway.wire.codec import (CRC_SIZE, DATA_FRAME, DATA_LENGTH_MAX, DATA_LENGTH_MIN, HEADER_SIZE, PACKET,
+                                   ProtocolError)
 from camgateway.wire.crc import crc16, crc16_combine
 from camgateway.storage.records import Partial
-from camgateway.wire.codec import DATA_FRAME, PACKET
 
 __all__ = ["Transfer", "FileDigest", "digest_file", "RUN_MORE", "RUN_BAD_CRC", "RUN_COMPLETE",
-           "RUN_SLOW", "WRITE_MIN", "PENDING_MAX", "FLUSH_AGE", "TRICKLE_BYTES", "TRICKLE_AGE",
-           "INLINE_WRITE_MAX", "HEAD_BYTES"]
+           "RUN_SLOW", "INLINE_WRITE_MAX", "HEAD_BYTES"]
 
-#: Pending bytes that make a write (to a pool thread).
-WRITE_MIN = 256 * 1024
-#: Pending bytes behind a write in flight at which the camera is paused.
-PENDING_MAX = 1024 * 1024
-#: Seconds after which fewer than WRITE_MIN pending bytes are written anyway...
-FLUSH_AGE = 1.0
-#: ... unless they are fewer than TRICKLE_BYTES: those (a camera sending under
-#: 8 KiB/s) wait up to TRICKLE_AGE seconds, so that 10,000 cameras on slow
-#: links cost a fifth of the writes. A connection holds at most about
-#: max(8 KiB, a second of its rate) pending either way; a crash loses only
-#: what the camera sends again on resume.
-TRICKLE_BYTES = 8 * 1024
-TRICKLE_AGE = 5.0
 #: At most this many pending bytes are written without a write step of their
 #: own: a slow camera's on the reactor thread, and the last of a file (when no
 #: write is in flight) by the thread that flushes it, just before the flush.
@@ -61,7 +44,7 @@ _FRAME = DATA_FRAME
 _BLOCK_MIN = 4  # frames worth taking as one block
 _BLOCK_MAX = 128
 #: Where each payload lies in a block of whole frames.
-_PAYLOADS = tuple(slice(j * _FRAME + 4, j * _FRAME + 4 + PACKET) for j in range(_BLOCK_MAX))
+_PAYLOADS = tuple(slice(j * _FRAME + HEADER_SIZE, j * _FRAME + HEADER_SIZE + PACKET) for j in range(_BLOCK_MAX))
 _CRC_FIELDS: dict[int, Any] = {}
 
 
@@ -69,7 +52,7 @@ def _crc_fields(k: int) -> Any:
     """``unpack_from(buf, pos)`` of the CRC fields of k whole frames at ``pos``."""
     unpack = _CRC_FIELDS.get(k)
     if unpack is None:
-        unpack = _CRC_FIELDS[k] = struct.Struct(">" + f"{_FRAME - 2}xH" * k).unpack_from
+        unpack = _CRC_FIELDS[k] = struct.Struct(">" + f"{_FRAME - CRC_SIZE}xH" * k).unpack_from
     return unpack
 
 
@@ -199,10 +182,11 @@ class Transfer:
         limit, done_at, unit = self.limit, self.done_at, self._unit
         held = self.held
         crc = self._crc
+        length_min, length_max = DATA_LENGTH_MIN, DATA_LENGTH_MAX
         status = RUN_MORE
-        # Blocks of whole 1024-byte frames that do not end the file: a few C
-        # calls per block, none per frame in Python. The headers are checked
-        # by strided slices, the k CRC fields read by one struct, and each
+        # Blocks of whole DATA frames of a packet each (header ``00 04 04 02``)
+        # that do not end the file: a few C calls per block, none per frame in
+        # Python. The headers are checked by strided slices, the k CRC fields read by one struct, and each
         # frame's CRC (chained from the field before it) computed by ``map``;
         # the block is taken only if all of them match. Any doubt, and the
         # frame-by-frame loop below decides, with the same result.
@@ -227,7 +211,7 @@ class Transfer:
             cmd, length = _HEADER(buf, pos)
             if cmd != 0x0004:
                 break
-            if not 3 <= length <= 1026:
+            if not length_min <= length <= length_max:
                 raise ProtocolError(f"DATA length {length} out of range", buf[pos : pos + 8])
             stop = pos + 4 + length
             if stop > end:

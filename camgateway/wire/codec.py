@@ -1,6 +1,8 @@
 """The wire format of the Teltonika camera file-transfer protocol.
 
-PROTOCOL.md sections 1-3. Two halves:
+PROTOCOL.md sections 1-4. Every size, limit and settings bit of the
+protocol is defined here, once; the gateway and the emulator import them.
+Two halves:
 
 * encoders for every frame either side sends (the gateway uses the server
   half, the emulator in :mod:`camgateway.sim` the device half);
@@ -25,14 +27,25 @@ __all__ = [
     "FrameReceiver",
     "FrameDecoder",
     "ServerFrameDecoder",
+    "HEADER_SIZE",
+    "CRC_SIZE",
     "INIT_SIZE",
     "init_imei",
     "DATA_MAX",
     "PACKET",
+    "DATA_LENGTH_MIN",
+    "DATA_LENGTH_MAX",
     "DATA_FRAME",
+    "ENHANCED_OVERHEAD",
     "PATH_MAX",
     "METADATA_MAX",
     "SYNC_MARK",
+    "PATH_FILE_BIT",
+    "DUALCAM_SOURCES",
+    "DUALCAM_SOURCE_BITS",
+    "ANY_DUALCAM_BITS",
+    "ALWAYS_SET_BITS",
+    "uses_path_flow",
 ]
 
 
@@ -54,12 +67,32 @@ class Cmd(enum.IntEnum):
     ENHANCED_DATA = 0x000E
 
 
-INIT_SIZE = 16
+_u16 = struct.Struct(">H")
+_header = struct.Struct(">HH")
+_u32 = struct.Struct(">I")
+_init = struct.Struct(">HHQI")
+_frame_u32 = struct.Struct(">HHI")
+
+# ---------------------------------------------------------------------------
+# Sizes and limits (PROTOCOL.md sections 1-2)
+
+#: Every frame but the init packet and REPEAT INIT starts with command u16, length u16.
+HEADER_SIZE = _header.size
+#: The CRC-16 that ends a DATA or ENHANCED DATA frame.
+CRC_SIZE = 2
+#: The init packet: ``0x0000 | protocol_id u16 | imei u64 | settings u32``, no length field.
+INIT_SIZE = _init.size
+#: The most data one DATA frame carries.
 DATA_MAX = 1024
 #: A DualCam file's packet: every DATA frame but the last carries exactly this many bytes.
 PACKET = DATA_MAX
+#: A DATA frame's length field: at least one byte of data, at most DATA_MAX, and the CRC.
+DATA_LENGTH_MIN = 1 + CRC_SIZE
+DATA_LENGTH_MAX = DATA_MAX + CRC_SIZE
 #: A whole DualCam DATA frame: command, length, a packet, CRC.
-DATA_FRAME = 4 + PACKET + 2
+DATA_FRAME = HEADER_SIZE + PACKET + CRC_SIZE
+#: What an ENHANCED DATA payload holds besides its data: the u32 byte offset and the CRC.
+ENHANCED_OVERHEAD = 4 + CRC_SIZE
 PATH_MAX = 512
 METADATA_MAX = 1024
 #: A SYNC frame's header: what the decoder scans for while discarding.
@@ -69,18 +102,36 @@ SYNC_MARK = b"\x00\x03\x00\x04"
 _LENGTHS: dict[int, tuple[int, int]] = {
     Cmd.START: (6, 6),
     Cmd.SYNC: (4, 4),
-    Cmd.DATA: (3, DATA_MAX + 2),
+    Cmd.DATA: (DATA_LENGTH_MIN, DATA_LENGTH_MAX),
     Cmd.STATUS: (4, 4),
     Cmd.METADATA: (0, METADATA_MAX),
     Cmd.PATH: (1, PATH_MAX),
-    Cmd.ENHANCED_DATA: (7, DATA_MAX + 6),
+    Cmd.ENHANCED_DATA: (1 + ENHANCED_OVERHEAD, DATA_MAX + ENHANCED_OVERHEAD),
 }
 
-_u16 = struct.Struct(">H")
-_header = struct.Struct(">HH")
-_u32 = struct.Struct(">I")
-_init = struct.Struct(">HHQI")
-_frame_u32 = struct.Struct(">HHI")
+# ---------------------------------------------------------------------------
+# The init packet's settings bits (PROTOCOL.md section 4)
+
+#: Bit 25: a file is ready; ask for its path with FILE PATH REQUEST (0x000C).
+PATH_FILE_BIT = 0x02000000
+#: The settings bit announcing a pending file of each DualCam source (bits 26-29).
+DUALCAM_SOURCE_BITS: dict[str, int] = {"photof": 0x04000000, "photor": 0x08000000,
+                                       "videof": 0x10000000, "videor": 0x20000000}
+#: The DualCam sources, in the order of their settings bits.
+DUALCAM_SOURCES: tuple[str, ...] = tuple(DUALCAM_SOURCE_BITS)
+#: Any DualCam source pending (bits 26-29).
+ANY_DUALCAM_BITS = sum(DUALCAM_SOURCE_BITS.values())
+#: Bits 30 and 10, which real devices always set (and the gateway ignores).
+ALWAYS_SET_BITS = 0x40000400
+
+
+def uses_path_flow(protocol_id: int, settings: int) -> bool:
+    """Whether files are offered by path (0x000C/0x000D), not as DualCam sources (mode ``auto``).
+
+    Bit 25 says so, and so does any DualCam bit from firmware with protocol
+    id 6 or more (which offers every file by path).
+    """
+    return bool(settings & PATH_FILE_BIT) or (protocol_id >= 6 and bool(settings & ANY_DUALCAM_BITS))
 
 
 class ProtocolError(Exception):
@@ -91,7 +142,7 @@ class ProtocolError(Exception):
     the announced file) or ``identity`` (a changed IMEI).
     """
 
-    def __init__(self, message: str, offending: bytes = b"", kind: str = "length") -> None:
+    def __init__(self, message: str, offending: bytes | bytearray | memoryview = b"", kind: str = "length") -> None:
         super().__init__(message)
         self.message = message
         self.kind = kind
@@ -170,14 +221,14 @@ def sync(position: int) -> bytes:
 
 def data(payload: bytes, crc: int) -> bytes:
     """DATA: up to 1024 bytes and their chained CRC."""
-    return _u16.pack(Cmd.DATA) + _u16.pack(len(payload) + 2) + payload + _u16.pack(crc)
+    return _u16.pack(Cmd.DATA) + _u16.pack(len(payload) + CRC_SIZE) + payload + _u16.pack(crc)
 
 
 def enhanced_data(offset: int, payload: bytes, crc: int) -> bytes:
     """ENHANCED DATA (0x000E): byte offset, data, chained CRC."""
     return (
         _u16.pack(Cmd.ENHANCED_DATA)
-        + _u16.pack(len(payload) + 6)
+        + _u16.pack(len(payload) + ENHANCED_OVERHEAD)
         + _u32.pack(offset)
         + payload
         + _u16.pack(crc)
@@ -301,6 +352,7 @@ class FrameDecoder:
         on_data = receiver.data
         runner = getattr(receiver, "runner", None)
         header = _header.unpack_from
+        length_min, length_max = DATA_LENGTH_MIN, DATA_LENGTH_MAX
         end = len(buf)
         pos = 0
         view = memoryview(buf)
@@ -311,12 +363,12 @@ class FrameDecoder:
                 if run is not None:  # a run of DATA frames, taken in one call
                     pos, status = run(buf, view, pos, end)
                     if status == 1 or status == 2:  # bad CRC, file complete
-                        receiver.run_ended(status)
+                        receiver.run_ended(status)  # type: ignore[attr-defined]  # comes with runner()
                         continue
                 if end - pos >= 4 and not self.discarding:
                     cmd, length = header(buf, pos)
                     if cmd == 0x0004:  # DATA: the hot path, checked first
-                        if not 3 <= length <= 1026:
+                        if not length_min <= length <= length_max:
                             raise ProtocolError(f"DATA length {length} out of range", buf[pos : pos + 8])
                         stop = pos + 4 + length
                         if stop > end:

@@ -15,25 +15,31 @@ import json
 import math
 import struct
 
-__all__ = ["decode_metadata", "capture_time"]
+from camgateway.wire.codec import DUALCAM_SOURCE_BITS
+
+__all__ = ["decode_metadata", "capture_time", "DUALCAM_LAYOUTS", "DUALCAM_FILE_TYPES", "DSM_LAYOUT", "ADAS_LAYOUT"]
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
-# DualCam: version -> (struct format, size). Each version appends fields.
-_DUALCAM = {
+#: DualCam/DashCam binary metadata by version (the first byte); each version appends fields.
+DUALCAM_LAYOUTS: dict[int, struct.Struct] = {
     1: struct.Struct(">BBQBH"),  # version, file_type, ts ms, trigger, length s
     2: struct.Struct(">BBQBHB"),  # + framerate
     3: struct.Struct(">BBQBHBhdd"),  # + timezone min, latitude, longitude
     4: struct.Struct(">BBQBHBhddQ"),  # + trigger timestamp ms
 }
-_DUALCAM_FILE_TYPES = {4: "photof", 8: "photor", 16: "videof", 32: "videor"}
+#: The DualCam metadata's file_type of each source: its settings bit, shifted down (bits 26-29 as 4..32).
+DUALCAM_FILE_TYPES: dict[str, int] = {source: bit >> 24 for source, bit in DUALCAM_SOURCE_BITS.items()}
+_DUALCAM_FILE_TYPE_NAMES = {file_type: source for source, file_type in DUALCAM_FILE_TYPES.items()}
 _DUALCAM_TRIGGERS = (
     "server request", "DIN1", "DIN2", "crash", "towing", "idling", "geofence",
     "unplug", "green driving", "periodic", "DIN3", "DIN4",
 )
 
-_DSM = struct.Struct(">IBBiiH10s")  # 26 bytes
-_ADAS = struct.Struct(">IBBiiB")  # 15 bytes
+#: DSM binary metadata (26 bytes).
+DSM_LAYOUT = struct.Struct(">IBBiiH10s")
+#: ADAS binary metadata (15 bytes).
+ADAS_LAYOUT = struct.Struct(">IBBiiB")
 _DSM_FILE_TYPES = ("video", "snapshot", "current snapshot", "retransmitted snapshot")
 _DSM_TRIGGERS = (
     "none", "DIN1", "DIN2", "DIN3", "DIN4", "crash", "towing", "idling",
@@ -89,7 +95,7 @@ def _decode_dualcam(payload: bytes) -> dict[str, object]:
     if not payload:
         raise _Unparseable("empty payload")
     version = payload[0]
-    layout = _DUALCAM.get(version)
+    layout = DUALCAM_LAYOUTS.get(version)
     if layout is None:
         raise _Unparseable(f"unknown dualcam version {version}")
     if len(payload) < layout.size:
@@ -100,7 +106,7 @@ def _decode_dualcam(payload: bytes) -> dict[str, object]:
         "layout": f"dualcam-v{version}",
         "version": version,
         "file_type": fields[1],
-        "file_type_name": _name(_DUALCAM_FILE_TYPES, fields[1]),
+        "file_type_name": _name(_DUALCAM_FILE_TYPE_NAMES, fields[1]),
     }
     _put_time(out, "timestamp", fields[2], fields[2])
     out["trigger"] = fields[3]
@@ -137,22 +143,22 @@ def _decode_common(payload: bytes, layout: struct.Struct, name: str,
 
 
 def _decode_dsm(payload: bytes) -> dict[str, object]:
-    out, fields = _decode_common(payload, _DSM, "dsm", _DSM_TRIGGERS)
+    out, fields = _decode_common(payload, DSM_LAYOUT, "dsm", _DSM_TRIGGERS)
     events = fields[5]
     out["events"] = events
     out["event_names"] = [n for bit, n in enumerate(_DSM_EVENTS) if events >> bit & 1]
     name = fields[6].strip(b"\x00")[::-1].decode("utf-8", errors="replace").strip()
     out["driver_name"] = name or None
-    if len(payload) > _DSM.size:
-        out["extra"] = payload[_DSM.size:].hex()
+    if len(payload) > DSM_LAYOUT.size:
+        out["extra"] = payload[DSM_LAYOUT.size:].hex()
     return out
 
 
 def _decode_adas(payload: bytes) -> dict[str, object]:
-    out, fields = _decode_common(payload, _ADAS, "adas", _ADAS_TRIGGERS)
+    out, fields = _decode_common(payload, ADAS_LAYOUT, "adas", _ADAS_TRIGGERS)
     out["length_s"] = fields[5]
-    if len(payload) > _ADAS.size:
-        out["extra"] = payload[_ADAS.size:].hex()
+    if len(payload) > ADAS_LAYOUT.size:
+        out["extra"] = payload[ADAS_LAYOUT.size:].hex()
     return out
 
 
@@ -210,11 +216,11 @@ def _decode_json(text: bytes) -> dict[str, object]:
 
 def _guess(payload: bytes) -> dict[str, object]:
     """Layout for camera "unknown": exact sizes only."""
-    if payload and payload[0] in _DUALCAM and len(payload) == _DUALCAM[payload[0]].size:
+    if payload and payload[0] in DUALCAM_LAYOUTS and len(payload) == DUALCAM_LAYOUTS[payload[0]].size:
         return _decode_dualcam(payload)
-    if len(payload) == _DSM.size:
+    if len(payload) == DSM_LAYOUT.size:
         return _decode_dsm(payload)
-    if len(payload) == _ADAS.size:
+    if len(payload) == ADAS_LAYOUT.size:
         return _decode_adas(payload)
     raise _Unparseable(f"unrecognised layout ({len(payload)} bytes)")
 
