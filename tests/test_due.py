@@ -13,7 +13,8 @@ from camgateway.perf.due import DueSessions
 from camgateway.runtime.service import flush_stale
 from camgateway.session.machine import Session, State
 from camgateway.perf.slow_reads import READ_WAIT
-from camgateway.transfer.receiver import FLUSH_AGE, TRICKLE_AGE
+from camgateway.transfer.writes import FLUSH_AGE, TRICKLE_AGE
+from camgateway.perf.settings import Performance
 from tests.support import connect, make_services
 from tests.test_session import IMEI, VIDEOF, data_frames
 
@@ -62,7 +63,7 @@ class ScanTests(TestCase):
     def setUp(self) -> None:
         self.root = Path(self.mktemp())
         self.root.mkdir()
-        self.services = make_services(self.root, metadata=False)
+        self.services = make_services(self.root, metadata=False, performance=Performance.every(True))
         self.clock = self.services.clock
         self.visits: list[Any] = []
         real = Session.write_stale
@@ -126,7 +127,7 @@ class ScanTests(TestCase):
             self.clock.advance(1.0)
             protocol.dataReceived(frames[sent])
             sent += 1
-        self.assertNotEqual(session._reads.mark, 1)
+        self.assertNotEqual(session.writes.reads.mark, 1)
         self.visits.clear()
         # Read every READ_WAIT seconds for 120 s, as the kernel would wake it: never stale.
         for _ in range(int(120 / READ_WAIT)):
@@ -135,6 +136,6 @@ class ScanTests(TestCase):
                 flush_stale(self.services)
             protocol.dataReceived(b"".join(frames[sent:sent + int(READ_WAIT)]))
             sent += int(READ_WAIT)
-        self.assertNotEqual(session._reads.mark, 1)
+        self.assertNotEqual(session.writes.reads.mark, 1)
         scans = int(120 / 0.5)
         self.assertLess(len(self.visits), scans / 4, f"{len(self.visits)} visits in {scans} scans")

@@ -108,3 +108,38 @@ class BatchThreadTests(TestCase):
         self.assertEqual((yield lane.submit(5)), "own:5")
         yield lane.close()
         self.assertEqual(own.threads, ["alone"])
+
+
+class UnbatchedTests(TestCase):
+    """``batching=False`` (``performance.group_commit: false``): every item a batch of its own, in order."""
+
+    @defer.inlineCallbacks
+    def test_items_queued_meanwhile_run_one_at_a_time(self) -> Any:
+        hold = threading.Event()
+        lane = Lane("alone", hold)
+        thread = GroupCommitThread(lane, reactor, "unbatched", batching=False)
+        self.addCleanup(thread.close)
+        self.addCleanup(hold.set)
+        held = thread.submit(1)
+        self.assertTrue(lane.started.wait(10))
+        queued = [thread.submit(2), thread.submit(3)]
+        hold.set()
+        self.assertEqual((yield held), "alone:1")
+        self.assertEqual((yield defer.gatherResults(queued)), ["alone:2", "alone:3"])
+        self.assertEqual(lane.batches, [[1], [2], [3]])
+        self.assertEqual((thread.batches, thread.served), (3, 3))
+        yield thread.close()
+
+    @defer.inlineCallbacks
+    def test_an_unbatched_sqlite_store_commits_each_statement(self) -> Any:
+        from camgateway.storage.sqlite import SQLiteStore
+
+        for batching, most in ((True, 1), (False, 4)):
+            store = SQLiteStore(":memory:", reactor, batching=batching)
+            yield store.all()  # (opened)
+            before = store._thread.batches
+            yield defer.gatherResults([store.pending() for _ in range(4)])
+            self.assertLessEqual(store._thread.batches - before, most)
+            if not batching:
+                self.assertEqual(store._thread.batches - before, 4)
+            yield store.close()

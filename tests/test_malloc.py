@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from typing import Any
 from twisted.trial.unittest import SkipTest, TestCase
 
 from camgateway.perf import process as malloc
+from camgateway.perf.settings import Performance
 
 from camgateway.runtime import service
 from camgateway.runtime.config import Config
@@ -76,10 +78,14 @@ class TuneMallocTests(TestCase):
 
         self.assertFalse(malloc.tune_malloc({}, Refusing()))
 
-    def test_every_process_that_makes_a_gateway_tunes_its_allocator(self) -> None:
-        # twistd's process and each child worker both build theirs with make_gateway.
+    def test_the_process_tuning_tunes_the_allocator_only_when_on(self) -> None:
+        # Applied by the processes that run a gateway (the tap, a child worker), not by make_gateway.
         calls: list[None] = []
-        self.patch(service, "tune_malloc", lambda: calls.append(None))
+        self.patch(malloc, "tune_malloc", lambda: calls.append(None) or True)
+        off = Performance.every(False)
+        self.assertEqual(malloc.tune_process(off), [])
+        self.assertEqual(malloc.tune_process(dataclasses.replace(off, malloc=True)), ["malloc"])
+        self.assertEqual(len(calls), 1)
         root = Path(self.mktemp())
         service.make_gateway(Config(listen=("tcp:0:interface=127.0.0.1",), spool=root / "spool",
                                     sinks=({"type": "disk", "root": str(root / "files")},), min_free_bytes=0))

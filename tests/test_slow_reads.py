@@ -16,8 +16,10 @@ from camgateway.wire import codec
 from camgateway.runtime.service import flush_stale
 from camgateway.session.machine import State
 from camgateway.sim import ContentPool
-from camgateway.perf.slow_reads import FRAME, MARK_MAX, MARK_MIN, READ_WAIT, SlowReads
+from camgateway.perf.slow_reads import MARK_MAX, MARK_MIN, READ_WAIT, SlowReads
+from camgateway.wire.codec import DATA_FRAME as FRAME
 from camgateway.perf.sockets import set_read_mark
+from camgateway.perf.settings import Performance
 from tests.support import connect, loopback_pair, make_services, stored_files
 from tests.test_integration import GatewayTestCase, camera
 from tests.test_session import IMEI, VIDEOF, data_frames
@@ -138,7 +140,7 @@ class SessionTests(TestCase):
     def setUp(self) -> None:
         self.root = Path(self.mktemp())
         self.root.mkdir()
-        self.services = make_services(self.root, metadata=False)
+        self.services = make_services(self.root, metadata=False, performance=Performance.every(True))
         self.clock = self.services.clock
         self.protocol, self.transport = connect(self.services)
         self.marks = Marks()
@@ -146,7 +148,7 @@ class SessionTests(TestCase):
 
     @property
     def mark(self) -> int:
-        return self.protocol.session._reads.mark
+        return self.protocol.session.writes.reads.mark
 
     def begin(self, content: bytes) -> list[bytes]:
         """Up to the SYNC of a DualCam video; its DATA frames."""
@@ -218,10 +220,10 @@ class SessionTests(TestCase):
         self.assertNotEqual(self.protocol.session.state, State.RECEIVING)
 
     def test_the_wait_stays_far_from_the_idle_timeout(self) -> None:
-        self.assertEqual(self.protocol.session._reads.wait, READ_WAIT)
-        services = make_services(self.root / "short", idle_timeout=6.0)
+        self.assertEqual(self.protocol.session.writes.reads.wait, READ_WAIT)
+        services = make_services(self.root / "short", idle_timeout=6.0, performance=Performance.every(True))
         protocol, _ = connect(services)
-        self.assertEqual(protocol.session._reads.wait, 1.5)
+        self.assertEqual(protocol.session.writes.reads.wait, 1.5)
 
     def test_a_camera_read_as_it_comes_is_not_held(self) -> None:
         frames = self.begin(random.Random(4).randbytes(200 * KIB))
@@ -250,7 +252,7 @@ class LoopbackTests(GatewayTestCase):
 
     @defer.inlineCallbacks
     def test_slow_cameras_are_read_a_few_frames_at_a_time(self) -> Any:
-        yield self.start_gateway()
+        yield self.start_gateway(performance=Performance.every(True))
         seen: list[int] = []
 
         def look() -> bool:

@@ -14,7 +14,11 @@ from twisted.trial.unittest import TestCase
 from camgateway.perf import sockets
 from camgateway.session.protocol import CameraProtocol
 from camgateway.perf.sockets import TurnWriter
+from camgateway.perf.settings import Performance
 from tests.support import RunningClock, loopback_pair, make_services, poll
+
+#: The speed-ups these tests are about, on whatever CAMGATEWAY_PERFORMANCE says.
+ON = Performance.every(True)
 
 
 class Received(Protocol):
@@ -89,9 +93,8 @@ class TurnWriterTests(TestCase):
                 raise RuntimeError("broken")
             real(transport, data)
 
-        self.patch(sockets, "write_now", failing)
         clock = RunningClock()
-        writer = TurnWriter(clock)
+        writer = TurnWriter(clock, failing)  # (how each reply goes out: write_now by default)
         writer.write(a, b"lost")
         writer.write(b, b"still sent")
         clock.advance(0)
@@ -107,7 +110,8 @@ class ProtocolTests(TestCase):
 
     @defer.inlineCallbacks
     def connection(self, clock: Clock) -> Any:
-        services = make_services(Path(self.mktemp()), clock)  # their writer keeps replies for that clock's turn
+        # (their writer keeps replies for that clock's turn)
+        services = make_services(Path(self.mktemp()), clock, performance=ON)
         transport, camera = yield loopback_pair(self, Received())
         protocol = CameraProtocol(services)
         protocol.transport = transport  # the loopback connection's, written by the protocol's methods
@@ -154,7 +158,7 @@ class ReadSizeTests(TestCase):
         transport, client = yield loopback_pair(self)
         if read:
             transport.bufferSize = read
-        protocol = CameraProtocol(make_services(Path(self.mktemp())))
+        protocol = CameraProtocol(make_services(Path(self.mktemp()), performance=ON))
         transport.protocol = protocol  # the connection's reads now go to the camera protocol
         protocol.makeConnection(transport)
         protocol.decoder = Sizes()  # type: ignore[assignment]
@@ -200,7 +204,7 @@ class ReadSizeTests(TestCase):
         self.assertEqual(sockets.read_size(transport), transport.bufferSize)
         transport.bufferSize = 4 * sockets.WIDE_READ  # (never narrowed)
         self.assertEqual(sockets.read_size(transport), 0)
-        protocol, string = CameraProtocol(make_services(Path(self.mktemp()))), StringTransport()
+        protocol, string = CameraProtocol(make_services(Path(self.mktemp()), performance=ON)), StringTransport()
         protocol.makeConnection(string)
         protocol.decoder = Sizes()  # type: ignore[assignment]
         protocol.dataReceived(b"\x55" * 65536)

@@ -74,11 +74,11 @@ def _value(failure: _Error) -> BaseException:
 
 def is_bug(failure: _Error) -> bool:
     """Whether ``failure`` is a mistake in code (log its traceback) rather than an ordinary failure."""
-    from twisted.web import _newclient
+    from camgateway.base.internals import http_wrappers
 
     value = _value(failure)
-    if isinstance(value, _newclient._WrapperException):  # an HTTP request failed because of what?
-        return any(is_bug(r) for r in value.reasons if isinstance(r, (Failure, BaseException)))
+    if isinstance(value, http_wrappers()):  # an HTTP request failed because of what?
+        return any(is_bug(r) for r in getattr(value, "reasons", ()) if isinstance(r, (Failure, BaseException)))
     return isinstance(value, _BUGS)
 
 
@@ -124,18 +124,21 @@ def _words(value: Any, depth: int) -> str:
 
 def _wrapped(value: Any, depth: int) -> Any:
     """Twisted's HTTP client wraps the cause of a failed request: say what it was doing when it failed."""
-    from twisted.web import _newclient
+    from twisted.web import client
 
-    if not isinstance(value, _newclient._WrapperException) or depth > 3:
+    from camgateway.base.internals import http_wrappers
+
+    if not isinstance(value, http_wrappers()) or depth > 3:
         return None
-    causes = [_words(_value(r), depth + 1) for r in value.reasons if isinstance(r, (Failure, BaseException))]
+    causes = [_words(_value(r), depth + 1) for r in getattr(value, "reasons", ())
+              if isinstance(r, (Failure, BaseException))]
     causes = [c for c in dict.fromkeys(causes) if c != "connection closed by the receiver"] or causes
     cause = "; ".join(causes) or "no reason given"
-    if isinstance(value, _newclient.ResponseNeverReceived):
+    if isinstance(value, client.ResponseNeverReceived):
         return f"{cause} before answering"
-    if isinstance(value, _newclient.ResponseFailed):
+    if isinstance(value, client.ResponseFailed):
         return f"{cause} in the middle of the answer"
-    if isinstance(value, _newclient.RequestTransmissionFailed):
+    if isinstance(value, client.RequestTransmissionFailed):
         return f"{cause} while the file was being sent"
     return f"{cause} while the request was being made"
 

@@ -5,12 +5,12 @@ no byte from the camera: its pending bytes, written :data:`FLUSH_AGE` or
 :data:`TRICKLE_AGE` seconds after they began to wait
 (:mod:`camgateway.transfer.receiver`), and its held read mark, dropped once the
 connection has not been read for twice its wait (:mod:`camgateway.perf.slow_reads`).
-The scan (``flush_stale``, twice a second) used to ask every session of the
-worker. With 9,850 slow cameras on two workers that was 19,700 visits a
+The plain scan (``flush_stale``, twice a second) asks every session of the
+worker. With 9,850 slow cameras on two workers that is 19,700 visits a
 second, most of them finding nothing due: 0.013 of a core, of the 0.08-0.10
-the slow cameras cost the gateway (``benchmarks/README.md``, step 44).
+the slow cameras cost the gateway (docs/performance.md, ``due_heap``).
 
-Now a session files itself here for the earliest moment something of its own
+With the heap a session files itself here for the earliest moment something of its own
 may come due (:meth:`DueSessions.at`), and the scan takes only those whose
 moment has come (:meth:`DueSessions.take`). A visit that finds its thing not
 due after all (the camera was read since, its mark is not stale) files the
@@ -25,7 +25,7 @@ import heapq
 import itertools
 from typing import Any, Hashable
 
-__all__ = ["DueSessions"]
+__all__ = ["DueSessions", "NoDueSessions"]
 
 
 class DueSessions:
@@ -70,3 +70,23 @@ class DueSessions:
 
     def __contains__(self, item: Hashable) -> bool:
         return item in self._when
+
+
+class NoDueSessions:
+    """Files nothing (``performance.due_heap: false``): the scan then visits every session."""
+
+    def at(self, item: Hashable, when: float) -> None:
+        """Nothing to file: every session is visited at every scan."""
+
+    def take(self, now: float) -> list[Any]:
+        """Nothing is filed."""
+        return []
+
+    def discard(self, item: Hashable) -> None:
+        """Nothing is filed."""
+
+    def __len__(self) -> int:
+        return 0
+
+    def __contains__(self, item: Hashable) -> bool:
+        return False

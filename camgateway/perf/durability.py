@@ -1,10 +1,10 @@
 """Group sync: one flush to disk makes the writes of many callers durable.
 
-A finished photo used to cost its own ``fdatasync`` in the spool, then an
-``fsync`` of its sidecar and of its folder in the disk sink; on this kind of
-disk each is a journal commit (about 0.3 ms, serialised by the filesystem
-however many threads ask at once), so a gateway receiving hundreds of files a
-second spent its time waiting for commits.
+Flushed one by one, a finished photo costs its own ``fdatasync`` in the
+spool, then an ``fsync`` of its sidecar and of its folder in the disk sink;
+on an ext4 disk each is a journal commit (about 0.3 ms, serialised by the
+filesystem however many threads ask at once), so a gateway receiving
+hundreds of files a second would spend its time waiting for commits.
 
 :class:`GroupSync` batches them the way a database group-commits: callers ask
 :meth:`GroupSync.sync` after their writes; while one flush runs, later callers

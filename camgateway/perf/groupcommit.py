@@ -15,6 +15,10 @@ lane, and a photo passes through all three. Each lane keeps its own batches
 (one transaction, one flush), and one wake-up of the thread runs what every
 lane has queued. Results come back to the reactor thread once per wake-up
 (``callFromThread``), each caller's Deferred firing with its own outcome.
+
+With ``batching`` off (``performance.group_commit: false``, see
+docs/performance.md) a thread runs each item as a batch of its own: one
+transaction, one flush per call, in the order submitted.
 """
 
 from __future__ import annotations
@@ -45,12 +49,14 @@ class BatchThread:
     photo's steps pass through costs it a wake-up and a GIL hand-off there
     and back (about 40 us of CPU on a busy two-core VM, 110 us on an idle
     one), and with one thread a single wake-up serves them all. The thread
-    starts with the first item and ends once every lane is closed.
+    starts with the first item and ends once every lane is closed. With
+    ``batching`` False each wake-up takes one item, a batch of its own.
     """
 
-    def __init__(self, reactor: Any, name: str) -> None:
+    def __init__(self, reactor: Any, name: str, batching: bool = True) -> None:
         self._reactor = reactor
         self.name = name
+        self.batching = batching
         # A C queue: a submit is one put, with no Python lock or Condition to
         # run on the reactor thread (submit and close are called there only).
         self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
@@ -77,6 +83,7 @@ class BatchThread:
     def _loop(self) -> None:
         get, get_nowait = self._queue.get, self._queue.get_nowait
         lanes = self._lanes  # (all made before the first item: see camgateway.runtime.service)
+        batching = self.batching
         while self._open:
             queued: dict[Any, list[Any]] = {}
             closing: list[Any] = []
@@ -87,6 +94,8 @@ class BatchThread:
                     closing.append(lane)
                 else:
                     queued.setdefault(lane, []).append(item)
+                if not batching:
+                    break
                 try:
                     entry = get_nowait()  # and takes every item queued meanwhile
                 except queue.Empty:
@@ -118,14 +127,15 @@ class GroupCommitThread(Generic[Item]):
     (every caller of the batch gets that failure). The thread is ``shared``
     (a :class:`BatchThread` other lanes use too) or one of its own; it starts
     with the first item and ends at :meth:`close` (a shared one once all of
-    its lanes are closed).
+    its lanes are closed). With ``batching`` False (a thread of its own
+    only) every item is a batch of its own.
     """
 
     def __init__(self, run_batch: Callable[[list[Item]], Sequence[Any]], reactor: Any, name: str,
-                 shared: Optional[BatchThread] = None) -> None:
+                 shared: Optional[BatchThread] = None, batching: bool = True) -> None:
         self._run_batch = run_batch
         self.name = name
-        self._runner = shared if shared is not None else BatchThread(reactor, name)
+        self._runner = shared if shared is not None else BatchThread(reactor, name, batching)
         self._runner._add(self)
         self._closed: defer.Deferred | None = None
         #: Batches run and items they served (for tests and metrics).

@@ -2,10 +2,9 @@
 
 A camera on a slow link sends its DATA frames one at a time, far apart, and
 the reactor reads each as it comes: a wake-up, a ``recv`` and a pass through
-the decoder for every kilobyte, about 30 µs of the gateway's CPU each
-(``benchmarks/README.md``, step 37). For 10,000 cameras at a frame a second
-that was a third of a core, taken from the cameras that stream at full
-speed. With ``SO_RCVLOWAT`` set, Linux keeps a connection's bytes until that
+the decoder for every kilobyte, about 30 µs of the gateway's CPU each. For
+10,000 cameras at a frame a second that is a third of a core, taken from the
+cameras that stream at full speed (docs/performance.md). With ``SO_RCVLOWAT`` set, Linux keeps a connection's bytes until that
 many are waiting and only then reports it readable (from 4.20 it does not
 even wake the reactor before), so the gateway reads several frames at once.
 
@@ -44,19 +43,17 @@ from typing import Optional, Protocol
 
 from camgateway.wire.codec import DATA_FRAME, PACKET
 
-__all__ = ["SlowReads", "ReadMarkLink", "READ_WAIT", "FRAME", "MARK_MIN", "MARK_MAX"]
+__all__ = ["SlowReads", "ReadMarkLink", "READ_WAIT", "MARK_MIN", "MARK_MAX"]
 
 #: Seconds of a slow camera's data the kernel may hold before the gateway reads it.
 #: 8 s (8 frames a read at 1 KiB/s) costs the gateway 14-20 µs per slow frame,
-#: against 25-34 µs with 4 s and 13-19 µs with 16 s (slow cameras alone,
-#: benchmarks/README.md step 39): past 8 s the reads are no longer what costs.
+#: against 25-34 µs with 4 s and 13-19 µs with 16 s (slow cameras alone):
+#: past 8 s the reads are no longer what costs.
 READ_WAIT = 8.0
-#: Bytes of a whole DATA frame on the wire (header, 1024 bytes, CRC).
-FRAME = DATA_FRAME
 #: Marks under two frames are not worth a system call; reads that bring more are not slow.
-MARK_MIN = 2 * FRAME
+MARK_MIN = 2 * DATA_FRAME
 #: The most a connection's mark holds (kernel memory per connection).
-MARK_MAX = 8 * FRAME
+MARK_MAX = 8 * DATA_FRAME
 
 
 class ReadMarkLink(Protocol):
@@ -97,7 +94,7 @@ class SlowReads:
         # Frames the camera sends in ``wait`` at the rate of this read (rounded:
         # a held camera's reads each bring about its mark, a little early or late).
         frames = int(got * self.wait / (elapsed * PACKET) + 0.5) if got > 0 and elapsed > 0 else 0
-        mark = min(frames * FRAME, MARK_MAX, left)
+        mark = min(frames * DATA_FRAME, MARK_MAX, left)
         self._set(mark if mark >= MARK_MIN else 1)
 
     def stale(self, now: float) -> None:

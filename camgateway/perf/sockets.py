@@ -17,19 +17,26 @@ read in bigger pieces than Twisted's 64 KiB.
 after another at its end. A ``send`` that wakes a peer asleep on another
 CPU pays for the wake-up (on this virtual machine about 40 µs of the
 sender's CPU for a few bytes, against 17 µs when the sends of a turn
-follow one another: benchmarks/README.md, step 41); the gateway's replies
-to many cameras, spread over a turn's work, paid it nearly every time.
+follow one another); the gateway's replies to many cameras, spread over
+a turn's work, paid it nearly every time.
+
+Each is a switch of the ``performance:`` section (``direct_send``,
+``reply_batching``, ``wide_reads``, ``read_marks``: docs/performance.md):
+off, :func:`plain_write` and :class:`PlainWriter` are the plain paths.
 """
 
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.tcp import Client, Server
 from twisted.logger import Logger
 
-__all__ = ["write_now", "set_read_mark", "TurnWriter", "WIDE_READ", "read_size", "widen_reads"]
+from camgateway.base.internals import nothing_queued
+
+__all__ = ["write_now", "plain_write", "set_read_mark", "TurnWriter", "PlainWriter", "WIDE_READ", "read_size",
+           "widen_reads"]
 
 log = Logger(namespace="camgateway.perf.sockets")
 
@@ -38,7 +45,7 @@ _SO_RCVLOWAT: Any = getattr(socket, "SO_RCVLOWAT", None)
 #: The most a read takes from a connection whose reads came back full at
 #: Twisted's size (64 KiB): a camera streaming faster than the gateway reads.
 #: A quarter as many reads, each with its turn through the protocol, the
-#: decoder and the session (benchmarks/README.md, step 42).
+#: decoder and the session.
 WIDE_READ = 256 * 1024
 
 
@@ -52,20 +59,45 @@ def write_now(transport: Any, data: bytes) -> None:
     always (flow control, producers, a broken connection); TLS and other
     transports always take that way.
     """
-    # (Twisted's write buffers are looked up with defaults that mean
-    # "something is queued", so a Twisted without them only loses the
-    # shortcut.)
+    # (A Twisted whose write buffers cannot be looked at only loses the
+    # shortcut: camgateway.base.internals.nothing_queued.)
     if (type(transport) in _PLAIN_TCP and transport.connected and not transport.disconnecting
-            and getattr(transport, "dataBuffer", True) == b""
-            and getattr(transport, "_tempDataBuffer", True) == []):
+            and nothing_queued(transport)):
         try:
-            sent = transport.socket.send(data)
+            sent = transport.getHandle().send(data)
         except OSError:  # full, or broken: Twisted's own write deals with it
             sent = 0
         if sent == len(data):
             return
         data = data[sent:]
     transport.write(data)
+
+
+def plain_write(transport: Any, data: bytes) -> None:
+    """``transport.write(data)``: the plain path of :func:`write_now` (``performance.direct_send: false``)."""
+    transport.write(data)
+
+
+#: How a writer sends one reply: :func:`write_now` or :func:`plain_write`.
+Send = Callable[[Any, bytes], None]
+
+
+class PlainWriter:
+    """Writes every reply at once (``performance.reply_batching: false``); the plain path of :class:`TurnWriter`."""
+
+    __slots__ = ("_send",)
+
+    kept = 0
+
+    def __init__(self, send: Send = plain_write) -> None:
+        self._send = send
+
+    def write(self, transport: Any, data: bytes) -> None:
+        """Send ``data`` to ``transport`` now."""
+        self._send(transport, data)
+
+    def flush(self) -> None:
+        """Nothing is ever kept."""
 
 
 class TurnWriter:
@@ -80,14 +112,16 @@ class TurnWriter:
     reactor has stopped (``clock.running`` false), after what is kept: the
     bytes of one connection never change order. A connection about to be
     closed or dropped calls :meth:`flush` first, so its last reply goes
-    before the FIN or the reset.
+    before the FIN or the reset. ``send`` is how each goes out
+    (:func:`plain_write` with ``performance.direct_send: false``).
     """
 
-    __slots__ = ("_clock", "_kept")
+    __slots__ = ("_clock", "_kept", "_send")
 
-    def __init__(self, clock: Any) -> None:
+    def __init__(self, clock: Any, send: Send = write_now) -> None:
         self._clock = clock
         self._kept: list[tuple[Any, bytes]] = []
+        self._send = send
 
     @property
     def kept(self) -> int:
@@ -104,14 +138,15 @@ class TurnWriter:
             return
         if self._kept:
             self.flush()
-        write_now(transport, data)
+        self._send(transport, data)
 
     def flush(self) -> None:
         """Send everything kept, in order (an error on one connection is logged; the others go out)."""
         kept, self._kept = self._kept, []
+        send = self._send
         for transport, data in kept:
             try:
-                write_now(transport, data)
+                send(transport, data)
             except Exception:
                 address = transport.getPeer()  # (a plain TCP connection's: host and port)
                 log.failure("a reply to {peer} could not be written", peer=f"{address.host}:{address.port}")
@@ -151,7 +186,7 @@ def set_read_mark(transport: Any, nbytes: int) -> bool:
     if type(transport) not in _PLAIN_TCP or not transport.connected or _SO_RCVLOWAT is None:
         return False
     try:
-        transport.socket.setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, nbytes)
+        transport.getHandle().setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, nbytes)
     except OSError:
         return False
     return True

@@ -13,6 +13,10 @@ back.
 Threads start as calls need them, up to ``max_threads``, and stay.
 :meth:`WorkerPool.close` lets the calls already queued run, then ends the
 threads; a call made after it fails at once rather than never firing.
+
+:class:`TwistedPool` is the plain path (``performance.worker_pool: false``,
+docs/performance.md): the same calls on Twisted's own ``ThreadPool``, with
+``deferToThreadPool``.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ import threading
 from typing import Any, Callable, Optional, TypeVar
 
 from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from camgateway.base.deferreds import after
 
-__all__ = ["WorkerPool", "wait_for_work"]
+__all__ = ["WorkerPool", "TwistedPool", "wait_for_work"]
 
 _STOP = None
 T = TypeVar("T")
@@ -114,3 +120,57 @@ class WorkerPool:
         self._ended += 1
         if self._ended == len(self._threads) and self._closed is not None and not self._closed.called:
             self._closed.callback(None)
+
+
+class TwistedPool:
+    """Runs blocking callables on Twisted's own ``ThreadPool`` of up to ``max_threads`` threads.
+
+    The plain path of :class:`WorkerPool`, with the same methods:
+    ``deferToThreadPool`` per call; :meth:`close` waits for the calls made,
+    then stops the pool; a call made after it fails at once.
+    """
+
+    def __init__(self, reactor: Any, max_threads: int, name: str = "camgateway-worker") -> None:
+        if max_threads < 1:
+            raise ValueError("a TwistedPool needs at least one thread")
+        self._reactor = reactor
+        self.max_threads = max_threads
+        self.name = name
+        self._pool = ThreadPool(0, max_threads, name)
+        self._pool.start()
+        #: Calls made and not yet answered.
+        self.outstanding = 0
+        self._closed: Optional[defer.Deferred] = None
+
+    @property
+    def threads(self) -> int:
+        """Threads running (started, not ended)."""
+        return sum(thread.is_alive() for thread in self._pool.threads)
+
+    def run(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
+        """Fires with ``f(*args, **kwargs)`` run on a pool thread (or fails with what it raised)."""
+        if self._closed is not None:
+            return defer.fail(RuntimeError(f"{self.name} pool is closed"))
+        self.outstanding += 1
+        d = deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
+        d.addBoth(self._answered)
+        return d
+
+    def _answered(self, result: Any) -> Any:
+        self.outstanding -= 1
+        if not self.outstanding and self._closed is not None and not self._closed.called:
+            self._end()
+        return result
+
+    def close(self) -> defer.Deferred:
+        """Wait for the calls made, then stop the pool's threads; fires once they have ended."""
+        if self._closed is None:
+            self._closed = defer.Deferred()
+            if not self.outstanding:
+                self._end()
+        return after(self._closed)
+
+    def _end(self) -> None:
+        self._pool.stop()  # (every thread idle by now: the joins are short)
+        assert self._closed is not None
+        self._closed.callback(None)

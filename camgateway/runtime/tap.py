@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 
 from camgateway.runtime.config import (DEFAULT_CONFIG_PATH, Config, ConfigError, check_endpoint_strings, check_workers,
                                effective, load_config)
+from camgateway.perf.process import tune_process
 from camgateway.runtime.logs import AtomicLines, observer_for
 from camgateway.runtime.service import make_gateway
 from camgateway.runtime.workers import children_needed
@@ -245,7 +246,12 @@ class _TwistdGateway(MultiService):
 
 
 def makeService(options: Options) -> IService:
-    """The gateway service for ``options``, with the log output its configuration asks for."""
+    """The gateway service for ``options``, with the log output its configuration asks for.
+
+    This process runs the gateway: the process-wide tuning that
+    ``performance:`` leaves on (allocator, collector, GIL switch interval)
+    is applied here (:func:`camgateway.perf.process.tune_process`).
+    """
     config: Any = options["parsed"]
     twistd = getattr(options, "parent", None) or {}
     logfile = twistd.get("logfile") or (None if twistd.get("nodaemon", True) else "twistd.log")
@@ -266,4 +272,7 @@ def makeService(options: Options) -> IService:
     # twistd's own log (a file it alone writes, or syslog): the workers send it their events.
     forward = several and observer is None and (bool(twistd.get("syslog")) or logfile not in (None, "", "-"))
     gateway = make_gateway(config, twistd_logfile=logfile, forward_logs=forward)
+    # twistd's process is the gateway's: the process-wide tuning is applied here, once
+    # what lives as long as the process is loaded (camgateway.perf.process).
+    tune_process(config.performance, config.workers)
     return _TwistdGateway(gateway, observer, EXIT_STATUS)

@@ -209,6 +209,7 @@ def main() -> int:
     epollreactor.install()
     from twisted.internet import reactor
 
+    from camgateway.perf.process import tune_process
     from camgateway.runtime.service import make_gateway
     from camgateway.runtime.workers import Shard
 
@@ -220,7 +221,8 @@ def main() -> int:
     observer = _observer(config, settings["twistd_logfile"], settings.get("forward_logs", False))
     globalLogBeginner.beginLoggingTo([tagged(observer, index)], redirectStandardIO=False)
     top = make_gateway(config, reactor, shard=Shard(index, count, root, drain))
-    gateway = top.gateway
+    tune_process(config.performance, workers=max(count, 2))  # (a child is always one of several processes)
+    gateway = top.gateway  # type: ignore[attr-defined]  # set by make_gateway
     outcome: dict[str, Any] = {}
 
     def lost() -> None:
@@ -242,7 +244,8 @@ def main() -> int:
 
     def start() -> None:
         os.set_blocking(CHANNEL_FD, False)
-        reactor.adoptStreamConnection(CHANNEL_FD, socket.AF_UNIX, _ReceiverFactory(receiver))
+        reactor.adoptStreamConnection(  # type: ignore[attr-defined]  # the epoll reactor installed above
+            CHANNEL_FD, socket.AF_UNIX, _ReceiverFactory(receiver))
         os.close(CHANNEL_FD)  # adopting made a copy
         top.startService()
         gateway.ready.addCallbacks(ready, failed)

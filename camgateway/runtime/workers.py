@@ -53,6 +53,7 @@ from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogPubl
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from camgateway.base.internals import release_without_shutdown
 from camgateway.wire.codec import INIT_SIZE, init_imei
 
 
@@ -151,7 +152,7 @@ def _peer_text(address: Any) -> str:
 
 def _release_copy(transport: Server) -> None:
     """Close this process's descriptor of a handed-over socket, without shutting the connection down."""
-    transport._shouldShutdown = False  # type: ignore[attr-defined]  # shutdown() would end it for the child too
+    release_without_shutdown(transport)  # shutdown() would end it for the child too
     transport.connectionLost(Failure(error.ConnectionDone("handed over to a worker")))
 
 
@@ -163,7 +164,7 @@ class Dispatcher(Protocol, TimeoutMixin):
     def __init__(self, factory: "DispatchFactory") -> None:
         self.owner = factory
         self.buffer = bytearray()
-        self.callLater = factory.clock.callLater
+        self.callLater = factory.clock.callLater  # type: ignore[method-assign]  # TimeoutMixin's clock
 
     def connectionMade(self) -> None:
         self.setTimeout(self.owner.idle_timeout)
@@ -428,7 +429,7 @@ class WorkerProcess(ProcessProtocol):
         channel = self.channel
         assert channel is not None
         channel.sendFileDescriptor(raw.fileno())
-        channel.write(handoff_frame(raw.socket.family, peer, head))
+        channel.write(handoff_frame(raw.getHandle().family, peer, head))
         self._unacked.append(raw)
 
     def _expire(self) -> None:
@@ -517,7 +518,11 @@ class Workers:
         """Fires once every worker that takes cameras was ready (or after ``timeout``: its cameras wait)."""
         waits = [p.first_ready for p in self.processes.values() if not p.drain]
         done: defer.Deferred = defer.Deferred()
-        timer = self.reactor.callLater(timeout, lambda: done.called or done.callback(None))
+        def give_up_waiting() -> None:
+            if not done.called:
+                done.callback(None)
+
+        timer = self.reactor.callLater(timeout, give_up_waiting)
 
         def all_ready(_: object) -> None:
             if timer.active():
