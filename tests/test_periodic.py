@@ -30,7 +30,7 @@ from camgateway.session import machine as session_module
 from camgateway.runtime.config import parse_config
 from camgateway.session.leasing import LeaseKeeper
 from camgateway.session.machine import State
-from camgateway.transfer.receiver import FLUSH_AGE
+from camgateway.transfer.writes import FLUSH_AGE
 from tests.support import connect, make_services
 from tests.test_session import IMEI, PHOTOF
 
@@ -159,7 +159,7 @@ class ScanTests(TestCase):
         first, bad, last = Visited("1"), Visited("2", RuntimeError("boom")), Visited("3")
         for n, item in enumerate((first, bad, last)):
             due.at(item, now + 0.1 + n * 0.01)  # all due at the next tick, in this order
-        writer = self.timer(FLUSH_AGE / 2)
+        self.timer(FLUSH_AGE / 2)
         self.clock.advance(FLUSH_AGE / 2)
         self.assertEqual([len(first.visits), len(bad.visits), len(last.visits)], [1, 1, 1])  # the one after, too
         [failure] = bad.errors  # handed to the session: logged with its camera, the connection dropped
@@ -168,7 +168,6 @@ class ScanTests(TestCase):
         later = Visited("4")
         due.at(later, self.clock.seconds() + 0.1)
         self.clock.advance(FLUSH_AGE / 2)
-        self.assertTrue(writer._loop.running)
         self.assertEqual(later.visits, [self.clock.seconds()])  # the next tick ran
 
     def test_a_real_session_that_raises_is_logged_with_its_camera_and_closed(self) -> None:
@@ -184,7 +183,7 @@ class ScanTests(TestCase):
         other = Visited("other")
         self.services.due.at(session, self.clock.seconds() + 0.1)
         self.services.due.at(other, self.clock.seconds() + 0.2)
-        writer = self.timer(FLUSH_AGE / 2)
+        self.timer(FLUSH_AGE / 2)
         self.clock.advance(FLUSH_AGE / 2)
         [event] = failures(self.session_events)
         self.assertEqual(event["imei"], CAMERA)
@@ -193,8 +192,10 @@ class ScanTests(TestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(len(other.visits), 1)
         self.assertEqual(self.services.stats.protocol_errors, 0)
+        later = Visited("later")
+        self.services.due.at(later, self.clock.seconds() + 0.1)
         self.clock.advance(FLUSH_AGE / 2)
-        self.assertTrue(writer._loop.running)
+        self.assertEqual(later.visits, [self.clock.seconds()])  # the scan goes on
 
     def test_a_scan_that_fails_as_a_whole_runs_again(self) -> None:
         calls = []
@@ -206,11 +207,12 @@ class ScanTests(TestCase):
             return []
 
         self.patch(self.services.due, "take", take)
-        writer = self.timer(FLUSH_AGE / 2)  # (runs at once: call 1)
+        self.timer(FLUSH_AGE / 2)  # (runs at once: call 1)
         self.clock.advance(FLUSH_AGE / 2)  # call 2 raises
         self.clock.advance(FLUSH_AGE / 2)
         self.assertEqual(len(calls), 3)
-        self.assertTrue(writer._loop.running)
+        self.clock.advance(FLUSH_AGE / 2)
+        self.assertEqual(len(calls), 4)  # and goes on
         [event] = failures(self.service_events)
         self.assertIn("the half-second scan failed", formatEvent(event))
 
@@ -224,11 +226,12 @@ class ScanTests(TestCase):
             return defer.succeed([])
 
         self.patch(self.services.store, "expired", expired)
-        sweep = self.timer(3600.0)  # (partial_ttl 4 h: a sweep every hour; the first at once, failing)
+        self.timer(3600.0)  # (partial_ttl 4 h: a sweep every hour; the first at once, failing)
         self.assertEqual(len(calls), 1)
         self.clock.advance(3600.0)
         self.assertEqual(len(calls), 2)
-        self.assertTrue(sweep._loop.running)
+        self.clock.advance(3600.0)
+        self.assertEqual(len(calls), 3)  # and goes on
         [event] = failures(self.service_events)
         self.assertIn("the partial sweep failed", formatEvent(event))
         self.assertIsInstance(event["log_failure"].value, ConnectionError)

@@ -435,7 +435,7 @@ class RedisInstancesTests(RedisCase, TestCase):
         self.assertEqual(ids((yield b.due(200.0, 10, frozenset()))), ["e1"])
         yield a.replace("e2", [dataclasses.replace(e2, sink=1), entry(3)])
         self.assertEqual(ids((yield b.due(200.0, 10, frozenset()))), ["e2", "e3", "e1"])
-        self.assertEqual(a._claimed, set())
+        self.assertIsNone(a.renew_claims())  # "a" claims nothing: nothing to renew
 
     @defer.inlineCallbacks
     def test_claims_of_a_dead_instance_expire(self) -> Any:
@@ -464,11 +464,13 @@ class RedisInstancesTests(RedisCase, TestCase):
         self.assertGreater(self.sync.pttl(claim + "e1"), 30_000)
         self.assertEqual(self.sync.get(claim + "e2"), "a")
         self.assertEqual(self.sync.get(claim + "e3"), "b")
-        self.assertEqual(a._claimed, {"e1", "e2"})
         self.assertTrue(any("may be delivered twice" in e.get("log_format", "") for e in events))
+        self.sync.delete(claim + "e3")  # "b"'s claim lapses in turn: "a" gave e3 up and does not take it back
         yield self.redis_store("b").replace("e2", [])  # delivered elsewhere meanwhile
         yield a.renew_claims()
-        self.assertEqual(a._claimed, {"e1"})
+        self.assertEqual((self.sync.get(claim + "e1"), self.sync.get(claim + "e3")), ("a", None))
+        yield a.replace("e1", [])  # "a" delivers e1: e2 and e3 are no longer its either
+        self.assertIsNone(a.renew_claims())
 
     @defer.inlineCallbacks
     def test_close_releases_claims(self) -> Any:
@@ -616,7 +618,7 @@ class SpoolFilesNotHereTests(RedisCase, TestCase):
         events = self.captured_logs()
         self.assertEqual((yield a.due(200.0, 10, frozenset())), [])
         self.assertIsNone(self.sync.get(f"{self.prefix}:claim:e1"))
-        self.assertEqual(a._claimed, set())
+        self.assertIsNone(a.renew_claims())  # nor does "a" keep it as a claim of its own
         self.assertEqual(self.not_here(events), ["e1"])
         [line] = [formatEvent(e) for e in events if e.get("event") == "spool_file_not_here"]
         self.assertIn("spool file 1.file is not in this instance's spool: is the spool shared?", line)

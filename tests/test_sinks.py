@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -30,10 +31,13 @@ from camgateway.runtime.logs import event_record
 from camgateway.delivery.outbox import Outbox
 from camgateway.wire.ptmf import demux
 from camgateway.base.reasons import DeliveryFailed
-from camgateway.delivery.sinks import PermanentFailure, ReceivedFile, Transformed
+from camgateway.delivery.sinks import (GatewayInternals, PermanentFailure, ReceivedFile, SinkContext, SpoolView,
+                                       Transformed)
 from camgateway.delivery.sinks import command as command_sink
 from camgateway.delivery.sinks import mp4 as mp4_sink
 from camgateway.delivery.sinks.registry import check_chain, known_types, make, make_chain, sink_names, stores, validate
+from camgateway.runtime.service import sink_context
+from camgateway.transfer.spool import Spool
 from tests.support import NO_VECTORS, VECTORS, capture_stream, connect, make_services, poll, stored_files
 
 NOW = datetime.datetime(2024, 10, 29, 12, 43, 42, tzinfo=datetime.timezone.utc)
@@ -47,6 +51,12 @@ def received_file(path: Path, **fields: Any) -> ReceivedFile:
         start_crc=0, computed_crc=0, received_at=NOW, capture_time=NOW, resumed_from=0, crc_errors=0)
     values.update(fields)
     return ReceivedFile(**values)
+
+
+def bare_context(root: Path) -> SinkContext:
+    """A sink's context on the real reactor and thread pool, its spool under ``root``."""
+    return SinkContext(reactor=reactor, clock=reactor, run_in_thread=deferToThread,
+                       spool=SpoolView(Spool(root / "spool")))
 
 
 class Endpoint(resource.Resource):
@@ -96,7 +106,7 @@ class HTTPSinkTests(JPEGFileCase):
 
     def sink(self, **config: Any) -> Any:
         entry = {"type": "http", "url": f"http://127.0.0.1:{self.port}/up/{{imei}}/{{name}}", **config}
-        sink = make(validate(entry, "sinks[0]", self.work), None)
+        sink = make(validate(entry, "sinks[0]", self.work), bare_context(self.work))
         self.addCleanup(sink.close)
         return sink
 
@@ -205,7 +215,7 @@ class CommandSinkTests(TestCase):
         self.file = self.work / "f.part"
         self.file.write_bytes(os.urandom(1000))
         self.sink = make(validate({"type": "command", "command": [str(self.script), "--fleet", "north"],
-                                   "timeout": 20}, "sinks[0]", self.work), None)
+                                   "timeout": 20}, "sinks[0]", self.work), bare_context(self.work))
 
     @defer.inlineCallbacks
     def test_exit_zero_delivers_with_path_and_metadata(self) -> Any:
@@ -271,7 +281,7 @@ class MP4SinkTests(TestCase):
         self.s.run_in_thread = deferToThread
 
     def sink(self, **config: Any) -> Any:
-        return make(validate({"type": "mp4", **config}, "sinks[0]", self.root), self.s)
+        return make(validate({"type": "mp4", **config}, "sinks[0]", self.root), sink_context(self.s, reactor))
 
     def capture_video(self) -> Path:
         if not VECTORS.is_dir():
@@ -364,7 +374,8 @@ class PipelineTests(TestCase):
         root = Path(self.mktemp()).resolve()
         root.mkdir(parents=True)
         services = make_services(root)  # synchronous steps: the capture is fed in one piece
-        services.sinks = [make(validate({"type": "mp4"}, "s", root), services), services.sinks[0]]
+        services.sinks = [make(validate({"type": "mp4"}, "s", root), sink_context(services, reactor)),
+                          services.sinks[0]]
         protocol, transport = connect(services)
         protocol.dataReceived(capture_stream("dualcam-video-front-resume.json"))
         yield services.outbox.idle()
@@ -380,7 +391,7 @@ class PipelineTests(TestCase):
 
 
 class PluginTests(TestCase):
-    """Third-party sinks register under the entry point group camgateway.delivery.sinks."""
+    """Third-party sinks register under the entry point group camgateway.sinks."""
 
     def test_entry_point_sink_is_found_and_built(self) -> None:
         site = Path(self.mktemp()).resolve()
@@ -388,29 +399,53 @@ class PluginTests(TestCase):
         (site / "camgw_fake_sink-1.0.dist-info" / "METADATA").write_text(
             "Metadata-Version: 2.1\nName: camgw-fake-sink\nVersion: 1.0\n")
         (site / "camgw_fake_sink-1.0.dist-info" / "entry_points.txt").write_text(
-            "[camgateway.delivery.sinks]\nfake = camgw_fake_sink\n")
+            "[camgateway.sinks]\nfake = camgw_fake_sink\n")
         (site / "camgw_fake_sink.py").write_text(textwrap.dedent("""\
             def validate(config, key, base):
                 return {"type": "fake", "bucket": config.get("bucket", "default")}
             class Sink:
                 name = "fake"
-                def __init__(self, bucket):
+                def __init__(self, bucket, *given):
                     self.bucket = bucket
+                    self.given = given
                 def deliver(self, received):
                     return None
-            def make(config, services):
-                return Sink(config["bucket"])
+            uses_internals = True  # asks for more than the plugin surface: not given to a third-party sink
+            def make(config, *given):
+                return Sink(config["bucket"], *given)
             """))
         sys.path.insert(0, str(site))
         self.addCleanup(sys.path.remove, str(site))
         self.assertIn("fake", known_types())
         entry = validate({"type": "fake", "bucket": "b1"}, "sinks[1]", site)
-        self.assertEqual(make(entry, None).bucket, "b1")
+        context = bare_context(site)
+        sink = make(entry, context, GatewayInternals(heads=object()))
+        self.assertEqual(sink.bucket, "b1")
+        [given] = sink.given  # the context alone: no internals, no gateway services
+        self.assertIsInstance(given, SinkContext)
+        self.assertEqual((given.reactor, given.clock, given.run_in_thread, given.spool),
+                         (reactor, reactor, deferToThread, context.spool))
+        self.assertEqual(given.log.namespace, "camgateway.delivery.sinks.fake")  # a logger of its own
         self.assertTrue(stores(entry))  # a sink that does not say otherwise stores what it is given
         self.assertEqual(check_chain([entry]), [])
         named = validate({"type": "fake", "name": "archive"}, "sinks[0]", site)  # "name" is not the type's
-        self.assertEqual([sink.name for sink in make_chain([entry, named, entry], None)],
+        self.assertEqual([sink.name for sink in make_chain([entry, named, entry], context)],
                          ["fake", "archive", "fake-2"])
+
+    def test_the_spool_view_reads_and_names_new_files_only(self) -> None:
+        root = Path(self.mktemp()).resolve()
+        spool = Spool(root)
+        view = SpoolView(spool)
+        self.assertEqual(view.root, spool.root)
+        self.assertEqual(view.path("a.part"), spool.path("a.part"))
+        first, second = view.new_path(), view.new_path()
+        self.assertNotEqual(first, second)
+        self.assertEqual(first.parent, spool.path("a.part").parent)  # where the outbox finds the files handed on
+        self.assertFalse(first.exists())
+        for missing in ("unlink", "open", "ensure", "names", "dead", "partials", "store_path"):
+            self.assertFalse(hasattr(view, missing), missing)  # nothing that changes or lists the gateway's files
+        with self.assertRaises(dataclasses.FrozenInstanceError):
+            view.root = root  # type: ignore[misc]
 
 
 class RestartTests(TestCase):
@@ -528,7 +563,7 @@ class ChainTests(TestCase):
         command = {"type": "command", "command": str(self.program)}
         configs = self.sinks(command, command, {"type": "http", "url": "http://127.0.0.1:8080/up/{imei}/{name}"},
                              {"type": "disk", "root": "a", "name": "archive"})
-        made = make_chain(configs, make_services(self.base))
+        made = make_chain(configs, sink_context(make_services(self.base), reactor))
         self.addCleanup(made[2].close)
         self.addCleanup(made[3].close)
         self.assertEqual([sink.name for sink in made],
@@ -615,7 +650,8 @@ class HTTPFaultTests(TestCase):
         faulty, url = listen_faulty(self, [fault])
         s = make_services(self.root, clock=reactor)  # type: ignore[arg-type]
         yield s.outbox.stop()
-        sink = make(validate({"type": "http", "url": url, "timeout": timeout}, "sinks[0]", self.root), s)
+        sink = make(validate({"type": "http", "url": url, "timeout": timeout}, "sinks[0]", self.root),
+                    sink_context(s, reactor))
         self.addCleanup(sink.close)
         s.sinks = [sink]
         s.outbox = Outbox(s, poll=0.2, rng=random.Random(1))
@@ -672,7 +708,8 @@ class SinkWordsTests(JPEGFileCase):
         for fault, kind, words in [(503, DeliveryFailed, "HTTP 503 Service Unavailable: nope"),
                                    (400, PermanentFailure, "HTTP 400 Bad Request: nope"),
                                    ("hang", DeliveryFailed, "timeout after 0.3 s")]:
-            sink = make(validate({"type": "http", "url": url, "timeout": 0.3}, "sinks[0]", self.work), None)
+            sink = make(validate({"type": "http", "url": url, "timeout": 0.3}, "sinks[0]", self.work),
+                        bare_context(self.work))
             self.addCleanup(sink.close)
             error = yield self.assertFailure(sink.deliver(received_file(self.file)), kind)
             self.assertEqual(str(error), words)
@@ -696,6 +733,6 @@ class SinkWordsTests(JPEGFileCase):
         for args, timeout, words in [(["exit"], 20, "program exited with status 3: no route to archive"),
                                      (["sleep"], 0.5, "timeout after 0.5 s (program killed): no route to archive")]:
             sink = make(validate({"type": "command", "command": [str(program), *args], "timeout": timeout},
-                                 "sinks[0]", self.work), None)
+                                 "sinks[0]", self.work), bare_context(self.work))
             error = yield self.assertFailure(sink.deliver(received_file(self.file)), DeliveryFailed)
             self.assertEqual(str(error), words)

@@ -43,6 +43,7 @@ from camgateway.delivery.sinks import ReceivedFile, Transformed
 from camgateway.delivery.sinks import mp4 as mp4_sink
 from camgateway.delivery.sinks.disk import build_stem, extension_for
 from camgateway.delivery.sinks.registry import make, validate
+from camgateway.runtime.service import sink_context
 from tests.support import NO_VECTORS, VECTORS, capture_stream, connect, make_services, poll, stored_files
 from tests.test_replay import ptmf_frames
 from tests.test_twistd import twistd
@@ -268,7 +269,7 @@ class FFmpegTestCase(TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
     def sink(self, **config: Any) -> Any:
-        return make(validate({"type": "mp4", **config}, "sinks[0]", self.root), self.s)
+        return make(validate({"type": "mp4", **config}, "sinks[0]", self.root), sink_context(self.s, reactor))
 
     def spooled(self, content: bytes) -> Path:
         path = self.s.spool.path(self.s.spool.new_name())

@@ -36,8 +36,8 @@ from camgateway.session.machine import State
 from camgateway.delivery.sinks import ReceivedFile
 from camgateway.delivery.sinks import disk as disk_module
 from camgateway.delivery.sinks.disk import DiskSink
-from camgateway.transfer.receiver import (FLUSH_AGE, PENDING_MAX, RUN_BAD_CRC, RUN_COMPLETE, TRICKLE_AGE, TRICKLE_BYTES,
-                                 WRITE_MIN, Transfer)
+from camgateway.transfer.receiver import RUN_BAD_CRC, RUN_COMPLETE, Transfer
+from camgateway.transfer.writes import FLUSH_AGE, PENDING_MAX, TRICKLE_AGE, TRICKLE_BYTES, WRITE_MIN
 from tests.support import connect, make_services, run_now, stored_files
 from tests.test_session import IMEI, VIDEOF, data_frames
 
@@ -141,8 +141,11 @@ class BlockTests(TestCase):
         self.assertEqual((status, held), (RUN_BAD_CRC, 0))
 
 
-class WritePolicyTests(TestCase):
-    """What the session writes when, and the camera paused while writes are behind."""
+class SessionWriteTests(TestCase):
+    """Through a whole session: what it writes when, and the camera paused while writes are behind.
+
+    The write policy's own tests are in test_write_policy.py.
+    """
 
     def setUp(self) -> None:
         self.root = Path(self.mktemp())
@@ -346,7 +349,7 @@ class WritePolicyTests(TestCase):
         self.send(3)
         self.protocol.connectionLost(None)  # gone: its bytes and checkpoint wait for the disk
         done = CameraFactory(self.services).shutdown()
-        self.assertNoResult(done)  # (it used to fire here, and the store closed under the checkpoint)
+        self.assertNoResult(done)  # (firing here would close the store under the checkpoint)
         self.jobs.run_all()
         self.successResultOf(done)
         [kept] = self.services.store.partials.values()
@@ -767,13 +770,15 @@ class DiskSinkBatchTests(TestCase):
     def test_chosen_on_the_spool_s_filesystem_only(self) -> None:
         from types import SimpleNamespace
 
+        from camgateway.delivery.sinks import GatewayInternals
         from camgateway.delivery.sinks.disk import _same_filesystem, make
 
         self.assertTrue(_same_filesystem(self.root / "not" / "yet", self.root))
         self.assertFalse(_same_filesystem(self.root, Path("/proc")))
         here = SimpleNamespace(spool=SimpleNamespace(root=self.root / "spool"), run_in_thread=run_now, clock=reactor)
         elsewhere = SimpleNamespace(spool=SimpleNamespace(root=Path("/proc")), run_in_thread=run_now, clock=reactor)
-        batched, pooled = make({"root": str(self.root / "files")}, here), make({"root": str(self.root / "f")}, elsewhere)
+        batched = make({"root": str(self.root / "files")}, here, GatewayInternals())  # type: ignore[arg-type]
+        pooled = make({"root": str(self.root / "f")}, elsewhere, GatewayInternals())  # type: ignore[arg-type]
         self.addCleanup(lambda: defer.gatherResults([d for d in (batched.close(), pooled.close()) if d]))
         if not HAVE_SYNCFS:
             raise SkipTest("no syncfs here: every delivery fsyncs its own files")

@@ -17,6 +17,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from camgateway.storage.leases import ICameraLeases
 
 if TYPE_CHECKING:
     from camgateway.storage.redis import RedisStore
@@ -56,6 +59,7 @@ def _ms(seconds: float) -> int:
     return max(1, int(round(seconds * 1000)))
 
 
+@implementer(ICameraLeases)
 class RedisLeases:
     """Camera leases and takeover requests, on a :class:`RedisStore`'s connection and thread."""
 

@@ -15,23 +15,37 @@ disk sink does); the others pass it on for their receivers to de-duplicate.
 
 Sink types are found by name in ``sinks:`` (:mod:`camgateway.delivery.sinks.registry`):
 the shipped ``disk``, ``http``, ``command`` and ``mp4``, and third-party ones
-registered under the entry point group ``camgateway.delivery.sinks``.
+registered under the entry point group ``camgateway.sinks``.
+
+The plugin surface
+------------------
+
+A sink type's ``make(config, context)`` gets the validated entry and a
+:class:`SinkContext`: the reactor, its clock, the gateway's thread pool, a
+view of the spool and a logger of its own. That is all a sink is given, and
+all that third-party sinks may rely on; the gateway's internal objects
+(stores, sessions, the outbox) stay out of reach, so they can change without
+breaking a sink. The shipped disk sink alone also gets
+:class:`GatewayInternals` (a thread and a cache the gateway's own hot path
+shares with it, see there).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 from camgateway.base.reasons import PermanentFailure
+from camgateway.delivery.sinks.context import GatewayInternals, SinkContext, SpoolView
 from camgateway.storage.records import ReceivedFile
 
 
-__all__ = ["IFileSink", "ReceivedFile", "PermanentFailure", "Transformed", "validate_sink_config", "make_sinks"]
+__all__ = ["IFileSink", "ReceivedFile", "PermanentFailure", "Transformed", "SinkContext", "SpoolView",
+           "GatewayInternals", "validate_sink_config", "make_sinks"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +74,13 @@ def validate_sink_config(item: object, key: str, base: Path) -> Mapping[str, Any
     return validate(item, key, base)
 
 
-def make_sinks(configs: tuple[Mapping[str, Any], ...], services: Any) -> list[Any]:
-    """Build the configured sinks, in order, each under its name (unique in the chain)."""
+def make_sinks(configs: tuple[Mapping[str, Any], ...], context: SinkContext,
+               internals: Optional[GatewayInternals] = None) -> list[Any]:
+    """Build the configured sinks, in order, each under its name (unique in the chain).
+
+    Each sink gets ``context`` with a logger of its type's namespace; the
+    shipped ones that ask for it also get ``internals``.
+    """
     from camgateway.delivery.sinks.registry import make_chain
 
-    return make_chain(configs, services)
+    return make_chain(configs, context, internals)

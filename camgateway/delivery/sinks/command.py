@@ -33,7 +33,7 @@ from zope.interface import implementer
 
 from camgateway.base.units import ConfigError, parse_duration
 from camgateway.base.reasons import DeliveryFailed, last_line, program_ended
-from camgateway.delivery.sinks import IFileSink, PermanentFailure, ReceivedFile
+from camgateway.delivery.sinks import IFileSink, PermanentFailure, ReceivedFile, SinkContext
 from camgateway.delivery.sinks.registry import check_keys
 
 __all__ = ["CommandSink", "validate", "make", "default_name", "PERMANENT_EXIT", "FILE_ID"]
@@ -64,11 +64,9 @@ def default_name(config: Mapping[str, Any]) -> str:
     return f"command:{os.path.basename(config['command'][0])}"
 
 
-def make(config: Mapping[str, Any], services: Any) -> "CommandSink":
+def make(config: Mapping[str, Any], context: SinkContext) -> "CommandSink":
     """A CommandSink from a validated entry."""
-    from twisted.internet import reactor
-
-    return CommandSink(config["command"], config["timeout"], reactor)
+    return CommandSink(config["command"], config["timeout"], context.reactor)
 
 
 class _Run(protocol.ProcessProtocol):

@@ -53,7 +53,7 @@ from camgateway.perf.durability import HAVE_SYNCFS, GroupSync, fsync_dir, syncfs
 from camgateway.perf.groupcommit import BatchThread, GroupCommitThread
 from camgateway.base.ids import new_id
 from camgateway.wire.media import EXTENSIONS, kind_of
-from camgateway.delivery.sinks import IFileSink, ReceivedFile
+from camgateway.delivery.sinks import GatewayInternals, IFileSink, ReceivedFile, SinkContext
 from camgateway.delivery.sinks.registry import check_keys
 
 __all__ = ["DiskSink", "sanitise_basename", "build_stem", "extension_for", "indented_json", "validate", "make"]
@@ -68,22 +68,30 @@ def validate(config: Mapping[str, Any], key: str, base: Path) -> Mapping[str, An
     return {"type": "disk", "root": str(base / Path(root).expanduser())}
 
 
-def make(config: Mapping[str, Any], services: Any) -> "DiskSink":
+#: ``make`` takes the gateway's internals as well (see :class:`camgateway.delivery.sinks.GatewayInternals`).
+uses_internals = True
+
+
+def make(config: Mapping[str, Any], context: SinkContext, internals: GatewayInternals) -> "DiskSink":
     """A DiskSink from a validated entry.
 
     On the spool's filesystem (a store is a few links, whatever the file's
-    size) deliveries are stored in batches on a thread, the services'
-    ``batch_thread`` if they have one; elsewhere (a store copies the file) each runs on the shared pool.
+    size) deliveries are stored in batches on a thread, the gateway's
+    ``internals.batch_thread`` if it has one; elsewhere (a store copies the
+    file) each runs on the shared pool. ``internals.heads`` spares reading
+    the first bytes of a file again. With ``performance.group_sync`` off
+    each store fsyncs its own files on the pool; with ``group_commit`` off
+    stores are not batched (docs/performance.md).
     """
     root = Path(config["root"])
-    heads = getattr(services, "heads", None)
-    if not HAVE_SYNCFS:
-        return DiskSink(root, services.run_in_thread, heads=heads)
-    spool = getattr(services, "spool", None)
-    if spool is not None and _same_filesystem(root, spool.root):
-        return DiskSink(root, services.run_in_thread, batched_on=services.clock,
-                        shared=getattr(services, "batch_thread", None), heads=heads)
-    return DiskSink(root, services.run_in_thread, group=GroupSync(root, services.clock, name="camgateway-disk-sync"),
+    heads = internals.heads
+    performance = internals.performance
+    if not HAVE_SYNCFS or (performance is not None and not performance.group_sync):
+        return DiskSink(root, context.run_in_thread, heads=heads)  # (each store fsyncs its own files)
+    if (performance is None or performance.group_commit) and _same_filesystem(root, context.spool.root):
+        return DiskSink(root, context.run_in_thread, batched_on=context.clock, shared=internals.batch_thread,
+                        heads=heads)
+    return DiskSink(root, context.run_in_thread, group=GroupSync(root, context.clock, name="camgateway-disk-sync"),
                     heads=heads)
 
 
@@ -140,7 +148,8 @@ def build_stem(received: ReceivedFile) -> tuple[str, str]:
     return f"{when:%Y-%m-%d}", stem
 
 
-_key = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]  (C)
+#: The C encoder of a JSON string (json.encoder's own choice).
+_key: Callable[[str], str] = json.encoder.encode_basestring_ascii
 _CONSTANTS = {None: "null", True: "true", False: "false"}
 
 
@@ -163,7 +172,7 @@ def indented_json(value: Any, indent: str = "") -> str:
         inner = indent + "  "
         return "[\n" + ",\n".join(inner + indented_json(v, inner) for v in value) + "\n" + indent + "]"
     if kind is str:
-        return _key(value)  # type: ignore[no-any-return]
+        return _key(value)
     if kind is int:
         return int.__repr__(value)
     if value is None or kind is bool:

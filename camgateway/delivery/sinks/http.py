@@ -53,7 +53,7 @@ from zope.interface import implementer
 from camgateway.base.units import ConfigError, parse_duration
 from camgateway.base.internals import quiet_pool
 from camgateway.base.reasons import DeliveryFailed
-from camgateway.delivery.sinks import IFileSink, PermanentFailure, ReceivedFile
+from camgateway.delivery.sinks import IFileSink, PermanentFailure, ReceivedFile, SinkContext
 from camgateway.delivery.sinks.disk import build_stem, extension_for
 from camgateway.delivery.sinks.registry import check_keys
 
@@ -137,12 +137,11 @@ class _TrustPolicy:
         return ssl.optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._root)
 
 
-def make(config: Mapping[str, Any], services: Any) -> "HTTPSink":
+def make(config: Mapping[str, Any], context: SinkContext) -> "HTTPSink":
     """An HTTPSink from a validated entry."""
     import treq.client
 
-    from twisted.internet import reactor
-
+    reactor = context.reactor
     policy: Any = BrowserLikePolicyForHTTPS()
     if config.get("ca"):
         with open(config["ca"], "rb") as f:

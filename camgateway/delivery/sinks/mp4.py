@@ -56,10 +56,11 @@ from camgateway.base.units import ConfigError, parse_duration
 from camgateway.wire.crc import crc16
 from camgateway.base.reasons import DeliveryFailed, program_ended
 from camgateway.wire.ptmf import AUDIO_RATE, demux_file
-from camgateway.delivery.sinks import IFileSink, ReceivedFile, Transformed
+from camgateway.delivery.sinks import IFileSink, ReceivedFile, SinkContext, Transformed
 from camgateway.delivery.sinks.registry import check_keys
 
-__all__ = ["MP4Sink", "Unconvertible", "validate", "make", "default_sinks", "stores", "passes_on"]
+__all__ = ["MP4Sink", "Unconvertible", "validate", "make", "default_sinks", "stores", "passes_on", "plan_video",
+           "poster_args", "h264_args", "run_ffmpeg"]
 
 log = Logger(namespace="camgateway.delivery.sinks.mp4")
 
@@ -94,11 +95,9 @@ def validate(config: Mapping[str, Any], key: str, base: Path) -> Mapping[str, An
     return out
 
 
-def make(config: Mapping[str, Any], services: Any) -> "MP4Sink":
+def make(config: Mapping[str, Any], context: SinkContext) -> "MP4Sink":
     """An MP4Sink from a validated entry."""
-    from twisted.internet import reactor
-
-    return MP4Sink(services, reactor, config["ffmpeg"], config["poster"], config["h264"], config["max_processes"],
+    return MP4Sink(context, config["ffmpeg"], config["poster"], config["h264"], config["max_processes"],
                    keep_original=config.get("keep_original", True), timeout=config.get("timeout", 600.0))
 
 
@@ -214,6 +213,65 @@ def _plan_stream(received: ReceivedFile, codec: str) -> _Plan:
     return _Plan(received.path, codec, rate or DEFAULT_RATE)
 
 
+def _remove(path: Path) -> None:
+    """Remove a file this sink made in the spool, if it is there (thread)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def plan_video(received: Any, kind: str, video: Path, audio: Path) -> _Plan:
+    """How ffmpeg muxes a PTMF or bare-stream video of ``kind`` (thread).
+
+    ``received`` needs ``path`` and ``metadata``; a PTMF container's picture
+    stream and sound are written to ``video`` and ``audio`` (which stay unused
+    for a bare stream). :class:`Unconvertible` when it cannot be taken apart.
+    """
+    if kind == media.PTMF:
+        return _split_ptmf(received, video, audio)
+    return _plan_stream(received, kind)
+
+
+def poster_args(target: Path) -> list[str]:
+    """ffmpeg's output arguments of a JPEG of the first picture of input 0."""
+    return ["-map", "0:v:0", "-frames:v", "1", "-q:v", "3", "-f", "mjpeg", str(target)]
+
+
+def h264_args(target: Path) -> list[str]:
+    """ffmpeg's output arguments of an H.264 MP4 of input 0's picture, its sound (AAC already) copied."""
+    return ["-map", "0:v:0", "-map", "0:a:0?", "-c:v", "libx264", "-preset", "veryfast", "-crf", "23",
+            "-pix_fmt", "yuv420p", "-c:a", "copy", "-movflags", "+faststart", "-f", "mp4", str(target)]
+
+
+@defer.inlineCallbacks
+def run_ffmpeg(reactor: Any, ffmpeg: str, args: list[str], timeout: float) -> Any:
+    """Run ffmpeg as a child process; :class:`Unconvertible` if it refuses the input or outlives ``timeout``.
+
+    An ffmpeg killed by someone else, one that found the disk full, or
+    one that is gone from the machine fails as
+    :class:`~camgateway.base.reasons.DeliveryFailed` (a delivery retries it).
+    """
+    if not os.access(ffmpeg, os.X_OK):
+        raise DeliveryFailed(f"ffmpeg {ffmpeg} is not there any more (install ffmpeg)")
+    done: defer.Deferred = defer.Deferred()
+    transport = reactor.spawnProcess(
+        _FFmpeg(done), ffmpeg, [ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+    timer = reactor.callLater(timeout, _kill, transport)
+    code, signal_number, stderr = yield done
+    if timer.active():
+        timer.cancel()
+    elif code != 0:
+        raise Unconvertible(f"ffmpeg did not finish within {timeout:g} s (killed)")
+    if code == 0:
+        return
+    message = program_ended("ffmpeg", code, signal_number, stderr)
+    if code is None or b"No space left on device" in stderr:
+        raise DeliveryFailed(message)
+    raise Unconvertible(message)
+
+
 def _kill(transport: Any) -> None:
     try:
         transport.signalProcess("KILL")
@@ -225,10 +283,11 @@ def _kill(transport: Any) -> None:
 class MP4Sink:
     """Turns camera videos into MP4s with sound (and posters) for the sinks that follow."""
 
-    def __init__(self, services: Any, reactor: Any, ffmpeg: str, poster: bool, h264: bool, max_processes: int,
+    def __init__(self, context: SinkContext, ffmpeg: str, poster: bool, h264: bool, max_processes: int,
                  *, keep_original: bool = True, timeout: float = 600.0) -> None:
-        self.s = services
-        self.reactor = reactor
+        self.context = context
+        self.reactor = context.reactor
+        self.log = context.log
         self.ffmpeg = ffmpeg
         self.poster = poster
         self.h264 = h264
@@ -242,38 +301,36 @@ class MP4Sink:
         """Convert a video (see the module's doc); pass photos and other files on unchanged (None)."""
         if received.media == "photo":
             return None
-        kind = yield self.s.run_in_thread(media.kind_of_file, str(received.path))
+        kind = yield self.context.run_in_thread(media.kind_of_file, str(received.path))
         if kind not in media.VIDEOS:
             return None
         started = self.reactor.seconds()
-        temps: list[str] = []  # spool names of the intermediate files, and of outputs not handed on
+        temps: list[Path] = []  # the intermediate files, and the outputs not handed on
         try:
             made = yield self._convert(received, kind, temps)
         except Unconvertible as e:
             why = str(e)
-            log.warn("video of camera {imei} {source} ({kind}) not converted, the camera's file goes on: {why}",
+            self.log.warn("video of camera {imei} {source} ({kind}) not converted, the camera's file goes on: {why}",
                      kind=kind, imei=received.imei, source=received.source, why=why,
                      event="video_not_converted")
             return Transformed([dataclasses.replace(received, derived="original",
                                                     metadata={**received.metadata, "conversion_error": why})])
         finally:
-            for name in temps:
-                yield self.s.run_in_thread(self.s.spool.unlink, name)
-        log.info("video of camera {imei} {source} ({kind}) handed on as {made} in {seconds:.1f} s",
+            for path in temps:
+                yield self.context.run_in_thread(_remove, path)
+        self.log.info("video of camera {imei} {source} ({kind}) handed on as {made} in {seconds:.1f} s",
                  kind=kind, imei=received.imei, source=received.source,
                  made=", ".join(f.derived or "" for f in made), seconds=self.reactor.seconds() - started,
                  event="video_converted")
         return Transformed(made)
 
     @defer.inlineCallbacks
-    def _convert(self, received: ReceivedFile, kind: str, temps: list[str]) -> Any:
+    def _convert(self, received: ReceivedFile, kind: str, temps: list[Path]) -> Any:
         """The files made of ``received``, a video of ``kind``, the camera's own last (when it goes on)."""
-        spool = self.s.spool
-
         def new() -> Path:
-            name = spool.new_name()
-            temps.append(name)
-            return spool.path(name)
+            path = self.context.spool.new_path()
+            temps.append(path)
+            return path
 
         outputs: list[tuple[Path, str, str]] = []  # (file, media, derived)
         codec: Optional[str] = None
@@ -282,60 +339,36 @@ class MP4Sink:
         else:
             source = new()
             if kind == media.PTMF:
-                plan = yield self.s.run_in_thread(_split_ptmf, received, new(), new())
+                plan = yield self.context.run_in_thread(_split_ptmf, received, new(), new())
             else:
-                plan = yield self.s.run_in_thread(_plan_stream, received, kind)
+                plan = yield self.context.run_in_thread(_plan_stream, received, kind)
             yield self.limit.run(self._run, plan.mux_args(source))
             outputs.append((source, "video", "mp4"))
             codec = plan.codec
         more: list[str] = []
         if self.poster:
             poster = new()
-            more += ["-map", "0:v:0", "-frames:v", "1", "-q:v", "3", "-f", "mjpeg", str(poster)]
+            more += poster_args(poster)
             outputs.append((poster, "photo", "poster"))
         if self.h264 and codec == media.HEVC:
             h264 = new()
-            more += ["-map", "0:v:0", "-map", "0:a:0?", "-c:v", "libx264", "-preset", "veryfast", "-crf", "23",
-                     "-pix_fmt", "yuv420p", "-c:a", "copy", "-movflags", "+faststart", "-f", "mp4", str(h264)]
+            more += h264_args(h264)
             outputs.append((h264, "video", "h264"))
         if more:  # from the MP4: a second process, since decoding beside a stream copy shifts its timestamps
             yield self.limit.run(self._run, ["-i", str(source), *more])
         made = []
         for path, what, derived in outputs:
-            size, sha, crc = yield self.s.run_in_thread(_describe, path)
+            size, sha, crc = yield self.context.run_in_thread(_describe, path)
             if not size:
                 raise Unconvertible(f"ffmpeg made an empty {derived}")
             made.append(dataclasses.replace(received, path=path, size=size, sha256=sha, computed_crc=crc, media=what,
                                             derived=derived))
         for f in made:
-            temps.remove(f.path.name)
+            temps.remove(f.path)
         if self.keep_original or kind == media.MP4:
             made.append(dataclasses.replace(received, derived="original"))
         return made
 
-    @defer.inlineCallbacks
-    def _run(self, args: list[str]) -> Any:
-        """Run ffmpeg; :class:`Unconvertible` if it refuses the input or outlives ``timeout``.
-
-        An ffmpeg killed by someone else, one that found the disk full, or
-        one that is gone from the machine fails the delivery as any other
-        failure: it is retried.
-        """
-        if not os.access(self.ffmpeg, os.X_OK):
-            raise DeliveryFailed(f"ffmpeg {self.ffmpeg} is not there any more (install ffmpeg)")
-        done: defer.Deferred = defer.Deferred()
-        transport = self.reactor.spawnProcess(
-            _FFmpeg(done), self.ffmpeg, [self.ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args],
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
-        timer = self.reactor.callLater(self.timeout, _kill, transport)
-        code, signal_number, stderr = yield done
-        if timer.active():
-            timer.cancel()
-        elif code != 0:
-            raise Unconvertible(f"ffmpeg did not finish within {self.timeout:g} s (killed)")
-        if code == 0:
-            return
-        message = program_ended("ffmpeg", code, signal_number, stderr)
-        if code is None or b"No space left on device" in stderr:
-            raise DeliveryFailed(message)
-        raise Unconvertible(message)
+    def _run(self, args: list[str]) -> defer.Deferred:
+        """Run ffmpeg with ``args`` (see :func:`run_ffmpeg`)."""
+        return run_ffmpeg(self.reactor, self.ffmpeg, args, self.timeout)

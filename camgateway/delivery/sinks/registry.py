@@ -5,8 +5,10 @@ A sink type is anything with two callables (a module will do):
 ``validate(config, key, base) -> Mapping``
     check one ``sinks:`` entry (raise :class:`~camgateway.runtime.config.ConfigError`
     naming ``key.<field>``); relative paths resolve against ``base``;
-``make(config, services) -> IFileSink``
-    build the sink from the validated entry.
+``make(config, context) -> IFileSink``
+    build the sink from the validated entry and a
+    :class:`~camgateway.delivery.sinks.SinkContext` (the reactor, clock,
+    thread pool, spool view and the sink's logger).
 
 and, optionally:
 
@@ -21,36 +23,41 @@ and, optionally:
 ``default_name(config) -> str``
     a readable name for the sink when the entry has no ``name:`` (the type's
     name when absent).
+``uses_internals``
+    shipped types only (third-party ones never get them): ``make`` takes a
+    third argument, the :class:`~camgateway.delivery.sinks.GatewayInternals`.
 
 Every entry may have a ``name:`` (letters, digits and ``_.:-``): the sink's
 name in logs, metrics, the outbox and dead letters. Without one a sink gets
 its type's default name, with ``-2``, ``-3``… when two would be the same
 (:func:`sink_names`).
 
-Other packages register types under the entry point group ``camgateway.delivery.sinks``
-(``[options.entry_points] camgateway.delivery.sinks = s3 = mypkg.s3sink``); the entry
+Other packages register types under the entry point group ``camgateway.sinks``
+(``[options.entry_points] camgateway.sinks = s3 = mypkg.s3sink``); the entry
 point's name is the ``type:`` used in the configuration.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import re
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from twisted.logger import Logger
 
 from camgateway.base.units import ConfigError
+from camgateway.delivery.sinks.context import GatewayInternals, SinkContext
 
 __all__ = ["BUILT_IN", "sink_type", "known_types", "validate", "make", "check_keys", "stores", "sink_names",
            "check_chain", "checked_chain", "make_chain"]
 
 log = Logger(namespace="camgateway.delivery.sinks")
 
-ENTRY_POINT_GROUP = "camgateway.delivery.sinks"
+ENTRY_POINT_GROUP = "camgateway.sinks"
 BUILT_IN = {
     "disk": "camgateway.delivery.sinks.disk",
     "http": "camgateway.delivery.sinks.http",
@@ -114,9 +121,20 @@ def validate(item: object, key: str, base: Path) -> Mapping[str, Any]:
     return validated
 
 
-def make(config: Mapping[str, Any], services: Any) -> Any:
-    """Build a sink from a validated entry (named after its ``name``, when it has one)."""
-    sink = sink_type(config["type"], "sinks").make(config, services)
+def make(config: Mapping[str, Any], context: SinkContext, internals: Optional[GatewayInternals] = None) -> Any:
+    """Build a sink from a validated entry (named after its ``name``, when it has one).
+
+    The sink gets ``context`` with a logger of its type's namespace
+    (``camgateway.delivery.sinks.<type>``); a shipped type that says
+    ``uses_internals`` also gets ``internals`` (an empty set when None).
+    """
+    kind_name = config["type"]
+    kind = sink_type(kind_name, "sinks")
+    context = dataclasses.replace(context, log=Logger(namespace=f"camgateway.delivery.sinks.{kind_name}"))
+    if kind_name in BUILT_IN and getattr(kind, "uses_internals", False):
+        sink = kind.make(config, context, internals if internals is not None else GatewayInternals())
+    else:
+        sink = kind.make(config, context)
     if config.get("name"):
         sink.name = config["name"]
     return sink
@@ -210,9 +228,10 @@ def _where(config: Mapping[str, Any]) -> str:
     return command[0] if isinstance(command, list) and command and isinstance(command[0], str) else ""
 
 
-def make_chain(configs: Sequence[Mapping[str, Any]], services: Any) -> list[Any]:
+def make_chain(configs: Sequence[Mapping[str, Any]], context: SinkContext,
+               internals: Optional[GatewayInternals] = None) -> list[Any]:
     """Build the sinks of a chain, in order, each under its name (:func:`sink_names`); log where each puts files."""
     names = sink_names(configs)
     log.info("sinks: {chain}", chain=", ".join(f"{name} ({_where(config)})" if _where(config) else name
                                                for config, name in zip(configs, names)))
-    return [make({**config, "name": name}, services) for config, name in zip(configs, names)]
+    return [make({**config, "name": name}, context, internals) for config, name in zip(configs, names)]
