@@ -90,6 +90,9 @@ class HeldStore:
         self._held = held
 
     def __getattr__(self, name: str) -> Callable[..., defer.Deferred]:
+        if name.startswith("__"):  # (zope.interface asks for __provides__: this store declares no interface)
+            raise AttributeError(name)
+
         def call(*args: Any) -> defer.Deferred:
             d: defer.Deferred = defer.Deferred()
             self._held.store.append((name, args, d))

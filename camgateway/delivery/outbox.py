@@ -51,13 +51,13 @@ from camgateway.base.units import iso
 from camgateway.base.reasons import is_bug, reason as reason_of
 from camgateway.base.reasons import PermanentFailure
 from camgateway.delivery.sinks import Transformed
-from camgateway.storage.records import IOutboxStore, OutboxEntry, ReceivedFile, remove_files
+from camgateway.storage.records import FileEvent, IHistoryStore, IOutboxStore, OutboxEntry, ReceivedFile, remove_files
 
 if TYPE_CHECKING:
     from camgateway.runtime.context import Services
 
 __all__ = ["OutboxEntry", "IOutboxStore", "Outbox", "backoff", "derived_id", "write_dead_letter", "remove_files",
-           "RETRY"]
+           "RETRY", "ORIGIN", "history_row"]
 
 log = Logger(namespace="camgateway.delivery.outbox")
 
@@ -71,6 +71,10 @@ RETRY = "retry"
 #: The key of a record that names the sinks that refused the file on its way
 #: (dead letters): the last sink's log line says the file was not delivered everywhere.
 REFUSED = "refused"
+
+#: The key of the record of a file a sink made: the id of the camera's file it
+#: was made from, under which the history lists it (camgateway.storage.records.FileEvent).
+ORIGIN = "origin"
 
 #: How the outbox's log lines name a file (the fields of :func:`_about`).
 _FILE = "camera {imei} {file} (id {file_id}, sha256 {sha256:.12})"
@@ -88,6 +92,17 @@ def _about(entry: "OutboxEntry") -> dict[str, Any]:
         name = f"{name} ({record['derived']})"
     return {"imei": record.get("imei"), "file": name, "source": record.get("source"), "file_id": entry.id,
             "sha256": str(record.get("sha256") or ""), "size": record.get("size")}
+
+
+def history_row(entry: "OutboxEntry") -> tuple[str, Optional[str]]:
+    """The history's row for ``entry``'s file and its parent: the camera's file passed on by a sink
+    (``derived: original``) is its original's row; an MP4 or poster a sink made has its own, under it."""
+    origin = entry.record.get(ORIGIN)
+    if origin is None:
+        return entry.record.get("id") or entry.id, None  # (a retried dead letter's entry has an id of its own)
+    if entry.record.get("derived") == "original":
+        return origin, None
+    return entry.record.get("id") or entry.id, origin
 
 
 def backoff(attempts: int, rng: random.Random, base: float = 1.0, cap: float = 300.0) -> float:
@@ -195,8 +210,22 @@ class Outbox:
             received = dataclasses.replace(received, id=new_id())
         entry = OutboxEntry(received.id, received.path.name, 0, 0, now, None, received.to_record(), now)
         d = self.s.store.enqueue(entry, partial_id)
+        self._note(entry)
         d.addCallback(lambda _: self._start_new(entry, received))
         return d
+
+    def _note(self, entry: OutboxEntry, place: Any = None, status: Optional[str] = None,
+              made: tuple[tuple[str, dict[str, Any]], ...] = (), retried: bool = False) -> None:
+        """Tell the store's history what happened to ``entry``'s file (a failure there is logged, never the delivery's)."""
+        store = self.s.store
+        if not IHistoryStore.providedBy(store):
+            return
+        file_id, parent = history_row(entry)
+        where = str(place) if isinstance(place, (str, os.PathLike)) else None
+        event = FileEvent(file_id, entry.record, self.s.clock.seconds(), parent, where, status, retried, made)
+        d = defer.maybeDeferred(store.note_file, event)
+        d.addErrback(lambda f: log.warn("could not record " + _FILE + " in the history: {why}", why=f.getErrorMessage(),
+                                        **_about(entry)))
 
     def _start_new(self, entry: OutboxEntry, received: ReceivedFile) -> None:
         """Deliver a file just recorded at once if there is room, else keep it for the next free slot.
@@ -300,20 +329,28 @@ class Outbox:
             places.append(result)
         if isinstance(result, Transformed):
             made = []
+            own, parent = history_row(entry)
             for index, f in enumerate(result.files):
                 made_id = derived_id(entry.id, index)
                 record = f.to_record()
                 record["id"] = made_id
+                record[ORIGIN] = parent or own  # (the history lists it under the camera's file)
                 if REFUSED in entry.record:  # refused on its way here: so are the files made from it
                     record[REFUSED] = entry.record[REFUSED]
                 made.append(dataclasses.replace(entry, id=made_id, spool_name=f.path.name, record=record,
                                                 attempts=0, last_error=None))
+            self._note(entry, made=tuple((m.id, m.record) for m in made if m.record.get("derived") != "original"))
             yield self._advance(entry, made)
         elif RETRY in entry.record:  # a retried dead letter went on when it was refused: it ends here
+            self._note(entry, result, "stored", retried=True)
             yield self._advance(entry, [])
             log.info("retried dead letter delivered to {sink}: " + _FILE + " {size} bytes",
                      sink=sink.name, event="dead_letter_delivered", **_about(entry))
         else:
+            if entry.sink + 1 >= len(s.sinks):
+                self._note(entry, result, "dead-letter" if entry.record.get(REFUSED) else "stored")
+            elif isinstance(result, (str, os.PathLike)):
+                self._note(entry, result)
             yield self._advance(entry, [entry])
 
     @defer.inlineCallbacks
@@ -354,6 +391,7 @@ class Outbox:
         log.error(_FILE + " cannot be delivered to {sink}: {reason}; its record is kept in {folder}",
                   sink=sink.name, reason=reason, folder=folder, event="delivery_lost", **_about(entry))
         s.failed(record.get("imei", ""), record.get("peer", ""), f"delivery to {sink.name}", reason)
+        self._note(entry, status="dead-letter")
         yield s.store.replace(entry.id, [])
 
     @defer.inlineCallbacks
@@ -374,6 +412,7 @@ class Outbox:
             log.error("{sink} refused " + _FILE + ": {reason}; kept in {folder}", sink=sink.name, reason=why,
                       folder=folder, event="delivery_refused", **_about(entry))
             s.failed(received.imei, received.peer, f"delivery to {sink.name}", why)
+            self._note(entry, status="dead-letter")
             onward = dataclasses.replace(entry, record={**entry.record, REFUSED: [*entry.record.get(REFUSED, ()),
                                                                                   sink.name]})
             yield self._advance(entry, [] if RETRY in entry.record else [onward])

@@ -3,8 +3,8 @@
 Every error names the key at fault (``timeouts.idle: must be a positive
 number``), and validation reports every error it finds at once: it goes on
 after each one, then raises one :class:`ConfigError` carrying them all. The
-keys of the public contract are documented in README.md and in
-``etc/camgateway.yaml``.
+keys of the public contract are documented in docs/configuration.md (in
+short in README.md) and in ``etc/camgateway.yaml``.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import yaml
 
 from camgateway.base.units import ConfigError, duration_text, parse_duration, parse_size, size_text
+from camgateway.perf.settings import ENVIRONMENT, SWITCHES, Performance, environment_error
 
 __all__ = [
     "Config",
     "ConfigError",
+    "Performance",
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_DATA_DIR",
     "DUALCAM_SOURCES",
@@ -87,6 +89,8 @@ class Config:
     instance: Optional[str] = None
     #: How long a camera's session lease lives without renewal (several instances).
     lease_ttl: float = 30.0
+    #: Files received longer ago leave the history of /api/files (not the sinks).
+    history_ttl: float = 30 * 86400.0
     sinks: tuple[Mapping[str, Any], ...] = ({"type": "disk", "root": str(DEFAULT_DATA_DIR / "files")},)
     allow: frozenset[str] = frozenset()
     idle_timeout: float = 120.0
@@ -114,6 +118,8 @@ class Config:
     progress_interval: float = 30.0
     #: Gateway processes (camgateway.runtime.workers): 1, or one per core for large fleets.
     workers: int = 1
+    #: The speed-ups, one switch each (camgateway.perf.settings; docs/performance.md).
+    performance: Performance = dataclasses.field(default_factory=Performance.from_environment)
     source: str = "built-in defaults"
 
     def allowed(self, imei: str) -> bool:
@@ -195,7 +201,8 @@ def parse_config(raw: object, source: str = "<config>", base: Path | None = None
     base = base or Path.cwd()
     errors = _Errors()
     doc = _Section(errors, raw, "", ("listen", "workers", "storage", "sinks", "devices", "timeouts", "download",
-                                     "limits", "outbox", "http", "log"), where="(top level)")
+                                     "limits", "outbox", "http", "log", "performance"),
+                   where="(top level)")
     d = Config()
     values: dict[str, Any] = {"source": source}
 
@@ -207,7 +214,8 @@ def parse_config(raw: object, source: str = "<config>", base: Path | None = None
             values["listen"] = listen
 
     storage = _Section(errors, doc.get("storage"), "storage",
-                       ("spool", "partial_ttl", "checkpoint_bytes", "resume", "instance", "lease_ttl"))
+                       ("spool", "partial_ttl", "checkpoint_bytes", "resume", "instance", "lease_ttl",
+                        "history_ttl"))
     resume = storage.get("resume", "sqlite")
     if not isinstance(resume, str) or not (resume == "sqlite" or resume.startswith(("redis://", "rediss://",
                                                                                       "unix://"))):
@@ -224,6 +232,7 @@ def parse_config(raw: object, source: str = "<config>", base: Path | None = None
     values["lease_ttl"] = storage.take("lease_ttl", parse_duration, d.lease_ttl)
     values["spool"] = storage.take("spool", _directory(base), base / d.spool)
     values["partial_ttl"] = storage.take("partial_ttl", parse_duration, d.partial_ttl)
+    values["history_ttl"] = storage.take("history_ttl", parse_duration, d.history_ttl)
     values["checkpoint_bytes"] = storage.take("checkpoint_bytes", parse_size, d.checkpoint_bytes)
 
     if "sinks" in doc:
@@ -281,11 +290,21 @@ def parse_config(raw: object, source: str = "<config>", base: Path | None = None
     values.update(_log(_Section(errors, doc.get("log"), "log", ("format", "file", "progress_interval")), base, d))
     if "workers" in doc:
         values["workers"] = errors.check(_workers, doc.get("workers"), default=d.workers)
+    values["performance"] = _performance(_Section(errors, doc.get("performance"), "performance", SWITCHES), d)
     config = Config(**values)
     errors.found.extend(check_endpoint_strings(config))
     errors.check(check_workers, config)
     errors.raise_any()
     return config
+
+
+def _performance(section: _Section, d: Config) -> Performance:
+    """The ``performance`` section: a boolean per speed-up, each defaulting to on (off with
+    ``CAMGATEWAY_PERFORMANCE=off``, whose other values are errors)."""
+    why = environment_error()
+    if why is not None:
+        section.errors.add(ENVIRONMENT, f"(environment variable) {why}")
+    return Performance(**{name: section.take(name, _bool, getattr(d.performance, name)) for name in SWITCHES})
 
 
 def _dualcam_sources(value: object, key: str) -> tuple[str, ...]:
@@ -471,7 +490,8 @@ def load_config(path: Path | None, *, explicit: bool = True, base: Path | None =
         raw = yaml.load(text, Loader=UniqueKeyLoader)
     except DuplicateKeyError as e:
         mark = e.problem_mark
-        raise ConfigError(e.key_path, f"given twice in {path} (line {e.first_line} and line {mark.line + 1}):"
+        second = mark.line + 1 if mark is not None else "?"
+        raise ConfigError(e.key_path, f"given twice in {path} (line {e.first_line} and line {second}):"
                                       " YAML would silently keep only the last") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
@@ -642,7 +662,7 @@ def effective(config: Config) -> dict[str, Any]:
         "storage": {"spool": str(config.spool), "partial_ttl": duration_text(config.partial_ttl),
                     "checkpoint_bytes": size_text(config.checkpoint_bytes), "resume": mask_url(config.resume),
                     **({"instance": config.instance} if config.instance is not None else {}),
-                    "lease_ttl": duration_text(config.lease_ttl)},
+                    "lease_ttl": duration_text(config.lease_ttl), "history_ttl": duration_text(config.history_ttl)},
         "sinks": [_masked_sink(sink) for sink in config.sinks],
         "devices": {"allow": sorted(imei.zfill(IMEI_DIGITS) for imei in config.allow)},
         "timeouts": {"idle": duration_text(config.idle_timeout), "metadata": duration_text(config.metadata_timeout),
@@ -658,4 +678,5 @@ def effective(config: Config) -> dict[str, Any]:
         "http": {"listen": list(config.http_listen), **({"token": "***"} if config.http_token else {})},
         "log": {"format": config.log_format, **({"file": str(config.log_file)} if config.log_file else {}),
                 "progress_interval": duration_text(config.progress_interval)},
+        "performance": dataclasses.asdict(config.performance),
     }

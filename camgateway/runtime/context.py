@@ -12,13 +12,13 @@ from typing import Any, Callable, Deque, Iterator, Optional
 from twisted.internet.defer import Deferred
 
 from camgateway.runtime.config import Config
-from camgateway.perf.due import DueSessions
+from camgateway.perf.due import DueSessions, NoDueSessions
 from camgateway.base.health import Health
-from camgateway.perf.sockets import TurnWriter
+from camgateway.perf.sockets import PlainWriter, TurnWriter, plain_write, write_now
 from camgateway.transfer.spool import Spool
 from camgateway.web.progress import DURATION_BOUNDS
 
-__all__ = ["FileHeads", "RecentFiles", "Services", "Stats", "SinkFailing", "DURATION_BOUNDS", "NOT_IN_SUMMARY"]
+__all__ = ["FileHeads", "RecentFiles", "RefusedCameras", "Services", "Stats", "SinkFailing", "DURATION_BOUNDS", "NOT_IN_SUMMARY"]
 
 #: The metadata of the :class:`Stats` fields that ``/api/summary`` leaves out (not plain counters).
 NOT_IN_SUMMARY = {"summary": False}
@@ -161,6 +161,33 @@ class RecentFiles:
         return len(self._items)
 
 
+class RefusedCameras:
+    """The cameras ``devices.allow`` refused, by IMEI: the latest peer, how often, when last (clock seconds).
+
+    Kept in memory per process (a camera always reaches the same worker),
+    the most recently refused :attr:`maxlen` of them.
+    """
+
+    def __init__(self, maxlen: int = 1000) -> None:
+        self.maxlen = maxlen
+        self._items: dict[str, dict[str, Any]] = {}
+
+    def refused(self, imei: str, peer: str, at: float) -> None:
+        """Camera ``imei`` from ``peer`` was refused at time ``at``."""
+        item = self._items.pop(imei, None) or {"imei": imei, "count": 0}
+        item.update(peer=peer, count=item["count"] + 1, last_at=at)
+        self._items[imei] = item  # (the most recent last)
+        if len(self._items) > self.maxlen:
+            del self._items[next(iter(self._items))]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Each refused camera, the most recently refused last."""
+        return iter(list(self._items.values()))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 def _write_then_sync(fd: int, before: Optional[Callable[[], object]],
                      after: Optional[Callable[[], object]] = None) -> None:
     if before is not None:
@@ -200,8 +227,11 @@ class Services:
     #: The latest stored files (ReceivedFile, where each sink put it), newest last.
     recent: RecentFiles = dataclasses.field(default_factory=RecentFiles)
     heads: FileHeads = dataclasses.field(default_factory=FileHeads)
-    #: The sessions the half-second scan visits, each when something of its own comes due.
-    due: DueSessions = dataclasses.field(default_factory=DueSessions)
+    #: The sessions the half-second scan visits, each when something of its own comes due
+    #: (with ``performance.due_heap`` off, a NoDueSessions: the scan visits every session).
+    due: DueSessions = dataclasses.field(default=None)  # type: ignore[assignment]
+    #: The cameras ``devices.allow`` refused (``/api/refused``).
+    refused: RefusedCameras = dataclasses.field(default_factory=RefusedCameras)
     #: The latest failures: dicts with time, imei, peer, what and why, newest last.
     failures: Deque[dict[str, Any]] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=RECENT))
     #: Flushes the spool's filesystem for many finishing files at once
@@ -218,12 +248,20 @@ class Services:
     health: Health = dataclasses.field(default_factory=Health)
     #: Notes of finished files the store could not record yet (camgateway.transfer.journal.FinishJournal), or None.
     journal: Any = None
-    #: Sends a reactor turn's replies to the cameras together at its end (made on :attr:`clock`).
+    #: Sends a reactor turn's replies to the cameras together at its end (made on :attr:`clock`),
+    #: or each at once (a PlainWriter, ``performance.reply_batching`` off).
     writer: TurnWriter = dataclasses.field(default=None)  # type: ignore[assignment]
+    #: Writes what sessions see of cameras to the history (camgateway.storage.sightings.CameraSightings), or None.
+    sightings: Any = None
 
     def __post_init__(self) -> None:
+        performance = self.config.performance
         if self.writer is None:
-            self.writer = TurnWriter(self.clock)
+            send = write_now if performance.direct_send else plain_write
+            writer: Any = TurnWriter(self.clock, send) if performance.reply_batching else PlainWriter(send)
+            self.writer = writer
+        if self.due is None:
+            self.due = DueSessions() if performance.due_heap else NoDueSessions()
 
     @property
     def own_store(self) -> bool:
@@ -259,6 +297,18 @@ class Services:
     def failed(self, imei: str, peer: str, what: str, why: str) -> None:
         """Remember a failure for operators (it is logged separately)."""
         self.failures.append({"time": self.clock.seconds(), "imei": imei, "peer": peer, "what": what, "why": why})
+        if self.sightings is not None:
+            self.sightings.error(imei, f"{what}: {why}")
+
+    def camera_connected(self, imei: str, peer: str) -> None:
+        """A session of camera ``imei`` began (for the history of cameras)."""
+        if self.sightings is not None:
+            self.sightings.connected(imei, peer)
+
+    def camera_gone(self, imei: str) -> None:
+        """The session of camera ``imei`` ended (for the history of cameras)."""
+        if self.sightings is not None:
+            self.sightings.gone(imei)
 
     def track(self, d: Deferred) -> Deferred:
         """Keep ``d`` in :attr:`pending` until it fires."""

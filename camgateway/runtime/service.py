@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-import sys
-
 from typing import Any, Callable, Optional
 
 from twisted.application.internet import TimerService
@@ -22,45 +19,25 @@ from camgateway.perf.durability import WRITEBACK_BYTES, GroupSync
 from camgateway.perf.groupcommit import BatchThread
 from camgateway.transfer.journal import FinishJournal
 from camgateway.session.leasing import LeaseKeeper
-from camgateway.perf.process import tune_malloc
 from camgateway.delivery.outbox import Outbox
 from camgateway.web.progress import PROGRESS_SPREAD, ProgressReporter
 from camgateway.session.protocol import CameraFactory
 from camgateway.perf.reserve import SpoolReserve
 from camgateway.runtime.context import Services
 from camgateway.runtime.shared_spool import SharedSpool, orphan_age, sweep_orphans
-from camgateway.delivery.sinks import make_sinks
+from camgateway.delivery.sinks import GatewayInternals, SinkContext, SpoolView, make_sinks
 from camgateway.transfer.spool import Spool, boot_id, reconcile_partial
+from camgateway.storage.sightings import CameraSightings
 from camgateway.storage.sqlite import SQLiteStore
-from camgateway.perf.threads import WorkerPool
-from camgateway.transfer.receiver import FLUSH_AGE
+from camgateway.perf.threads import TwistedPool, WorkerPool
+from camgateway.transfer.writes import FLUSH_AGE
 from camgateway.runtime.workers import DispatchFactory, Shard, Workers, children_needed
 
-__all__ = ["GatewayService", "StartError", "make_gateway", "reconcile", "sweep_expired", "flush_stale", "periodic"]
+__all__ = ["GatewayService", "StartError", "make_gateway", "sink_context", "sink_internals", "reconcile", "sweep_expired", "sweep_history", "flush_stale", "periodic"]
 
 log = Logger(namespace="camgateway.runtime.service")
 
 SHUTDOWN_GRACE = 8.0  # seconds to persist partials and finish stores on SIGTERM
-#: sys.setswitchinterval for the gateway process. The reactor thread is busy
-#: in Python while the store's thread and the pool threads come back from
-#: blocking calls (sqlite3 steps, fsync, pwrite) and wait for the GIL: with
-#: CPython's default of 5 ms, each of those waits can last up to 5 ms, and a
-#: photo needs a dozen of them. 0.5 ms measured +30 % photos/s and no loss
-#: on bulk (benchmarks/README.md).
-GIL_SWITCH_INTERVAL = 0.0005
-#: ... and with several workers: CPython's default. Each process then has a
-#: share of the cameras and the two cores are the limit, not one GIL: forced
-#: switches every 0.5 ms cost more CPU than the waits they shorten (three
-#: paired photo runs with two workers: +6 to +9 % files/s at 5 ms).
-GIL_SWITCH_INTERVAL_WORKERS = 0.005
-#: gc.set_threshold's first argument: container allocations (net of frees)
-#: between two collections of the youngest generation (CPython's default:
-#: 700). A photo makes ~30 such objects that outlive it briefly (Deferreds,
-#: records), and with 700 the collector ran every ~25 photos, its older
-#: generations over everything imported: 0.1 s of each worker's CPU per
-#: 1,000 photos, measured with gc.callbacks. With 10,000 and the start-up
-#: objects frozen (gc.freeze), 0.025 s.
-GC_THRESHOLD = 10_000
 
 
 @defer.inlineCallbacks
@@ -104,15 +81,16 @@ def reconcile(s: Services) -> Any:
 def flush_stale(s: Services) -> None:
     """Write the few bytes slow cameras left pending, drop stale read marks (the half-second scan).
 
-    Only the sessions whose filed moment has come are visited (:mod:`camgateway.perf.due`).
-    A visit that raises is a bug in that session: it is logged with the
+    Only the sessions whose filed moment has come are visited (:mod:`camgateway.perf.due`);
+    with ``performance.due_heap`` off, every session. A visit that raises is a bug in that session: it is logged with the
     camera's IMEI and that connection is dropped (what it held is kept, as
     after any internal error), and the scan goes on with the other sessions
     due; :meth:`DueSessions.take` has already unfiled them all, so one that
     was skipped would not come due again.
     """
     now = s.clock.seconds()
-    for session in s.due.take(now):
+    sessions = s.due.take(now) if s.config.performance.due_heap else list(s.sessions.values())
+    for session in sessions:
         try:
             session.write_stale(now)
         except Exception:
@@ -165,6 +143,30 @@ def sweep_expired(s: Services) -> Any:
                  imei=partial.imei, held=partial.held, age=s.clock.seconds() - partial.last_seen)
 
 
+def sink_context(services: Services, reactor: Any) -> SinkContext:
+    """What the sinks are built with (the plugin surface, camgateway.delivery.sinks.SinkContext)."""
+    return SinkContext(reactor=reactor, clock=services.clock, run_in_thread=services.run_in_thread,
+                       spool=SpoolView(services.spool))
+
+
+def sink_internals(services: Services) -> GatewayInternals:
+    """What the shipped disk sink shares with the gateway's hot path (camgateway.delivery.sinks.GatewayInternals)."""
+    return GatewayInternals(batch_thread=services.batch_thread, heads=services.heads,
+                            performance=services.config.performance)
+
+
+@defer.inlineCallbacks
+def sweep_history(s: Services) -> Any:
+    """Forget the files received more than ``storage.history_ttl`` ago from the history (/api/files)."""
+    history = getattr(s.store, "sweep_history", None)
+    if history is None:
+        return
+    removed = yield history(s.clock.seconds() - s.config.history_ttl)
+    if removed:
+        log.info("{n} files received more than {ttl:.0f} s ago left the history (storage.history_ttl; the files"
+                 " stay where the sinks put them)", n=removed, ttl=s.config.history_ttl)
+
+
 class GatewayService(Service):
     """Reconciles the spool, then listens on every configured endpoint.
 
@@ -192,7 +194,7 @@ class GatewayService(Service):
         #: With a shared store: this instance's marker and the check that the spool is shared.
         self.shared_spool: Optional[SharedSpool] = None
         self.ready: defer.Deferred = defer.Deferred()
-        self.pool: Optional[WorkerPool] = None
+        self.pool: Optional[WorkerPool | TwistedPool] = None
         if shard is None and config.workers > 1:
             shard = Shard(0, config.workers, config.spool)
         self.shard = shard
@@ -205,14 +207,9 @@ class GatewayService(Service):
         return self.pool.run(f, *args, **kwargs)
 
     def startService(self) -> None:
+        # (The process-wide tuning, camgateway.perf.process, is the process's to
+        # apply: the tap and the worker's entry do, not the service.)
         super().startService()
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL if self.shard is None else GIL_SWITCH_INTERVAL_WORKERS)
-        # What is loaded by now (Twisted, the modules, the configuration) lives as
-        # long as the process: out of the collector's way for good (collected
-        # first, so that no garbage is kept).
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
         try:
             d = self._start()
         except Exception:  # (twistd would print the traceback; the failure is told as any other)
@@ -220,12 +217,18 @@ class GatewayService(Service):
         d.addCallbacks(self.ready.callback, self._failed)
 
     def _start(self) -> defer.Deferred:
-        """Make the spool, the store, the sinks...; the Deferred fires once every port listens."""
+        """Make the spool, the store, the sinks...; the Deferred fires once every port listens.
+
+        Each speed-up is made only when its switch of ``performance:`` is on
+        (camgateway.perf.settings); off, its plain path is (docs/performance.md).
+        """
         config = self.config
+        performance = config.performance
         # Blocking steps (spool opens, writes, digests, sink I/O) share one
         # pool: sized so the outbox's deliveries never starve the sessions'
         # own steps (each waits on the disk, not on the CPU).
-        self.pool = WorkerPool(self.reactor, 2 * config.outbox_concurrency + 16)
+        pool_type = WorkerPool if performance.worker_pool else TwistedPool
+        self.pool = pool_type(self.reactor, 2 * config.outbox_concurrency + 16)
         shard = self.shard
         spool = Spool(config.spool, shard.dead if shard is not None and shard.index else None)
         try:
@@ -237,9 +240,10 @@ class GatewayService(Service):
         leases = None
         # One thread for the spool's flushes, the embedded store's commits and
         # the disk sink's stores (camgateway.perf.groupcommit.BatchThread).
-        batch_thread = BatchThread(self.reactor, "camgateway-disk")
+        batch_thread = BatchThread(self.reactor, "camgateway-disk") if performance.group_commit else None
         if config.resume == "sqlite":
-            store: Any = SQLiteStore(spool.store_path, self.reactor, batch_thread)
+            store: Any = SQLiteStore(spool.store_path, self.reactor, batch_thread,
+                                     batching=performance.group_commit)
         else:  # several instances: a shared store, leases, a shared spool
             from camgateway.storage.redis import RedisStore
             from camgateway.storage.redis_leases import RedisLeases
@@ -250,19 +254,22 @@ class GatewayService(Service):
         self.services = Services(config, store, spool, [], self.reactor, self._run_in_thread, boot_id())
         self.services.shard = shard
         self.services.leases = leases
-        self.services.spool_sync = GroupSync(spool.root, self.reactor, shared=batch_thread,
-                                               writeback_bytes=WRITEBACK_BYTES)
+        if performance.group_sync:  # (else one fdatasync per finished file: Services.durable)
+            self.services.spool_sync = GroupSync(spool.root, self.reactor, shared=batch_thread,
+                                                 writeback_bytes=WRITEBACK_BYTES)
         self.services.batch_thread = batch_thread
-        if self.services.own_store and not (shard is not None and shard.drain):
+        if performance.spool_reserve and self.services.own_store and not (shard is not None and shard.drain):
             # (see camgateway.perf.reserve: needs the start-up reconcile; a drain worker takes no files)
             services = self.services
             services.reserve = SpoolReserve(spool, self._run_in_thread, self.reactor,
                                             lambda: services.config.min_free_bytes)
         self.services.instance = getattr(store, "instance", "local")
+        self.services.sightings = CameraSightings(store, self.reactor)
         self.keeper = LeaseKeeper(self.services) if leases is not None else None
         if leases is not None:
             self.shared_spool = SharedSpool(self.services, store, config.lease_ttl)
-        sinks = self.services.sinks = make_sinks(config.sinks, self.services)
+        sinks = self.services.sinks = make_sinks(config.sinks, sink_context(self.services, self.reactor),
+                                                 sink_internals(self.services))
         self.services.outbox = Outbox(self.services, config.outbox_concurrency,
                                       give_up_after=config.outbox_give_up_after)
         self.services.journal = FinishJournal(self.services)
@@ -273,21 +280,21 @@ class GatewayService(Service):
         # Files finished while the store could not record them: into the store
         # first (the reconcile would take their spool files for orphans).
         d = self.services.journal.load()
-        d.addCallback(lambda _: self.services.journal.replay())  # type: ignore[union-attr]
+        d.addCallback(lambda _: self.services.journal.replay())
         if leases is None:
             d.addCallback(lambda _: reconcile(self.services))
             if self.services.reserve is not None:
-                d.addCallback(lambda _: self.services.reserve.start())  # type: ignore[union-attr]
+                d.addCallback(lambda _: self.services.reserve.start())
         else:
             log.info("shared store {url} as instance {instance}: spool files are checked when resumed",
                      url=config.resume.split("@")[-1], instance=self.services.instance)
             # Registered before the outbox starts: the others count this instance in (camgateway.storage.redis).
             d.addCallback(lambda _: self.shared_spool.start())  # type: ignore[union-attr]
             d.addCallback(lambda _: self.keeper.start())  # type: ignore[union-attr]
-        d.addCallback(lambda _: self.services.outbox.start())  # type: ignore[union-attr]
-        d.addCallback(lambda _: self.services.journal.start())  # type: ignore[union-attr]
+        d.addCallback(lambda _: self.services.outbox.start())
+        d.addCallback(lambda _: self.services.journal.start())
         if self.workers is not None:  # listen once the other workers can take their cameras
-            d.addCallback(lambda _: self.workers.wait_ready())  # type: ignore[union-attr]
+            d.addCallback(lambda _: self.workers.wait_ready())
         d.addCallback(lambda _: self._listen())
         return d
 
@@ -325,7 +332,7 @@ class GatewayService(Service):
         self.start_failure = failure
         if failure.check(StartError, ConfigError):
             log.critical("camgateway cannot start: {reason}", reason=failure.getErrorMessage(),
-                         key=failure.value.key)
+                         key=getattr(failure.value, "key", None))
         else:
             log.failure("camgateway could not start", failure)
         if not self.reactor.running:
@@ -361,13 +368,16 @@ class GatewayService(Service):
                 yield self.services.journal.stop()
             if self.services.outbox is not None:
                 yield self.services.outbox.stop()
+            if self.services.sightings is not None:
+                yield self.services.sightings.close()
             for sink in self.services.sinks:
                 if hasattr(sink, "close"):
                     yield defer.maybeDeferred(sink.close)
             if self.shared_spool is not None:
                 yield self.shared_spool.stop()
             yield self.services.store.close()
-            yield self.services.spool_sync.close()
+            if self.services.spool_sync is not None:
+                yield self.services.spool_sync.close()
         if self.pool is not None:
             yield self.pool.close()
         log.info("camgateway stopped")
@@ -381,11 +391,9 @@ def make_gateway(config: Config, reactor: Any = None, shard: Optional[Shard] = N
     twistd's ``--logfile``; ``forward_logs``: child workers send their log events
     here (when this process logs through twistd's own log file or syslog).
 
-    Every process that serves cameras makes its gateway here (twistd's, and
-    each child worker's), so this is where the process's allocator is tuned
-    (:func:`camgateway.perf.process.tune_malloc`).
+    The process-wide tuning (:func:`camgateway.perf.process.tune_process`) is
+    not applied here: the process that runs the gateway does that.
     """
-    tune_malloc()
     top = MultiService()
     gateway = GatewayService(config, reactor, shard, twistd_logfile, forward_logs)
     gateway.setServiceParent(top)
@@ -405,8 +413,16 @@ def make_gateway(config: Config, reactor: Any = None, shard: Optional[Shard] = N
     partial_sweep = periodic("the partial sweep", sweep)
     orphan_sweep = periodic("the orphan sweep", sweep_spool)
 
+    def sweep_files() -> Any:
+        if gateway.services is None:
+            return None
+        return sweep_history(gateway.services)
+
+    history_sweep = periodic("the history sweep", sweep_files)
+
     def sweeps() -> Any:
-        return defer.maybeDeferred(partial_sweep).addCallback(lambda _: orphan_sweep())
+        return defer.maybeDeferred(partial_sweep).addCallback(lambda _: orphan_sweep()).addCallback(
+            lambda _: history_sweep())
 
     timer = TimerService(min(3600.0, config.partial_ttl / 4), sweeps)
     if reactor is not None:

@@ -7,19 +7,21 @@ synchronous under ``StringTransport`` and ``task.Clock``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from camgateway.storage.records import IOutboxStore, IResumeStore, OutboxEntry, Partial, remove_files
+from camgateway.storage.records import (DAY, CameraRecord, CameraSighting, FileEvent, FileQuery, IHistoryStore,
+                                        IOutboxStore, IResumeStore, OutboxEntry, Partial, StoredFile, next_status,
+                                        remove_files)
 
 __all__ = ["MemoryStore"]
 
 
-@implementer(IResumeStore, IOutboxStore)
+@implementer(IResumeStore, IOutboxStore, IHistoryStore)
 class MemoryStore:
-    """IResumeStore and IOutboxStore in dicts."""
+    """IResumeStore, IOutboxStore and IHistoryStore in dicts."""
 
     #: IOutboxStore.shared
     shared = False
@@ -27,6 +29,8 @@ class MemoryStore:
     def __init__(self) -> None:
         self.partials: dict[str, Partial] = {}
         self.outbox: dict[str, OutboxEntry] = {}
+        self.history: dict[str, StoredFile] = {}
+        self.camera_records: dict[str, CameraRecord] = {}
 
     def find(self, imei: str, flow: str, identifier: bytes) -> "Deferred[Optional[Partial]]":
         for p in self.partials.values():
@@ -86,3 +90,73 @@ class MemoryStore:
 
     def pending(self) -> "Deferred[list[OutboxEntry]]":
         return succeed(sorted((dataclasses.replace(e) for e in self.outbox.values()), key=lambda e: e.created))
+
+    # -- IHistoryStore
+
+    def note_file(self, event: FileEvent) -> "Deferred[None]":
+        row = self.history.get(event.file_id)
+        if row is None:
+            row = self._new_file(event.file_id, event.record, event.parent)
+        if event.place is not None and event.place not in row.places:
+            row.places.append(event.place)
+        self._set_status(row, event)
+        if event.parent is not None and event.status is not None and event.parent in self.history:
+            self._set_status(self.history[event.parent], event)
+        for made_id, record in event.made:
+            if made_id not in self.history:
+                self._new_file(made_id, record, event.root)
+        return succeed(None)
+
+    def _new_file(self, file_id: str, record: Any, parent: Optional[str]) -> StoredFile:
+        row = StoredFile(file_id, dict(record), "delivering", [], float(record.get("received_at") or 0.0),
+                         parent=parent)
+        self.history[file_id] = row
+        if parent is None:
+            imei = str(record.get("imei"))
+            self.camera_records.setdefault(imei, CameraRecord(imei)).count_file(record)
+        return row
+
+    @staticmethod
+    def _set_status(row: StoredFile, event: FileEvent) -> None:
+        row.status = next_status(row.status, event.status, event.retried)
+        if row.status != "delivering" and row.stored_at is None:
+            row.stored_at = event.at
+
+    def _with_derived(self, row: StoredFile) -> StoredFile:
+        out = dataclasses.replace(row, places=list(row.places))
+        out.derived = sorted((dataclasses.replace(f, places=list(f.places)) for f in self.history.values()
+                              if f.parent == row.id), key=lambda f: f.id)
+        return out
+
+    def files(self, query: FileQuery) -> "Deferred[tuple[list[StoredFile], int]]":
+        found = sorted((f for f in self.history.values() if f.parent is None and query.matches(f)),
+                       key=lambda f: (f.received_at, f.id), reverse=True)
+        page = found[query.offset:query.offset + query.limit]
+        return succeed(([self._with_derived(f) for f in page], len(found)))
+
+    def file(self, file_id: str) -> "Deferred[Optional[StoredFile]]":
+        row = self.history.get(file_id)
+        return succeed(None if row is None else self._with_derived(row))
+
+    def note_camera(self, sighting: CameraSighting) -> "Deferred[None]":
+        self.camera_records.setdefault(sighting.imei, CameraRecord(sighting.imei)).saw(sighting)
+        return succeed(None)
+
+    def _camera(self, record: CameraRecord, now: float) -> CameraRecord:
+        out = dataclasses.replace(record)
+        out.files_24h = sum(1 for f in self.history.values()
+                            if f.parent is None and f.record.get("imei") == record.imei and f.received_at >= now - DAY)
+        return out
+
+    def cameras(self, now: float) -> "Deferred[list[CameraRecord]]":
+        return succeed([self._camera(c, now) for c in self.camera_records.values()])
+
+    def camera(self, imei: str, now: float) -> "Deferred[Optional[CameraRecord]]":
+        record = self.camera_records.get(imei)
+        return succeed(None if record is None else self._camera(record, now))
+
+    def sweep_history(self, before: float) -> "Deferred[int]":
+        old = {f.id for f in self.history.values() if f.parent is None and f.received_at < before}
+        for file_id in [f.id for f in self.history.values() if f.id in old or f.parent in old]:
+            del self.history[file_id]
+        return succeed(len(old))

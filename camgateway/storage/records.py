@@ -38,7 +38,9 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-__all__ = ["Partial", "IResumeStore", "ReceivedFile", "OutboxEntry", "IOutboxStore", "remove_files"]
+__all__ = ["Partial", "IResumeStore", "ReceivedFile", "OutboxEntry", "IOutboxStore", "remove_files", "FileEvent",
+           "StoredFile", "FileQuery", "CameraSighting", "CameraRecord", "IHistoryStore", "file_kind", "DAY",
+           "FILE_STATUSES", "next_status", "file_position", "history_columns"]
 
 
 @dataclasses.dataclass
@@ -138,7 +140,7 @@ class ReceivedFile:
         return self.identifier.rstrip(b"\0").decode("utf-8", "backslashreplace")
 
     def sidecar(self) -> dict[str, Any]:
-        """The JSON record stored beside the file (documented in README.md)."""
+        """The JSON record stored beside the file (documented in docs/configuration.md)."""
         return {
             "id": self.id,
             "imei": self.imei,
@@ -246,3 +248,233 @@ def remove_files(paths: Sequence[str]) -> list[tuple[str, str]]:
         except OSError as e:
             left.append((path, e.strerror or str(e)))
     return left
+
+
+# -- the history: stored files and the cameras seen, for the status API
+
+#: What the history says of a file: still going along the sink chain, through it, or refused by a sink.
+FILE_STATUSES = ("delivering", "stored", "dead-letter")
+#: Seconds in a day (a camera's ``files_24h``).
+DAY = 86400.0
+
+
+def file_kind(media: Optional[str]) -> str:
+    """``photo``, ``video`` or ``other``: what a file is for a person looking at it."""
+    return media if media in ("photo", "video") else "other"
+
+
+def next_status(current: str, new: Optional[str], retried: bool = False) -> str:
+    """A file's status after an event saying ``new`` (None: no change).
+
+    A dead letter stays one when another part of the file is stored, until a
+    retried delivery of it (``retried``) is stored.
+    """
+    if new is None or new == current:
+        return current
+    if new == "stored" and current == "dead-letter" and not retried:
+        return current
+    return new
+
+
+def file_position(record: Mapping[str, Any]) -> Optional[tuple[float, float, float]]:
+    """``(latitude, longitude, when)`` a file's metadata gives, or None."""
+    meta = record.get("metadata") or {}
+    lat, lon = meta.get("latitude"), meta.get("longitude")
+    if (not isinstance(lat, (int, float)) or not isinstance(lon, (int, float))
+            or isinstance(lat, bool) or isinstance(lon, bool)):
+        return None
+    if lat == 0 and lon == 0:  # no fix
+        return None
+    when = record.get("capture_time") or record.get("received_at") or 0.0
+    return float(lat), float(lon), float(when)
+
+
+@dataclasses.dataclass
+class FileEvent:
+    """Something that happened to a file on its way along the sink chain, for the history.
+
+    ``file_id`` names the file's row, made from ``record`` (a
+    :meth:`ReceivedFile.to_record`) if the history does not have it yet
+    (status ``delivering``); ``parent`` is the id of the camera's file a sink
+    made this one from (an MP4, a poster), None for the camera's own file.
+    ``place`` is added to where it is stored; ``status`` applies to the row
+    and to its parent (:func:`next_status`); ``made`` are the files a sink
+    made from it, ``(id, record)``, listed under its original.
+    """
+
+    file_id: str
+    record: Mapping[str, Any]
+    at: float
+    parent: Optional[str] = None
+    place: Optional[str] = None
+    status: Optional[str] = None
+    retried: bool = False
+    made: Sequence[tuple[str, Mapping[str, Any]]] = ()
+
+    @property
+    def root(self) -> str:
+        """The id of the camera's file this event is about (its own, or its parent's)."""
+        return self.parent or self.file_id
+
+
+@dataclasses.dataclass
+class StoredFile:
+    """A file in the history: what it is (its record), where it is stored and how its delivery goes."""
+
+    id: str
+    record: dict[str, Any]
+    status: str
+    places: list[str]
+    received_at: float
+    stored_at: Optional[float] = None
+    parent: Optional[str] = None
+    #: The files sinks made from it (an MP4, a poster), oldest first; filled by the queries.
+    derived: list["StoredFile"] = dataclasses.field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        """``photo``, ``video`` or ``other``."""
+        return file_kind(self.record.get("media"))
+
+    @property
+    def made_as(self) -> Optional[str]:
+        """What a sink made it as (``mp4``, ``poster``, ``h264``), None for a camera's file."""
+        return self.record.get("derived") if self.parent else None
+
+
+@dataclasses.dataclass
+class FileQuery:
+    """Which files of the history to list: filters (None: any), newest first, one page."""
+
+    limit: int = 200
+    offset: int = 0
+    imei: Optional[str] = None
+    camera: Optional[str] = None
+    kind: Optional[str] = None
+    media: Optional[str] = None
+    source: Optional[str] = None
+    #: A trigger's number, or its name (``trigger_name``).
+    trigger: Optional[int | str] = None
+    #: Received at or after / before (POSIX time).
+    since: Optional[float] = None
+    until: Optional[float] = None
+
+    def filters(self) -> dict[str, Any]:
+        """The equality filters set, by the history's column: imei, camera, kind, media, source, trigger."""
+        out = {name: getattr(self, name) for name in ("imei", "camera", "kind", "media", "source")
+               if getattr(self, name) is not None}
+        if isinstance(self.trigger, int):
+            out["trigger"] = self.trigger
+        elif self.trigger is not None:
+            out["trigger_name"] = self.trigger
+        return out
+
+    def matches(self, f: StoredFile) -> bool:
+        """Whether ``f`` passes the filters (for stores that filter in Python)."""
+        values = history_columns(f.record)
+        if any(values.get(name) != wanted for name, wanted in self.filters().items()):
+            return False
+        if self.since is not None and f.received_at < self.since:
+            return False
+        return self.until is None or f.received_at < self.until
+
+
+def history_columns(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What a file's record gives the history to filter on."""
+    meta = record.get("metadata") or {}
+    trigger = meta.get("trigger")
+    name = meta.get("trigger_name")
+    return {"imei": record.get("imei"), "camera": record.get("camera"), "kind": file_kind(record.get("media")),
+            "media": record.get("media"), "source": record.get("source"),
+            "trigger": trigger if isinstance(trigger, int) and not isinstance(trigger, bool) else None,
+            "trigger_name": name if isinstance(name, str) else None}
+
+
+@dataclasses.dataclass
+class CameraSighting:
+    """What a session saw of a camera: that it was there (``at``), from where, and what went wrong."""
+
+    imei: str
+    at: float
+    peer: Optional[str] = None
+    error: Optional[str] = None
+    error_at: Optional[float] = None
+
+
+@dataclasses.dataclass
+class CameraRecord:
+    """A camera the gateway has seen, as the history keeps it."""
+
+    imei: str
+    camera: Optional[str] = None
+    first_seen: Optional[float] = None
+    last_seen: Optional[float] = None
+    peer: Optional[str] = None
+    files_total: int = 0
+    last_file_at: Optional[float] = None
+    latitude: Optional[float] = None
+    longitude: Optional[float] = None
+    position_at: Optional[float] = None
+    last_error: Optional[str] = None
+    last_error_at: Optional[float] = None
+    #: Files received in the day before the query (filled by the queries).
+    files_24h: int = 0
+    #: Whether a session of the camera is live, when the store knows (Redis leases); None: ask the sessions.
+    online: Optional[bool] = None
+
+    def count_file(self, record: Mapping[str, Any]) -> None:
+        """A file of this camera entered the history: count it, and take its kind and position."""
+        received = float(record.get("received_at") or 0.0)
+        self.files_total += 1
+        self.last_file_at = max(self.last_file_at or received, received)
+        self.first_seen = min(self.first_seen or received, received)
+        self.last_seen = max(self.last_seen or received, received)
+        if record.get("camera") and record.get("camera") != "unknown":
+            self.camera = record["camera"]
+        position = file_position(record)
+        if position is not None and (self.position_at is None or position[2] >= self.position_at):
+            self.latitude, self.longitude, self.position_at = position
+
+    def saw(self, sighting: CameraSighting) -> None:
+        """Take what a session saw."""
+        self.first_seen = min(self.first_seen or sighting.at, sighting.at)
+        self.last_seen = max(self.last_seen or sighting.at, sighting.at)
+        if sighting.peer is not None:
+            self.peer = sighting.peer
+        if sighting.error is not None:
+            self.last_error = sighting.error
+            self.last_error_at = sighting.error_at if sighting.error_at is not None else sighting.at
+
+    def stored_fields(self) -> dict[str, Any]:
+        """What a store keeps of it (the fields but ``files_24h`` and ``online``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("files_24h", "online")}
+
+
+class IHistoryStore(Interface):
+    """The history of stored files and of the cameras seen. Every method returns a Deferred.
+
+    Shared by every instance that shares the store, kept across restarts,
+    bounded by :meth:`sweep_history`.
+    """
+
+    def note_file(event: FileEvent) -> Deferred:
+        """Apply ``event`` (see :class:`FileEvent`). A camera's file seen for the first time counts for its camera."""
+
+    def files(query: FileQuery) -> Deferred:
+        """``(files, total)``: one page of camera files (with their derived files), newest first, and how many match."""
+
+    def file(file_id: str) -> Deferred:
+        """The :class:`StoredFile` with this id (a camera's, with its derived files, or one a sink made), or None."""
+
+    def note_camera(sighting: CameraSighting) -> Deferred:
+        """Record what a session saw of a camera (first and last seen, peer, last error)."""
+
+    def cameras(now: float) -> Deferred:
+        """Every camera seen (:class:`CameraRecord`, ``files_24h`` counted up to ``now``)."""
+
+    def camera(imei: str, now: float) -> Deferred:
+        """One camera's :class:`CameraRecord`, or None if never seen."""
+
+    def sweep_history(before: float) -> Deferred:
+        """Forget the files received before ``before`` (and what sinks made of them); fires with how many."""

@@ -28,6 +28,16 @@ Keys (``P`` is the ``prefix``, ``camgateway`` by default)::
     P:instances             hash: instance -> JSON (its spool path, its host)
     P:instances:alive       sorted set: instance scored by when its registration
                             expires (ms, Redis's clock)
+    P:file:<id>             hash: a file of the history: ``record`` (JSON), ``status``,
+                            ``received_at``, ``stored_at``, ``parent`` (the camera's
+                            file a sink made it from, or empty), ``places`` and
+                            ``derived`` (ids of the files made from it) and ``idx``
+                            (the index keys it is in), each NUL-separated
+    P:files:time            sorted set: camera files' ids by received_at
+    P:files:by:<f>:<value>  sorted set: the same, per value of imei, camera, kind,
+                            media, source, trigger and trigger_name (the filters)
+    P:cameras               hash: IMEI -> JSON of the camera's record (first and
+                            last seen, files, position, last error)
 
 Several instances: ``due`` claims what it returns for this ``instance``
 (``P:claim:<id>``, expiring after ``claim_ttl``), skipping entries another
@@ -65,6 +75,7 @@ files that only a shared spool makes reachable from every instance
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -79,7 +90,9 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from camgateway.storage.records import IOutboxStore, IResumeStore, OutboxEntry, Partial, remove_files
+from camgateway.storage.records import (DAY, CameraRecord, CameraSighting, FileEvent, FileQuery, IHistoryStore,
+                                        IOutboxStore, IResumeStore, OutboxEntry, Partial, StoredFile, file_position,
+                                        history_columns, remove_files)
 
 __all__ = ["RedisStore"]
 
@@ -284,6 +297,142 @@ return {lost, gone}
 # ARGV: P, instance, id, ...
 _RELEASE = _COMMON + "for i = 3, #ARGV do release(ARGV[i], ARGV[2]) end"
 
+_HISTORY = _COMMON + """
+local function has(list, item)
+  for x in string.gmatch(list, '[^%z]+') do if x == item then return true end end
+  return false
+end
+local function append(list, item)
+  if has(list, item) then return list end
+  if list == '' then return item end
+  return list .. '\\0' .. item
+end
+local function camera(imei)
+  local raw = redis.call('HGET', P .. 'cameras', imei)
+  if raw then return cjson.decode(raw) end
+  return {imei = imei, files_total = 0}
+end
+local function save_camera(c)
+  redis.call('HSET', P .. 'cameras', c.imei, cjson.encode(c))
+end
+local function seen(c, at)
+  if not c.first_seen or at < c.first_seen then c.first_seen = at end
+  if not c.last_seen or at > c.last_seen then c.last_seen = at end
+end
+"""
+
+# ARGV: P, id, parent, at, place, status, retried, then a file: record, received_at, idx, camera JSON,
+# then any number of files made from it: id, record, received_at, idx, camera JSON
+_NOTE_FILE = _HISTORY + """
+local function insert(id, parent, record, received, idx, delta)
+  local key = P .. 'file:' .. id
+  if redis.call('EXISTS', key) == 1 then return end
+  if parent ~= '' and redis.call('EXISTS', P .. 'file:' .. parent) == 0 then return end  -- its original is swept
+  redis.call('HSET', key, 'id', id, 'record', record, 'status', 'delivering', 'places', '', 'received_at', received,
+             'parent', parent, 'derived', '', 'idx', idx)
+  if parent ~= '' then
+    local pkey = P .. 'file:' .. parent
+    redis.call('HSET', pkey, 'derived', append(redis.call('HGET', pkey, 'derived') or '', id))
+    return
+  end
+  redis.call('ZADD', P .. 'files:time', received, id)
+  for k in string.gmatch(idx, '[^%z]+') do redis.call('ZADD', P .. k, received, id) end
+  local d = cjson.decode(delta)
+  local c = camera(d.imei)
+  local at = tonumber(received)
+  c.files_total = (c.files_total or 0) + 1
+  if not c.last_file_at or at > c.last_file_at then c.last_file_at = at end
+  seen(c, at)
+  if d.camera then c.camera = d.camera end
+  if d.position_at and (not c.position_at or d.position_at >= c.position_at) then
+    c.latitude, c.longitude, c.position_at = d.latitude, d.longitude, d.position_at
+  end
+  save_camera(c)
+end
+local function set_status(id, status, retried, at, place)
+  local key = P .. 'file:' .. id
+  if redis.call('EXISTS', key) == 0 then return end
+  local current = redis.call('HGET', key, 'status')
+  local new = current
+  if status ~= '' and status ~= current and not (status == 'stored' and current == 'dead-letter' and retried ~= '1') then
+    new = status
+  end
+  if new ~= current then redis.call('HSET', key, 'status', new) end
+  if new ~= 'delivering' and redis.call('HEXISTS', key, 'stored_at') == 0 then redis.call('HSET', key, 'stored_at', at) end
+  if place ~= '' then redis.call('HSET', key, 'places', append(redis.call('HGET', key, 'places'), place)) end
+end
+local id, parent, at = ARGV[2], ARGV[3], ARGV[4]
+insert(id, parent, ARGV[8], ARGV[9], ARGV[10], ARGV[11])
+set_status(id, ARGV[6], ARGV[7], at, ARGV[5])
+if parent ~= '' and ARGV[6] ~= '' then set_status(parent, ARGV[6], ARGV[7], at, '') end
+local root = parent ~= '' and parent or id
+for i = 12, #ARGV, 5 do insert(ARGV[i], root, ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]) end
+"""
+
+# ARGV: P, imei, at, peer or '', error or '', error at
+_NOTE_CAMERA = _HISTORY + """
+local c = camera(ARGV[2])
+local at = tonumber(ARGV[3])
+seen(c, at)
+if ARGV[4] ~= '' then c.peer = ARGV[4] end
+if ARGV[5] ~= '' then c.last_error, c.last_error_at = ARGV[5], tonumber(ARGV[6]) end
+save_camera(c)
+"""
+
+# ARGV: P, since, until, offset, limit, scratch key, index key, ...  -> {total, {file hash, {derived hash, ...}}, ...}
+_FILES = _HISTORY + """
+local key = P .. 'files:time'
+local n = #ARGV - 6
+if n == 1 then key = P .. ARGV[7] end
+if n > 1 then
+  key = P .. ARGV[6]
+  local args = {key, n}
+  for i = 7, #ARGV do args[#args + 1] = P .. ARGV[i] end
+  args[#args + 1] = 'AGGREGATE'
+  args[#args + 1] = 'MAX'
+  redis.call('ZINTERSTORE', unpack(args))
+end
+local total = redis.call('ZCOUNT', key, ARGV[2], ARGV[3])
+local ids = redis.call('ZREVRANGEBYSCORE', key, ARGV[3], ARGV[2], 'LIMIT', ARGV[4], ARGV[5])
+if n > 1 then redis.call('DEL', key) end
+local out = {total}
+for _, id in ipairs(ids) do
+  local f = redis.call('HGETALL', P .. 'file:' .. id)
+  local made = {}
+  for child in string.gmatch(redis.call('HGET', P .. 'file:' .. id, 'derived') or '', '[^%z]+') do
+    made[#made + 1] = redis.call('HGETALL', P .. 'file:' .. child)
+  end
+  out[#out + 1] = {id, f, made}
+end
+return out
+"""
+
+# ARGV: P, id  -> {id, file hash, {derived hash, ...}} or false
+_FILE = _HISTORY + """
+local f = redis.call('HGETALL', P .. 'file:' .. ARGV[2])
+if #f == 0 then return false end
+local made = {}
+for child in string.gmatch(redis.call('HGET', P .. 'file:' .. ARGV[2], 'derived') or '', '[^%z]+') do
+  made[#made + 1] = redis.call('HGETALL', P .. 'file:' .. child)
+end
+return {ARGV[2], f, made}
+"""
+
+# ARGV: P, before (exclusive), batch  -> how many camera files were forgotten
+_SWEEP_HISTORY = _HISTORY + """
+local ids = redis.call('ZRANGEBYSCORE', P .. 'files:time', '-inf', '(' .. ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do
+  local key = P .. 'file:' .. id
+  for k in string.gmatch(redis.call('HGET', key, 'idx') or '', '[^%z]+') do redis.call('ZREM', P .. k, id) end
+  for child in string.gmatch(redis.call('HGET', key, 'derived') or '', '[^%z]+') do
+    redis.call('DEL', P .. 'file:' .. child)
+  end
+  redis.call('DEL', key)
+  redis.call('ZREM', P .. 'files:time', id)
+end
+return #ids
+"""
+
 
 def _num(value: float) -> str:
     """A number as Redis and Python both read back exactly."""
@@ -332,12 +481,54 @@ def _entry(h: dict[str, str]) -> OutboxEntry:
                        h.get("last_error"), json.loads(h["record"]), float(h["created"]))
 
 
+#: Files a step of the history sweep forgets at most (one script: Redis serves nothing else meanwhile).
+_SWEEP_BATCH = 500
+
+
+def _index_key(name: str, value: Any) -> str:
+    """The sorted set of the camera files whose ``name`` (a filter) is ``value``, under the prefix."""
+    return f"files:by:{name}:{value}"
+
+
+def _history_file(record: Any) -> list[str]:
+    """A file's arguments of the note_file script: record, received_at, its index keys, its camera's news."""
+    columns = history_columns(record)
+    idx = "\0".join(_index_key(name, value) for name, value in columns.items() if value is not None)
+    news: dict[str, Any] = {"imei": str(columns["imei"])}
+    if record.get("camera") and record.get("camera") != "unknown":
+        news["camera"] = record["camera"]
+    position = file_position(record)
+    if position is not None:
+        news["latitude"], news["longitude"], news["position_at"] = position
+    return [json.dumps(record), _num(float(record.get("received_at") or 0.0)), idx, json.dumps(news)]
+
+
+def _stored(file_id: str, flat: list[str], made: list[list[str]]) -> StoredFile:
+    h = _hash(flat)
+    stored_at = h.get("stored_at")
+    f = StoredFile(file_id, json.loads(h["record"]), h["status"], [p for p in h.get("places", "").split("\0") if p],
+                   float(h["received_at"]), float(stored_at) if stored_at else None, h.get("parent") or None)
+    for child in made:
+        if child:
+            c = _hash(child)
+            f.derived.append(_stored(c["id"], child, []))
+    return f
+
+
+def _camera(text: str) -> CameraRecord:
+    values = json.loads(text)
+    known = {f.name for f in dataclasses.fields(CameraRecord)}
+    camera = CameraRecord(**{k: v for k, v in values.items() if k in known})
+    camera.files_total = int(camera.files_total)
+    return camera
+
+
 def default_instance() -> str:
     """A name unique to this process: ``host-pid-random``."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-@implementer(IResumeStore, IOutboxStore)
+@implementer(IResumeStore, IOutboxStore, IHistoryStore)
 class RedisStore:
     """Partials and the outbox in a Redis shared by several instances (see the module)."""
 
@@ -374,7 +565,8 @@ class RedisStore:
             ("add", _ADD), ("find", _FIND), ("checkpoint", _CHECKPOINT), ("remove", _REMOVE),
             ("enqueue", _ENQUEUE), ("due", _DUE), ("update", _UPDATE), ("replace", _REPLACE),
             ("renew", _RENEW), ("release", _RELEASE), ("missing", _MISSING), ("register", _REGISTER),
-            ("instances", _INSTANCES), ("unregister", _UNREGISTER))}
+            ("instances", _INSTANCES), ("unregister", _UNREGISTER), ("note_file", _NOTE_FILE),
+            ("note_camera", _NOTE_CAMERA), ("files", _FILES), ("file", _FILE), ("sweep_history", _SWEEP_HISTORY))}
         self._claimed: set[str] = set()  # entries this instance claimed and has not released
         self._closed = False
         self._pool = ThreadPool(1, 1, name="camgateway-redis-store")
@@ -453,7 +645,7 @@ class RedisStore:
     def _hashes(self, index: str, high: str, kind: str) -> list[dict[str, str]]:
         """The hashes of the ids in sorted set ``index`` scored up to ``high``, read in chunks."""
         ids = self.client.zrangebyscore(self.key(index), "-inf", high)
-        found = []
+        found: list[dict[str, str]] = []
         for start in range(0, len(ids), 500):
             pipe = self.client.pipeline(transaction=False)
             for i in ids[start:start + 500]:
@@ -489,7 +681,11 @@ class RedisStore:
 
         d = self._run(shut)
         self._closed = True
-        d.addBoth(lambda r: (self._pool.stop(), r)[1])
+        def stop_thread(result: object) -> object:
+            self._pool.stop()
+            return result
+
+        d.addBoth(stop_thread)
         return d
 
     # -- IOutboxStore
@@ -561,6 +757,65 @@ class RedisStore:
     def pending(self) -> "Deferred[list[OutboxEntry]]":
         d = self._run(self._hashes, "outbox:due", "+inf", "outbox")
         return d.addCallback(lambda hs: sorted(map(_entry, hs), key=lambda e: e.created))
+
+    # -- IHistoryStore
+
+    def note_file(self, event: FileEvent) -> "Deferred[None]":
+        args = [event.file_id, event.parent or "", _num(event.at), event.place or "", event.status or "",
+                "1" if event.retried else "0", *_history_file(event.record)]
+        for made_id, record in event.made:
+            args += [made_id, *_history_file(record)]
+        return self._script("note_file", *args).addCallback(lambda _: None)
+
+    def files(self, query: FileQuery) -> "Deferred[tuple[list[StoredFile], int]]":
+        since = "-inf" if query.since is None else _num(query.since)
+        until = "+inf" if query.until is None else "(" + _num(query.until)
+        keys = [_index_key(name, value) for name, value in query.filters().items()]
+        scratch = f"scratch:{uuid.uuid4().hex}"
+        d = self._script("files", since, until, str(query.offset), str(query.limit), scratch, *keys)
+        return d.addCallback(lambda out: ([_stored(*item) for item in out[1:]], int(out[0])))
+
+    def file(self, file_id: str) -> "Deferred[Optional[StoredFile]]":
+        return self._script("file", file_id).addCallback(lambda out: _stored(*out) if out else None)
+
+    def note_camera(self, sighting: CameraSighting) -> "Deferred[None]":
+        at = sighting.error_at if sighting.error_at is not None else sighting.at
+        return self._script("note_camera", sighting.imei, _num(sighting.at), sighting.peer or "",
+                            sighting.error or "", _num(at)).addCallback(lambda _: None)
+
+    def _cameras(self, imeis: Optional[list[str]], now: float) -> list[CameraRecord]:
+        """The cameras (every one, or those of ``imeis``) with files_24h and online from the leases (store thread)."""
+        if imeis is None:
+            raw = self.client.hgetall(self.key("cameras"))
+        else:
+            raw = dict(zip(imeis, self.client.hmget(self.key("cameras"), imeis)))  # type: ignore[arg-type]
+        cameras = [_camera(text) for text in raw.values() if text]
+        pipe = self.client.pipeline(transaction=False)
+        for c in cameras:
+            pipe.zcount(self.key(_index_key("imei", c.imei)), _num(now - DAY), "+inf")
+            pipe.exists(self.key("lease", c.imei))
+        counts = pipe.execute()
+        for i, c in enumerate(cameras):
+            c.files_24h, c.online = int(counts[2 * i]), bool(counts[2 * i + 1])
+        return cameras
+
+    def cameras(self, now: float) -> "Deferred[list[CameraRecord]]":
+        return self._run(self._cameras, None, now)
+
+    def camera(self, imei: str, now: float) -> "Deferred[Optional[CameraRecord]]":
+        return self._run(self._cameras, [imei], now).addCallback(lambda found: found[0] if found else None)
+
+    def sweep_history(self, before: float) -> "Deferred[int]":
+        removed = 0
+
+        def batch(n: Any) -> Any:
+            nonlocal removed
+            removed += int(n)
+            if int(n) == _SWEEP_BATCH:
+                return self._script("sweep_history", _num(before), str(_SWEEP_BATCH)).addCallback(batch)
+            return removed
+
+        return self._script("sweep_history", _num(before), str(_SWEEP_BATCH)).addCallback(batch)
 
     # -- running instances
 

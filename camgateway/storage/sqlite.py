@@ -19,15 +19,19 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from camgateway.perf.groupcommit import BatchThread, GroupCommitThread
-from camgateway.storage.records import IOutboxStore, IResumeStore, OutboxEntry, Partial, remove_files
+from camgateway.storage.records import (DAY, CameraRecord, CameraSighting, FileEvent, FileQuery, IHistoryStore,
+                                        IOutboxStore, IResumeStore, OutboxEntry, Partial, StoredFile,
+                                        history_columns, next_status, remove_files)
 
 __all__ = ["SQLiteStore", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 T = TypeVar("T")
 
 _SCHEMA_V1 = """
@@ -65,25 +69,72 @@ CREATE TABLE outbox (
 );
 CREATE INDEX outbox_due ON outbox (next_attempt);
 """,
+    # The history: every file (a camera's, or one a sink made from it: ``parent``) and every camera seen.
+    3: """
+CREATE TABLE files (
+    id TEXT PRIMARY KEY,
+    parent TEXT,
+    imei TEXT NOT NULL,
+    camera TEXT,
+    kind TEXT NOT NULL,
+    media TEXT,
+    source TEXT,
+    trigger INTEGER,
+    trigger_name TEXT,
+    received_at REAL NOT NULL,
+    stored_at REAL,
+    status TEXT NOT NULL,
+    places TEXT NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX files_received ON files (received_at);
+CREATE INDEX files_imei ON files (imei, received_at) WHERE parent IS NULL;
+CREATE INDEX files_camera ON files (camera, received_at) WHERE parent IS NULL;
+CREATE INDEX files_kind ON files (kind, received_at) WHERE parent IS NULL;
+CREATE INDEX files_parent ON files (parent) WHERE parent IS NOT NULL;
+CREATE TABLE cameras (
+    imei TEXT PRIMARY KEY,
+    camera TEXT,
+    first_seen REAL,
+    last_seen REAL,
+    peer TEXT,
+    files_total INTEGER NOT NULL DEFAULT 0,
+    last_file_at REAL,
+    latitude REAL,
+    longitude REAL,
+    position_at REAL,
+    last_error TEXT,
+    last_error_at REAL
+);
+""",
 }
 
 
+def _effect(cursor: sqlite3.Cursor) -> None:
+    """Nothing: a statement run for its effect (its cursor is not read)."""
+
+
 def _row(row: tuple[Any, ...]) -> Partial:
-    return Partial(*row[:3], bytes(row[3]), *row[4:])  # type: ignore[arg-type]
+    return Partial(*row[:3], bytes(row[3]), *row[4:])  # type: ignore[call-arg]
 
 
 _COLUMNS = ("id, imei, flow, identifier, total, start_crc, meta_timestamp, held, boot_id,"
             " spool_name, first_seen, last_seen")
 
 
-@implementer(IResumeStore, IOutboxStore)
+@implementer(IResumeStore, IOutboxStore, IHistoryStore)
 class SQLiteStore:
-    """The embedded store (``":memory:"`` is for tests)."""
+    """The embedded store (``":memory:"`` is for tests).
+
+    ``batching`` False (``performance.group_commit: false``): one commit per
+    statement, on a thread of the store's own (``shared`` is then None).
+    """
 
     #: IOutboxStore.shared
     shared = False
 
-    def __init__(self, path: str | Path, reactor: Any = None, shared: Optional[BatchThread] = None) -> None:
+    def __init__(self, path: str | Path, reactor: Any = None, shared: Optional[BatchThread] = None,
+                 batching: bool = True) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -92,7 +143,7 @@ class SQLiteStore:
         self.path = str(path)
         self._db: sqlite3.Connection | None = None
         self._thread: GroupCommitThread[Callable[[sqlite3.Connection], Any]] = GroupCommitThread(
-            lambda fns: self._in_thread(fns), reactor, "camgateway-resume-store", shared)
+            lambda fns: self._in_thread(fns), reactor, "camgateway-resume-store", shared, batching)
         # The keys of every partial (imei, flow, identifier) -> id, once :meth:`all`
         # has read them (the start-up reconcile does), kept up to date by this
         # object's own changes (the only writer of the partials table): a file
@@ -100,6 +151,9 @@ class SQLiteStore:
         # round trip to the store's thread.
         self._keys: Optional[dict[tuple[str, str, bytes], str]] = None
         self._key_of: dict[str, tuple[str, str, bytes]] = {}
+        #: The history's reads: a thread and a connection of their own (:meth:`_read`), made on first use.
+        self._readers: Optional[ThreadPool] = None
+        self._reader: Optional[sqlite3.Connection] = None
 
     # -- running statements on the store's thread
 
@@ -241,7 +295,7 @@ class SQLiteStore:
 
     def remove(self, partial_id: str) -> "Deferred[None]":
         self._forget_key(partial_id)
-        return self._run(lambda db: db.execute("DELETE FROM partials WHERE id=?", (partial_id,)) and None)
+        return self._run(lambda db: _effect(db.execute("DELETE FROM partials WHERE id=?", (partial_id,))))
 
     def all(self) -> "Deferred[list[Partial]]":
         d = self._run(lambda db: [_row(r) for r in db.execute(
@@ -274,7 +328,49 @@ class SQLiteStore:
                 self._db.close()
                 self._db = None
 
-        return self._thread.close().addCallback(shut)
+        d = self._thread.close().addCallback(shut)
+        readers, self._readers = self._readers, None
+        if readers is not None:
+            d.addCallback(lambda _: deferToThreadPool(self._reactor, readers, self._close_reader))
+            d.addBoth(_then_stop, readers)
+        return d
+
+    # -- reading the history beside the writes
+
+    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> "Deferred[T]":
+        """Run the query ``fn`` on a connection and thread of its own, in one read transaction.
+
+        The status API's queries (a page of files and its count, the cameras)
+        never wait for, nor hold up, the commits the cameras wait for (WAL:
+        readers and the writer do not block each other). ``:memory:`` has
+        one connection: there they queue with the writes.
+        """
+        if self.path == ":memory:":
+            return self._run(fn)
+        if self._readers is None:
+            self._readers = ThreadPool(1, 1, name="camgateway-history-reads")
+            self._readers.start()
+            first = self._run(lambda db: None)  # the database made or upgraded first
+        else:
+            first = succeed(None)
+        readers = self._readers
+        return first.addCallback(lambda _: deferToThreadPool(self._reactor, readers, self._in_reader, fn))
+
+    def _in_reader(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._reader is None:
+            self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._reader.execute("PRAGMA query_only = 1")
+        db = self._reader
+        db.execute("BEGIN")
+        try:
+            return fn(db)
+        finally:
+            db.execute("COMMIT")
+
+    def _close_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     # -- IOutboxStore
 
@@ -291,8 +387,8 @@ class SQLiteStore:
 
     def due(self, now: float, limit: int, exclude: frozenset) -> "Deferred[list[OutboxEntry]]":
         # The entries in flight are left out by the query, so only the records
-        # returned are decoded (a scan for one free slot beside 31 deliveries
-        # in flight used to decode 32 records to keep one).
+        # returned are decoded (else a scan for one free slot beside 31
+        # deliveries in flight would decode 32 records to keep one).
         skip = sorted(exclude)
         not_in = f" AND id NOT IN ({', '.join('?' * len(skip))})" if skip else ""
 
@@ -304,9 +400,9 @@ class SQLiteStore:
         return self._run(q)
 
     def update(self, entry: OutboxEntry) -> "Deferred[None]":
-        return self._run(lambda db: db.execute(
+        return self._run(lambda db: _effect(db.execute(
             "UPDATE outbox SET sink=?, attempts=?, next_attempt=?, last_error=? WHERE id=?",
-            (entry.sink, entry.attempts, entry.next_attempt, entry.last_error, entry.id)) and None)
+            (entry.sink, entry.attempts, entry.next_attempt, entry.last_error, entry.id))))
 
     def replace(self, entry_id: str, entries: list[OutboxEntry],
                 remove: Sequence[str] = ()) -> "Deferred[list[tuple[str, str]]]":
@@ -322,8 +418,168 @@ class SQLiteStore:
         return self._run(lambda db: [_entry(r) for r in db.execute(
             f"SELECT {_OUTBOX} FROM outbox ORDER BY created")])
 
+    # -- IHistoryStore
+
+    def note_file(self, event: FileEvent) -> "Deferred[None]":
+        return self._run(lambda db: _note_file(db, event))
+
+    def files(self, query: FileQuery) -> "Deferred[tuple[list[StoredFile], int]]":
+        where, args = ["parent IS NULL"], []
+        for column, value in query.filters().items():  # (column names from FileQuery, never from a request)
+            where.append(f"{column} = ?")
+            args.append(value)
+        if query.since is not None:
+            where.append("received_at >= ?")
+            args.append(query.since)
+        if query.until is not None:
+            where.append("received_at < ?")
+            args.append(query.until)
+        condition = " AND ".join(where)
+
+        def q(db: sqlite3.Connection) -> tuple[list[StoredFile], int]:
+            (total,) = db.execute(f"SELECT COUNT(*) FROM files WHERE {condition}", args).fetchone()
+            rows = db.execute(f"SELECT {_FILES} FROM files WHERE {condition} ORDER BY received_at DESC, id DESC"
+                              " LIMIT ? OFFSET ?", (*args, query.limit, query.offset)).fetchall()
+            return _with_derived(db, [_stored(row) for row in rows]), total
+
+        return self._read(q)
+
+    def file(self, file_id: str) -> "Deferred[Optional[StoredFile]]":
+        def q(db: sqlite3.Connection) -> Optional[StoredFile]:
+            row = db.execute(f"SELECT {_FILES} FROM files WHERE id = ?", (file_id,)).fetchone()
+            return None if row is None else _with_derived(db, [_stored(row)])[0]
+
+        return self._read(q)
+
+    def note_camera(self, sighting: CameraSighting) -> "Deferred[None]":
+        def q(db: sqlite3.Connection) -> None:
+            camera = _camera(db, sighting.imei) or CameraRecord(sighting.imei)
+            camera.saw(sighting)
+            _save_camera(db, camera)
+
+        return self._run(q)
+
+    def cameras(self, now: float) -> "Deferred[list[CameraRecord]]":
+        def q(db: sqlite3.Connection) -> list[CameraRecord]:
+            recent = dict(db.execute("SELECT imei, COUNT(*) FROM files WHERE parent IS NULL AND received_at >= ?"
+                                     " GROUP BY imei", (now - DAY,)))
+            out = [CameraRecord(*row) for row in db.execute(f"SELECT {_CAMERAS} FROM cameras")]
+            for camera in out:
+                camera.files_24h = recent.get(camera.imei, 0)
+            return out
+
+        return self._read(q)
+
+    def camera(self, imei: str, now: float) -> "Deferred[Optional[CameraRecord]]":
+        def q(db: sqlite3.Connection) -> Optional[CameraRecord]:
+            camera = _camera(db, imei)
+            if camera is not None:
+                (camera.files_24h,) = db.execute("SELECT COUNT(*) FROM files WHERE imei = ? AND parent IS NULL"
+                                                 " AND received_at >= ?", (imei, now - DAY)).fetchone()
+            return camera
+
+        return self._read(q)
+
+    def sweep_history(self, before: float) -> "Deferred[int]":
+        """Forget old files a batch at a time (each its own step on the store's thread)."""
+        removed = 0
+
+        def q(db: sqlite3.Connection) -> int:
+            ids = [i for (i,) in db.execute("SELECT id FROM files WHERE parent IS NULL AND received_at < ?"
+                                            " LIMIT ?", (before, _SWEEP_BATCH))]
+            marks = ", ".join("?" * len(ids))
+            if ids:
+                db.execute(f"DELETE FROM files WHERE parent IN ({marks})", ids)
+                db.execute(f"DELETE FROM files WHERE id IN ({marks})", ids)
+            return len(ids)
+
+        def batch(n: int) -> Any:
+            nonlocal removed
+            removed += n
+            return self._run(q).addCallback(batch) if n == _SWEEP_BATCH else removed
+
+        return self._run(q).addCallback(batch)
+
 
 _OUTBOX = "id, spool_name, sink, attempts, next_attempt, last_error, record, created"
+_FILES = "id, record, status, places, received_at, stored_at, parent"
+_CAMERAS = ("imei, camera, first_seen, last_seen, peer, files_total, last_file_at, latitude, longitude,"
+            " position_at, last_error, last_error_at")
+#: Files a step of the history sweep forgets at most (a step holds the store's thread).
+_SWEEP_BATCH = 2000
+
+
+def _then_stop(result: Any, pool: ThreadPool) -> Any:
+    pool.stop()
+    return result
+
+
+def _stored(row: tuple[Any, ...]) -> StoredFile:
+    return StoredFile(row[0], json.loads(row[1]), row[2], json.loads(row[3]), row[4], row[5], row[6])
+
+
+def _with_derived(db: sqlite3.Connection, files: list[StoredFile]) -> list[StoredFile]:
+    """``files`` with the files sinks made from them."""
+    by_id = {f.id: f for f in files if f.parent is None}
+    if by_id:
+        marks = ", ".join("?" * len(by_id))
+        for row in db.execute(f"SELECT {_FILES} FROM files WHERE parent IN ({marks}) ORDER BY id", list(by_id)):
+            made = _stored(row)
+            by_id[made.parent].derived.append(made)  # type: ignore[index]
+    return files
+
+
+def _insert_file(db: sqlite3.Connection, file_id: str, record: Any, parent: Optional[str]) -> None:
+    """A file's row (status delivering) unless the history has it; a camera's file counts for its camera."""
+    if db.execute("SELECT 1 FROM files WHERE id = ?", (file_id,)).fetchone() is not None:
+        return  # (most events: the record is not encoded again)
+    columns = history_columns(record)
+    cursor = db.execute(
+        "INSERT OR IGNORE INTO files (id, parent, imei, camera, kind, media, source, trigger, trigger_name,"
+        " received_at, stored_at, status, places, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL,"
+        " 'delivering', '[]', ?)",
+        (file_id, parent, str(columns["imei"]), columns["camera"], columns["kind"], columns["media"],
+         columns["source"], columns["trigger"], columns["trigger_name"], float(record.get("received_at") or 0.0),
+         json.dumps(record)))
+    if parent is None and cursor.rowcount == 1:
+        camera = _camera(db, str(columns["imei"])) or CameraRecord(str(columns["imei"]))
+        camera.count_file(record)
+        _save_camera(db, camera)
+
+
+def _set_status(db: sqlite3.Connection, file_id: str, event: FileEvent, place: Optional[str]) -> None:
+    row = db.execute("SELECT status, places, stored_at FROM files WHERE id = ?", (file_id,)).fetchone()
+    if row is None:
+        return
+    status, places, stored_at = row[0], json.loads(row[1]), row[2]
+    new = next_status(status, event.status, event.retried)
+    new_stored_at = event.at if new != "delivering" and stored_at is None else stored_at
+    if place is not None and place not in places:
+        places.append(place)
+    elif new == status and new_stored_at == stored_at:
+        return
+    db.execute("UPDATE files SET status = ?, stored_at = ?, places = ? WHERE id = ?",
+               (new, new_stored_at, json.dumps(places), file_id))
+
+
+def _note_file(db: sqlite3.Connection, event: FileEvent) -> None:
+    _insert_file(db, event.file_id, event.record, event.parent)
+    _set_status(db, event.file_id, event, event.place)
+    if event.parent is not None and event.status is not None:
+        _set_status(db, event.parent, event, None)
+    for made_id, record in event.made:
+        _insert_file(db, made_id, record, event.root)
+
+
+def _camera(db: sqlite3.Connection, imei: str) -> Optional[CameraRecord]:
+    row = db.execute(f"SELECT {_CAMERAS} FROM cameras WHERE imei = ?", (imei,)).fetchone()
+    return None if row is None else CameraRecord(*row)
+
+
+def _save_camera(db: sqlite3.Connection, camera: CameraRecord) -> None:
+    fields = camera.stored_fields()
+    db.execute(f"INSERT OR REPLACE INTO cameras ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})",
+               tuple(fields.values()))
 
 
 class _AfterCommit:
@@ -356,4 +612,4 @@ def _insert_entry(db: sqlite3.Connection, entry: OutboxEntry) -> None:
 
 
 def _entry(row: tuple[Any, ...]) -> OutboxEntry:
-    return OutboxEntry(*row[:6], json.loads(row[6]), row[7])  # type: ignore[arg-type]
+    return OutboxEntry(*row[:6], json.loads(row[6]), row[7])  # type: ignore[call-arg]

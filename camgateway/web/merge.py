@@ -35,8 +35,8 @@ from zope.interface import implementer
 
 from camgateway.base.internals import quiet_pool
 
-__all__ = ["WorkerPeers", "merge_list", "merge_summary", "merge_metrics", "merge_health", "TIMEOUT", "LIST_ROUTES",
-           "GAUGES_MERGED_BY"]
+__all__ = ["WorkerPeers", "merge_list", "merge_files", "merge_cameras", "merge_summary", "merge_metrics",
+           "merge_health", "TIMEOUT", "LIST_ROUTES", "GAUGES_MERGED_BY"]
 
 #: Seconds a worker has to answer the gateway's status site.
 TIMEOUT = 5.0
@@ -44,9 +44,11 @@ TIMEOUT = 5.0
 #: The list routes: the key each sorts by (newest or longest first), None to keep the order.
 LIST_ROUTES: dict[str, Optional[str]] = {
     "sessions": "connected_s", "transfers": None, "files": "received_at", "partials": "last_seen",
-    "outbox": None, "failures": "time",
+    "outbox": None, "failures": "time", "refused": "last_at",
 }
-_SUMMED = ("connections_open", "sessions", "transfers", "outbox_depth", "spool_files", "spool_bytes")
+#: Added up over workers; ``refused`` too, since a camera always reaches the same worker. (``dead_letters``
+#: is not: every worker's go to one folder.)
+_SUMMED = ("connections_open", "sessions", "transfers", "outbox_depth", "spool_files", "spool_bytes", "refused")
 
 #: The gauges of ``/metrics`` that are not added up across workers, and how they are merged.
 GAUGES_MERGED_BY: dict[str, Callable[[float, float], float]] = {
@@ -65,6 +67,51 @@ def merge_list(route: str, lists: list[list[Any]], limit: Optional[int] = None) 
     if key is not None:
         merged.sort(key=lambda item: (item.get(key) is not None, item.get(key) or 0), reverse=True)
     return merged[:limit] if limit is not None else merged
+
+
+def merge_files(answers: list[tuple[list[dict[str, Any]], Optional[int]]], offset: int,
+                limit: int) -> tuple[list[dict[str, Any]], int]:
+    """The page ``offset``, ``limit`` of ``/api/files`` from each worker's first ``offset + limit`` files
+    and its count (``X-Total-Count``): ``(files, total)``, newest first, each file once.
+
+    Only with a store per worker (SQLite): a shared store is asked once, not merged.
+    """
+    seen: dict[str, dict[str, Any]] = {}
+    for files, _ in answers:
+        for f in files:
+            seen.setdefault(str(f.get("id")), f)
+    merged = sorted(seen.values(), key=lambda f: (f.get("received_at") or "", f.get("id") or ""), reverse=True)
+    return merged[offset:offset + limit], sum(total or 0 for _, total in answers)
+
+
+def _latest(a: Optional[str], b: Optional[str]) -> Optional[str]:
+    return max((t for t in (a, b) if t is not None), default=None)
+
+
+def merge_cameras(lists: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every worker's ``/api/cameras`` as one: a camera in several workers' stores (``workers`` changed)
+    once, its files added up, online if a session is live on any, the latest of the rest."""
+    out: dict[str, dict[str, Any]] = {}
+    for views in lists:
+        for view in views:
+            mine = out.get(view["imei"])
+            if mine is None:
+                out[view["imei"]] = dict(view)
+                continue
+            newer = (view.get("last_seen") or "") > (mine.get("last_seen") or "")
+            combined = dict(view if newer else mine)
+            combined["online"] = bool(view.get("online") or mine.get("online"))
+            for key in ("files_total", "files_24h"):
+                combined[key] = (view.get(key) or 0) + (mine.get(key) or 0)
+            combined["first_seen"] = min((t for t in (view.get("first_seen"), mine.get("first_seen")) if t),
+                                         default=None)
+            combined["last_file_at"] = _latest(view.get("last_file_at"), mine.get("last_file_at"))
+            for when, keys in (("position_at", ("latitude", "longitude")), ("last_error_at", ("last_error",))):
+                source = view if (view.get(when) or "") > (mine.get(when) or "") else mine
+                for key in (when, *keys):
+                    combined[key] = source.get(key)
+            out[view["imei"]] = combined
+    return list(out.values())
 
 
 def merge_summary(local: dict[str, Any], others: list[dict[str, Any]]) -> dict[str, Any]:
@@ -124,7 +171,7 @@ def merge_metrics(texts: dict[int, str]) -> bytes:
                 yield family
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Merged())  # type: ignore[arg-type]
+    registry.register(_Merged())
     return generate_latest(registry)
 
 
@@ -240,6 +287,24 @@ class WorkerPeers:
             return answers
 
         return self._bodies(path, request, codes).addCallback(decode)
+
+    def ask_all_counted(self, path: bytes, request: Any) -> defer.Deferred:
+        """``{index: (list, X-Total-Count)}`` of every worker that answered ``path`` with a list (others left out)."""
+        answers: dict[int, tuple[list[Any], Optional[int]]] = {}
+
+        @defer.inlineCallbacks
+        def ask(index: int) -> Any:
+            try:
+                response = yield self._request(index, path, request)
+                body = yield readBody(response)
+                value = json.loads(body)
+                total = response.headers.getRawHeaders(b"x-total-count", [None])[0]
+            except Exception:
+                return
+            if response.code == 200 and isinstance(value, list):
+                answers[index] = (value, int(total) if total is not None and total.isdigit() else None)
+
+        return defer.DeferredList([ask(i) for i in self.indexes()]).addCallback(lambda _: answers)
 
     def ask_all_text(self, path: bytes, request: Any) -> defer.Deferred:
         """``{index: body text}`` of every worker that answered ``path``."""
