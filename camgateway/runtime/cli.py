@@ -16,94 +16,24 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from camgateway import __version__
+from camgateway.delivery.dead_letters import DeadLetterError, dead_letters, retry_dead_letter
 from camgateway.runtime.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from camgateway.delivery.outbox import RETRY, OutboxEntry
-from camgateway.base.units import iso
 from camgateway.transfer.spool import Spool
 
 __all__ = ["main", "dead_letters", "retry_dead_letter", "DeadLetterError"]
 
 
-class DeadLetterError(Exception):
-    """A dead letter that cannot be retried as asked (the message says why)."""
-
-
 def _config(path: Optional[str]) -> Config:
     explicit = path is not None
-    return load_config(Path(path) if explicit else DEFAULT_CONFIG_PATH, explicit=explicit)
-
-
-def _time(value: Any) -> Optional[str]:
-    """A dead letter's time as ISO 8601 UTC (older letters hold seconds since the epoch)."""
-    return iso(float(value)) if isinstance(value, (int, float)) else value
-
-
-def dead_letters(spool: Spool) -> list[dict[str, Any]]:
-    """Every dead letter, oldest first: its ``dead-letter.json`` and its ``id`` (the folder's name)."""
-    out = []
-    if spool.dead.is_dir():
-        for folder in sorted(spool.dead.iterdir()):
-            info_path = folder / "dead-letter.json"
-            if info_path.is_file():
-                info = json.loads(info_path.read_text())
-                info["id"] = folder.name
-                info["time"] = _time(info.get("time"))
-                entry = info.get("entry", {})
-                info.setdefault("attempts", entry.get("attempts", 0) + 1)  # (older letters)
-                for key in ("next_attempt", "created"):
-                    if key in entry:
-                        entry[key] = _time(entry[key])
-                out.append(info)
-    return sorted(out, key=lambda i: i.get("time") or "")
-
-
-def _refusing_sink(info: dict[str, Any], names: Optional[Sequence[str]]) -> int:
-    """The index, in the chain configured now, of the sink that refused a dead letter."""
-    index, name = int(info["sink"]), info.get("sink_name")
-    if names is None:
-        return index
-    if name in names:
-        return list(names).index(name)
-    if "attempts" not in info and 0 <= index < len(names):  # written before sinks had names
-        return index
-    raise DeadLetterError(f"refused by sink {name!r}, which the configuration no longer has"
-                          f" (sinks: {', '.join(names)}): give that sink its name again to retry")
-
-
-def retry_dead_letter(spool: Spool, store: Any, letter_id: str, now: float,
-                      names: Optional[Sequence[str]] = None) -> Any:
-    """Put a dead letter back into the outbox for the sink that refused it, only (returns the store's Deferred).
-
-    ``names`` are the configured sinks' names: the refusing sink is found by
-    its name (else by its index). The file keeps its id; the entry's record
-    carries :data:`~camgateway.delivery.outbox.RETRY`, so it ends at that sink.
-    """
-    folder = spool.dead / letter_id
-    info = json.loads((folder / "dead-letter.json").read_text())
-    if not (folder / "file").is_file():
-        raise DeadLetterError(f"its file was lost (no instance had it): only its record is kept in {folder}")
-    index = _refusing_sink(info, names)
-    entry = info["entry"]
-    record = dict(entry["record"])
-    record["id"] = record.get("id") or entry["id"]
-    record[RETRY] = {"sink": index, "sink_name": info.get("sink_name")}
-    name = spool.new_name()
-    os.link(folder / "file", spool.path(name))
-    # The same id if this letter is retried again after a crash: the store keeps one entry for it.
-    retry_id = hashlib.blake2b(f"{letter_id}/retry".encode(), digest_size=16).hexdigest()
-    d = store.enqueue(OutboxEntry(retry_id, name, index, 0, now, None, record, now), None)
-    d.addCallback(lambda _: shutil.rmtree(folder))
-    return d
+    return load_config(Path(path) if path is not None else DEFAULT_CONFIG_PATH, explicit=explicit)
 
 
 def _when(t: Optional[str]) -> str:

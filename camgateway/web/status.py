@@ -1,16 +1,26 @@
 """The status web service's resources: JSON API, health, metrics, the page, stored files.
 
-Routes (every one read-only, GET or HEAD)::
+Routes (GET or HEAD, but the one POST that retries a dead letter)::
 
     /                  the status page (page.html, page.js, page.css)
     /api/summary       version, uptime, counters
     /api/sessions      live camera sessions
     /api/transfers     files being received, with progress
-    /api/files         the latest stored files with their metadata (?limit=, ?imei=, ?media=, ?camera=)
+    /api/files         the history of stored files, newest first, from the store (?limit=, ?offset=,
+                       ?imei=, ?camera=, ?kind=, ?media=, ?source=, ?trigger=, ?since=, ?until=;
+                       header X-Total-Count); /api/files/<id> one of them
+    /api/cameras       every camera seen, from the store (?q=, ?online=); /api/cameras/<imei> one
     /api/partials      interrupted transfers kept for resuming
     /api/outbox        files waiting for a sink
     /api/failures      the latest failures, with reasons
-    /files/<id>        a stored file, by the id /api/files gives (never by path)
+    /api/dead-letters  the files a sink refused, newest first
+    /api/dead-letters/<id>/retry
+                       POST: send a dead letter again to the sink that refused it
+                       (with the header ``X-Camgateway: retry``)
+    /api/refused       the cameras devices.allow refused, with counts
+    /files/<id>        a stored file, by the id /api/files gives (never by path); Range honoured
+    /files/<id>/poster a JPEG of a video's first picture (camgateway.web.media)
+    /files/<id>/play   the video as H.264 and AAC in MP4, for browsers (camgateway.web.media)
     /metrics           Prometheus text format
     /healthz           200 when accepting cameras, recording files and delivering
                        them, else 503 with ``problems`` saying why (no token needed)
@@ -22,27 +32,37 @@ with the token as password (what a browser asks for).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import datetime
 import functools
 import hmac
 import json
-import mimetypes
 import os
+import re
+import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet import defer
+from twisted.internet.address import UNIXAddress
 from twisted.logger import Logger
-from twisted.protocols.basic import FileSender
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from camgateway import __version__
-from camgateway.web.metrics import Metrics, outbox_depth, spool_usage
+from camgateway.base.reasons import reason
+from camgateway.delivery.dead_letters import (DeadLetterError, NoSuchLetter, dead_letters, forget_letter,
+                                              prepare_retry, valid_letter_id)
+from camgateway.storage.records import FileQuery, IHistoryStore, ReceivedFile
+from camgateway.web.media import BrowserMedia, MediaError, MediaFile, serve_file
+from camgateway.web.metrics import Metrics, dead_letter_count, outbox_depth, spool_usage
 from camgateway.web.progress import active_transfers, iso, session_view
-from camgateway.web.merge import WorkerPeers, merge_health, merge_list, merge_metrics, merge_summary
-from camgateway.web.views import file_id, file_view, outbox_view, partial_view, stored_path
+from camgateway.web.merge import (WorkerPeers, merge_cameras, merge_files, merge_health, merge_list, merge_metrics,
+                                  merge_summary)
+from camgateway.web.views import camera_view, file_id, history_view, outbox_view, partial_view, stored_path
 
 __all__ = ["StatusRoot", "StatusSite", "PAGE", "CSP"]
 
@@ -56,7 +76,7 @@ PAGE = {
     b"page.css": ("page.css", "text/css; charset=utf-8"),
 }
 #: The page loads nothing from elsewhere, and runs no inline code.
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; media-src 'self'; connect-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 USER = b"camgateway"
 
@@ -95,16 +115,71 @@ def _later(request: Request, d: defer.Deferred, render: Callable[[Any], bytes]) 
     return NOT_DONE_YET
 
 
-def _int_arg(request: Request, name: bytes, default: int, low: int, high: int) -> int:
-    try:
-        return max(low, min(high, int(request.args.get(name, [b""])[0])))
-    except ValueError:
-        return default
+#: ``limit`` of /api/files and /api/failures: at most, and by default.
+LIMIT_MAX, FILES_LIMIT, FAILURES_LIMIT = 1000, 200, 50
+#: ``limit`` at most when the gateway asks a worker (a page of the merged answer: offset + limit of each).
+MERGE_LIMIT_MAX = 100_000
+CAMERA_KINDS = ("dualcam", "dashcam", "dsm", "adas", "unknown")
+FILE_KINDS = ("photo", "video", "other")
+
+
+class BadRequest(Exception):
+    """A query a route cannot answer: 400, with this message."""
 
 
 def _str_arg(request: Request, name: bytes) -> Optional[str]:
     values = request.args.get(name)
     return values[0].decode("utf-8", "replace") if values else None
+
+
+def _whole(request: Request, name: str, default: int, low: int, high: int) -> int:
+    """Query parameter ``name``: a whole number from ``low`` to ``high`` (``default`` when absent)."""
+    text = _str_arg(request, name.encode())
+    if text is None:
+        return default
+    if not re.fullmatch(r"[0-9]{1,12}", text) or not low <= int(text) <= high:
+        raise BadRequest(f"{name} must be a whole number from {low} to {high}, got {text[:40]!r}")
+    return int(text)
+
+
+def _moment(request: Request, name: str) -> Optional[float]:
+    """Query parameter ``name``: an ISO 8601 time (UTC unless it says), as POSIX seconds."""
+    text = _str_arg(request, name.encode())
+    if text is None:
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise BadRequest(f"{name} must be an ISO 8601 time such as 2024-10-29T12:43:42Z, got {text[:40]!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+def _choice(request: Request, name: str, choices: tuple[str, ...]) -> Optional[str]:
+    text = _str_arg(request, name.encode())
+    if text is not None and text not in choices:
+        raise BadRequest(f"{name} must be one of {', '.join(choices)}, got {text[:40]!r}")
+    return text
+
+
+def _from_gateway(request: Request) -> bool:
+    """The request came over a worker's status socket: the gateway asks for its merged answer."""
+    return isinstance(request.getHost(), UNIXAddress)
+
+
+def file_query(request: Request) -> FileQuery:
+    """``/api/files``'s query (:class:`BadRequest` saying which parameter is wrong)."""
+    trigger: Optional[int | str] = _str_arg(request, b"trigger")
+    if isinstance(trigger, str) and re.fullmatch(r"[0-9]{1,9}", trigger):
+        trigger = int(trigger)
+    query = FileQuery(
+        limit=_whole(request, "limit", FILES_LIMIT, 1, MERGE_LIMIT_MAX if _from_gateway(request) else LIMIT_MAX),
+        offset=_whole(request, "offset", 0, 0, 10 ** 9), imei=_str_arg(request, b"imei"),
+        camera=_choice(request, "camera", CAMERA_KINDS), kind=_choice(request, "kind", FILE_KINDS),
+        media=_str_arg(request, b"media"), source=_str_arg(request, b"source"), trigger=trigger,
+        since=_moment(request, "since"), until=_moment(request, "until"))
+    return query
 
 
 # -- resources
@@ -113,13 +188,14 @@ class _Json(Resource):
     """A JSON route: ``fn(services, request)`` returns a value or a Deferred of one.
 
     With several workers, ``merge(local, answers, request)`` makes one answer of
-    this process's and the other workers' (``{index: decoded JSON or None}``).
+    this process's and the other workers' (``{index: decoded JSON or None}``);
+    without ``merge`` the answer is this process's alone (what every worker shares).
     """
 
     isLeaf = True
 
     def __init__(self, root: "StatusRoot", fn: Callable[[Any, Request], Any],
-                 merge: Callable[[Any, dict[int, Any], Request], Any]) -> None:
+                 merge: Optional[Callable[[Any, dict[int, Any], Request], Any]]) -> None:
         super().__init__()
         self.root, self.fn, self.merge = root, fn, merge
 
@@ -127,12 +203,18 @@ class _Json(Resource):
         services = self.root.gateway.services
         if services is None:
             return _json(request, {"error": "the gateway is starting"}, 503)
-        result = self.fn(services, request)
-        peers = self.root.peers
-        if peers is not None:  # several workers: theirs too
-            result = defer.maybeDeferred(lambda: result).addCallback(
-                lambda local: peers.ask_all(request.uri, request).addCallback(
-                    lambda answers: self.merge(local, answers, request)))
+        try:
+            result: Any = self.fn(services, request)
+        except BadRequest as e:
+            return _json(request, {"error": str(e)}, 400)
+        peers, merge = self.root.peers, self.merge
+        if peers is not None and merge is not None:  # several workers: theirs too
+            local = result
+
+            def theirs_too(mine: Any) -> defer.Deferred:
+                return peers.ask_all(request.uri, request).addCallback(lambda answers: merge(mine, answers, request))
+
+            result = defer.maybeDeferred(lambda: local).addCallback(theirs_too)
         if isinstance(result, defer.Deferred):
             return _later(request, result, lambda value: _json(request, value))
         return _json(request, result)
@@ -168,41 +250,6 @@ class _Message(Resource):
         return _json(request, {"error": self.message}, self.code)
 
 
-class _StoredFile(Resource):
-    """A file a sink stored, streamed without blocking the reactor on large reads."""
-
-    isLeaf = True
-
-    def __init__(self, path: Path) -> None:
-        super().__init__()
-        self.path = path
-
-    def render_GET(self, request: Request) -> Any:
-        try:
-            f = open(self.path, "rb")
-        except OSError:
-            return _json(request, {"error": "no such file"}, 404)
-        kind = mimetypes.guess_type(self.path.name)[0] or "application/octet-stream"
-        _common_headers(request, "private, max-age=86400")
-        request.setHeader(b"content-type", kind.encode())
-        request.setHeader(b"content-length", str(os.fstat(f.fileno()).st_size).encode())
-        request.setHeader(b"content-security-policy", b"default-src 'none'; sandbox")
-        request.setHeader(b"content-disposition", f'inline; filename="{self.path.name}"'.encode())
-        if request.method == b"HEAD":
-            f.close()
-            return b""
-        gone: list[bool] = []
-        request.notifyFinish().addBoth(lambda _: gone.append(True))
-
-        def sent(_: object) -> None:
-            f.close()
-            if not gone:
-                request.finish()
-
-        FileSender().beginFileTransfer(f, request).addBoth(sent)
-        return NOT_DONE_YET
-
-
 class _WorkerFile(Resource):
     """A file another worker stored, streamed from it (404 when none has it)."""
 
@@ -232,27 +279,92 @@ class _WorkerFile(Resource):
         return NOT_DONE_YET
 
 
+def find_file(services: Any, wanted: str) -> defer.Deferred:
+    """The stored file of id ``wanted`` on this machine, as the file routes serve it (a Deferred of a
+    :class:`~camgateway.web.media.MediaFile`, None when it is unknown or not stored here).
+
+    ``/files/<id>``, ``/files/<id>/poster`` and ``/files/<id>/play`` all find files here.
+    """
+    store = services.store
+    if not IHistoryStore.providedBy(store):
+        return defer.succeed(None)
+
+    def found(f: Any) -> Optional[MediaFile]:
+        if f is None:
+            return None
+        derived = {d.made_as: path for d in f.derived for path in [stored_path(d.places)]
+                   if path is not None and d.made_as}
+        path = stored_path(f.places) or derived.get("mp4") or derived.get("h264")  # (its camera's file not kept)
+        if path is None:
+            return None
+        return MediaFile(f.id, path, f.record.get("media") or "unknown", dict(f.record.get("metadata") or {}),
+                         derived)
+
+    return store.file(wanted).addCallback(found)
+
+
+class _FileRoute(Resource):
+    """``/files/<id>`` (``what`` None), ``/files/<id>/poster`` or ``/files/<id>/play``."""
+
+    isLeaf = True
+
+    def __init__(self, root: "StatusRoot", wanted: str, what: Optional[str]) -> None:
+        super().__init__()
+        self.root, self.wanted, self.what = root, wanted, what
+
+    def render_GET(self, request: Request) -> Any:
+        services = self.root.gateway.services
+        if services is None:
+            return _json(request, {"error": "the gateway is starting"}, 503)
+        gone: list[bool] = []
+        request.notifyFinish().addBoth(lambda _: gone.append(True))
+
+        def found(f: Optional[MediaFile]) -> Any:
+            if f is None:
+                return None
+            if self.what is None:
+                return f.path
+            media = self.root.browser_media(services)
+            return media.poster(f) if self.what == "poster" else media.play(f)
+
+        def serve(path: Optional[Path]) -> None:
+            if gone:
+                return
+            if path is not None:
+                name = path.name if self.what is None else f"{self.wanted}.{'jpg' if self.what == 'poster' else 'mp4'}"
+                serve_file(request, path, name)
+            elif self.root.peers is not None:  # another worker's, maybe
+                _WorkerFile(self.root.peers).render_GET(request)
+            else:
+                request.write(_json(request, {"error": "no such file"}, 404))
+                request.finish()
+
+        def failed(failure: Any) -> None:
+            if gone:
+                return
+            if failure.check(MediaError):
+                request.write(_json(request, {"error": str(failure.value)}, failure.value.code))
+            else:
+                log.failure("status request {uri} failed", failure, uri=request.uri)
+                request.write(_json(request, {"error": "internal error"}, 500))
+            request.finish()
+
+        find_file(services, self.wanted).addCallback(found).addCallback(serve).addErrback(failed)
+        return NOT_DONE_YET
+
+
 class _Files(Resource):
-    """``/files/<id>``: only files from :attr:`Services.recent`, looked up by id."""
+    """``/files/<id>``, ``/files/<id>/poster``, ``/files/<id>/play``: files looked up by id (:func:`find_file`)."""
 
     def __init__(self, root: "StatusRoot") -> None:
         super().__init__()
         self.root = root
 
     def getChild(self, name: bytes, request: Request) -> Resource:
-        services = self.root.gateway.services
-        if services is None or request.postpath:
+        rest = request.postpath or []
+        if not name or len(rest) > 1 or (rest and rest[0] not in (b"poster", b"play")):
             return _Message(404, "no such file")
-        wanted = name.decode("ascii", "replace")
-        for received, places in reversed(list(services.recent)):
-            if file_id(received) == wanted:
-                path = stored_path(places)
-                if path is not None:
-                    return _StoredFile(path)
-                break
-        if self.root.peers is not None:
-            return _WorkerFile(self.root.peers)
-        return _Message(404, "no such file")
+        return _FileRoute(self.root, name.decode("ascii", "replace"), rest[0].decode() if rest else None)
 
     def render_GET(self, request: Request) -> bytes:
         return _json(request, {"error": "no such file"}, 404)
@@ -343,6 +455,139 @@ class _Metrics(Resource):
         return _later(request, d, render)
 
 
+#: The header a dead letter's retry must carry: a cross-site form cannot send it.
+RETRY_HEADER = (b"x-camgateway", b"retry")
+#: How many retried dead letters each process remembers (a second retry of one is a 409).
+RETRIED_KEPT = 1000
+
+
+def letter_view(info: dict[str, Any]) -> dict[str, Any]:
+    """A dead letter for the API (from its ``dead-letter.json``, see camgateway.delivery.dead_letters)."""
+    entry = info.get("entry") or {}
+    record = entry.get("record") or {}
+    try:
+        fid = file_id(ReceivedFile.from_record(record, Path(".")))
+    except (KeyError, TypeError, ValueError):  # a record too old or too damaged to name the file
+        fid = str(record.get("id") or entry.get("id") or "")
+    try:
+        name = bytes.fromhex(record.get("identifier") or "").rstrip(b"\0").decode("utf-8", "backslashreplace")
+    except ValueError:
+        name = ""
+    name = name or str(record.get("source"))
+    if record.get("derived"):
+        name = f"{name} ({record['derived']})"
+    return {"id": info["id"], "file_id": fid, "imei": record.get("imei"), "file": name,
+            "source": record.get("source"), "sink": info.get("sink_name", info.get("sink")),
+            "reason": info.get("reason"), "time": info.get("time"), "size": record.get("size"),
+            "sha256": record.get("sha256"), "attempts": info.get("attempts")}
+
+
+class _Retry(Resource):
+    """``POST /api/dead-letters/<id>/retry``: the letter back into the outbox, for the sink that refused it."""
+
+    isLeaf = True
+
+    def __init__(self, root: "StatusRoot", letter_id: str) -> None:
+        super().__init__()
+        self.root, self.letter_id = root, letter_id
+
+    def render(self, request: Request) -> Any:
+        if request.method != b"POST":
+            request.setHeader(b"allow", b"POST")
+            return _json(request, {"error": "retry a dead letter with POST"}, 405)
+        if (request.getHeader(RETRY_HEADER[0]) or b"").strip().lower() != RETRY_HEADER[1]:
+            return _json(request, {"error": "send the header X-Camgateway: retry to retry a dead letter"}, 403)
+        services = self.root.gateway.services
+        if services is None:
+            return _json(request, {"error": "the gateway is starting"}, 503)
+
+        def retried(_: object) -> bytes:
+            log.info("dead letter {id} retried from the status API", id=self.letter_id, event="dead_letter_retried")
+            return _json(request, {"retried": self.letter_id})
+
+        def refused(failure: Failure) -> bytes:
+            if failure.check(NoSuchLetter):
+                return _json(request, {"error": str(failure.value)}, 404)
+            if failure.check(DeadLetterError):
+                return _json(request, {"error": f"cannot retry {self.letter_id}: {failure.value}"}, 409)
+            log.failure("status: retrying dead letter {id} failed", failure, id=self.letter_id)
+            return _json(request, {"error": f"cannot retry {self.letter_id}: {reason(failure)}"}, 500)
+
+        d = self.root.retry_letter(services, self.letter_id).addCallbacks(retried, refused)
+        return _later(request, d, lambda body: body)
+
+
+class _DeadLetters(Resource):
+    """``/api/dead-letters`` and ``/api/dead-letters/<id>/retry``."""
+
+    def __init__(self, root: "StatusRoot") -> None:
+        super().__init__()
+        self.root = root
+        self.listing = _Json(root, root.dead_letters, None)  # one folder for every worker: asked once
+
+    def getChild(self, name: bytes, request: Request) -> Resource:
+        if not name:
+            return self.listing
+        if request.postpath != [b"retry"]:
+            return _Message(404, "no such API route")
+        return _Retry(self.root, name.decode("ascii", "replace"))
+
+    def render_GET(self, request: Request) -> Any:
+        return self.listing.render_GET(request)
+
+
+class _History(Resource):
+    """A route of the history: ``fn(services, request)`` gives a Deferred of ``(value, total)``.
+
+    ``total`` (None: none) is sent as ``X-Total-Count``; a :class:`BadRequest` is a 400.
+    """
+
+    isLeaf = True
+
+    def __init__(self, root: "StatusRoot", fn: Callable[[Any, Request], defer.Deferred]) -> None:
+        super().__init__()
+        self.root, self.fn = root, fn
+
+    def render_GET(self, request: Request) -> Any:
+        services = self.root.gateway.services
+        if services is None:
+            return _json(request, {"error": "the gateway is starting"}, 503)
+        try:
+            d = self.fn(services, request)
+        except BadRequest as e:
+            return _json(request, {"error": str(e)}, 400)
+
+        def render(answer: tuple[Any, Optional[int]]) -> bytes:
+            value, total = answer
+            if value is None:
+                return _json(request, {"error": "not found"}, 404)
+            if total is not None:
+                request.setHeader(b"x-total-count", str(total).encode())
+            return _json(request, value)
+
+        return _later(request, d, render)
+
+
+class _HistoryRoute(Resource):
+    """``/api/<list>`` (``listing``) and ``/api/<list>/<key>`` (``one``)."""
+
+    def __init__(self, root: "StatusRoot", listing: Callable[[Any, Request], defer.Deferred],
+                 one: Callable[[Any, str, Request], defer.Deferred]) -> None:
+        super().__init__()
+        self.root, self.listing, self.one = root, _History(root, listing), one
+
+    def getChild(self, name: bytes, request: Request) -> Resource:
+        if not name and not request.postpath:
+            return self.listing
+        if request.postpath or not re.fullmatch(rb"[A-Za-z0-9_-]{1,64}", name):
+            return _Message(404, "not found")
+        key = name.decode("ascii")
+        return _History(self.root, lambda services, request: self.one(services, key, request))
+
+    def render_GET(self, request: Request) -> Any:
+        return self.listing.render_GET(request)
+
+
 class _Api(Resource):
     def getChild(self, name: bytes, request: Request) -> Resource:
         return _Message(404, "no such API route")
@@ -367,9 +612,17 @@ class StatusRoot(Resource):
         self.started = clock.seconds() if clock is not None else 0.0
         api = _Api()
         api.putChild(b"summary", _Json(self, self.summary, self._all_summaries))
-        for name, fn in (("sessions", self.sessions), ("transfers", self.transfers), ("files", self.files),
-                         ("partials", self.partials), ("outbox", self.outbox), ("failures", self.failures)):
+        api.putChild(b"files", _HistoryRoute(self, self.files, self.file))
+        api.putChild(b"cameras", _HistoryRoute(self, self.cameras, self.camera))
+        for name, fn in (("sessions", self.sessions), ("transfers", self.transfers),
+                         ("partials", self.partials), ("outbox", self.outbox), ("failures", self.failures),
+                         ("refused", self.refused)):
             api.putChild(name.encode(), _Json(self, fn, functools.partial(self._all_lists, name)))
+        api.putChild(b"dead-letters", _DeadLetters(self))
+        #: Posters and browser-playable videos (made when the gateway's services exist).
+        self.media: Optional[BrowserMedia] = None
+        #: The dead letters this process retried: id -> when (a second retry is refused with 409).
+        self.retried: collections.OrderedDict[str, float] = collections.OrderedDict()
         self.children = {b"api": api, b"files": _Files(self), b"healthz": _Health(self), b"metrics": _Metrics(self)}
         for segment, (name, content_type) in PAGE.items():
             self.children[segment] = _Static(name, content_type)
@@ -389,8 +642,12 @@ class StatusRoot(Resource):
         return False
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
-        if request.method not in (b"GET", b"HEAD"):
-            return _Message(405, "only GET and HEAD", {b"allow": b"GET, HEAD"})
+        rest = request.postpath or []
+        if request.method not in (b"GET", b"HEAD") and not (
+                request.method == b"POST" and path == b"api" and len(rest) == 3
+                and rest[0] == b"dead-letters" and rest[2] == b"retry"):
+            return _Message(405, "only GET and HEAD (and POST to /api/dead-letters/<id>/retry)",
+                            {b"allow": b"GET, HEAD"})
         if path != b"healthz" and not self.authorized(request):
             return _Message(401, "unauthorized: send the http.token as a Bearer token, or as the password"
                                  " of user camgateway", {b"www-authenticate": b'Basic realm="camgateway", charset="UTF-8"'})
@@ -403,11 +660,26 @@ class StatusRoot(Resource):
         merged = merge_summary(local, [a for a in answers.values() if isinstance(a, dict)])
         merged["workers"] = [{"index": 0, "pid": os.getpid(), "ready": True, "drain": False, "answered": True}] + [
             dict(state, answered=answers.get(state["index"]) is not None) for state in self.peers.state()]
+        services = self.gateway.services
+        if services is not None and services.own_store:  # each worker's cameras in its own store
+            for key in ("cameras", "cameras_online"):
+                values = [local.get(key)] + [a.get(key) for a in answers.values() if isinstance(a, dict)]
+                merged[key] = sum(v for v in values if isinstance(v, int)) if local.get(key) is not None else None
+        if isinstance(local.get("health"), dict):
+            health, _ = merge_health(local["health"], self.peers.state(), {
+                i: a.get("health") if isinstance(a, dict) else None for i, a in answers.items()})
+            warnings = {f"worker 0 {part}": why for part, why in local["health"].get("warnings", {}).items()}
+            for i, a in sorted(answers.items()):
+                if isinstance(a, dict) and isinstance(a.get("health"), dict):
+                    warnings.update({f"worker {i} {part}": why for part, why in a["health"].get("warnings", {}).items()})
+            merged["health"] = {"status": health["status"], "problems": health.get("problems", {}),
+                                "warnings": warnings}
         return merged
 
     def _all_lists(self, name: str, local: list[Any], answers: dict[int, Any], request: Request) -> list[Any]:
         lists = [local] + [a for a in answers.values() if isinstance(a, list)]
-        return merge_list(name, lists, _int_arg(request, b"limit", 50, 1, 1000) if name == "files" else None)
+        limit = _whole(request, "limit", FAILURES_LIMIT, 1, LIMIT_MAX) if name == "failures" else None
+        return merge_list(name, lists, limit)
 
     def summary(self, s: Any, request: Request) -> defer.Deferred:
         """Version, uptime and every counter."""
@@ -416,6 +688,7 @@ class StatusRoot(Resource):
                  for v in [getattr(s.stats, f.name)]}
         factory = self.gateway.factory
         files, size = spool_usage(s.spool)
+        letters = dead_letter_count(s.spool)
 
         def build(depth: Optional[int]) -> dict[str, Any]:
             return {
@@ -431,10 +704,12 @@ class StatusRoot(Resource):
                 "spool_bytes": size,
                 "sinks": [sink.name for sink in s.sinks],
                 "stats": stats,
+                "dead_letters": letters,
+                "refused": len(s.refused),
             }
 
         # (None: the store did not answer, see "problems" in /healthz)
-        return outbox_depth(s).addErrback(lambda f: None).addCallback(build)
+        return outbox_depth(s).addErrback(lambda f: None).addCallback(build).addCallback(self._with_history, s)
 
     def sessions(self, s: Any, request: Request) -> list[dict[str, Any]]:
         """Live camera sessions, longest connected first."""
@@ -446,18 +721,93 @@ class StatusRoot(Resource):
         """Files being received, with progress."""
         return active_transfers(s)
 
-    def files(self, s: Any, request: Request) -> list[dict[str, Any]]:
-        """The latest stored files, newest first."""
-        limit = _int_arg(request, b"limit", 50, 1, 1000)
-        wanted = {key: _str_arg(request, key.encode()) for key in ("imei", "media", "camera")}
-        out = []
-        for received, places in reversed(list(s.recent)):
-            if any(value is not None and getattr(received, key) != value for key, value in wanted.items()):
-                continue
-            out.append(file_view(received, places))
-            if len(out) >= limit:
-                break
-        return out
+    # -- the history (files and cameras, from the store)
+
+    def _asks_workers(self, s: Any) -> bool:
+        """Whether the workers' answers are needed: each has a store of its own (with a shared one,
+        the history is the same in every worker and this process's answer is the whole one)."""
+        return self.peers is not None and s.own_store
+
+    def files(self, s: Any, request: Request) -> defer.Deferred:
+        """One page of the history's files, newest first, and how many match (``X-Total-Count``)."""
+        query = file_query(request)
+        if not IHistoryStore.providedBy(s.store):
+            return defer.succeed(([], 0))
+        if not self._asks_workers(s) or _from_gateway(request):
+            return s.store.files(query).addCallback(lambda found: ([history_view(f) for f in found[0]], found[1]))
+        # Each worker's store: the first offset + limit of each, merged, then the page.
+        wide = dataclasses.replace(query, offset=0, limit=query.offset + query.limit)
+        args = [(k, v) for k, values in request.args.items() if k not in (b"offset", b"limit") for v in values]
+        path = b"/api/files?" + urllib.parse.urlencode(args + [(b"limit", str(wide.limit).encode())]).encode()
+        local = s.store.files(wide).addCallback(lambda found: ([history_view(f) for f in found[0]], found[1]))
+        return local.addCallback(lambda mine: self.peers.ask_all_counted(path, request).addCallback(
+            lambda answers: merge_files([mine, *(a for a in answers.values() if a is not None)],
+                                        query.offset, query.limit)))
+
+    def file(self, s: Any, wanted: str, request: Request) -> defer.Deferred:
+        """One file of the history (a camera's, or one a sink made), None if unknown."""
+        if not IHistoryStore.providedBy(s.store):
+            return defer.succeed((None, None))
+
+        def found(f: Any) -> Any:
+            if f is not None:
+                return history_view(f), None
+            if not self._asks_workers(s) or _from_gateway(request):
+                return None, None
+            return self.peers.ask_all(f"/api/files/{wanted}".encode(), request).addCallback(
+                lambda answers: (next((a for a in answers.values() if isinstance(a, dict)), None), None))
+
+        return s.store.file(wanted).addCallback(found)
+
+    def _camera_views(self, s: Any, cameras: list[Any]) -> list[dict[str, Any]]:
+        return [camera_view(c, c.online if c.online is not None else c.imei in s.sessions) for c in cameras]
+
+    def cameras(self, s: Any, request: Request) -> defer.Deferred:
+        """Every camera seen (``?q=`` part of the IMEI, ``?online=true|false``), the latest seen first."""
+        q = _str_arg(request, b"q")
+        online = _choice(request, "online", ("true", "false"))
+        if not IHistoryStore.providedBy(s.store):
+            return defer.succeed(([], None))
+        d = s.store.cameras(s.clock.seconds()).addCallback(lambda found: self._camera_views(s, found))
+        if self._asks_workers(s) and not _from_gateway(request):
+            d.addCallback(lambda mine: self.peers.ask_all(b"/api/cameras", request).addCallback(
+                lambda answers: merge_cameras([mine, *(a for a in answers.values() if isinstance(a, list))])))
+
+        def pick(views: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], None]:
+            views = [v for v in views if (not q or q in v["imei"])
+                     and (online is None or v["online"] == (online == "true"))]
+            views.sort(key=lambda v: (v["last_seen"] is not None, v["last_seen"] or "", v["imei"]), reverse=True)
+            return views, None
+
+        return d.addCallback(pick)
+
+    def camera(self, s: Any, imei: str, request: Request) -> defer.Deferred:
+        """One camera of the history, None if never seen."""
+        if not IHistoryStore.providedBy(s.store):
+            return defer.succeed((None, None))
+        d = s.store.camera(imei, s.clock.seconds()).addCallback(
+            lambda c: self._camera_views(s, [c]) if c is not None else [])
+        if self._asks_workers(s) and not _from_gateway(request):
+            d.addCallback(lambda mine: self.peers.ask_all(f"/api/cameras/{imei}".encode(), request).addCallback(
+                lambda answers: merge_cameras([mine, [a for a in answers.values() if isinstance(a, dict)]])))
+        return d.addCallback(lambda views: (views[0] if views else None, None))
+
+    def _with_history(self, summary: dict[str, Any], s: Any) -> Any:
+        """The summary with the cameras seen and online, and the health as /healthz says."""
+        body, _ = self.children[b"healthz"].local()
+        summary["health"] = {"status": body["status"], "problems": body.get("problems", {}),
+                             "warnings": body.get("warnings", {})}
+        summary["cameras"] = summary["cameras_online"] = None  # (None: the store did not answer)
+        if not IHistoryStore.providedBy(s.store):
+            summary["cameras"] = summary["cameras_online"] = 0
+            return summary
+
+        def count(cameras: list[Any]) -> dict[str, Any]:
+            views = self._camera_views(s, cameras)
+            summary["cameras"], summary["cameras_online"] = len(views), sum(1 for v in views if v["online"])
+            return summary
+
+        return s.store.cameras(s.clock.seconds()).addCallbacks(count, lambda f: summary)
 
     def partials(self, s: Any, request: Request) -> defer.Deferred:
         """Interrupted transfers kept for resuming, most recently seen first."""
@@ -485,9 +835,52 @@ class StatusRoot(Resource):
         return defer.maybeDeferred(pending).addCallback(
             lambda entries: [outbox_view(e, s.sinks, in_flight) for e in entries])
 
+    def refused(self, s: Any, request: Request) -> list[dict[str, Any]]:
+        """The cameras ``devices.allow`` refused, the most recently refused first."""
+        return [dict(item, last_at=iso(item["last_at"])) for item in reversed(list(s.refused))]
+
+    def dead_letters(self, s: Any, request: Request) -> defer.Deferred:
+        """The files a sink refused (every worker's: one folder), newest first."""
+        return s.run_in_thread(dead_letters, s.spool).addCallback(
+            lambda letters: [letter_view(info) for info in reversed(letters)])
+
+    @defer.inlineCallbacks
+    def retry_letter(self, s: Any, letter_id: str) -> Any:
+        """Put dead letter ``letter_id`` back into the outbox for the sink that refused it, as
+        ``camgateway dead-letters --retry`` does; :class:`NoSuchLetter`, or :class:`DeadLetterError` saying why not."""
+        if not valid_letter_id(letter_id):
+            raise NoSuchLetter(f"no dead letter {letter_id!r}")
+        if letter_id in self.retried:
+            raise DeadLetterError(f"it was retried at {iso(self.retried[letter_id])} and is back in the outbox")
+        now = s.clock.seconds()
+        self.retried[letter_id] = now  # (a second request meanwhile is refused)
+        try:
+            entry = yield s.run_in_thread(prepare_retry, s.spool, letter_id, now, [sink.name for sink in s.sinks])
+            yield s.store.enqueue(entry, None)
+        except BaseException:
+            del self.retried[letter_id]
+            raise
+        while len(self.retried) > RETRIED_KEPT:
+            self.retried.popitem(last=False)
+        yield s.run_in_thread(forget_letter, s.spool, letter_id)
+        if s.outbox is not None:
+            s.outbox.kick()
+        return letter_id
+
+    def browser_media(self, s: Any) -> BrowserMedia:
+        """What makes posters and browser-playable videos (camgateway.web.media), in ``<spool>/cache``."""
+        if self.media is None:
+            from twisted.internet import reactor
+
+            ffmpeg = next((sink.ffmpeg for sink in s.sinks if isinstance(getattr(sink, "ffmpeg", None), str)), None)
+            self.media = BrowserMedia(s.spool.root / "cache", s.run_in_thread,
+                                      getattr(self.gateway, "reactor", None) or reactor, ffmpeg)
+        return self.media
+
     def failures(self, s: Any, request: Request) -> list[dict[str, Any]]:
-        """The latest failures, newest first."""
-        return [dict(f, time=iso(f.get("time"))) for f in reversed(list(s.failures))]
+        """The latest failures, newest first (``?limit=``, 1 to 1000, default 50)."""
+        limit = _whole(request, "limit", FAILURES_LIMIT, 1, LIMIT_MAX)
+        return [dict(f, time=iso(f.get("time"))) for f in list(reversed(s.failures))[:limit]]
 
 
 class StatusSite(Site):
@@ -495,5 +888,5 @@ class StatusSite(Site):
 
     noisy = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: Any) -> None:
         """Requests are not logged."""
