@@ -173,7 +173,7 @@ def warm_memory(mib: int) -> float:
 
     On a VM that returns free memory to its host (:func:`reported_kib`), the
     first write to a page the host took back stops the virtual CPU while the
-    host supplies it: on the fifteenth session's VM, touching 1.5 GiB here
+    host supplies it: on a 2-vCPU Firecracker VM, touching 1.5 GiB here
     took 3.4 s (about 9 us a 4 KiB page) when the host had taken it back,
     0.5 s for 1 GiB when it had not, and writing 400 MB into new files cost
     0.9-1.25 s of kernel CPU or 0.1 s, depending only on what the machine

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from procs import (Server, available_mib, fd_count, free_port, machine_cpu, raise_nofile, reported_kib,  # noqa: E402
                    sample, tcp_memory_kb, wait_for_quiet, warm_memory)
-from camgateway.transfer.receiver import FLUSH_AGE, TRICKLE_AGE  # noqa: E402
+from camgateway.transfer.writes import FLUSH_AGE, TRICKLE_AGE  # noqa: E402
 from report import metrics, print_report, profile_top  # noqa: E402
 from scenarios import SCENARIOS, Load, MiB, plan, scaled  # noqa: E402
 from verify import scan_gateway_log, verify_floor, verify_gateway  # noqa: E402

@@ -1,8 +1,8 @@
 """Two real ``twistd camgateway`` instances behind a real HAProxy, sharing Redis and a spool.
 
 Everything runs as separate processes (redis-server, haproxy, two twistd), the
-camera is a blocking socket client: this is the deployment of README
-"Running several instances", on loopback. Also: instances whose spools are not
+camera is a blocking socket client: this is the deployment of
+docs/operations.md "Several instances", on loopback. Also: instances whose spools are not
 the same folder, the orphan sweep, and ``etc/haproxy.cfg`` under a limit of
 20,000 open files.
 """

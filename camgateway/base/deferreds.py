@@ -18,6 +18,10 @@ def after(d: Optional[defer.Deferred]) -> defer.Deferred:
     if d is None:
         later.callback(None)
     else:
-        d.addBoth(lambda result: (later.callback(None), result)[1])
+        def fire(result: object) -> object:
+            later.callback(None)
+            return result
+
+        d.addBoth(fire)
     return later
 

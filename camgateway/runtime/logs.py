@@ -180,8 +180,8 @@ class TurnBuffer:
     A log line written and flushed per event (after a ``stat`` for
     :class:`WatchedFile`) is several system calls per event on the reactor
     thread, each giving up the GIL and waiting to win it back: under photo
-    load (two lines per file) the turn's lines written together measured
-    5-14 % more photos a second (benchmarks/README.md). Lines written during
+    load (two lines per file) writing a turn's lines together gives 5-14 %
+    more photos a second. Lines written during
     a turn are kept, then written and flushed together at its end
     (``callLater(0)``; ``callFromThread`` from another thread). When the
     reactor is not running (start-up, shutdown) every line goes out at once,
@@ -414,7 +414,7 @@ def observer_for(fmt: str, log_file: Optional[Path], twistd_logfile: Optional[st
     """
     to_stdout = twistd_logfile in (None, "", "-")
     if log_file is not None:
-        out: IO[str] = TurnBuffer(WatchedFile(log_file))  # type: ignore[arg-type]
+        out: IO[str] = TurnBuffer(WatchedFile(log_file))  # type: ignore[assignment, arg-type]  # IO's write and flush
         return textFileLogObserver(out) if fmt == "text" else JSONLineObserver(out)
     if fmt == "text":
         return None

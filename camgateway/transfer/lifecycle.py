@@ -364,7 +364,11 @@ def finish_transfer(s: "Services", session: "Connection", offer: FileOffer, tran
             raise transfer.write_error
         d = s.durable(transfer.fd, last, transfer.close_if_digested)
         if last is not None:
-            d.addBoth(lambda result: (transfer.written(buf), result)[1])
+            def written(result: object) -> object:
+                transfer.written(buf)
+                return result
+
+            d.addBoth(written)
         return d
 
     def digest(_: object) -> Any:

@@ -2,7 +2,7 @@
 
 Nothing here runs per frame: :class:`GatewayCollector` reads
 :class:`~camgateway.runtime.context.Stats`, the live sessions and the spool when
-Prometheus scrapes ``/metrics``. The metric names are listed in README.md
+Prometheus scrapes ``/metrics``. The metric names are listed in docs/operations.md
 (Operations, Metrics). With ``workers: N`` the gateway's site merges every
 worker's answer (:func:`camgateway.web.merge.merge_metrics`).
 """

@@ -13,6 +13,7 @@ import weakref
 from typing import Any, Optional
 
 from camgateway.base.units import iso
+from camgateway.wire.codec import ANY_DUALCAM_BITS, uses_path_flow
 
 from twisted.logger import Logger
 
@@ -27,9 +28,6 @@ _KINDS: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
 #: Upper bounds (seconds) of the transfer-duration histogram's buckets; one more bucket counts the longer ones.
 DURATION_BOUNDS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
-_PATH_BIT = 0x02000000
-_ANY_DUALCAM = 0x3C000000
-
 
 def camera_kind(session: Any) -> str:
     """``dualcam``, ``dashcam``, ``dsm``, ``adas`` or ``unknown`` for a live session."""
@@ -41,7 +39,7 @@ def camera_kind(session: Any) -> str:
     if known:
         return known
     settings = getattr(session, "settings", 0)
-    if settings & _ANY_DUALCAM and not settings & _PATH_BIT and getattr(session, "protocol_id", 0) < 6:
+    if settings & ANY_DUALCAM_BITS and not uses_path_flow(getattr(session, "protocol_id", 0), settings):
         return "dualcam"
     return "unknown"
 
