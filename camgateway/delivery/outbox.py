@@ -51,7 +51,8 @@ from camgateway.base.units import iso
 from camgateway.base.reasons import is_bug, reason as reason_of
 from camgateway.base.reasons import PermanentFailure
 from camgateway.delivery.sinks import Transformed
-from camgateway.storage.records import FileEvent, IHistoryStore, IOutboxStore, OutboxEntry, ReceivedFile, remove_files
+from camgateway.storage.records import (FileEvent, IHistoryStore, IOutboxStore, OutboxEntry, ReceivedFile, file_name,
+                                        remove_files)
 
 if TYPE_CHECKING:
     from camgateway.runtime.context import Services
@@ -83,13 +84,7 @@ _FILE = "camera {imei} {file} (id {file_id}, sha256 {sha256:.12})"
 def _about(entry: "OutboxEntry") -> dict[str, Any]:
     """The log fields that name ``entry``'s file: camera, the camera's name for it, source, id, sha256, size."""
     record = entry.record
-    try:
-        name = bytes.fromhex(record.get("identifier") or "").rstrip(b"\0").decode("utf-8", "backslashreplace")
-    except ValueError:
-        name = ""
-    name = name or str(record.get("source"))
-    if record.get("derived"):
-        name = f"{name} ({record['derived']})"
+    name = file_name(record)
     return {"imei": record.get("imei"), "file": name, "source": record.get("source"), "file_id": entry.id,
             "sha256": str(record.get("sha256") or ""), "size": record.get("size")}
 

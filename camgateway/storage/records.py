@@ -40,7 +40,7 @@ from zope.interface import Attribute, Interface
 
 __all__ = ["Partial", "IResumeStore", "ReceivedFile", "OutboxEntry", "IOutboxStore", "remove_files", "FileEvent",
            "StoredFile", "FileQuery", "CameraSighting", "CameraRecord", "IHistoryStore", "file_kind", "DAY",
-           "FILE_STATUSES", "next_status", "file_position", "history_columns"]
+           "FILE_STATUSES", "next_status", "file_position", "history_columns", "file_name"]
 
 
 @dataclasses.dataclass
@@ -478,3 +478,15 @@ class IHistoryStore(Interface):
 
     def sweep_history(before: float) -> Deferred:
         """Forget the files received before ``before`` (and what sinks made of them); fires with how many."""
+
+
+def file_name(record: Mapping[str, Any]) -> str:
+    """The camera's name for a recorded file (its identifier), else its source; a derived file says what it is."""
+    try:
+        name = bytes.fromhex(record.get("identifier") or "").rstrip(b"\0").decode("utf-8", "backslashreplace")
+    except ValueError:
+        name = ""
+    name = name or str(record.get("source"))
+    if record.get("derived"):
+        name = f"{name} ({record['derived']})"
+    return name

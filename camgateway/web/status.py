@@ -56,7 +56,7 @@ from camgateway import __version__
 from camgateway.base.reasons import reason
 from camgateway.delivery.dead_letters import (DeadLetterError, NoSuchLetter, dead_letters, forget_letter,
                                               prepare_retry, valid_letter_id)
-from camgateway.storage.records import FileQuery, IHistoryStore, ReceivedFile
+from camgateway.storage.records import FileQuery, IHistoryStore, ReceivedFile, file_name
 from camgateway.web.media import BrowserMedia, MediaError, MediaFile, serve_file
 from camgateway.web.metrics import Metrics, dead_letter_count, outbox_depth, spool_usage
 from camgateway.web.progress import active_transfers, iso, session_view
@@ -469,13 +469,7 @@ def letter_view(info: dict[str, Any]) -> dict[str, Any]:
         fid = file_id(ReceivedFile.from_record(record, Path(".")))
     except (KeyError, TypeError, ValueError):  # a record too old or too damaged to name the file
         fid = str(record.get("id") or entry.get("id") or "")
-    try:
-        name = bytes.fromhex(record.get("identifier") or "").rstrip(b"\0").decode("utf-8", "backslashreplace")
-    except ValueError:
-        name = ""
-    name = name or str(record.get("source"))
-    if record.get("derived"):
-        name = f"{name} ({record['derived']})"
+    name = file_name(record)
     return {"id": info["id"], "file_id": fid, "imei": record.get("imei"), "file": name,
             "source": record.get("source"), "sink": info.get("sink_name", info.get("sink")),
             "reason": info.get("reason"), "time": info.get("time"), "size": record.get("size"),
