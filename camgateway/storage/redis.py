@@ -81,7 +81,7 @@ import os
 import socket
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar, cast
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred, fail, succeed
@@ -604,8 +604,8 @@ class RedisStore:
             if config.get("appendonly") != "yes":
                 return "no-aof", ""
             if config.get("appendfsync") not in ("always", "everysec"):
-                return "fsync-off", config.get("appendfsync", "")
-            return "aof", config.get("appendfsync", "")
+                return "fsync-off", str(config.get("appendfsync") or "")
+            return "aof", str(config.get("appendfsync") or "")
 
         def report(result: tuple[str, str]) -> str:
             state, detail = result
@@ -649,7 +649,7 @@ class RedisStore:
         for start in range(0, len(ids), 500):
             pipe = self.client.pipeline(transaction=False)
             for i in ids[start:start + 500]:
-                pipe.hgetall(self.key(kind, i))
+                pipe.hgetall(self.key(kind, cast(str, i)))  # (the client decodes responses)
             found.extend(h for h in pipe.execute() if h)  # skip those removed meanwhile
         return found
 
@@ -789,7 +789,7 @@ class RedisStore:
             raw = self.client.hgetall(self.key("cameras"))
         else:
             raw = dict(zip(imeis, self.client.hmget(self.key("cameras"), imeis)))  # type: ignore[arg-type]
-        cameras = [_camera(text) for text in raw.values() if text]
+        cameras = [_camera(cast(str, text)) for text in raw.values() if text]
         pipe = self.client.pipeline(transaction=False)
         for c in cameras:
             pipe.zcount(self.key(_index_key("imei", c.imei)), _num(now - DAY), "+inf")

@@ -14,7 +14,7 @@ order with the store's own commands. Import it from
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
@@ -94,7 +94,7 @@ class RedisLeases:
 
     def holder(self, imei: str) -> "Deferred[Optional[str]]":
         """The instance holding the camera's lease, or None."""
-        return self.store._run(self.store.client.get, self._lease(imei))
+        return self.store._run(lambda: cast(Optional[str], self.store.client.get(self._lease(imei))))
 
     def request_takeover(self, imei: str, holder: str) -> "Deferred[None]":
         """Ask ``holder`` to let the camera go (it sees the request once, in :meth:`takeovers`)."""
