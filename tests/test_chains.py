@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from twisted.internet import defer, reactor
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 from twisted.web import server
 
 from camgateway import __version__
@@ -144,6 +144,8 @@ class RetryTests(ChainTestCase):
         out, err, code = yield self.camgateway("dead-letters", "--retry-all")
         self.assertEqual(code, 0, err)
         self.assertEqual(out.count("back in the outbox"), 2)
+        out, err, code = yield self.camgateway("dead-letters", "--retry", letters[0]["id"], "../spool")
+        self.assertEqual((code, out, err.count("camgateway: no dead letter ")), (1, "", 2), err)
 
         def retried() -> Any:
             if len(runs(self.work, "ingest")) < 2 or len(endpoint.requests) < 2:
@@ -256,20 +258,11 @@ class SharedStoreRetryTests(TestCase):
 
     @defer.inlineCallbacks
     def test_retry_into_redis(self) -> Any:
-        from tests.test_redis_store import SERVER, SKIP_REDIS
-
-        if SKIP_REDIS:
-            raise SkipTest(SKIP_REDIS)
-        import redis
-
         from camgateway.delivery.outbox import RETRY, OutboxEntry, write_dead_letter
         from camgateway.storage.redis import RedisStore
+        from tests.test_redis_store import SERVER
 
-        url = SERVER.url().rsplit("/", 1)[0] + "/7"  # a database of this test's own
-        client = redis.Redis.from_url(url)
-        client.flushdb()
-        self.addCleanup(client.close)
-        self.addCleanup(client.flushdb)
+        url = SERVER.database(self, 7)
         work = Path(self.mktemp()).resolve()
         (work / "spool" / "partials").mkdir(parents=True)
         config = work / "camgateway.yaml"

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from twisted.internet import defer, reactor, task
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface.verify import verifyObject
 
 from camgateway.base.health import SHARED_SPOOL, SPOOL
@@ -92,6 +92,17 @@ class _Server:
             process.kill()
             process.wait()
         raise RuntimeError(f"redis-server did not start; see {self.dir}/redis.log")
+
+    def database(self, case: TestCase, number: int) -> str:
+        """The URL of database ``number``, for ``case`` alone: emptied now and after it (skipped without Redis)."""
+        if SKIP_REDIS:
+            raise SkipTest(SKIP_REDIS)
+        url = self.url().rsplit("/", 1)[0] + f"/{number}"
+        client = redis.Redis.from_url(url)
+        client.flushdb()
+        case.addCleanup(client.close)
+        case.addCleanup(client.flushdb)
+        return url
 
     def stop(self) -> None:
         if self.process is not None:

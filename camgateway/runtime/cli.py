@@ -24,7 +24,7 @@ from types import SimpleNamespace
 from typing import Any, Optional
 
 from camgateway import __version__
-from camgateway.delivery.dead_letters import DeadLetterError, dead_letters, retry_dead_letter
+from camgateway.delivery.dead_letters import DeadLetterError, NoSuchLetter, dead_letters, retry_dead_letter
 from camgateway.runtime.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from camgateway.transfer.spool import Spool
 
@@ -162,14 +162,12 @@ def _with_store(args: Any, config: Config, spool: Spool) -> int:
         try:
             ids = [i["id"] for i in dead_letters(spool)] if args.retry_all else args.retry
             for letter_id in ids:
-                if not (spool.dead / letter_id / "dead-letter.json").is_file():
-                    print(f"camgateway: no dead letter {letter_id} in {spool.dead}", file=sys.stderr)
-                    result["code"] = 1
-                    continue
                 try:
                     yield retry_dead_letter(spool, store, letter_id, reactor.seconds(), names)
                 except DeadLetterError as e:
-                    print(f"camgateway: {letter_id}: {e}", file=sys.stderr)
+                    why = (f"no dead letter {letter_id} in {spool.dead}" if isinstance(e, NoSuchLetter)
+                           else f"{letter_id}: {e}")
+                    print(f"camgateway: {why}", file=sys.stderr)
                     result["code"] = 1
                     continue
                 print(f"{letter_id}: back in the outbox")

@@ -13,8 +13,7 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from camgateway.storage.records import (DAY, CameraRecord, CameraSighting, FileEvent, FileQuery, IHistoryStore,
-                                        IOutboxStore, IResumeStore, OutboxEntry, Partial, StoredFile, next_status,
-                                        remove_files)
+                                        IOutboxStore, IResumeStore, OutboxEntry, Partial, StoredFile, remove_files)
 
 __all__ = ["MemoryStore"]
 
@@ -94,33 +93,28 @@ class MemoryStore:
     # -- IHistoryStore
 
     def note_file(self, event: FileEvent) -> "Deferred[None]":
-        row = self.history.get(event.file_id)
-        if row is None:
-            row = self._new_file(event.file_id, event.record, event.parent)
-        if event.place is not None and event.place not in row.places:
-            row.places.append(event.place)
-        self._set_status(row, event)
-        if event.parent is not None and event.status is not None and event.parent in self.history:
-            self._set_status(self.history[event.parent], event)
+        self._insert(event.file_id, event.record, event.parent)
+        self._apply(event.file_id, event, True)
+        if event.parent is not None and event.status is not None:
+            self._apply(event.parent, event, False)
         for made_id, record in event.made:
-            if made_id not in self.history:
-                self._new_file(made_id, record, event.root)
+            self._insert(made_id, record, event.root)
         return succeed(None)
 
-    def _new_file(self, file_id: str, record: Any, parent: Optional[str]) -> StoredFile:
-        row = StoredFile(file_id, dict(record), "delivering", [], float(record.get("received_at") or 0.0),
-                         parent=parent)
-        self.history[file_id] = row
+    def _insert(self, file_id: str, record: Any, parent: Optional[str]) -> None:
+        """A file's row unless the history has it (or its parent no more); a camera's file counts for its camera."""
+        if file_id in self.history or (parent is not None and parent not in self.history):
+            return
+        self.history[file_id] = StoredFile(file_id, dict(record), "delivering", [],
+                                           float(record.get("received_at") or 0.0), parent=parent)
         if parent is None:
             imei = str(record.get("imei"))
             self.camera_records.setdefault(imei, CameraRecord(imei)).count_file(record)
-        return row
 
-    @staticmethod
-    def _set_status(row: StoredFile, event: FileEvent) -> None:
-        row.status = next_status(row.status, event.status, event.retried)
-        if row.status != "delivering" and row.stored_at is None:
-            row.stored_at = event.at
+    def _apply(self, file_id: str, event: FileEvent, own: bool) -> None:
+        row = self.history.get(file_id)
+        if row is not None:
+            row.status, row.stored_at, row.places = event.applied(row.status, row.stored_at, row.places, own)
 
     def _with_derived(self, row: StoredFile) -> StoredFile:
         out = dataclasses.replace(row, places=list(row.places))

@@ -32,7 +32,7 @@ import dataclasses
 import datetime
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -40,7 +40,7 @@ from zope.interface import Attribute, Interface
 
 __all__ = ["Partial", "IResumeStore", "ReceivedFile", "OutboxEntry", "IOutboxStore", "remove_files", "FileEvent",
            "StoredFile", "FileQuery", "CameraSighting", "CameraRecord", "IHistoryStore", "file_kind", "DAY",
-           "FILE_STATUSES", "next_status", "file_position", "history_columns", "file_name"]
+           "next_status", "file_position", "history_columns", "file_name", "sweep_in_batches"]
 
 
 @dataclasses.dataclass
@@ -252,8 +252,6 @@ def remove_files(paths: Sequence[str]) -> list[tuple[str, str]]:
 
 # -- the history: stored files and the cameras seen, for the status API
 
-#: What the history says of a file: still going along the sink chain, through it, or refused by a sink.
-FILE_STATUSES = ("delivering", "stored", "dead-letter")
 #: Seconds in a day (a camera's ``files_24h``).
 DAY = 86400.0
 
@@ -264,7 +262,7 @@ def file_kind(media: Optional[str]) -> str:
 
 
 def next_status(current: str, new: Optional[str], retried: bool = False) -> str:
-    """A file's status after an event saying ``new`` (None: no change).
+    """A file's status (``delivering``, ``stored`` or ``dead-letter``) after an event saying ``new`` (None: no change).
 
     A dead letter stays one when another part of the file is stored, until a
     retried delivery of it (``retried``) is stored.
@@ -316,6 +314,21 @@ class FileEvent:
         """The id of the camera's file this event is about (its own, or its parent's)."""
         return self.parent or self.file_id
 
+    def applied(self, status: str, stored_at: Optional[float], places: list[str],
+                own: bool = True) -> tuple[str, Optional[float], list[str]]:
+        """A row's status, stored time and places once this event is applied to it (its own row, or its parent's).
+
+        The status follows :func:`next_status`; the row is stored (or refused)
+        when it first leaves ``delivering``; ``place`` is added to its own row.
+        ``places`` is returned as given when no place is added.
+        """
+        new = next_status(status, self.status, self.retried)
+        if new != "delivering" and stored_at is None:
+            stored_at = self.at
+        if own and self.place is not None and self.place not in places:
+            places = [*places, self.place]
+        return new, stored_at, places
+
 
 @dataclasses.dataclass
 class StoredFile:
@@ -328,7 +341,7 @@ class StoredFile:
     received_at: float
     stored_at: Optional[float] = None
     parent: Optional[str] = None
-    #: The files sinks made from it (an MP4, a poster), oldest first; filled by the queries.
+    #: The files sinks made from it (an MP4, a poster), in no set order; filled by the queries.
     derived: list["StoredFile"] = dataclasses.field(default_factory=list)
 
     @property
@@ -478,6 +491,22 @@ class IHistoryStore(Interface):
 
     def sweep_history(before: float) -> Deferred:
         """Forget the files received before ``before`` (and what sinks made of them); fires with how many."""
+
+
+def sweep_in_batches(step: Callable[[], Deferred], size: int) -> Deferred:
+    """Run ``step`` (a Deferred of how many files it forgot, at most ``size``) until one forgets fewer.
+
+    For :meth:`IHistoryStore.sweep_history`: each step is short, so the
+    store serves other work between them. Fires with how many in all.
+    """
+    removed = 0
+
+    def forgot(n: Any) -> Any:
+        nonlocal removed
+        removed += int(n)
+        return step().addCallback(forgot) if int(n) == size else removed
+
+    return step().addCallback(forgot)
 
 
 def file_name(record: Mapping[str, Any]) -> str:

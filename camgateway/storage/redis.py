@@ -91,8 +91,8 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from camgateway.storage.records import (DAY, CameraRecord, CameraSighting, FileEvent, FileQuery, IHistoryStore,
-                                        IOutboxStore, IResumeStore, OutboxEntry, Partial, StoredFile, file_position,
-                                        history_columns, remove_files)
+                                        IOutboxStore, IResumeStore, OutboxEntry, Partial, StoredFile, history_columns,
+                                        remove_files, sweep_in_batches)
 
 __all__ = ["RedisStore"]
 
@@ -307,24 +307,30 @@ local function append(list, item)
   if list == '' then return item end
   return list .. '\\0' .. item
 end
-local function camera(imei)
-  local raw = redis.call('HGET', P .. 'cameras', imei)
-  if raw then return cjson.decode(raw) end
-  return {imei = imei, files_total = 0}
-end
-local function save_camera(c)
+-- a camera's news (a CameraRecord of what one file or one session tells, as JSON) taken into its record
+local function merge(news)
+  local d = cjson.decode(news)
+  local raw = redis.call('HGET', P .. 'cameras', d.imei)
+  local c = raw and cjson.decode(raw) or {imei = d.imei, files_total = 0}
+  c.files_total = (c.files_total or 0) + d.files_total
+  if d.first_seen and (not c.first_seen or d.first_seen < c.first_seen) then c.first_seen = d.first_seen end
+  for _, k in ipairs({'last_seen', 'last_file_at'}) do
+    if d[k] and (not c[k] or d[k] > c[k]) then c[k] = d[k] end
+  end
+  for _, k in ipairs({'camera', 'peer', 'last_error', 'last_error_at'}) do
+    if d[k] then c[k] = d[k] end
+  end
+  if d.position_at and (not c.position_at or d.position_at >= c.position_at) then
+    c.latitude, c.longitude, c.position_at = d.latitude, d.longitude, d.position_at
+  end
   redis.call('HSET', P .. 'cameras', c.imei, cjson.encode(c))
-end
-local function seen(c, at)
-  if not c.first_seen or at < c.first_seen then c.first_seen = at end
-  if not c.last_seen or at > c.last_seen then c.last_seen = at end
 end
 """
 
-# ARGV: P, id, parent, at, place, status, retried, then a file: record, received_at, idx, camera JSON,
-# then any number of files made from it: id, record, received_at, idx, camera JSON
+# ARGV: P, id, parent, at, place, status, retried, then a file: record, received_at, idx, its camera's news,
+# then any number of files made from it: id, record, received_at, idx
 _NOTE_FILE = _HISTORY + """
-local function insert(id, parent, record, received, idx, delta)
+local function insert(id, parent, record, received, idx, news)
   local key = P .. 'file:' .. id
   if redis.call('EXISTS', key) == 1 then return end
   if parent ~= '' and redis.call('EXISTS', P .. 'file:' .. parent) == 0 then return end  -- its original is swept
@@ -337,17 +343,7 @@ local function insert(id, parent, record, received, idx, delta)
   end
   redis.call('ZADD', P .. 'files:time', received, id)
   for k in string.gmatch(idx, '[^%z]+') do redis.call('ZADD', P .. k, received, id) end
-  local d = cjson.decode(delta)
-  local c = camera(d.imei)
-  local at = tonumber(received)
-  c.files_total = (c.files_total or 0) + 1
-  if not c.last_file_at or at > c.last_file_at then c.last_file_at = at end
-  seen(c, at)
-  if d.camera then c.camera = d.camera end
-  if d.position_at and (not c.position_at or d.position_at >= c.position_at) then
-    c.latitude, c.longitude, c.position_at = d.latitude, d.longitude, d.position_at
-  end
-  save_camera(c)
+  merge(news)
 end
 local function set_status(id, status, retried, at, place)
   local key = P .. 'file:' .. id
@@ -366,18 +362,11 @@ insert(id, parent, ARGV[8], ARGV[9], ARGV[10], ARGV[11])
 set_status(id, ARGV[6], ARGV[7], at, ARGV[5])
 if parent ~= '' and ARGV[6] ~= '' then set_status(parent, ARGV[6], ARGV[7], at, '') end
 local root = parent ~= '' and parent or id
-for i = 12, #ARGV, 5 do insert(ARGV[i], root, ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]) end
+for i = 12, #ARGV, 4 do insert(ARGV[i], root, ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]) end
 """
 
-# ARGV: P, imei, at, peer or '', error or '', error at
-_NOTE_CAMERA = _HISTORY + """
-local c = camera(ARGV[2])
-local at = tonumber(ARGV[3])
-seen(c, at)
-if ARGV[4] ~= '' then c.peer = ARGV[4] end
-if ARGV[5] ~= '' then c.last_error, c.last_error_at = ARGV[5], tonumber(ARGV[6]) end
-save_camera(c)
-"""
+# ARGV: P, the camera's news
+_NOTE_CAMERA = _HISTORY + "merge(ARGV[2])"
 
 # ARGV: P, since, until, offset, limit, scratch key, index key, ...  -> {total, {file hash, {derived hash, ...}}, ...}
 _FILES = _HISTORY + """
@@ -491,16 +480,17 @@ def _index_key(name: str, value: Any) -> str:
 
 
 def _history_file(record: Any) -> list[str]:
-    """A file's arguments of the note_file script: record, received_at, its index keys, its camera's news."""
-    columns = history_columns(record)
-    idx = "\0".join(_index_key(name, value) for name, value in columns.items() if value is not None)
-    news: dict[str, Any] = {"imei": str(columns["imei"])}
-    if record.get("camera") and record.get("camera") != "unknown":
-        news["camera"] = record["camera"]
-    position = file_position(record)
-    if position is not None:
-        news["latitude"], news["longitude"], news["position_at"] = position
-    return [json.dumps(record), _num(float(record.get("received_at") or 0.0)), idx, json.dumps(news)]
+    """A file's arguments of the note_file script: record, received_at, its index keys."""
+    idx = "\0".join(_index_key(name, value) for name, value in history_columns(record).items() if value is not None)
+    return [json.dumps(record), _num(float(record.get("received_at") or 0.0)), idx]
+
+
+def _news(imei: str, tell: Callable[[CameraRecord, Any], None], what: Any) -> str:
+    """What a file (``tell``: :meth:`CameraRecord.count_file`) or a sighting (:meth:`CameraRecord.saw`) tells
+    of camera ``imei``, as the history scripts ``merge`` it into its record: the fields it sets."""
+    news = CameraRecord(imei)
+    tell(news, what)
+    return json.dumps({k: v for k, v in news.stored_fields().items() if v is not None})
 
 
 def _stored(file_id: str, flat: list[str], made: list[list[str]]) -> StoredFile:
@@ -762,7 +752,8 @@ class RedisStore:
 
     def note_file(self, event: FileEvent) -> "Deferred[None]":
         args = [event.file_id, event.parent or "", _num(event.at), event.place or "", event.status or "",
-                "1" if event.retried else "0", *_history_file(event.record)]
+                "1" if event.retried else "0", *_history_file(event.record),
+                _news(str(event.record.get("imei")), CameraRecord.count_file, event.record)]
         for made_id, record in event.made:
             args += [made_id, *_history_file(record)]
         return self._script("note_file", *args).addCallback(lambda _: None)
@@ -779,9 +770,7 @@ class RedisStore:
         return self._script("file", file_id).addCallback(lambda out: _stored(*out) if out else None)
 
     def note_camera(self, sighting: CameraSighting) -> "Deferred[None]":
-        at = sighting.error_at if sighting.error_at is not None else sighting.at
-        return self._script("note_camera", sighting.imei, _num(sighting.at), sighting.peer or "",
-                            sighting.error or "", _num(at)).addCallback(lambda _: None)
+        return self._script("note_camera", _news(sighting.imei, CameraRecord.saw, sighting)).addCallback(lambda _: None)
 
     def _cameras(self, imeis: Optional[list[str]], now: float) -> list[CameraRecord]:
         """The cameras (every one, or those of ``imeis``) with files_24h and online from the leases (store thread)."""
@@ -806,16 +795,7 @@ class RedisStore:
         return self._run(self._cameras, [imei], now).addCallback(lambda found: found[0] if found else None)
 
     def sweep_history(self, before: float) -> "Deferred[int]":
-        removed = 0
-
-        def batch(n: Any) -> Any:
-            nonlocal removed
-            removed += int(n)
-            if int(n) == _SWEEP_BATCH:
-                return self._script("sweep_history", _num(before), str(_SWEEP_BATCH)).addCallback(batch)
-            return removed
-
-        return self._script("sweep_history", _num(before), str(_SWEEP_BATCH)).addCallback(batch)
+        return sweep_in_batches(lambda: self._script("sweep_history", _num(before), str(_SWEEP_BATCH)), _SWEEP_BATCH)
 
     # -- running instances
 

@@ -27,7 +27,7 @@ from zope.interface import implementer
 from camgateway.perf.groupcommit import BatchThread, GroupCommitThread
 from camgateway.storage.records import (DAY, CameraRecord, CameraSighting, FileEvent, FileQuery, IHistoryStore,
                                         IOutboxStore, IResumeStore, OutboxEntry, Partial, StoredFile,
-                                        history_columns, next_status, remove_files)
+                                        history_columns, remove_files, sweep_in_batches)
 
 __all__ = ["SQLiteStore", "SCHEMA_VERSION"]
 
@@ -482,8 +482,6 @@ class SQLiteStore:
 
     def sweep_history(self, before: float) -> "Deferred[int]":
         """Forget old files a batch at a time (each its own step on the store's thread)."""
-        removed = 0
-
         def q(db: sqlite3.Connection) -> int:
             ids = [i for (i,) in db.execute("SELECT id FROM files WHERE parent IS NULL AND received_at < ?"
                                             " LIMIT ?", (before, _SWEEP_BATCH))]
@@ -493,12 +491,7 @@ class SQLiteStore:
                 db.execute(f"DELETE FROM files WHERE id IN ({marks})", ids)
             return len(ids)
 
-        def batch(n: int) -> Any:
-            nonlocal removed
-            removed += n
-            return self._run(q).addCallback(batch) if n == _SWEEP_BATCH else removed
-
-        return self._run(q).addCallback(batch)
+        return sweep_in_batches(lambda: self._run(q), _SWEEP_BATCH)
 
 
 _OUTBOX = "id, spool_name, sink, attempts, next_attempt, last_error, record, created"
@@ -530,43 +523,42 @@ def _with_derived(db: sqlite3.Connection, files: list[StoredFile]) -> list[Store
 
 
 def _insert_file(db: sqlite3.Connection, file_id: str, record: Any, parent: Optional[str]) -> None:
-    """A file's row (status delivering) unless the history has it; a camera's file counts for its camera."""
+    """A file's row (status delivering) unless the history has it (or its parent no more); a camera's file
+    counts for its camera."""
     if db.execute("SELECT 1 FROM files WHERE id = ?", (file_id,)).fetchone() is not None:
         return  # (most events: the record is not encoded again)
+    if parent is not None and db.execute("SELECT 1 FROM files WHERE id = ?", (parent,)).fetchone() is None:
+        return  # its original is swept
     columns = history_columns(record)
-    cursor = db.execute(
-        "INSERT OR IGNORE INTO files (id, parent, imei, camera, kind, media, source, trigger, trigger_name,"
+    db.execute(
+        "INSERT INTO files (id, parent, imei, camera, kind, media, source, trigger, trigger_name,"
         " received_at, stored_at, status, places, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL,"
         " 'delivering', '[]', ?)",
         (file_id, parent, str(columns["imei"]), columns["camera"], columns["kind"], columns["media"],
          columns["source"], columns["trigger"], columns["trigger_name"], float(record.get("received_at") or 0.0),
          json.dumps(record)))
-    if parent is None and cursor.rowcount == 1:
+    if parent is None:
         camera = _camera(db, str(columns["imei"])) or CameraRecord(str(columns["imei"]))
         camera.count_file(record)
         _save_camera(db, camera)
 
 
-def _set_status(db: sqlite3.Connection, file_id: str, event: FileEvent, place: Optional[str]) -> None:
-    row = db.execute("SELECT status, places, stored_at FROM files WHERE id = ?", (file_id,)).fetchone()
+def _apply(db: sqlite3.Connection, file_id: str, event: FileEvent, own: bool) -> None:
+    row = db.execute("SELECT status, stored_at, places FROM files WHERE id = ?", (file_id,)).fetchone()
     if row is None:
         return
-    status, places, stored_at = row[0], json.loads(row[1]), row[2]
-    new = next_status(status, event.status, event.retried)
-    new_stored_at = event.at if new != "delivering" and stored_at is None else stored_at
-    if place is not None and place not in places:
-        places.append(place)
-    elif new == status and new_stored_at == stored_at:
-        return
-    db.execute("UPDATE files SET status = ?, stored_at = ?, places = ? WHERE id = ?",
-               (new, new_stored_at, json.dumps(places), file_id))
+    before = (row[0], row[1], json.loads(row[2]))
+    after = event.applied(*before, own)
+    if after != before:
+        db.execute("UPDATE files SET status = ?, stored_at = ?, places = ? WHERE id = ?",
+                   (after[0], after[1], json.dumps(after[2]), file_id))
 
 
 def _note_file(db: sqlite3.Connection, event: FileEvent) -> None:
     _insert_file(db, event.file_id, event.record, event.parent)
-    _set_status(db, event.file_id, event, event.place)
+    _apply(db, event.file_id, event, True)
     if event.parent is not None and event.status is not None:
-        _set_status(db, event.parent, event, None)
+        _apply(db, event.parent, event, False)
     for made_id, record in event.made:
         _insert_file(db, made_id, record, event.root)
 
