@@ -38,7 +38,7 @@ from camgateway.perf.slow_reads import READ_WAIT
 from camgateway.session.states import S, State
 from camgateway.wire.status_codes import status_meaning
 from camgateway.transfer.receiver import Transfer
-from camgateway.transfer.writes import WritePolicy
+from camgateway.transfer.writes import WriteLink, WritePolicy
 
 if TYPE_CHECKING:
     from camgateway.runtime.context import Services
@@ -82,8 +82,8 @@ _row(S.STORING, "store_failed", "_on_store_failed", S.CLOSED)
 _row({S.AWAIT_INIT, S.AWAIT_PATH, S.AWAIT_START, S.AWAIT_SYNC}, "step_timeout", "_on_step_timeout", S.CLOSED)
 
 
-class Link(Protocol):
-    """What a session needs of its connection (the Protocol provides it)."""
+class Link(WriteLink, Protocol):
+    """What a session needs of its connection (the Protocol provides it), its write policy's part included."""
 
     @property
     def peer(self) -> str:
@@ -94,16 +94,6 @@ class Link(Protocol):
     def close(self) -> None: ...
 
     def abort(self) -> None: ...
-
-    def pause(self) -> None:
-        """Stop reading from the camera (backpressure)."""
-
-    def resume(self) -> None:
-        """Read from the camera again."""
-
-    def set_read_mark(self, nbytes: int) -> bool:
-        """Be read only once ``nbytes`` wait (:mod:`camgateway.perf.slow_reads`); False if the link cannot."""
-        return False
 
 
 class Session:
@@ -544,7 +534,7 @@ class Session:
         def open_it() -> None:
             # Opens run one after another on one chain (a file offered again
             # waits for the open before it), each result bound to its offer.
-            d = self._predecessor.addBoth(lambda _: open_transfer(self.s, self, offer))
+            d = self._predecessor.addBoth(lambda _: open_transfer(self.s, offer))
             d.addCallbacks(self._prepared, self._prepare_failed, callbackArgs=(offer,), errbackArgs=(offer,))
             self._opening = d
 
@@ -694,10 +684,14 @@ class Session:
     def _stored(self, received: Any, offer: FileOffer) -> None:
         self.files_done += 1
         self.s.stats.files_received += 1
+        self._storing_over(offer, "stored", received)
+
+    def _storing_over(self, offer: FileOffer, inp: str, result: Any) -> None:
+        """Feed the finish's ``result`` to the table, if the session still waits for it."""
         if self._owns(offer, S.STORING):
             if self.connected:
-                self._input("stored", received)
-            else:  # held in full, but the camera is gone before it was told: it may offer the file again
+                self._input(inp, result)
+            else:  # the camera is gone before it was told: it may offer the file again
                 self.state = S.CLOSED
 
     def _on_stored(self, received: Any) -> State:
@@ -717,21 +711,14 @@ class Session:
             log.failure("camera {imei}: could not make {id} safe; the connection is dropped without telling the"
                         " camera the file is done: the camera still holds it", failure,
                         imei=self.imei, id=offer.printable)
-        if self._owns(offer, S.STORING):
-            if self.connected:
-                self._input("store_failed", failure)
-            else:
-                self.state = S.CLOSED
+        self._storing_over(offer, "store_failed", failure)
 
     def _on_store_failed(self, failure: Failure) -> State:
         return self._drop()
 
     def _drop(self) -> State:
         """End the connection with no CLOSE and no REPEAT INIT: either would tell the camera the file was taken."""
-        self._disarm()
-        self.connected = False
-        if self.decoder is not None:
-            self.decoder.stop()
+        self._hang_up()
         self.link.abort()
         return S.CLOSED
 
@@ -784,13 +771,17 @@ class Session:
                     failure, imei=self.imei or "?", peer=self.link.peer, state=self.state.value)
         self._abandon()
 
-    def _abandon(self) -> None:
+    def _hang_up(self) -> None:
+        """The connection is closing or gone: nothing more is sent, read or timed."""
         self.connected = False
+        self._disarm()
         if self.decoder is not None:
             self.decoder.stop()
+
+    def _abandon(self) -> None:
+        self._hang_up()
         if self.state is not S.STORING:
             self.state = S.CLOSED
-        self._disarm()
         self.link.close()
 
     def idle_timeout(self) -> None:
@@ -808,23 +799,14 @@ class Session:
         """Drop the connection now, persist what is held; fires when done."""
         log.info("camera {imei}: closing its connection from {peer}: {why}",
                  imei=self.imei or "?", peer=self.link.peer, why=why)
-        self.connected = False
-        if self.decoder is not None:
-            self.decoder.stop()
-        self._disarm()
+        self._hang_up()
         self.link.abort()
-        return self._chain_finished()
-
-    def _chain_finished(self) -> defer.Deferred:
         return after(self.finished)
 
     def connection_lost(self) -> defer.Deferred:
         """The connection is gone: persist any transfer; fire :attr:`finished` when done."""
-        self.connected = False
-        self._disarm()
+        self._hang_up()
         self.s.due.discard(self)
-        if self.decoder is not None:
-            self.decoder.stop()
         if self.s.sessions.get(self.imei) is self:
             del self.s.sessions[self.imei]
             self.s.camera_gone(self.imei)
@@ -846,5 +828,5 @@ class Session:
                                             imei=self.imei, e=f.getErrorMessage()))
         d.addBoth(lambda _: self.finished.callback(None))
         if not self.finished.called:  # a shutdown waits for the partial to be persisted
-            self.s.track(self._chain_finished())
-        return self._chain_finished()
+            self.s.track(after(self.finished))
+        return after(self.finished)

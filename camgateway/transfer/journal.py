@@ -136,7 +136,7 @@ class FinishJournal:
 
     def holds(self, spool_name: str) -> bool:
         """Whether a note holds spool file ``spool_name``."""
-        return any(note.entry.spool_name == spool_name for note in self.notes.values())
+        return spool_name in self.spool_names
 
     def write(self, entry: OutboxEntry, partial_id: Optional[str], why: str) -> defer.Deferred:
         """Write a note for ``entry`` (the store said ``why``); fires once it is durable.

@@ -110,7 +110,7 @@ class FileOffer:
                    b"", layout, repr(printable)[1:-1])
 
 
-def open_transfer(s: "Services", session: "Connection", offer: FileOffer) -> defer.Deferred:
+def open_transfer(s: "Services", offer: FileOffer) -> defer.Deferred:
     """A :class:`Transfer` for ``offer``: its stored partial if it matches, else a new one."""
     d = after(s.finishing.get(offer.key))  # a finish of the same file in flight: wait for it
     d.addCallback(lambda _: s.store.find(*offer.key))

@@ -400,14 +400,12 @@ def digest_file(fd: int, known_crc: Optional[int]) -> FileDigest:
     sha = hashlib.sha256()
     crc = 0
     size = 0
-    offset = 0
     while True:
-        chunk = os.pread(fd, 1 << 20, offset)
+        chunk = os.pread(fd, 1 << 20, size)
         if not chunk:
             break
         sha.update(chunk)
         if known_crc is None:
             crc = crc16(chunk, crc)
-        offset += len(chunk)
-    size = offset
+        size += len(chunk)
     return FileDigest(size, sha.hexdigest(), crc if known_crc is None else known_crc)
