@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from typing import Any, Hashable
+from typing import Any, Hashable, Mapping
 
 __all__ = ["DueSessions", "NoDueSessions"]
 
@@ -73,14 +73,17 @@ class DueSessions:
 
 
 class NoDueSessions:
-    """Files nothing (``performance.due_heap: false``): the scan then visits every session."""
+    """Files nothing (``performance.due_heap: false``): the scan visits every session of ``sessions``."""
+
+    def __init__(self, sessions: Mapping[Any, Any]) -> None:
+        self._sessions = sessions
 
     def at(self, item: Hashable, when: float) -> None:
         """Nothing to file: every session is visited at every scan."""
 
     def take(self, now: float) -> list[Any]:
-        """Nothing is filed."""
-        return []
+        """Every session."""
+        return list(self._sessions.values())
 
     def discard(self, item: Hashable) -> None:
         """Nothing is filed."""

@@ -80,10 +80,6 @@ class Performance:
         """Every switch at its default: on, or off with ``CAMGATEWAY_PERFORMANCE=off``."""
         return cls.every(environment_default(environ))
 
-    def off(self) -> list[str]:
-        """The names of the switches that are off."""
-        return [name for name in SWITCHES if not getattr(self, name)]
-
 
 #: The switches' names, in the order of the section.
 SWITCHES: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(Performance))

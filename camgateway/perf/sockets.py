@@ -87,8 +87,6 @@ class PlainWriter:
 
     __slots__ = ("_send",)
 
-    kept = 0
-
     def __init__(self, send: Send = plain_write) -> None:
         self._send = send
 

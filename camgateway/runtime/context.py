@@ -261,7 +261,7 @@ class Services:
             writer: Any = TurnWriter(self.clock, send) if performance.reply_batching else PlainWriter(send)
             self.writer = writer
         if self.due is None:
-            self.due = DueSessions() if performance.due_heap else NoDueSessions()
+            self.due = DueSessions() if performance.due_heap else NoDueSessions(self.sessions)
 
     @property
     def own_store(self) -> bool:

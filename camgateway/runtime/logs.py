@@ -11,8 +11,7 @@ only decides how events are written:
   so no ``--logger`` flag is needed);
 - :class:`WatchedFile` is a log file that notices when logrotate moved it
   away and reopens its path, so rotation needs no signal and loses no line;
-- :class:`TurnBuffer` writes the lines of one reactor turn together;
-- :func:`quiet_pool` is an HTTP connection pool whose connections log nothing.
+- :class:`TurnBuffer` writes the lines of one reactor turn together.
 
 The JSON record: ``time`` (ISO 8601 UTC, milliseconds), ``level``,
 ``priority`` (syslog's, for journald), ``namespace``, ``message`` (the

@@ -89,8 +89,7 @@ def flush_stale(s: Services) -> None:
     was skipped would not come due again.
     """
     now = s.clock.seconds()
-    sessions = s.due.take(now) if s.config.performance.due_heap else list(s.sessions.values())
-    for session in sessions:
+    for session in s.due.take(now):
         try:
             session.write_stale(now)
         except Exception:
@@ -398,51 +397,33 @@ def make_gateway(config: Config, reactor: Any = None, shard: Optional[Shard] = N
     gateway = GatewayService(config, reactor, shard, twistd_logfile, forward_logs)
     gateway.setServiceParent(top)
 
+    def every(seconds: float, tick: Callable[[], Any]) -> None:
+        timer = TimerService(seconds, tick)
+        if reactor is not None:
+            timer.clock = reactor
+        timer.setServiceParent(top)
+
     # The periodic jobs are wrapped (periodic()): an error in one tick is
     # logged, and the next tick runs; unwrapped, it would stop its loop for good.
-    def sweep() -> Any:
-        if gateway.services is None:
-            return None
-        return sweep_expired(gateway.services)
+    # Each runs on the gateway's services, once it has them.
+    def job(what: str, fn: Callable[[Services], Any]) -> Callable[[], Any]:
+        return periodic(what, lambda: None if gateway.services is None else fn(gateway.services))
 
-    def sweep_spool() -> Any:  # with a shared store only: it has no start-up reconcile
-        if gateway.services is None or gateway.shared_spool is None:
-            return None
-        return sweep_orphans(gateway.services, orphan_age(config))
-
-    partial_sweep = periodic("the partial sweep", sweep)
-    orphan_sweep = periodic("the orphan sweep", sweep_spool)
-
-    def sweep_files() -> Any:
-        if gateway.services is None:
-            return None
-        return sweep_history(gateway.services)
-
-    history_sweep = periodic("the history sweep", sweep_files)
+    partial_sweep = job("the partial sweep", sweep_expired)
+    # (The orphan sweep is a shared store's only: it has no start-up reconcile.)
+    orphan_sweep = job("the orphan sweep",
+                       lambda s: None if gateway.shared_spool is None else sweep_orphans(s, orphan_age(config)))
+    history_sweep = job("the history sweep", sweep_history)
 
     def sweeps() -> Any:
         return defer.maybeDeferred(partial_sweep).addCallback(lambda _: orphan_sweep()).addCallback(
             lambda _: history_sweep())
 
-    timer = TimerService(min(3600.0, config.partial_ttl / 4), sweeps)
-    if reactor is not None:
-        timer.clock = reactor
-    timer.setServiceParent(top)
-
-    def write_stale() -> None:
-        if gateway.services is not None:
-            flush_stale(gateway.services)
-
-    writer = TimerService(FLUSH_AGE / 2, periodic("the half-second scan", write_stale))
-    if reactor is not None:
-        writer.clock = reactor
-    writer.setServiceParent(top)
-    reporter = ProgressReporter(lambda: gateway.services, spread=PROGRESS_SPREAD * config.progress_interval)
+    every(min(3600.0, config.partial_ttl / 4), sweeps)
+    every(FLUSH_AGE / 2, job("the half-second scan", flush_stale))
     # (Not wrapped: ProgressReporter catches and logs its own errors, per slice of a tick.)
-    progress = TimerService(config.progress_interval, reporter)
-    if reactor is not None:
-        progress.clock = reactor
-    progress.setServiceParent(top)
+    every(config.progress_interval,
+          ProgressReporter(lambda: gateway.services, spread=PROGRESS_SPREAD * config.progress_interval))
     top.status = None  # type: ignore[attr-defined]
     if config.http_listen:
         from camgateway.web.service import StatusService  # twisted.web only when asked for
