@@ -319,9 +319,6 @@ class Outbox:
             return
         self.delivered += 1
         s.stats.sink_deliveries[sink.name] += 1
-        places = s.recent.places(received)
-        if places is not None:
-            places.append(result)
         if isinstance(result, Transformed):
             made = []
             own, parent = history_row(entry)

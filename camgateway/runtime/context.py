@@ -18,7 +18,7 @@ from camgateway.perf.sockets import PlainWriter, TurnWriter, plain_write, write_
 from camgateway.transfer.spool import Spool
 from camgateway.web.progress import DURATION_BOUNDS
 
-__all__ = ["FileHeads", "RecentFiles", "RefusedCameras", "Services", "Stats", "SinkFailing", "DURATION_BOUNDS", "NOT_IN_SUMMARY"]
+__all__ = ["FileHeads", "RefusedCameras", "Services", "Stats", "SinkFailing", "DURATION_BOUNDS", "NOT_IN_SUMMARY"]
 
 #: The metadata of the :class:`Stats` fields that ``/api/summary`` leaves out (not plain counters).
 NOT_IN_SUMMARY = {"summary": False}
@@ -87,7 +87,7 @@ class Stats:
         return failing
 
 
-#: How many recent files and failures are kept for the status service.
+#: How many recent failures are kept for the status service.
 RECENT = 200
 
 
@@ -120,42 +120,6 @@ class FileHeads:
         """The head remembered for ``path`` (forgotten from now on), or None."""
         with self._lock:
             return self._items.pop(path, None)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-class RecentFiles:
-    """The latest stored files, newest last: ``(ReceivedFile, where each sink put it)``.
-
-    A delivery finds its file's list of places by ``(imei, sha256)`` in a
-    dict (the newest file with that content), not by scanning the
-    :data:`RECENT` files on the reactor thread per delivery.
-    """
-
-    def __init__(self, maxlen: int = RECENT) -> None:
-        self.maxlen = maxlen
-        self._items: Deque[tuple[Any, list[Any]]] = collections.deque()
-        self._places: dict[tuple[str, str], list[Any]] = {}
-
-    def append(self, received: Any) -> list[Any]:
-        """Remember ``received`` (forgetting the oldest beyond ``maxlen``); its list of places."""
-        if len(self._items) >= self.maxlen:
-            old, old_places = self._items.popleft()
-            key = (old.imei, old.sha256)
-            if self._places.get(key) is old_places:
-                del self._places[key]
-        places: list[Any] = []
-        self._items.append((received, places))
-        self._places[(received.imei, received.sha256)] = places
-        return places
-
-    def places(self, received: Any) -> Optional[list[Any]]:
-        """The list of places of the newest remembered file with ``received``'s camera and content."""
-        return self._places.get((received.imei, received.sha256))
-
-    def __iter__(self) -> Iterator[tuple[Any, list[Any]]]:
-        return iter(self._items)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -224,8 +188,6 @@ class Services:
     leases: Any = None
     #: This instance's name (in lease tokens and outbox claims).
     instance: str = "local"
-    #: The latest stored files (ReceivedFile, where each sink put it), newest last.
-    recent: RecentFiles = dataclasses.field(default_factory=RecentFiles)
     heads: FileHeads = dataclasses.field(default_factory=FileHeads)
     #: The sessions the half-second scan visits, each when something of its own comes due
     #: (with ``performance.due_heap`` off, a NoDueSessions: the scan visits every session).

@@ -427,7 +427,6 @@ def _to_outbox(digest: Any, s: "Services", session: "Connection", offer: FileOff
         sha256=digest.sha256, start_total=offer.total, start_crc=offer.start_crc,
         computed_crc=digest.crc, received_at=now, capture_time=capture_time(offer.metadata),
         resumed_from=transfer.resumed_from, crc_errors=transfer.crc_errors, id=new_id())
-    s.recent.append(received)
     if transfer.head is not None:
         s.heads.put(str(received.path), transfer.head)
     try:
