@@ -303,7 +303,7 @@ class SessionWriteTests(TestCase):
         self.patch(store, "enqueue", lambda entry, partial_id: (enqueued.append(partial_id),
                                                                 real_enqueue(entry, partial_id))[1])
         reads: list[str] = []
-        self.patch(disk_module, "_head", lambda path: (reads.append(path), b"")[1])
+        self.patch(disk_module, "head_of", lambda path: (reads.append(path), b"")[1])
         content, (protocol, transport) = self.photo_session()
         self.jobs.run_all()
         self.assertEqual(transport.value(), codec.repeat_init())

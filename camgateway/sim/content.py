@@ -22,10 +22,10 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence
 
-from camgateway.sim.media import Media
+from camgateway.sim.media import FRAMERATE, VIDEO_SECONDS, Media
 from camgateway.sim.metadata import adas_metadata, dsm_metadata, dualcam_metadata, json_metadata
 from camgateway.sim.model import SimFile
-from camgateway.wire.metadata import DUALCAM_FILE_TYPES
+from camgateway.wire.ptmf import MAGIC
 
 __all__ = [
     "parse_size",
@@ -47,8 +47,6 @@ DEFAULT_TIMESTAMP = 1730288144
 
 _LATITUDE = 24.9225
 _LONGITUDE = 67.1388
-_VIDEO_SECONDS = 3
-_FRAMERATE = 20
 _PATH_DIRS = {"dsm": "dsm", "adas": "mdas9", "dashcam": "dashcam"}
 
 
@@ -77,7 +75,7 @@ def random_jpeg(size: int, rng: random.Random) -> bytes:
 
 
 #: The first bytes of a random video, by container: a DualCam's PTMF, the others' MP4 (an ``ftyp`` box).
-_VIDEO_STARTS = {"ptmf": b"PTMF", "mp4": b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"}
+_VIDEO_STARTS = {"ptmf": MAGIC, "mp4": b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"}
 
 
 def random_video(size: int, rng: random.Random, container: str = "ptmf") -> bytes:
@@ -124,13 +122,13 @@ def _identifier(kind: str, protocol_id: int, photo: bool, number: int, timestamp
 
 
 def _metadata(kind: str, protocol_id: int, photo: bool, identifier: str, number: int, timestamp: int) -> bytes:
-    seconds = 0 if photo else _VIDEO_SECONDS
+    seconds = 0 if photo else VIDEO_SECONDS
     if protocol_id >= 6:
         return json_metadata(
             file_type="photo" if photo else "video",
             timestamp_ms=timestamp * 1000,
             duration=seconds,
-            framerate=0 if photo else _FRAMERATE,
+            framerate=0 if photo else FRAMERATE,
             latitude=_LATITUDE,
             longitude=_LONGITUDE,
             driver_name="EMULATOR" if kind == "dsm" else None,
@@ -155,10 +153,10 @@ def _metadata(kind: str, protocol_id: int, photo: bool, identifier: str, number:
         )
     source = identifier if kind == "dualcam" else ("photof" if photo else "videof")
     return dualcam_metadata(
-        DUALCAM_FILE_TYPES[source],
+        source,
         timestamp_ms=timestamp * 1000,
         length_s=seconds,
-        framerate=0 if photo else _FRAMERATE,
+        framerate=0 if photo else FRAMERATE,
         latitude=_LATITUDE,
         longitude=_LONGITUDE,
     )

@@ -12,11 +12,8 @@ __all__ = [
     "dsm_metadata",
     "adas_metadata",
     "json_metadata",
-    "DUALCAM_SIZES",
 ]
 
-#: Size of the DualCam binary layout by version.
-DUALCAM_SIZES: dict[int, int] = {version: layout.size for version, layout in DUALCAM_LAYOUTS.items()}
 #: How many fields the DualCam layout of each version has.
 _DUALCAM_FIELDS = {version: len(layout.unpack(bytes(layout.size))) for version, layout in DUALCAM_LAYOUTS.items()}
 

@@ -12,13 +12,14 @@ walking NAL units, grouping them into pictures, counting pictures.
 
 from __future__ import annotations
 
+import os
 from typing import Iterator, Optional
 
 from camgateway.wire.ptmf import is_ptmf
 
 __all__ = [
     "JPEG", "PTMF", "MP4", "HEVC", "H264", "VIDEOS", "EXTENSIONS", "HEAD",
-    "kind_of", "kind_of_file", "nal_units", "hevc_pictures", "count_pictures",
+    "kind_of", "head_of", "kind_of_file", "nal_units", "hevc_pictures", "count_pictures",
 ]
 
 JPEG = "jpeg"
@@ -65,10 +66,18 @@ def kind_of(head: bytes) -> Optional[str]:
     return None
 
 
+def head_of(path: str) -> bytes:
+    """The first :data:`HEAD` bytes of the file at ``path`` (blocking: run it in a thread)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, HEAD, 0)
+    finally:
+        os.close(fd)
+
+
 def kind_of_file(path: str) -> Optional[str]:
     """:func:`kind_of` the file at ``path`` (blocking: run it in a thread)."""
-    with open(path, "rb") as f:
-        return kind_of(f.read(HEAD))
+    return kind_of(head_of(path))
 
 
 def nal_units(data: bytes) -> Iterator[tuple[int, int]]:

@@ -36,7 +36,7 @@ from camgateway.base.reasons import DeliveryFailed, last_line, program_ended
 from camgateway.delivery.sinks import IFileSink, PermanentFailure, ReceivedFile, SinkContext
 from camgateway.delivery.sinks.registry import check_keys
 
-__all__ = ["CommandSink", "validate", "make", "default_name", "PERMANENT_EXIT", "FILE_ID"]
+__all__ = ["CommandSink", "validate", "make", "default_name", "run_program", "PERMANENT_EXIT", "FILE_ID"]
 
 PERMANENT_EXIT = 100
 
@@ -70,6 +70,8 @@ def make(config: Mapping[str, Any], context: SinkContext) -> "CommandSink":
 
 
 class _Run(protocol.ProcessProtocol):
+    """A child process: ``stdin`` written to it and closed, the end of its stderr kept, its end told."""
+
     def __init__(self, stdin: bytes, done: defer.Deferred) -> None:
         self.stdin = stdin
         self.done = done
@@ -79,9 +81,6 @@ class _Run(protocol.ProcessProtocol):
         self.transport.write(self.stdin)  # type: ignore[union-attr]
         self.transport.closeStdin()  # type: ignore[union-attr]
 
-    def outReceived(self, data: bytes) -> None:
-        pass
-
     def errReceived(self, data: bytes) -> None:
         self.stderr += data
         if len(self.stderr) > 4096:  # its end says why
@@ -89,6 +88,24 @@ class _Run(protocol.ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         self.done.callback(reason.value)
+
+
+@defer.inlineCallbacks
+def run_program(reactor: Any, argv: list[str], env: Mapping[str, str], timeout: float, stdin: bytes = b"") -> Any:
+    """Run ``argv`` as a child process, given ``stdin``, killed once it outlives ``timeout`` seconds.
+
+    Fires with ``(exit code, signal, the end of its stderr, whether it was
+    killed for the timeout)``; the code is None when a signal ended it.
+    """
+    done: defer.Deferred = defer.Deferred()
+    run = _Run(stdin, done)
+    process = reactor.spawnProcess(run, argv[0], argv, env=env)
+    killer = reactor.callLater(timeout, _kill, process)
+    ended = yield done
+    timed_out = not killer.active()
+    if not timed_out:
+        killer.cancel()
+    return getattr(ended, "exitCode", None), getattr(ended, "signal", None), bytes(run.stderr), timed_out
 
 
 @implementer(IFileSink)
@@ -104,28 +121,20 @@ class CommandSink:
     @defer.inlineCallbacks
     def deliver(self, received: ReceivedFile) -> Any:
         """Run the program (the file's id in ``CAMGATEWAY_FILE_ID``); fire when it exits 0."""
-        done: defer.Deferred = defer.Deferred()
-        run = _Run(json.dumps(received.sidecar()).encode() + b"\n", done)
         env = dict(os.environ)
         if received.id:
             env[FILE_ID] = received.id
         else:  # a file no outbox recorded: no id, rather than one inherited from the gateway's environment
             env.pop(FILE_ID, None)
-        process = self.reactor.spawnProcess(run, self.command[0], self.command + [str(received.path)], env=env)
-        killer = self.reactor.callLater(self.timeout, _kill, process)
-        ended = yield done
-        if killer.active():
-            killer.cancel()
-            timed_out = False
-        else:
-            timed_out = True
-        code = getattr(ended, "exitCode", None)
+        code, signal_number, stderr, timed_out = yield run_program(
+            self.reactor, self.command + [str(received.path)], env, self.timeout,
+            json.dumps(received.sidecar()).encode() + b"\n")
         if code == 0 and not timed_out:
             return f"{self.name} exit 0"
         if timed_out:
-            said = last_line(bytes(run.stderr))
+            said = last_line(stderr)
             raise DeliveryFailed(f"timeout after {self.timeout:g} s (program killed)" + (f": {said}" if said else ""))
-        message = program_ended("program", code, getattr(ended, "signal", None), bytes(run.stderr))
+        message = program_ended("program", code, signal_number, stderr)
         if code == PERMANENT_EXIT:
             raise PermanentFailure(message)
         raise DeliveryFailed(message)

@@ -52,7 +52,7 @@ from camgateway.base.units import ConfigError
 from camgateway.perf.durability import HAVE_SYNCFS, GroupSync, fsync_dir, syncfs
 from camgateway.perf.groupcommit import BatchThread, GroupCommitThread
 from camgateway.base.ids import new_id
-from camgateway.wire.media import EXTENSIONS, kind_of
+from camgateway.wire.media import EXTENSIONS, head_of, kind_of
 from camgateway.delivery.sinks import GatewayInternals, IFileSink, ReceivedFile, SinkContext
 from camgateway.delivery.sinks.registry import check_keys
 
@@ -236,7 +236,7 @@ class DiskSink:
         # file than the system calls they name, on a thread sharing the GIL.
         imei = received.imei if received.imei.isdigit() else "unknown"
         media = os.fspath(received.path)
-        head = (self._heads.take(media) if self._heads is not None else None) or _head(media)
+        head = (self._heads.take(media) if self._heads is not None else None) or head_of(media)
         date, stem = build_stem(received)
         folder = f"{self._root}/{imei}/{date}"
         created = self._ensure(folder)
@@ -254,10 +254,7 @@ class DiskSink:
             target = self._place(received, media, sidecar, folder, stem, ext, temps)
         finally:
             for temp in temps:
-                try:
-                    os.unlink(temp)
-                except FileNotFoundError:
-                    pass
+                _discard(temp)
         if not durable:
             return target
         fsync_dir(folder)
@@ -312,29 +309,27 @@ class DiskSink:
         earlier delivery of it that the outbox could not record, or the same
         file the camera sent again) is this delivery's: its media file is
         linked if it is missing, and no ``-n`` copy is made. Only a taken
-        name costs that look.
+        name costs that look. A name whose media file is another's (beside
+        this file's sidecar: a leftover of a delivery cut between its two
+        links) loses that sidecar, and the next name is tried.
         """
         n = 1
         while True:
             target = f"{folder}/{stem}.{ext}" if n == 1 else f"{folder}/{stem}-{n}.{ext}"
             meta = target + ".json"
-            if not _claim(sidecar, meta):
-                if _describes(meta, received):
-                    media, done = self._complete(received, media, target, meta, folder, stem, temps)
-                    if done:
-                        return target
-                n += 1
-                continue
-            placed = False
-            try:
-                media, placed = self._link(media, target, folder, stem, temps)
-                if not placed and _holds(target, media, received):
-                    placed = True  # the same delivery, running at once elsewhere, linked it first
-            finally:
-                if not placed:
-                    os.unlink(meta)
-            if placed:
-                return target
+            claimed = _claim(sidecar, meta)
+            if claimed or _describes(meta, received):
+                try:
+                    media, placed = self._link(media, target, folder, stem, temps)
+                    # (not placed: the same delivery, running at once elsewhere, may have linked it first)
+                    placed = placed or _holds(target, media, received)
+                except BaseException:
+                    if claimed:
+                        os.unlink(meta)
+                    raise
+                if placed:
+                    return target
+                _discard(meta)
             n += 1
 
     def _link(self, media: str, target: str, folder: str, stem: str, temps: list[str]) -> tuple[str, bool]:
@@ -352,36 +347,17 @@ class DiskSink:
         _copy_durably(media, copy)
         return copy, _claim(copy, target)
 
-    def _complete(self, received: ReceivedFile, media: str, target: str, meta: str, folder: str, stem: str,
-                  temps: list[str]) -> tuple[str, bool]:
-        """``meta`` is ``received``'s sidecar, from an earlier delivery: make ``target`` its media file.
-
-        Returns the file linked from and whether ``target`` now holds this
-        file. If another file holds the name, the sidecar (a leftover of a
-        delivery cut between its two links) is removed and the next name is
-        the caller's.
-        """
-        media, placed = self._link(media, target, folder, stem, temps)
-        if placed or _holds(target, media, received):
-            return media, True
-        try:
-            os.unlink(meta)
-        except FileNotFoundError:
-            pass
-        return media, False
-
 
 #: Folders remembered by a DiskSink (a camera's folder per day) before it forgets them all.
 _FOLDERS_KEPT = 10_000
 
 
-def _head(path: str) -> bytes:
-    """The first 16 bytes of ``path``."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def _discard(path: str) -> None:
+    """Remove ``path`` if it is there."""
     try:
-        return os.pread(fd, 16, 0)
-    finally:
-        os.close(fd)
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _write_new(path: str, data: bytes, durable: bool) -> None:

@@ -56,6 +56,7 @@ from camgateway.base.reasons import DeliveryFailed
 from camgateway.delivery.sinks import IFileSink, PermanentFailure, ReceivedFile, SinkContext
 from camgateway.delivery.sinks.disk import build_stem, extension_for
 from camgateway.delivery.sinks.registry import check_keys
+from camgateway.wire.media import head_of
 
 __all__ = ["HTTPSink", "validate", "make", "default_name", "RETRYABLE"]
 
@@ -160,14 +161,12 @@ class HTTPSink:
     """Sends each file to an HTTP endpoint."""
 
     def __init__(self, client: Any, url: str, method: str, headers: Mapping[str, str], timeout: float,
-                 reactor: Any = None) -> None:
+                 reactor: Any) -> None:
         self.client = client
         self.url = url
         self.method = method
         self.headers = dict(headers)
         self.timeout = timeout
-        if reactor is None:
-            from twisted.internet import reactor
         self.reactor = reactor
         self.name = default_name({"url": url})
 
@@ -179,10 +178,8 @@ class HTTPSink:
 
     def url_for(self, received: ReceivedFile) -> str:
         """The URL template filled in for ``received`` (each value URL-quoted)."""
-        with open(received.path, "rb") as f:
-            head = f.read(16)
         date, stem = build_stem(received)
-        ext = extension_for(received, head)
+        ext = extension_for(received, head_of(str(received.path)))
         values = {"imei": received.imei, "name": f"{stem}.{ext}", "ext": ext, "kind": received.camera,
                   "source": received.source, "media": received.media, "date": date, "sha256": received.sha256,
                   "id": received.id}

@@ -38,7 +38,6 @@ ffmpeg runs as child processes, never blocking the reactor, at most
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import mmap
 import os
 import shutil
@@ -46,18 +45,18 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from camgateway.wire import media
 from camgateway.base.units import ConfigError, parse_duration
-from camgateway.wire.crc import crc16
 from camgateway.base.reasons import DeliveryFailed, program_ended
 from camgateway.wire.ptmf import AUDIO_RATE, demux_file
 from camgateway.delivery.sinks import IFileSink, ReceivedFile, SinkContext, Transformed
+from camgateway.delivery.sinks.command import run_program
 from camgateway.delivery.sinks.registry import check_keys
+from camgateway.transfer.receiver import FileDigest, digest_file
 
 __all__ = ["MP4Sink", "Unconvertible", "validate", "make", "default_sinks", "stores", "passes_on", "plan_video",
            "poster_args", "h264_args", "run_ffmpeg"]
@@ -122,30 +121,13 @@ def default_sinks(files_root: str, which: Callable[[str], Optional[str]] = shuti
     return [disk]
 
 
-class _FFmpeg(protocol.ProcessProtocol):
-    def __init__(self, done: defer.Deferred) -> None:
-        self.done = done
-        self.stderr = bytearray()
-
-    def errReceived(self, data: bytes) -> None:
-        self.stderr += data
-        if len(self.stderr) > 4096:  # its end says why
-            del self.stderr[:-4096]
-
-    def processEnded(self, reason: Failure) -> None:
-        self.done.callback((getattr(reason.value, "exitCode", None), getattr(reason.value, "signal", None),
-                            bytes(self.stderr)))
-
-
-def _describe(path: Path) -> tuple[int, str, int]:
-    """Size, SHA-256 and CRC-16 of a file made here (thread), read in pieces."""
-    size, digest, crc = 0, hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            size += len(block)
-            digest.update(block)
-            crc = crc16(block, crc)
-    return size, digest.hexdigest(), crc
+def _describe(path: Path) -> FileDigest:
+    """Size, SHA-256 and CRC-16 of a file made here (thread)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return digest_file(fd, None)
+    finally:
+        os.close(fd)
 
 
 class Unconvertible(Exception):
@@ -213,12 +195,13 @@ def _plan_stream(received: ReceivedFile, codec: str) -> _Plan:
     return _Plan(received.path, codec, rate or DEFAULT_RATE)
 
 
-def _remove(path: Path) -> None:
-    """Remove a file this sink made in the spool, if it is there (thread)."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+def _remove(*paths: Path) -> None:
+    """Remove the files this sink made in the spool, those that are there (thread)."""
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def plan_video(received: Any, kind: str, video: Path, audio: Path) -> _Plan:
@@ -254,29 +237,17 @@ def run_ffmpeg(reactor: Any, ffmpeg: str, args: list[str], timeout: float) -> An
     """
     if not os.access(ffmpeg, os.X_OK):
         raise DeliveryFailed(f"ffmpeg {ffmpeg} is not there any more (install ffmpeg)")
-    done: defer.Deferred = defer.Deferred()
-    transport = reactor.spawnProcess(
-        _FFmpeg(done), ffmpeg, [ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args],
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
-    timer = reactor.callLater(timeout, _kill, transport)
-    code, signal_number, stderr = yield done
-    if timer.active():
-        timer.cancel()
-    elif code != 0:
-        raise Unconvertible(f"ffmpeg did not finish within {timeout:g} s (killed)")
+    code, signal_number, stderr, timed_out = yield run_program(
+        reactor, [ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args],
+        {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, timeout)
     if code == 0:
         return
+    if timed_out:
+        raise Unconvertible(f"ffmpeg did not finish within {timeout:g} s (killed)")
     message = program_ended("ffmpeg", code, signal_number, stderr)
     if code is None or b"No space left on device" in stderr:
         raise DeliveryFailed(message)
     raise Unconvertible(message)
-
-
-def _kill(transport: Any) -> None:
-    try:
-        transport.signalProcess("KILL")
-    except error.ProcessExitedAlready:
-        pass
 
 
 @implementer(IFileSink)
@@ -316,8 +287,8 @@ class MP4Sink:
             return Transformed([dataclasses.replace(received, derived="original",
                                                     metadata={**received.metadata, "conversion_error": why})])
         finally:
-            for path in temps:
-                yield self.context.run_in_thread(_remove, path)
+            if temps:
+                yield self.context.run_in_thread(_remove, *temps)
         self.log.info("video of camera {imei} {source} ({kind}) handed on as {made} in {seconds:.1f} s",
                  kind=kind, imei=received.imei, source=received.source,
                  made=", ".join(f.derived or "" for f in made), seconds=self.reactor.seconds() - started,
@@ -338,10 +309,7 @@ class MP4Sink:
             source = received.path
         else:
             source = new()
-            if kind == media.PTMF:
-                plan = yield self.context.run_in_thread(_split_ptmf, received, new(), new())
-            else:
-                plan = yield self.context.run_in_thread(_plan_stream, received, kind)
+            plan = yield self.context.run_in_thread(plan_video, received, kind, new(), new())
             yield self.limit.run(self._run, plan.mux_args(source))
             outputs.append((source, "video", "mp4"))
             codec = plan.codec
@@ -358,11 +326,11 @@ class MP4Sink:
             yield self.limit.run(self._run, ["-i", str(source), *more])
         made = []
         for path, what, derived in outputs:
-            size, sha, crc = yield self.context.run_in_thread(_describe, path)
-            if not size:
+            digest = yield self.context.run_in_thread(_describe, path)
+            if not digest.size:
                 raise Unconvertible(f"ffmpeg made an empty {derived}")
-            made.append(dataclasses.replace(received, path=path, size=size, sha256=sha, computed_crc=crc, media=what,
-                                            derived=derived))
+            made.append(dataclasses.replace(received, path=path, size=digest.size, sha256=digest.sha256,
+                                            computed_crc=digest.crc, media=what, derived=derived))
         for f in made:
             temps.remove(f.path)
         if self.keep_original or kind == media.MP4:
