@@ -231,21 +231,18 @@ class BrowserMedia:
     """
 
     def __init__(self, cache: Path, run_in_thread: Callable[..., defer.Deferred], reactor: Any,
-                 ffmpeg: Optional[str] = None, *, max_bytes: int = CACHE_BYTES, transcodes: int = TRANSCODES,
-                 posters: int = POSTERS, timeout: float = FFMPEG_TIMEOUT) -> None:
+                 ffmpeg: Optional[str] = None) -> None:
         self.cache = Path(cache)
         self.run_in_thread = run_in_thread
         self.reactor = reactor
         self.ffmpeg = ffmpeg
-        self.max_bytes = max_bytes
-        self.timeout = timeout
-        self._limits = {"play": defer.DeferredSemaphore(transcodes), "poster": defer.DeferredSemaphore(posters)}
+        #: Bytes the cache may hold (:data:`CACHE_BYTES`).
+        self.max_bytes = CACHE_BYTES
+        self._limits = {"play": defer.DeferredSemaphore(TRANSCODES), "poster": defer.DeferredSemaphore(POSTERS)}
         #: The jobs running, by (file id, kind): each waiting request's Deferred.
         self._making: dict[tuple[str, str], list[defer.Deferred]] = {}
         #: Why a file could not be converted, by (file id, kind) (the latest :data:`_FAILURES_KEPT`).
         self._failed: collections.OrderedDict[tuple[str, str], MediaError] = collections.OrderedDict()
-        #: ffmpeg runs started (for the logs and the tests).
-        self.runs = 0
 
     # -- what the routes ask
 
@@ -302,15 +299,7 @@ class BrowserMedia:
         made = f.derived.get("poster")
         if (yield self.run_in_thread(_usable, made)):
             return made
-        if (yield self.run_in_thread(_touch, target)):
-            return target
-        ffmpeg = self._program()
-        yield self._limits["poster"].acquire()
-        try:
-            yield self._convert(f, kind, target, ffmpeg, poster=True)
-        finally:
-            self._limits["poster"].release()
-        return target
+        return (yield self._cached_or_made("poster", f, kind, target, poster=True))
 
     @defer.inlineCallbacks
     def _play(self, f: MediaFile, target: Path) -> Any:
@@ -325,15 +314,15 @@ class BrowserMedia:
             mp4 = f.path if kind == media.MP4 else None
         if mp4 is not None and (yield self.run_in_thread(_plays_in_browser, mp4)):
             return mp4
+        return (yield self._cached_or_made("play", f, kind, target, source=mp4))
+
+    @defer.inlineCallbacks
+    def _cached_or_made(self, what: str, f: MediaFile, kind: str, target: Path, **how: Any) -> Any:
+        """``target`` from the cache, else made by :meth:`_convert` (within the limit of ``what``)."""
         if (yield self.run_in_thread(_touch, target)):
             return target
         ffmpeg = self._program()
-        yield self._limits["play"].acquire()
-        try:
-            yield self._convert(f, media.MP4 if mp4 is not None else kind, target, ffmpeg, source=mp4)
-        finally:
-            self._limits["play"].release()
-        return target
+        return (yield self._limits[what].run(self._convert, f, kind, target, ffmpeg, **how))
 
     def _program(self) -> str:
         program = self.ffmpeg if self.ffmpeg and os.access(self.ffmpeg, os.X_OK) else shutil.which("ffmpeg")
@@ -381,9 +370,8 @@ class BrowserMedia:
 
     @defer.inlineCallbacks
     def _ffmpeg(self, ffmpeg: str, args: list[str]) -> Any:
-        self.runs += 1
         try:
-            yield run_ffmpeg(self.reactor, ffmpeg, args, self.timeout)
+            yield run_ffmpeg(self.reactor, ffmpeg, args, FFMPEG_TIMEOUT)
         except Unconvertible as e:
             raise MediaError(422, f"cannot convert the video: {e}") from None
         except Exception as e:

@@ -43,7 +43,7 @@ TIMEOUT = 5.0
 
 #: The list routes: the key each sorts by (newest or longest first), None to keep the order.
 LIST_ROUTES: dict[str, Optional[str]] = {
-    "sessions": "connected_s", "transfers": None, "files": "received_at", "partials": "last_seen",
+    "sessions": "connected_s", "transfers": None, "partials": "last_seen",
     "outbox": None, "failures": "time", "refused": "last_at",
 }
 #: Added up over workers; ``refused`` too, since a camera always reaches the same worker. (``dead_letters``
@@ -259,8 +259,8 @@ class WorkerPeers:
 
     @defer.inlineCallbacks
     def _bodies(self, path: bytes, request: Any, codes: tuple[int, ...] = (200,)) -> Any:
-        """``{index: body}`` of every worker that answered ``path`` with one of ``codes``."""
-        bodies: dict[int, bytes] = {}
+        """``{index: (response, body)}`` of every worker that answered ``path`` with one of ``codes``."""
+        bodies: dict[int, tuple[Any, bytes]] = {}
 
         @defer.inlineCallbacks
         def ask(index: int) -> Any:
@@ -270,18 +270,18 @@ class WorkerPeers:
             except Exception:
                 return
             if response.code in codes:
-                bodies[index] = body
+                bodies[index] = response, body
 
         yield defer.DeferredList([ask(i) for i in self.indexes()])
         return bodies
 
     def ask_all(self, path: bytes, request: Any, codes: tuple[int, ...] = (200,)) -> defer.Deferred:
         """``{index: decoded JSON or None}`` of every worker's answer to ``path`` (with one of ``codes``)."""
-        def decode(bodies: dict[int, bytes]) -> dict[int, Any]:
+        def decode(bodies: dict[int, tuple[Any, bytes]]) -> dict[int, Any]:
             answers: dict[int, Any] = {}
             for index in self.indexes():
                 try:
-                    answers[index] = json.loads(bodies[index]) if index in bodies else None
+                    answers[index] = json.loads(bodies[index][1]) if index in bodies else None
                 except ValueError:
                     answers[index] = None
             return answers
@@ -290,26 +290,24 @@ class WorkerPeers:
 
     def ask_all_counted(self, path: bytes, request: Any) -> defer.Deferred:
         """``{index: (list, X-Total-Count)}`` of every worker that answered ``path`` with a list (others left out)."""
-        answers: dict[int, tuple[list[Any], Optional[int]]] = {}
+        def counted(bodies: dict[int, tuple[Any, bytes]]) -> dict[int, tuple[list[Any], Optional[int]]]:
+            answers = {}
+            for index, (response, body) in bodies.items():
+                try:
+                    value = json.loads(body)
+                except ValueError:
+                    continue
+                if isinstance(value, list):
+                    total = response.headers.getRawHeaders(b"x-total-count", [b""])[0]
+                    answers[index] = (value, int(total) if total.isdigit() else None)
+            return answers
 
-        @defer.inlineCallbacks
-        def ask(index: int) -> Any:
-            try:
-                response = yield self._request(index, path, request)
-                body = yield readBody(response)
-                value = json.loads(body)
-                total = response.headers.getRawHeaders(b"x-total-count", [None])[0]
-            except Exception:
-                return
-            if response.code == 200 and isinstance(value, list):
-                answers[index] = (value, int(total) if total is not None and total.isdigit() else None)
-
-        return defer.DeferredList([ask(i) for i in self.indexes()]).addCallback(lambda _: answers)
+        return self._bodies(path, request).addCallback(counted)
 
     def ask_all_text(self, path: bytes, request: Any) -> defer.Deferred:
         """``{index: body text}`` of every worker that answered ``path``."""
         return self._bodies(path, request).addCallback(
-            lambda bodies: {i: body.decode() for i, body in bodies.items()})
+            lambda bodies: {i: body.decode() for i, (_, body) in bodies.items()})
 
     @defer.inlineCallbacks
     def stream_file(self, path: bytes, request: Any) -> Any:

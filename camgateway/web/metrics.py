@@ -22,7 +22,7 @@ from camgateway import __version__
 from camgateway.base.health import SHARED_SPOOL, SPOOL, STORE
 from camgateway.web.progress import DURATION_BOUNDS, camera_kind
 
-__all__ = ["GatewayCollector", "Metrics", "outbox_depth", "outbox_state", "spool_usage", "dead_letter_count",
+__all__ = ["GatewayCollector", "Metrics", "outbox_state", "spool_usage", "dead_letter_count",
            "CAMERA_KINDS", "PROTOCOL_ERROR_KINDS"]
 
 CAMERA_KINDS = ("dualcam", "dashcam", "dsm", "adas", "unknown")
@@ -68,35 +68,12 @@ def dead_letter_count(spool: Any) -> int:
     return count
 
 
-def outbox_depth(services: Any) -> defer.Deferred:
-    """Files waiting for a sink: 0 without an outbox.
-
-    Uses the outbox's ``depth`` (a number, or a callable returning one or a
-    Deferred) when it has one, else counts the store's ``pending()`` entries.
-    """
-    outbox = getattr(services, "outbox", None)
-    if outbox is None:
-        return defer.succeed(0)
-    depth = getattr(outbox, "depth", None)
-    if depth is not None:
-        return defer.maybeDeferred(depth) if callable(depth) else defer.succeed(int(depth))
-    pending = getattr(services.store, "pending", None)
-    if callable(pending):
-        return defer.maybeDeferred(pending).addCallback(len)
-    return defer.succeed(0)
-
-
 def outbox_state(services: Any) -> defer.Deferred:
-    """``(files waiting for a sink, when the oldest was recorded or None)``.
-
-    The oldest comes from the store's ``pending()`` entries; without them
-    (an outbox that only says its ``depth``) it is None.
-    """
-    outbox = getattr(services, "outbox", None)
-    pending = getattr(services.store, "pending", None)
-    if outbox is None or getattr(outbox, "depth", None) is not None or not callable(pending):
-        return outbox_depth(services).addCallback(lambda depth: (depth, None))
-    return defer.maybeDeferred(pending).addCallback(
+    """``(files waiting for a sink, when the oldest was recorded or None)``, from the store's
+    ``pending()`` entries; ``(0, None)`` without an outbox."""
+    if services.outbox is None:
+        return defer.succeed((0, None))
+    return defer.maybeDeferred(services.store.pending).addCallback(
         lambda entries: (len(entries), min((entry.created for entry in entries), default=None)))
 
 

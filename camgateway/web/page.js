@@ -220,16 +220,11 @@ function setReachable(error) {
   }
 }
 
-/** The summary and the health it carries (older gateways: /healthz asked separately). */
+/** The summary and the health it carries. */
 async function summaryAndHealth() {
   const summary = await get("api/summary");
-  let health = summary.health;
-  if (!health) {
-    const response = await fetch(abs("healthz"), { cache: "no-store", credentials: "same-origin" });
-    health = await response.json().catch(() => null);
-  }
-  setHealth(health, summary);
-  return { summary, health };
+  setHealth(summary.health, summary);
+  return { summary, health: summary.health };
 }
 
 function problemList(health) {
@@ -295,8 +290,13 @@ function thumbFor(f, showImei) {
   return fig;
 }
 
-/** Show ``files`` in ``node``; the DOM is replaced only when the list changed. */
-function fillGallery(node, files, showImei, byDay) {
+/** Show ``files`` in ``node`` (the text ``none`` without any); the DOM is replaced only when the list changed. */
+function fillGallery(node, files, showImei, byDay, none) {
+  if (!files.length) {
+    delete node.dataset.signature;
+    node.replaceChildren(empty(none));
+    return;
+  }
   const signature = files.map((f) => f.id + (f.thumb || "") + (f.status || "")).join(",");
   if (node.dataset.signature === signature) return;
   node.dataset.signature = signature;
@@ -375,9 +375,7 @@ views.overview = {
         td("wide", progress(byImei.get(x.imei)))]), "sessions")
       : empty("No camera connected."));
 
-    const gallery = $("gallery");
-    fillGallery(gallery, files, true, false);
-    if (!files.length) gallery.replaceChildren(empty("No file received yet."));
+    fillGallery($("gallery"), files, true, false, "No file received yet.");
 
     const waiting = partials.filter((p) => !p.receiving); // the others show under live sessions
     $("partials-block").hidden = !waiting.length;
@@ -494,12 +492,7 @@ views.camera = {
     }
     const files = listed.data;
     $("camera-files-count").textContent = listed.total !== null ? `(${listed.total})` : "";
-    const gallery = $("camera-gallery");
-    fillGallery(gallery, files, false, true);
-    if (!files.length) {
-      delete gallery.dataset.signature;
-      gallery.replaceChildren(empty("No file from this camera."));
-    }
+    fillGallery($("camera-gallery"), files, false, true, "No file from this camera.");
     pager($("camera-pager-files"), this.offset, PAGE_CAMERA_FILES, files.length, listed.total, (offset) => {
       this.offset = offset;
       history.replaceState(null, "", `#/cameras/${imei}` + query({ kind: this.kind, offset: offset || "" }));
@@ -515,10 +508,7 @@ function localToIso(value) {
 }
 
 function isoToLocal(iso) {
-  const d = new Date(iso);
-  if (!iso || isNaN(d)) return "";
-  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T${pad(d.getHours())}:` +
-    `${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+  return iso && !isNaN(new Date(iso)) ? when(iso).replace(" ", "T") : "";
 }
 
 const FILE_FILTERS = ["imei", "camera", "kind", "media", "trigger", "since", "until"];
@@ -563,13 +553,8 @@ views.files = {
       api("api/files" + query({ ...this.filters, limit: PAGE_FILES, offset: this.offset }))]);
     const files = listed.data;
     $("files-count").textContent = listed.total !== null ? `(${listed.total})` : "";
-    const gallery = $("files-gallery");
-    fillGallery(gallery, files, true, false);
-    if (!files.length) {
-      delete gallery.dataset.signature;
-      const filtered = FILE_FILTERS.some((k) => this.filters[k]);
-      gallery.replaceChildren(empty(filtered ? "No file matches these filters." : "No file received yet."));
-    }
+    fillGallery($("files-gallery"), files, true, false, FILE_FILTERS.some((k) => this.filters[k])
+      ? "No file matches these filters." : "No file received yet.");
     pager($("files-pager"), this.offset, PAGE_FILES, files.length, listed.total, (offset) => {
       this.offset = offset; this.remember(); poll();
     });

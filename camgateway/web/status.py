@@ -58,7 +58,7 @@ from camgateway.delivery.dead_letters import (DeadLetterError, NoSuchLetter, dea
                                               prepare_retry, valid_letter_id)
 from camgateway.storage.records import FileQuery, IHistoryStore, ReceivedFile, file_name
 from camgateway.web.media import BrowserMedia, MediaError, MediaFile, serve_file
-from camgateway.web.metrics import Metrics, dead_letter_count, outbox_depth, spool_usage
+from camgateway.web.metrics import CAMERA_KINDS, Metrics, dead_letter_count, outbox_state, spool_usage
 from camgateway.web.progress import active_transfers, iso, session_view
 from camgateway.web.merge import (WorkerPeers, merge_cameras, merge_files, merge_health, merge_list, merge_metrics,
                                   merge_summary)
@@ -94,21 +94,27 @@ def _json(request: Request, value: Any, code: int = 200) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8")
 
 
-def _later(request: Request, d: defer.Deferred, render: Callable[[Any], bytes]) -> Any:
-    """Finish ``request`` with ``render(result of d)``, unless the client went away."""
+def _later(request: Request, d: defer.Deferred, render: Callable[[Any], Any]) -> Any:
+    """Finish ``request`` with ``render(result of d)``, unless the client went away (a ``render``
+    that answers by itself returns NOT_DONE_YET). A :class:`MediaError` is answered with its code."""
     gone: list[bool] = []
     request.notifyFinish().addBoth(lambda _: gone.append(True))
 
     def ok(value: Any) -> None:
+        if gone:
+            return
         body = render(value)
-        if not gone:
+        if body is not NOT_DONE_YET:
             request.write(body)
             request.finish()
 
     def failed(failure: Any) -> None:
-        log.failure("status request {uri} failed", failure, uri=request.uri)
+        refused = failure.check(MediaError)
+        if not refused:
+            log.failure("status request {uri} failed", failure, uri=request.uri)
         if not gone:
-            request.write(_json(request, {"error": "internal error"}, 500))
+            code, why = (failure.value.code, str(failure.value)) if refused else (500, "internal error")
+            request.write(_json(request, {"error": why}, code))
             request.finish()
 
     d.addCallback(ok).addErrback(failed)
@@ -119,7 +125,6 @@ def _later(request: Request, d: defer.Deferred, render: Callable[[Any], bytes]) 
 LIMIT_MAX, FILES_LIMIT, FAILURES_LIMIT = 1000, 200, 50
 #: ``limit`` at most when the gateway asks a worker (a page of the merged answer: offset + limit of each).
 MERGE_LIMIT_MAX = 100_000
-CAMERA_KINDS = ("dualcam", "dashcam", "dsm", "adas", "unknown")
 FILE_KINDS = ("photo", "video", "other")
 
 
@@ -156,11 +161,21 @@ def _moment(request: Request, name: str) -> Optional[float]:
     return moment.timestamp()
 
 
+def _failures_limit(request: Request) -> int:
+    """``/api/failures``'s ``?limit=``."""
+    return _whole(request, "limit", FAILURES_LIMIT, 1, LIMIT_MAX)
+
+
 def _choice(request: Request, name: str, choices: tuple[str, ...]) -> Optional[str]:
     text = _str_arg(request, name.encode())
     if text is not None and text not in choices:
         raise BadRequest(f"{name} must be one of {', '.join(choices)}, got {text[:40]!r}")
     return text
+
+
+def _online(s: Any, camera: Any) -> bool:
+    """Whether a camera of the history is online: as the store says, else whether it has a session here."""
+    return camera.online if camera.online is not None else camera.imei in s.sessions
 
 
 def _from_gateway(request: Request) -> bool:
@@ -185,7 +200,8 @@ def file_query(request: Request) -> FileQuery:
 # -- resources
 
 class _Json(Resource):
-    """A JSON route: ``fn(services, request)`` returns a value or a Deferred of one.
+    """A JSON route: ``fn(services, request)`` returns a value or a Deferred of one (a
+    :class:`BadRequest` is a 400).
 
     With several workers, ``merge(local, answers, request)`` makes one answer of
     this process's and the other workers' (``{index: decoded JSON or None}``);
@@ -195,7 +211,7 @@ class _Json(Resource):
     isLeaf = True
 
     def __init__(self, root: "StatusRoot", fn: Callable[[Any, Request], Any],
-                 merge: Optional[Callable[[Any, dict[int, Any], Request], Any]]) -> None:
+                 merge: Optional[Callable[[Any, dict[int, Any], Request], Any]] = None) -> None:
         super().__init__()
         self.root, self.fn, self.merge = root, fn, merge
 
@@ -209,15 +225,16 @@ class _Json(Resource):
             return _json(request, {"error": str(e)}, 400)
         peers, merge = self.root.peers, self.merge
         if peers is not None and merge is not None:  # several workers: theirs too
-            local = result
-
-            def theirs_too(mine: Any) -> defer.Deferred:
-                return peers.ask_all(request.uri, request).addCallback(lambda answers: merge(mine, answers, request))
-
-            result = defer.maybeDeferred(lambda: local).addCallback(theirs_too)
+            mine = result if isinstance(result, defer.Deferred) else defer.succeed(result)
+            result = mine.addCallback(lambda local: peers.ask_all(request.uri, request).addCallback(
+                lambda answers: merge(local, answers, request)))
         if isinstance(result, defer.Deferred):
-            return _later(request, result, lambda value: _json(request, value))
-        return _json(request, result)
+            return _later(request, result, lambda value: self.body(request, value))
+        return self.body(request, result)
+
+    def body(self, request: Request, value: Any) -> bytes:
+        """The answer to ``request`` of ``value``."""
+        return _json(request, value)
 
 
 class _Static(Resource):
@@ -250,33 +267,25 @@ class _Message(Resource):
         return _json(request, {"error": self.message}, self.code)
 
 
-class _WorkerFile(Resource):
-    """A file another worker stored, streamed from it (404 when none has it)."""
+def _from_worker(peers: WorkerPeers, request: Request) -> Any:
+    """Answer ``request`` with a file another worker stored, streamed from it (404 when none has it)."""
+    def done(found: bool) -> None:
+        if not found:
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"application/json")
+            request.write(json.dumps({"error": "no such file"}).encode())
+        request.finish()
 
-    isLeaf = True
+    def failed(failure: Any) -> None:
+        log.failure("status: streaming a worker's file failed", failure)
+        request.finish()
 
-    def __init__(self, peers: Any) -> None:
-        super().__init__()
-        self.peers = peers
-
-    def render_GET(self, request: Request) -> Any:
-        def done(found: bool) -> None:
-            if not found:
-                request.setResponseCode(404)
-                request.setHeader(b"content-type", b"application/json")
-                request.write(json.dumps({"error": "no such file"}).encode())
-            request.finish()
-
-        def failed(failure: Any) -> None:
-            log.failure("status: streaming a worker's file failed", failure)
-            request.finish()
-
-        gone: list[bool] = []
-        request.notifyFinish().addBoth(lambda _: gone.append(True))
-        _common_headers(request, "private, max-age=86400")
-        self.peers.stream_file(request.uri, request).addCallbacks(
-            lambda found: None if gone else done(found), lambda f: None if gone else failed(f))
-        return NOT_DONE_YET
+    gone: list[bool] = []
+    request.notifyFinish().addBoth(lambda _: gone.append(True))
+    _common_headers(request, "private, max-age=86400")
+    peers.stream_file(request.uri, request).addCallbacks(
+        lambda found: None if gone else done(found), lambda f: None if gone else failed(f))
+    return NOT_DONE_YET
 
 
 def find_file(services: Any, wanted: str) -> defer.Deferred:
@@ -316,8 +325,6 @@ class _FileRoute(Resource):
         services = self.root.gateway.services
         if services is None:
             return _json(request, {"error": "the gateway is starting"}, 503)
-        gone: list[bool] = []
-        request.notifyFinish().addBoth(lambda _: gone.append(True))
 
         def found(f: Optional[MediaFile]) -> Any:
             if f is None:
@@ -327,30 +334,16 @@ class _FileRoute(Resource):
             media = self.root.browser_media(services)
             return media.poster(f) if self.what == "poster" else media.play(f)
 
-        def serve(path: Optional[Path]) -> None:
-            if gone:
-                return
+        def serve(path: Optional[Path]) -> Any:
             if path is not None:
                 name = path.name if self.what is None else f"{self.wanted}.{'jpg' if self.what == 'poster' else 'mp4'}"
                 serve_file(request, path, name)
-            elif self.root.peers is not None:  # another worker's, maybe
-                _WorkerFile(self.root.peers).render_GET(request)
-            else:
-                request.write(_json(request, {"error": "no such file"}, 404))
-                request.finish()
+                return NOT_DONE_YET
+            if self.root.peers is not None:  # another worker's, maybe
+                return _from_worker(self.root.peers, request)
+            return _json(request, {"error": "no such file"}, 404)
 
-        def failed(failure: Any) -> None:
-            if gone:
-                return
-            if failure.check(MediaError):
-                request.write(_json(request, {"error": str(failure.value)}, failure.value.code))
-            else:
-                log.failure("status request {uri} failed", failure, uri=request.uri)
-                request.write(_json(request, {"error": "internal error"}, 500))
-            request.finish()
-
-        find_file(services, self.wanted).addCallback(found).addCallback(serve).addErrback(failed)
-        return NOT_DONE_YET
+        return _later(request, find_file(services, self.wanted).addCallback(found), serve)
 
 
 class _Files(Resource):
@@ -517,7 +510,7 @@ class _DeadLetters(Resource):
     def __init__(self, root: "StatusRoot") -> None:
         super().__init__()
         self.root = root
-        self.listing = _Json(root, root.dead_letters, None)  # one folder for every worker: asked once
+        self.listing = _Json(root, root.dead_letters)  # one folder for every worker: asked once
 
     def getChild(self, name: bytes, request: Request) -> Resource:
         if not name:
@@ -530,36 +523,17 @@ class _DeadLetters(Resource):
         return self.listing.render_GET(request)
 
 
-class _History(Resource):
-    """A route of the history: ``fn(services, request)`` gives a Deferred of ``(value, total)``.
+class _History(_Json):
+    """A route of the history: ``fn(services, request)`` gives a Deferred of ``(value, total)``:
+    ``value`` None is a 404, ``total`` (None: none) is sent as ``X-Total-Count``."""
 
-    ``total`` (None: none) is sent as ``X-Total-Count``; a :class:`BadRequest` is a 400.
-    """
-
-    isLeaf = True
-
-    def __init__(self, root: "StatusRoot", fn: Callable[[Any, Request], defer.Deferred]) -> None:
-        super().__init__()
-        self.root, self.fn = root, fn
-
-    def render_GET(self, request: Request) -> Any:
-        services = self.root.gateway.services
-        if services is None:
-            return _json(request, {"error": "the gateway is starting"}, 503)
-        try:
-            d = self.fn(services, request)
-        except BadRequest as e:
-            return _json(request, {"error": str(e)}, 400)
-
-        def render(answer: tuple[Any, Optional[int]]) -> bytes:
-            value, total = answer
-            if value is None:
-                return _json(request, {"error": "not found"}, 404)
-            if total is not None:
-                request.setHeader(b"x-total-count", str(total).encode())
-            return _json(request, value)
-
-        return _later(request, d, render)
+    def body(self, request: Request, answer: Any) -> bytes:
+        value, total = answer
+        if value is None:
+            return _json(request, {"error": "not found"}, 404)
+        if total is not None:
+            request.setHeader(b"x-total-count", str(total).encode())
+        return _json(request, value)
 
 
 class _HistoryRoute(Resource):
@@ -672,8 +646,7 @@ class StatusRoot(Resource):
 
     def _all_lists(self, name: str, local: list[Any], answers: dict[int, Any], request: Request) -> list[Any]:
         lists = [local] + [a for a in answers.values() if isinstance(a, list)]
-        limit = _whole(request, "limit", FAILURES_LIMIT, 1, LIMIT_MAX) if name == "failures" else None
-        return merge_list(name, lists, limit)
+        return merge_list(name, lists, _failures_limit(request) if name == "failures" else None)
 
     def summary(self, s: Any, request: Request) -> defer.Deferred:
         """Version, uptime and every counter."""
@@ -703,7 +676,8 @@ class StatusRoot(Resource):
             }
 
         # (None: the store did not answer, see "problems" in /healthz)
-        return outbox_depth(s).addErrback(lambda f: None).addCallback(build).addCallback(self._with_history, s)
+        return outbox_state(s).addCallbacks(lambda state: state[0], lambda f: None).addCallback(build).addCallback(
+            self._with_history, s)
 
     def sessions(self, s: Any, request: Request) -> list[dict[str, Any]]:
         """Live camera sessions, longest connected first."""
@@ -717,26 +691,27 @@ class StatusRoot(Resource):
 
     # -- the history (files and cameras, from the store)
 
-    def _asks_workers(self, s: Any) -> bool:
+    def _asks_workers(self, s: Any, request: Request) -> bool:
         """Whether the workers' answers are needed: each has a store of its own (with a shared one,
-        the history is the same in every worker and this process's answer is the whole one)."""
-        return self.peers is not None and s.own_store
+        the history is the same in every worker and this process's answer is the whole one), and
+        this is not the gateway asking a worker."""
+        return self.peers is not None and s.own_store and not _from_gateway(request)
 
     def files(self, s: Any, request: Request) -> defer.Deferred:
         """One page of the history's files, newest first, and how many match (``X-Total-Count``)."""
         query = file_query(request)
         if not IHistoryStore.providedBy(s.store):
             return defer.succeed(([], 0))
-        if not self._asks_workers(s) or _from_gateway(request):
-            return s.store.files(query).addCallback(lambda found: ([history_view(f) for f in found[0]], found[1]))
+        asks = self._asks_workers(s, request)
         # Each worker's store: the first offset + limit of each, merged, then the page.
-        wide = dataclasses.replace(query, offset=0, limit=query.offset + query.limit)
+        wide = dataclasses.replace(query, offset=0, limit=query.offset + query.limit) if asks else query
+        local = s.store.files(wide).addCallback(lambda found: ([history_view(f) for f in found[0]], found[1]))
+        if not asks:
+            return local
         args = [(k, v) for k, values in request.args.items() if k not in (b"offset", b"limit") for v in values]
         path = b"/api/files?" + urllib.parse.urlencode(args + [(b"limit", str(wide.limit).encode())]).encode()
-        local = s.store.files(wide).addCallback(lambda found: ([history_view(f) for f in found[0]], found[1]))
         return local.addCallback(lambda mine: self.peers.ask_all_counted(path, request).addCallback(
-            lambda answers: merge_files([mine, *(a for a in answers.values() if a is not None)],
-                                        query.offset, query.limit)))
+            lambda answers: merge_files([mine, *answers.values()], query.offset, query.limit)))
 
     def file(self, s: Any, wanted: str, request: Request) -> defer.Deferred:
         """One file of the history (a camera's, or one a sink made), None if unknown."""
@@ -746,7 +721,7 @@ class StatusRoot(Resource):
         def found(f: Any) -> Any:
             if f is not None:
                 return history_view(f), None
-            if not self._asks_workers(s) or _from_gateway(request):
+            if not self._asks_workers(s, request):
                 return None, None
             return self.peers.ask_all(f"/api/files/{wanted}".encode(), request).addCallback(
                 lambda answers: (next((a for a in answers.values() if isinstance(a, dict)), None), None))
@@ -754,7 +729,7 @@ class StatusRoot(Resource):
         return s.store.file(wanted).addCallback(found)
 
     def _camera_views(self, s: Any, cameras: list[Any]) -> list[dict[str, Any]]:
-        return [camera_view(c, c.online if c.online is not None else c.imei in s.sessions) for c in cameras]
+        return [camera_view(c, _online(s, c)) for c in cameras]
 
     def cameras(self, s: Any, request: Request) -> defer.Deferred:
         """Every camera seen (``?q=`` part of the IMEI, ``?online=true|false``), the latest seen first."""
@@ -763,7 +738,7 @@ class StatusRoot(Resource):
         if not IHistoryStore.providedBy(s.store):
             return defer.succeed(([], None))
         d = s.store.cameras(s.clock.seconds()).addCallback(lambda found: self._camera_views(s, found))
-        if self._asks_workers(s) and not _from_gateway(request):
+        if self._asks_workers(s, request):
             d.addCallback(lambda mine: self.peers.ask_all(b"/api/cameras", request).addCallback(
                 lambda answers: merge_cameras([mine, *(a for a in answers.values() if isinstance(a, list))])))
 
@@ -781,7 +756,7 @@ class StatusRoot(Resource):
             return defer.succeed((None, None))
         d = s.store.camera(imei, s.clock.seconds()).addCallback(
             lambda c: self._camera_views(s, [c]) if c is not None else [])
-        if self._asks_workers(s) and not _from_gateway(request):
+        if self._asks_workers(s, request):
             d.addCallback(lambda mine: self.peers.ask_all(f"/api/cameras/{imei}".encode(), request).addCallback(
                 lambda answers: merge_cameras([mine, [a for a in answers.values() if isinstance(a, dict)]])))
         return d.addCallback(lambda views: (views[0] if views else None, None))
@@ -797,8 +772,7 @@ class StatusRoot(Resource):
             return summary
 
         def count(cameras: list[Any]) -> dict[str, Any]:
-            views = self._camera_views(s, cameras)
-            summary["cameras"], summary["cameras_online"] = len(views), sum(1 for v in views if v["online"])
+            summary["cameras"], summary["cameras_online"] = len(cameras), sum(1 for c in cameras if _online(s, c))
             return summary
 
         return s.store.cameras(s.clock.seconds()).addCallbacks(count, lambda f: summary)
@@ -816,17 +790,10 @@ class StatusRoot(Resource):
 
     def outbox(self, s: Any, request: Request) -> Any:
         """Files waiting for a sink (empty without an outbox)."""
-        outbox = getattr(s, "outbox", None)
-        if outbox is None:
+        if s.outbox is None:
             return []
-        snapshot = getattr(outbox, "snapshot", None)
-        if callable(snapshot):
-            return defer.maybeDeferred(snapshot)
-        pending = getattr(s.store, "pending", None)
-        if not callable(pending):
-            return []
-        in_flight = getattr(outbox, "in_flight", None)
-        return defer.maybeDeferred(pending).addCallback(
+        in_flight = s.outbox.in_flight
+        return defer.maybeDeferred(s.store.pending).addCallback(
             lambda entries: [outbox_view(e, s.sinks, in_flight) for e in entries])
 
     def refused(self, s: Any, request: Request) -> list[dict[str, Any]]:
@@ -873,7 +840,7 @@ class StatusRoot(Resource):
 
     def failures(self, s: Any, request: Request) -> list[dict[str, Any]]:
         """The latest failures, newest first (``?limit=``, 1 to 1000, default 50)."""
-        limit = _whole(request, "limit", FAILURES_LIMIT, 1, LIMIT_MAX)
+        limit = _failures_limit(request)
         return [dict(f, time=iso(f.get("time"))) for f in list(reversed(s.failures))[:limit]]
 
 

@@ -10,7 +10,7 @@ from typing import Any, Optional
 from camgateway.web.progress import iso
 from camgateway.wire.codec import PACKET
 
-__all__ = ["file_id", "stored_path", "file_view", "history_view", "camera_view", "partial_view", "outbox_view",
+__all__ = ["file_id", "stored_path", "history_view", "camera_view", "partial_view", "outbox_view",
            "DERIVED_ORDER"]
 
 #: How a file's derived files are listed: the MP4, the H.264 copy, the poster, then anything else.
@@ -36,44 +36,13 @@ def stored_path(places: list[Any]) -> Optional[Path]:
     return None
 
 
-def file_view(received: Any, places: list[Any]) -> dict[str, Any]:
-    """A received file for the API: what it is, its metadata, and where it can be fetched."""
-    meta = dict(received.metadata)
-    local = stored_path(places)
-    fid = file_id(received)
-    return {
-        "id": fid,
-        "url": f"files/{fid}" if local is not None else None,
-        "name": local.name if local is not None else None,
-        "imei": received.imei,
-        "peer": received.peer,
-        "camera": received.camera,
-        "source": received.source,
-        "media": received.media,
-        "device_path": received.device_path,
-        "derived": getattr(received, "derived", None),
-        "size": received.size,
-        "sha256": received.sha256,
-        "received_at": iso(received.received_at.timestamp()),
-        "capture_time": iso(received.capture_time.timestamp()) if received.capture_time else None,
-        "trigger": meta.get("trigger"),
-        "trigger_name": meta.get("trigger_name"),
-        "latitude": meta.get("latitude"),
-        "longitude": meta.get("longitude"),
-        "resumed_from": received.resumed_from,
-        "crc_errors": received.crc_errors,
-        "places": [str(p) for p in places if isinstance(p, (str, os.PathLike))],
-        "metadata": meta,
-    }
-
-
 def history_view(f: Any) -> dict[str, Any]:
     """A file of the history (:class:`~camgateway.storage.records.StoredFile`) for ``/api/files``.
 
-    The fields of :func:`file_view`, its ``kind``, what to show for it
-    (``thumb``: the photo itself or the video's poster; ``poster`` and
-    ``play``, served by camgateway.web.media), the files sinks made of it
-    (``derived``), and how its delivery went (``status``, ``stored_at``).
+    What it is, its metadata and where it can be fetched, its ``kind``, what
+    to show for it (``thumb``: the photo itself or the video's poster;
+    ``poster`` and ``play``, served by camgateway.web.media), the files sinks
+    made of it (``derived``), and how its delivery went (``status``, ``stored_at``).
     """
     record = f.record
     meta = dict(record.get("metadata") or {})
