@@ -28,17 +28,16 @@ from twisted.internet import defer
 from camgateway.wire.codec import (CRC_SIZE, DATA_FRAME, DATA_LENGTH_MAX, DATA_LENGTH_MIN, HEADER_SIZE, PACKET,
                                    ProtocolError)
 from camgateway.wire.crc import crc16, crc16_combine
+from camgateway.wire.media import HEAD  # (how much of a file's start Transfer.head keeps: what names its type)
 from camgateway.storage.records import Partial
 
 __all__ = ["Transfer", "FileDigest", "digest_file", "RUN_MORE", "RUN_BAD_CRC", "RUN_COMPLETE",
-           "RUN_SLOW", "INLINE_WRITE_MAX", "HEAD_BYTES"]
+           "RUN_SLOW", "INLINE_WRITE_MAX"]
 
 #: At most this many pending bytes are written without a write step of their
 #: own: a slow camera's on the reactor thread, and the last of a file (when no
 #: write is in flight) by the thread that flushes it, just before the flush.
 INLINE_WRITE_MAX = 64 * 1024
-#: How much of a file's start :attr:`Transfer.head` keeps (what names its type).
-HEAD_BYTES = 16
 RUN_MORE, RUN_BAD_CRC, RUN_COMPLETE, RUN_SLOW = 0, 1, 2, 3
 _FRAME = DATA_FRAME
 _BLOCK_MIN = 4  # frames worth taking as one block
@@ -81,7 +80,7 @@ class Transfer:
         #: first checkpoint (camgateway.transfer.lifecycle): a photo received in one go
         #: never needs one.
         self.recorded = True
-        #: The spool file's first HEAD_BYTES bytes, once a write put them there
+        #: The spool file's first HEAD bytes, once a write put them there
         #: (None until then, or after a truncation into them): the disk sink
         #: picks the extension from them without reading the file again.
         self.head: Optional[bytes] = None
@@ -270,7 +269,7 @@ class Transfer:
         try:
             fd = self.fd
             if truncate is not None:
-                if truncate < HEAD_BYTES:
+                if truncate < HEAD:
                     self.head = None
                 os.ftruncate(fd, truncate)
             n = len(buf)
@@ -279,8 +278,8 @@ class Transfer:
                 while done < n:  # short writes happen only near a full disk
                     with memoryview(buf) as view:
                         done += os.pwrite(fd, view[done:], offset + done)
-                if offset == 0 and n >= HEAD_BYTES:
-                    self.head = bytes(buf[:HEAD_BYTES])
+                if offset == 0 and n >= HEAD:
+                    self.head = bytes(buf[:HEAD])
             sha = self._sha
             if sha is not None:
                 if offset != self._hashed:  # rewound behind the hash: digest by reading

@@ -44,7 +44,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from camgateway.base.ids import new_id
 from camgateway.base.reasons import reason
-from camgateway.delivery.sinks.mp4 import Unconvertible, h264_args, plan_video, poster_args, run_ffmpeg
+from camgateway.delivery.sinks.mp4 import (Unconvertible, h264_args, plan_video, poster_args, remove_present,
+                                           run_ffmpeg)
 from camgateway.wire import media
 
 __all__ = ["MediaFile", "MediaError", "BrowserMedia", "serve_file", "mp4_sample_entries", "CACHE_BYTES",
@@ -186,14 +187,6 @@ def _touch(path: Path) -> bool:
         return False
 
 
-def _remove(*paths: Path) -> None:
-    for path in paths:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-
-
 def _prune(folder: Path, limit: int, keep: Path) -> list[str]:
     """Remove the files used longest ago until the folder holds at most ``limit`` bytes (blocking).
 
@@ -209,7 +202,7 @@ def _prune(folder: Path, limit: int, keep: Path) -> list[str]:
             if not entry.name.startswith("."):
                 files.append((st.st_mtime, st.st_size, entry.path))
             elif st.st_mtime < stale:  # left by a gateway stopped while ffmpeg ran
-                _remove(Path(entry.path))
+                remove_present(Path(entry.path))
     total = sum(size for _, size, _ in files)
     removed = []
     for _, size, path in sorted(files):
@@ -217,7 +210,7 @@ def _prune(folder: Path, limit: int, keep: Path) -> list[str]:
             break
         if path == str(keep):
             continue
-        _remove(Path(path))
+        remove_present(Path(path))
         total -= size
         removed.append(os.path.basename(path))
     return removed
@@ -359,7 +352,7 @@ class BrowserMedia:
                 yield self._ffmpeg(ffmpeg, ["-i", str(source), *h264_args(out)])
             yield self.run_in_thread(os.replace, out, target)
         finally:
-            yield self.run_in_thread(_remove, *temps)
+            yield self.run_in_thread(remove_present, *temps)
         log.info("status: {what} of file {id} made in {seconds:.1f} s", what="poster" if poster else "H.264 video",
                  id=f.id, seconds=self.reactor.seconds() - started, event="browser_media_made")
         removed = yield self.run_in_thread(_prune, self.cache, self.max_bytes, target)

@@ -58,7 +58,7 @@ from camgateway.delivery.sinks.command import run_program
 from camgateway.delivery.sinks.registry import check_keys
 from camgateway.transfer.receiver import FileDigest, digest_file
 
-__all__ = ["MP4Sink", "Unconvertible", "validate", "make", "default_sinks", "stores", "passes_on", "plan_video",
+__all__ = ["MP4Sink", "Unconvertible", "remove_present", "validate", "make", "default_sinks", "stores", "passes_on", "plan_video",
            "poster_args", "h264_args", "run_ffmpeg"]
 
 log = Logger(namespace="camgateway.delivery.sinks.mp4")
@@ -195,8 +195,8 @@ def _plan_stream(received: ReceivedFile, codec: str) -> _Plan:
     return _Plan(received.path, codec, rate or DEFAULT_RATE)
 
 
-def _remove(*paths: Path) -> None:
-    """Remove the files this sink made in the spool, those that are there (thread)."""
+def remove_present(*paths: Path) -> None:
+    """Remove those of the files that are there (blocking: on a thread)."""
     for path in paths:
         try:
             os.unlink(path)
@@ -288,7 +288,7 @@ class MP4Sink:
                                                     metadata={**received.metadata, "conversion_error": why})])
         finally:
             if temps:
-                yield self.context.run_in_thread(_remove, *temps)
+                yield self.context.run_in_thread(remove_present, *temps)
         self.log.info("video of camera {imei} {source} ({kind}) handed on as {made} in {seconds:.1f} s",
                  kind=kind, imei=received.imei, source=received.source,
                  made=", ".join(f.derived or "" for f in made), seconds=self.reactor.seconds() - started,
